@@ -1,0 +1,1 @@
+"""Posterior analysis: inclusion probabilities, tail outliers, codebooks, ArviZ, plots, reports."""

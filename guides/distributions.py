@@ -1,0 +1,151 @@
+r"""The mean-field spike-and-GMM variational distribution of one weight tensor.
+
+.. math::
+
+    q(w_j) = (1 - g_j)\,\delta_0(w_j) + g_j \sum_k \phi_{jk}\,\mathcal N(w_j; \mu_k, s_k^2)
+
+* ``g_j = sigmoid(theta_j)`` is the inclusion probability (or a fixed 0/1 mask).
+* ``phi_j = softmax_k((log pi_k + log N(x_j; mu_k, s_k^2)) / tau)`` are the temperature-sharpened
+  GMM responsibilities of the latent full-precision weight ``x_j``, restricted to the
+  components of ``x_j``'s window; computed in log space.
+* ``rsample`` draws ``z_j ~ RelaxedBernoulli(g_j, t_g)`` and ``a_j ~ RelaxedOneHot(phi_j, t_a)``,
+  both straight-through (hard 0/1 values forward, relaxed gradients backward), and returns
+  ``w_j = z_j * (mu_{a_j} + s_{a_j} eps_j)``. In ``"expected"`` mode it returns the
+  deterministic ``g_j * sum_k phi_jk mu_k`` (the SQS authors' forward pass).
+
+Densities are with respect to ``delta_0 + Lebesgue`` (as for the prior).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from pyro.distributions import TorchDistribution
+from torch.distributions import constraints
+from torch.distributions.utils import lazy_property
+
+# Logits are shifted so that their maximum is 0 and clipped at _FLOOR before any softmax:
+# exp() of arguments below about -87 is ~25x slower on CPU, and exp(-80) ~ 1e-35 is zero
+# at fp32 resolution next to the maximum's exp(0) = 1, so the clip changes nothing that
+# the arithmetic can represent. Components outside a weight's window sit at the floor.
+_FLOOR = -80.0
+
+
+def _shift_clip(logits: torch.Tensor) -> torch.Tensor:
+    """``logits - max(logits)`` clipped below at ``_FLOOR`` (same softmax up to ~1e-35)."""
+    return (logits - logits.detach().amax(-1, keepdim=True)).clamp_min(_FLOOR)
+
+
+def normal_log_density(x: torch.Tensor, locs: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``log N(x[..., None]; locs, scales^2)`` broadcast over a trailing component axis."""
+    z = (x.unsqueeze(-1) - locs) / scales
+    return -0.5 * z * z - torch.log(scales) - 0.5 * math.log(2 * math.pi)
+
+
+class SpikeGMM(TorchDistribution):
+    """Elementwise spike-and-GMM guide distribution (batch shape = the weight's shape).
+
+    Args:
+        gate_logits: ``theta`` of the inclusion probabilities, shape S.
+        latent: the latent full-precision weights ``x``, shape S.
+        locs, scales, log_mix: the codebook (K,): means, scales (> 0) and per-window
+            normalised log mixing weights.
+        window_ids: window of each weight (shape S, long) or ``None`` for one window.
+        comp_window: window of each component (K,, long) or ``None``.
+        gate_fixed: optional fixed 0/1 inclusion (shape S) replacing the learned gates.
+        tau: responsibility sharpening temperature.
+        gate_temperature, assign_temperature: Concrete temperatures for sampling.
+        mode: ``"sample"`` or ``"expected"``.
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.real
+    has_rsample = True
+
+    def __init__(self, gate_logits, latent, locs, scales, log_mix, window_ids=None, comp_window=None,
+                 gate_fixed=None, tau: float = 1.0, gate_temperature: float = 0.5,
+                 assign_temperature: float = 0.5, mode: str = "sample") -> None:
+        self.gate_logits = gate_logits
+        self.latent = latent
+        self.locs = locs
+        self.scales = scales
+        self.log_mix = log_mix
+        self.window_ids = window_ids
+        self.comp_window = comp_window
+        self.gate_fixed = gate_fixed
+        self.tau = float(tau)
+        self.gate_temperature = float(gate_temperature)
+        self.assign_temperature = float(assign_temperature)
+        self.sampling = mode
+        super().__init__(latent.shape, torch.Size(), validate_args=False)
+
+    # --- parameters derived once per distribution object -------------------------------
+    @lazy_property
+    def log_phi(self) -> torch.Tensor:
+        """Log assignment probabilities, shape ``S + (K,)``."""
+        logits = self.log_mix + normal_log_density(self.latent, self.locs, self.scales)
+        logits = logits / self.tau
+        if self.window_ids is not None:
+            outside = self.window_ids.unsqueeze(-1) != self.comp_window
+            logits = logits.masked_fill(outside, -float("inf"))
+        return torch.log_softmax(_shift_clip(logits), dim=-1)
+
+    @lazy_property
+    def phi(self) -> torch.Tensor:
+        return self.log_phi.exp()
+
+    @lazy_property
+    def inclusion(self) -> torch.Tensor:
+        """``g_j``: the probability that weight j is kept."""
+        if self.gate_fixed is not None:
+            return self.gate_fixed
+        return torch.sigmoid(self.gate_logits)
+
+    def log_inclusion(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log g, log(1 - g))``, computed stably from the logits."""
+        if self.gate_fixed is not None:
+            g = self.gate_fixed
+            return torch.log(g), torch.log1p(-g)
+        return F.logsigmoid(self.gate_logits), F.logsigmoid(-self.gate_logits)
+
+    # --- sampling ----------------------------------------------------------------------
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.inclusion * (self.phi * self.locs).sum(-1)
+
+    def _sample_gate(self, shape: torch.Size) -> torch.Tensor:
+        if self.gate_fixed is not None:
+            return self.gate_fixed.expand(shape)
+        u = torch.rand(shape, dtype=self.latent.dtype, device=self.latent.device).clamp(1e-6, 1 - 1e-6)
+        noisy = (self.gate_logits + torch.log(u) - torch.log1p(-u)) / self.gate_temperature
+        soft = torch.sigmoid(noisy.clamp(_FLOOR, -_FLOOR))
+        hard = (soft > 0.5).to(soft.dtype)
+        return hard + soft - soft.detach()
+
+    def _sample_assignment(self, shape: torch.Size) -> torch.Tensor:
+        log_phi = self.log_phi.expand(shape + self.log_phi.shape[-1:])
+        u = torch.rand_like(log_phi).clamp(1e-10, 1.0)
+        soft = torch.softmax(_shift_clip((log_phi - torch.log(-torch.log(u))) / self.assign_temperature), dim=-1)
+        hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
+        return hard + soft - soft.detach()
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        shape = self._extended_shape(sample_shape)
+        if self.sampling == "expected":
+            return self.mean.expand(shape)
+        gate = self._sample_gate(shape)
+        onehot = self._sample_assignment(shape)
+        eps = torch.randn(shape, dtype=self.latent.dtype, device=self.latent.device)
+        value = (onehot * self.locs).sum(-1) + (onehot * self.scales).sum(-1) * eps
+        return gate * value
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+    # --- density -----------------------------------------------------------------------
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        log_g, log_not_g = self.log_inclusion()
+        slab = torch.logsumexp(self.log_phi + normal_log_density(value, self.locs, self.scales), dim=-1)
+        return torch.where(value == 0, log_not_g, log_g + slab)

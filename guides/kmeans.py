@@ -1,0 +1,88 @@
+r"""Exact, deterministic 1-D k-means for codebook initialisation.
+
+Sorted 1-D data makes k-means a segmentation problem solved exactly by dynamic
+programming: ``D[k, j] = min_i D[k-1, i] + SSE(i, j)`` with segment costs from prefix
+sums. Large inputs are first summarised by ``max_points`` equal-count bins (count, sum and
+sum of squares per bin), the DP runs exactly on the bins, and a few Lloyd iterations on the
+full data polish the centres. No randomness is involved.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _segment_dp(counts: np.ndarray, sums: np.ndarray, sqsums: np.ndarray, k: int) -> np.ndarray:
+    """Exact optimal split of ordered weighted points into k segments; returns the centres."""
+    n = len(counts)
+    c = np.concatenate([[0.0], np.cumsum(counts)])
+    s = np.concatenate([[0.0], np.cumsum(sums)])
+    q = np.concatenate([[0.0], np.cumsum(sqsums)])
+    # cost[i, j] = SSE of points i..j-1 (i < j)
+    cnt = c[None, :] - c[:, None]
+    tot = s[None, :] - s[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cost = (q[None, :] - q[:, None]) - np.where(cnt > 0, tot * tot / cnt, 0.0)
+    cost = np.where(np.triu(np.ones((n + 1, n + 1), dtype=bool), 1), np.maximum(cost, 0.0), np.inf)
+    best = cost[0].copy()
+    splits = []
+    for _ in range(1, k):
+        total = best[:, None] + cost
+        arg = np.argmin(total, axis=0)
+        best = total[arg, np.arange(n + 1)]
+        splits.append(arg)
+    bounds = [n]
+    j = n
+    for arg in reversed(splits):
+        j = int(arg[j])
+        bounds.append(j)
+    bounds.append(0)
+    bounds = bounds[::-1]
+    return np.array([tot_sum / max(cnt_, 1e-300) for tot_sum, cnt_ in
+                     ((s[b] - s[a], c[b] - c[a]) for a, b in zip(bounds[:-1], bounds[1:]))])
+
+
+def kmeans_1d(values: np.ndarray, k: int, max_points: int = 512, lloyd_iters: int = 5) -> np.ndarray:
+    """Sorted k-means centres of ``values`` (1-D); ``k`` is capped at the number of distinct values."""
+    x = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    if x.size == 0:
+        raise ValueError("kmeans_1d needs at least one value")
+    distinct = np.unique(x)
+    if len(distinct) <= k:
+        return distinct
+    if x.size <= max_points:
+        counts, sums, sqsums = np.ones_like(x), x, x * x
+    else:
+        edges = np.linspace(0, x.size, max_points + 1).astype(np.int64)
+        counts = np.diff(edges).astype(np.float64)
+        cs = np.concatenate([[0.0], np.cumsum(x)])
+        cq = np.concatenate([[0.0], np.cumsum(x * x)])
+        sums, sqsums = cs[edges[1:]] - cs[edges[:-1]], cq[edges[1:]] - cq[edges[:-1]]
+    centres = np.sort(_segment_dp(counts, sums, sqsums, k))
+    for _ in range(lloyd_iters):
+        cut = np.searchsorted(x, (centres[1:] + centres[:-1]) / 2)
+        parts = np.split(x, cut)
+        centres = np.array([p.mean() if p.size else c for p, c in zip(parts, centres)])
+    return np.sort(centres)
+
+
+def gmm_from_centres(values: np.ndarray, centres: np.ndarray, keep_extremes: bool = True):
+    """Mixture (locs, weights, scales) from centres: nearest-centre clusters of ``values``.
+
+    With ``keep_extremes`` the smallest and largest centres are moved to the data's min and
+    max so that the tails keep a level. Zero or undefined cluster spreads are replaced by the
+    smallest valid one (or a small fraction of the data range).
+    """
+    x = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    locs = np.array(centres, dtype=np.float64)
+    if keep_extremes and locs.size >= 2:
+        locs[0], locs[-1] = x[0], x[-1]
+    cut = np.searchsorted(x, (locs[1:] + locs[:-1]) / 2)
+    parts = np.split(x, cut)
+    counts = np.array([p.size for p in parts], dtype=np.float64)
+    weights = np.maximum(counts, 0.5) / max(counts.sum(), 1.0)
+    weights = weights / weights.sum()
+    scales = np.array([p.std() if p.size > 1 else 0.0 for p in parts])
+    valid = scales[np.isfinite(scales) & (scales > 0)]
+    floor = valid.min() if valid.size else max((x[-1] - x[0]) * 1e-3, 1e-6)
+    scales = np.where(np.isfinite(scales) & (scales > 0), scales, floor)
+    return locs, weights, scales

@@ -1,0 +1,137 @@
+"""The mean-field spike-and-GMM guide over all compressed weight tensors of a network."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pyro
+import torch
+import torch.nn.functional as F
+from pyro.nn import PyroModule
+from torch import nn
+
+from sqs_pyro.config import SQSConfig
+from sqs_pyro.guides.distributions import SpikeGMM
+from sqs_pyro.guides.kmeans import gmm_from_centres, kmeans_1d
+from sqs_pyro.guides.windows import plan_windows
+from sqs_pyro.models.priors import kl_weighting
+from sqs_pyro.models.selection import CompressedSite
+
+GATE_OPEN, GATE_LEARN, GATE_FROZEN = 0, 1, 2
+_SCALE_FLOOR = 1e-6
+
+
+def _softplus_inverse(y: torch.Tensor) -> torch.Tensor:
+    return y + torch.log(-torch.expm1(-y))
+
+
+class LayerPosterior(PyroModule):
+    """Variational parameters of one weight tensor.
+
+    Per weight: ``gate_logits`` (theta_j) and ``latent`` (x_j). Per layer: the K-level
+    codebook ``locs`` (mu_k), ``scale_raw`` (s_k = softplus + 1e-6) and ``mix_logits``
+    (pi_k, softmax within each window). Buffers: ``window_ids`` per weight,
+    ``comp_window`` per level, the frozen ``mask`` and ``gate_state`` (open/learn/frozen).
+    """
+
+    def __init__(self, site: CompressedSite, weight: torch.Tensor, config: SQSConfig) -> None:
+        super().__init__()
+        self.site_name = site.name
+        w = weight.detach()
+        flat = w.reshape(-1).double().cpu().numpy()
+        plan = plan_windows(flat, config.components, config.windows, config.equal_windows, config.iqr_factor)
+        locs, mix, scales = [], [], []
+        for win, levels in enumerate(plan.levels):
+            vals = flat[plan.window_ids == win]
+            l, m, s = gmm_from_centres(vals, _padded_centres(vals, levels), keep_extremes=True)
+            locs.append(l)
+            mix.append(m)
+            scales.append(s)
+        as_t = lambda a: torch.as_tensor(np.concatenate(a), dtype=w.dtype, device=w.device)  # noqa: E731
+        rms = w.pow(2).mean().sqrt().clamp_min(1e-12)
+        magnitude = torch.log(w.abs() / rms + 1e-12).clamp(-3.0, 3.0)
+        self.gate_logits = nn.Parameter(config.gate_init + magnitude)
+        self.latent = nn.Parameter(w.clone())
+        self.locs = nn.Parameter(as_t(locs))
+        self.scale_raw = nn.Parameter(_softplus_inverse(as_t(scales).clamp_min(2 * _SCALE_FLOOR) - _SCALE_FLOOR))
+        self.mix_logits = nn.Parameter(torch.log(as_t(mix)))
+        multi = len(plan.levels) > 1
+        self.register_buffer("window_ids", torch.as_tensor(plan.window_ids, device=w.device).reshape(w.shape)
+                             if multi else None)
+        self.register_buffer("comp_window", torch.as_tensor(plan.component_windows, device=w.device))
+        self.register_buffer("mask", torch.ones_like(w, dtype=torch.bool))
+        self.register_buffer("gate_state", torch.tensor(GATE_OPEN))
+
+    @property
+    def scales(self) -> torch.Tensor:
+        return F.softplus(self.scale_raw) + _SCALE_FLOOR
+
+    def log_mix(self) -> torch.Tensor:
+        """log pi_k normalised within each window."""
+        logits = self.mix_logits
+        if self.window_ids is None:
+            return torch.log_softmax(logits, dim=-1)
+        member = self.comp_window.unsqueeze(0) == self.comp_window.unsqueeze(1)  # (K, K)
+        norm = torch.logsumexp(logits.unsqueeze(0).masked_fill(~member, float("-inf")), dim=-1)
+        return logits - norm
+
+    def distribution(self, tau: float, gate_temperature: float, assign_temperature: float,
+                     mode: str) -> SpikeGMM:
+        state = int(self.gate_state)
+        gate_fixed = None
+        if state == GATE_OPEN:
+            gate_fixed = torch.ones_like(self.latent)
+        elif state == GATE_FROZEN:
+            gate_fixed = self.mask.to(self.latent.dtype)
+        return SpikeGMM(self.gate_logits, self.latent, self.locs, self.scales, self.log_mix(),
+                        self.window_ids, self.comp_window if self.window_ids is not None else None,
+                        gate_fixed, tau, gate_temperature, assign_temperature, mode)
+
+
+def _padded_centres(values: np.ndarray, levels: int) -> np.ndarray:
+    """k-means centres; when a window has fewer distinct values than levels, spread extra ones."""
+    centres = kmeans_1d(values, levels)
+    if len(centres) < levels:
+        lo, hi = float(values.min()), float(values.max())
+        span = max(hi - lo, 1e-3 * max(abs(lo), abs(hi), 1e-3))
+        extra = np.linspace(lo - span, hi + span, levels - len(centres) + 2)[1:-1]
+        centres = np.sort(np.concatenate([centres, extra]))
+    return centres
+
+
+class SpikeGMMGuide(PyroModule):
+    """Mean-field guide: one :class:`~sqs_pyro.guides.distributions.SpikeGMM` site per compressed tensor.
+
+    Built from the pretrained weights (k-means codebooks per window, latent weights at their
+    pretrained values, gate logits ``gate_init + clip(log(|w| / rms(w)), -3, 3)``). The
+    driver sets the temperatures, ``kl_weight`` and the gate states; a user's own SVI script
+    can use it as it is.
+    """
+
+    def __init__(self, net: nn.Module, sites: Sequence[CompressedSite], config: SQSConfig) -> None:
+        super().__init__()
+        self.sites = list(sites)
+        self.config = config
+        self.layers = PyroModule[nn.ModuleList](
+            [LayerPosterior(site, net.get_parameter(site.name), config) for site in self.sites])
+        self.kl_weight = float(config.kl_weight)
+        self.mode = config.mode
+        self.register_buffer("gate_temperature", torch.tensor(config.gate_temperature[0]))
+        self.register_buffer("assign_temperature", torch.tensor(config.assign_temperature[0]))
+
+    def distributions(self) -> dict[str, SpikeGMM]:
+        """The current variational distribution of every compressed tensor, by site name."""
+        tg, ta = float(self.gate_temperature), float(self.assign_temperature)
+        tau = self.config.responsibility_temperature
+        return {layer.site_name: layer.distribution(tau, tg, ta, self.mode) for layer in self.layers}
+
+    def set_gate_state(self, state: int) -> None:
+        for layer in self.layers:
+            layer.gate_state.fill_(state)
+
+    def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        samples = {}
+        with kl_weighting(self.kl_weight):
+            for site, (name, d) in zip(self.sites, self.distributions().items()):
+                samples[name] = pyro.sample(name, d.to_event(len(site.shape)))
+        return samples

@@ -1,0 +1,48 @@
+r"""Likelihoods: observation sites inside a subsampled data plate.
+
+A minibatch of size B out of N training examples enters the ELBO scaled by N/B, so
+that ``E_q[log p(D | W)]`` is estimated without bias and weighs against the KL at its
+true size.
+"""
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+from sqs_pyro.errors import SQSInputError
+
+
+class _PlateLikelihood:
+    def __init__(self, num_data: int) -> None:
+        if num_data < 1:
+            raise SQSInputError(f"num_data must be >= 1, got {num_data}")
+        self.num_data = int(num_data)
+
+    def _plate(self, batch: int) -> pyro.plate:
+        return pyro.plate("data", size=self.num_data, subsample=torch.arange(batch), dim=-1)
+
+
+class CategoricalLikelihood(_PlateLikelihood):
+    """``y_i ~ Categorical(logits = f(x_i; W))`` for classifiers (logits of shape ``(B, C)``)."""
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        with self._plate(logits.shape[0]):
+            return pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
+
+
+class GaussianLikelihood(_PlateLikelihood):
+    """``y_i ~ Normal(f(x_i; W), scale^2)`` for regression (predictions of shape ``(B,)`` or ``(B, D)``)."""
+
+    def __init__(self, num_data: int, scale: float = 1.0) -> None:
+        super().__init__(num_data)
+        if not scale > 0:
+            raise SQSInputError(f"Gaussian likelihood scale must be > 0, got {scale}")
+        self.scale = float(scale)
+
+    def __call__(self, pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        with self._plate(pred.shape[0]):
+            d = dist.Normal(pred, self.scale)
+            if pred.dim() > 1:
+                d = d.to_event(pred.dim() - 1)
+            return pyro.sample("obs", d, obs=y)

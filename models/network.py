@@ -1,0 +1,66 @@
+"""The Pyro model: a network whose selected weights are spike-and-slab GMM sample sites."""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence
+
+import pyro
+import torch
+from pyro.nn import PyroModule
+from torch import nn
+from torch.func import functional_call
+
+from sqs_pyro.config import SQSConfig
+from sqs_pyro.models.priors import SpikeSlabGMM, kl_weighting
+from sqs_pyro.models.selection import CompressedSite
+
+
+class SQSModel(PyroModule):
+    r"""``W_l ~ SpikeSlabGMM`` for each compressed weight tensor, then ``y ~ likelihood(net(x; W))``.
+
+    Each compressed tensor is one ``pyro.sample`` site named by its parameter path (e.g.
+    ``"classifier.0.weight"``) whose event shape is the weight's shape. All other
+    parameters of ``net`` stay deterministic (``nn.Parameter``; trainable unless frozen).
+    ``kl_weight`` (beta) scales the weight sites, so the ELBO is
+    ``E_q[log p(D|W)] - beta * KL(q || p)``.
+    """
+
+    def __init__(self, net: nn.Module, sites: Sequence[CompressedSite], config: SQSConfig,
+                 likelihood: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]) -> None:
+        super().__init__()
+        self.net = copy.deepcopy(net)
+        for site in sites:
+            _weight_to_placeholder(self.net, site)
+        self.sites = list(sites)
+        self.config = config
+        self.likelihood = likelihood
+        self.kl_weight = float(config.kl_weight)
+
+    def prior(self, site: CompressedSite) -> SpikeSlabGMM:
+        ref = self.net.get_buffer(site.name)
+        return SpikeSlabGMM.from_config(self.config, site.shape, dtype=ref.dtype, device=ref.device)
+
+    def sample_weights(self) -> dict[str, torch.Tensor]:
+        """Draw (or, under a replayed guide trace, look up) every compressed weight tensor."""
+        weights = {}
+        with kl_weighting(self.kl_weight):
+            for site in self.sites:
+                weights[site.name] = pyro.sample(site.name, self.prior(site).to_event(len(site.shape)))
+        return weights
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        out = functional_call(self.net, self.sample_weights(), (x,), strict=False)
+        return self.likelihood(out, y)
+
+
+def _weight_to_placeholder(net: nn.Module, site: CompressedSite) -> None:
+    """Replace a compressed weight Parameter by a zero-storage buffer of the same shape.
+
+    The forward pass always receives the sampled tensor through ``functional_call``; the
+    placeholder keeps shapes visible without a second copy of the weights.
+    """
+    path, _, attr = site.name.rpartition(".")
+    module = net.get_submodule(path)
+    old = module._parameters.pop(attr)
+    module.register_buffer(attr, torch.zeros((), dtype=old.dtype, device=old.device).expand(old.shape),
+                           persistent=False)

@@ -1,0 +1,150 @@
+"""The one frozen configuration object passed explicitly through a compression run."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from sqs_pyro.errors import SQSInputError
+
+WINDOW_MODES = ("none", "equal", "outlier")
+SAMPLING_MODES = ("sample", "expected")
+
+
+@dataclass(frozen=True)
+class SQSConfig:
+    """Settings of one SQS run.
+
+    Prior: ``p(w) = (1 - prior_inclusion) delta_0 + prior_inclusion * sum_m a_m N(m_m, s_m^2)``
+    with the slab mixture given by ``slab_weights`` / ``slab_locs`` / ``slab_scales``
+    (default: one component ``N(0, 3^2)``, the paper's setting).
+
+    Guide: ``q(w_j) = (1 - g_j) delta_0 + g_j sum_k phi_jk N(mu_k, s_k^2)`` with ``K =
+    components`` levels per layer, split over windows by ``windows``.
+
+    Schedule (fractions of the total number of steps): ``warmup_fraction`` with gates fixed
+    open, then ``prune_fraction`` with a cubic sparsity ramp from ``initial_sparsity`` to
+    ``sparsity``, then fine-tuning with the mask frozen.
+    """
+
+    components: int = 16
+    sparsity: float = 0.75
+    initial_sparsity: float = 0.0
+    windows: str = "outlier"
+    equal_windows: int = 2
+    iqr_factor: float = 5.0
+    prior_inclusion: float = 0.01
+    slab_weights: tuple[float, ...] = (1.0,)
+    slab_locs: tuple[float, ...] = (0.0,)
+    slab_scales: tuple[float, ...] = (3.0,)
+    kl_weight: float = 1.0
+    kl_warmup_fraction: float = 0.2
+    mode: str = "sample"
+    responsibility_temperature: float = 1.0
+    gate_temperature: tuple[float, float] = (1.0, 0.05)
+    assign_temperature: tuple[float, float] = (1.0, 0.05)
+    gate_init: float = 3.0
+    pruned_logit: float = -6.0
+    epochs: float = 3.0
+    batch_size: int = 128
+    warmup_fraction: float = 0.15
+    prune_fraction: float = 0.45
+    lr_weights: float = 2e-4
+    lr_codebook: float = 2e-4
+    lr_gates: float = 1e-2
+    lr_dense: float = 2e-4
+    weight_decay: float = 0.0
+    include_types: tuple[str, ...] = ("linear", "conv")
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    num_averaged: int = 10
+    seed: int = 0
+    log_every: int = 20
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.components, int) and self.components >= 2,
+               f"components (K) must be an integer >= 2, got {self.components!r}")
+        _check(0.0 <= self.sparsity < 1.0, f"sparsity must lie in [0, 1), got {self.sparsity!r}")
+        _check(0.0 <= self.initial_sparsity <= self.sparsity,
+               f"initial_sparsity must lie in [0, sparsity], got {self.initial_sparsity!r}")
+        _check(self.windows in WINDOW_MODES, f"windows must be one of {WINDOW_MODES}, got {self.windows!r}")
+        _check(self.equal_windows >= 1 and self.equal_windows <= self.components,
+               f"equal_windows must lie in [1, components], got {self.equal_windows!r}")
+        _check(self.iqr_factor > 0, f"iqr_factor must be > 0, got {self.iqr_factor!r}")
+        _check(0.0 < self.prior_inclusion < 1.0,
+               f"prior_inclusion must lie in (0, 1), got {self.prior_inclusion!r}")
+        n = len(self.slab_weights)
+        _check(n >= 1 and len(self.slab_locs) == n and len(self.slab_scales) == n,
+               "slab_weights, slab_locs and slab_scales must have the same non-zero length")
+        _check(all(w > 0 for w in self.slab_weights) and abs(sum(self.slab_weights) - 1.0) < 1e-6,
+               f"slab_weights must be positive and sum to 1, got {self.slab_weights!r}")
+        _check(all(s > 0 for s in self.slab_scales), f"slab_scales must be > 0, got {self.slab_scales!r}")
+        _check(self.kl_weight >= 0, f"kl_weight must be >= 0, got {self.kl_weight!r}")
+        _check(self.mode in SAMPLING_MODES, f"mode must be one of {SAMPLING_MODES}, got {self.mode!r}")
+        _check(self.responsibility_temperature > 0, "responsibility_temperature must be > 0")
+        for name in ("gate_temperature", "assign_temperature"):
+            pair = getattr(self, name)
+            _check(len(pair) == 2 and all(t > 0 for t in pair), f"{name} must be two positive numbers")
+        _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs!r}")
+        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size must be a positive integer")
+        for name in ("warmup_fraction", "prune_fraction", "kl_warmup_fraction"):
+            _check(0.0 <= getattr(self, name) <= 1.0, f"{name} must lie in [0, 1]")
+        _check(self.warmup_fraction + self.prune_fraction <= 1.0,
+               "warmup_fraction + prune_fraction must be <= 1")
+        for name in ("lr_weights", "lr_codebook", "lr_gates", "lr_dense"):
+            _check(getattr(self, name) >= 0 and math.isfinite(getattr(self, name)), f"{name} must be >= 0")
+        _check(all(t in ("linear", "conv", "conv1d_hf") for t in self.include_types),
+               f"include_types entries must be 'linear', 'conv' or 'conv1d_hf', got {self.include_types!r}")
+        _check(self.num_averaged >= 1, "num_averaged must be >= 1")
+        _check(self.log_every >= 1, "log_every must be >= 1")
+
+    @property
+    def bits(self) -> int:
+        """Bits per kept weight: ceil(log2 K)."""
+        return max(1, math.ceil(math.log2(self.components)))
+
+    def replace(self, **changes: Any) -> "SQSConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "SQSConfig":
+        """Build from a plain mapping (e.g. JSON), rejecting unknown keys and wrong types."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        _check(not unknown, f"unknown config keys: {unknown}; known keys: {sorted(known)}")
+        converted = {}
+        for key, value in values.items():
+            default = known[key].default
+            converted[key] = _coerce(key, value, default)
+        return cls(**converted)
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        _check(isinstance(value, bool), f"config key {key!r} must be a boolean, got {value!r}")
+        return value
+    if isinstance(default, int):
+        _check(isinstance(value, int) and not isinstance(value, bool),
+               f"config key {key!r} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool),
+               f"config key {key!r} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        _check(isinstance(value, str), f"config key {key!r} must be a string, got {value!r}")
+        return value
+    if isinstance(default, tuple):
+        _check(isinstance(value, (list, tuple)), f"config key {key!r} must be a list, got {value!r}")
+        return tuple(value)
+    return value
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise SQSInputError(message)
