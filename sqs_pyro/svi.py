@@ -13,6 +13,7 @@ It builds the Pyro model (:class:`~sqs_pyro.models.SQSModel`) and the mean-field
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -138,7 +139,7 @@ def prune_to_quantile(guide: SpikeGMMGuide, sparsity: float, pruned_logit: float
     if sparsity <= 0:
         return
     logits = torch.cat([layer.gate_logits.detach().reshape(-1) for layer in guide.layers])
-    k = int(sparsity * logits.numel())
+    k = min(logits.numel(), math.ceil(sparsity * logits.numel() - 1e-9))
     if k < 1:
         return
     threshold = torch.kthvalue(logits, k).values

