@@ -13,7 +13,7 @@ which is the greedy decision ``g_j > 0.5``), and builds these groups (xarray Dat
 
 * ``posterior`` (dims ``chain`` = 1, ``draw`` = S): for every compressed tensor with slug
   ``s`` (its site name with every non-alphanumeric character replaced by ``_``),
-  ``w_s``, ``gate_s`` (0/1) and ``code_s`` (the level index ``a_j``) on dim ``s_weight``, whose
+  ``w_s``, ``gate_s`` (0/1) and ``code_s`` (the level index ``a_j``) on dim ``s_index``, whose
   coordinate holds the chosen flat indices; ``locs_s``, ``scales_s``, ``mix_s`` on dim
   ``s_level``: the codebook, a point estimate of the variational family, so it is constant
   over draws (sd 0). ``attrs["layers"]`` maps slugs to site names and shapes (JSON).
@@ -23,7 +23,8 @@ which is the greedy decision ``g_j > 0.5``), and builds these groups (xarray Dat
 
 Diagnostics: the draws are independent samples from ``q``, not a Markov chain, so R-hat,
 MCSE from autocorrelation and the other chain diagnostics do not apply (one chain, no
-mixing to check); the ESS of ``S`` independent draws is ``S`` for any variable that varies.
+mixing to check; ``az.rhat`` returns NaN for one chain); ``S`` independent draws carry an
+ESS of ``S`` (``az.ess`` estimates scatter around it), so ESS only sizes Monte-Carlo errors.
 Use summary statistics (:func:`posterior_summary`, i.e. ``az.summary(kind="stats")``),
 ``az.plot_posterior`` and ``az.plot_forest``. The draws say nothing about how well ``q``
 approximates the true posterior.
@@ -170,8 +171,8 @@ def posterior_groups(result: Any, num_samples: int = 200, weights_per_layer: int
         eps = torch.randn(num_samples, idx.size, generator=gen, dtype=torch.float64)
         w = gate * (locs[code] + scales[code] * eps)
         k = locs.numel()
-        per_weight, per_level = ("chain", "draw", f"{s}_weight"), ("chain", "draw", f"{s}_level")
-        coords[f"{s}_weight"], coords[f"{s}_level"] = idx, np.arange(k)
+        per_weight, per_level = ("chain", "draw", f"{s}_index"), ("chain", "draw", f"{s}_level")
+        coords[f"{s}_index"], coords[f"{s}_level"] = idx, np.arange(k)
         data_vars[f"w_{s}"] = (per_weight, w.float().numpy()[None])
         data_vars[f"gate_{s}"] = (per_weight, gate.to(torch.int8).numpy()[None])
         data_vars[f"code_{s}"] = (per_weight, code.to(torch.int16).numpy()[None])
@@ -198,7 +199,7 @@ def history_dataset(history: Sequence[Mapping[str, Any]], attrs: Mapping[str, st
     rows = [r for r in history if "elbo" in r]
     cols = {key: ("step", np.array([r[key] for r in rows], dtype=np.float64)) for key in HISTORY_STATS}
     cols["data_term"] = ("step", np.array([-r["nll"] for r in rows], dtype=np.float64))
-    cols["phase"] = ("step", np.array([str(r["phase"]) for r in rows], dtype=object).astype(str))
+    cols["phase"] = ("step", np.array([str(r["phase"]) for r in rows], dtype=str))
     return xr.Dataset(cols, coords={"step": np.array([int(r["step"]) for r in rows], dtype=np.int64)},
                       attrs=dict(attrs or {}))
 

@@ -125,15 +125,20 @@ def mixture_bin_counts(edges: np.ndarray, locs: np.ndarray, scales: np.ndarray, 
     return (np.diff(cdf, axis=0) * weight[None, :]).sum(axis=1)
 
 
-def layer_distributions(result: Any, bins: int = 200) -> dict[str, Any]:
-    """Histogram data of every compressed tensor (see the module docstring)."""
+def layer_distributions(result: Any, max_bins: int = 200) -> dict[str, Any]:
+    """Histogram data of every compressed tensor (see the module docstring).
+
+    A layer of ``N`` weights gets ``clip(2 sqrt(N), 20, max_bins)`` equal bins spanning the
+    weights and every level's ``mu_k +- 3 s_k``.
+    """
     pre = pretrained_weights(result)
     layers = []
     for a in _layer_arrays(result):
         w, x = pre[a["name"]], a["latent"]
-        lo, hi = float(min(w.min(), x.min())), float(max(w.max(), x.max()))
-        pad = 0.02 * max(hi - lo, 1e-12)
-        edges = np.linspace(lo - pad, hi + pad, bins + 1)
+        lo = float(min(w.min(), x.min(), (a["locs"] - 3 * a["scales"]).min()))
+        hi = float(max(w.max(), x.max(), (a["locs"] + 3 * a["scales"]).max()))
+        bins = int(np.clip(2 * np.sqrt(w.size), 20, max_bins))
+        edges = np.linspace(lo, hi, bins + 1)
         sizes = np.bincount(a["window_ids"], minlength=int(a["comp_window"].max()) + 1)
         kept_codes = np.bincount(a["codes"][a["mask"]], minlength=a["locs"].size)
         layers.append({

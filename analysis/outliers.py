@@ -17,8 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from sqs_pyro.analysis.inclusion import final_masks, inclusion_probabilities, pretrained_weights
-from sqs_pyro.guides.kmeans import gmm_from_centres, kmeans_1d
-from sqs_pyro.guides.windows import iqr_fences, plan_windows
+from sqs_pyro.guides.initialization import initial_codebook
+from sqs_pyro.guides.windows import iqr_fences
 
 
 def outlier_mask(values: np.ndarray, iqr_factor: float) -> np.ndarray:
@@ -68,21 +68,10 @@ def layer_outliers(pretrained: np.ndarray, quantized: np.ndarray, mask: np.ndarr
 
 
 def quantize_initial(values: np.ndarray, components: int, windows: str, equal_windows: int = 2,
-                     iqr_factor: float = 5.0) -> np.ndarray:
-    """Each weight snapped to the nearest level of its window's initial codebook.
-
-    The codebook is the guide's initialisation: k-means per window with the window's
-    extremes forced to be levels.
-    """
+                     iqr_factor: float = 5.0, sparsity: float = 0.0) -> np.ndarray:
+    """Each weight snapped to the nearest level of its window in the guide's initial codebook."""
     x = np.asarray(values, dtype=np.float64).ravel()
-    plan = plan_windows(x, components, windows, equal_windows, iqr_factor)
-    out = np.empty_like(x)
-    for win, levels in enumerate(plan.levels):
-        member = plan.window_ids == win
-        vals = x[member]
-        locs, _, _ = gmm_from_centres(vals, kmeans_1d(vals, levels), keep_extremes=True)
-        out[member] = locs[np.abs(vals[:, None] - locs[None, :]).argmin(axis=1)]
-    return out
+    return initial_codebook(x, components, windows, equal_windows, iqr_factor, sparsity).quantize(x)
 
 
 def window_ablation(values: np.ndarray, components: int, iqr_factor: float = 5.0,

@@ -25,6 +25,8 @@ from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 from torch.distributions.utils import lazy_property
 
+from sqs_pyro.guides import kernels
+
 # Logits are shifted so that their maximum is 0 and clipped at _FLOOR before any softmax:
 # exp() of arguments below about -87 is ~25x slower on CPU, and exp(-80) ~ 1e-35 is zero
 # at fp32 resolution next to the maximum's exp(0) = 1, so the clip changes nothing that
@@ -35,6 +37,21 @@ _FLOOR = -80.0
 def _shift_clip(logits: torch.Tensor) -> torch.Tensor:
     """``logits - max(logits)`` clipped below at ``_FLOOR`` (same softmax up to ~1e-35)."""
     return (logits - logits.detach().amax(-1, keepdim=True)).clamp_min(_FLOOR)
+
+
+def relaxed_one_hot(log_phi: torch.Tensor, uniforms: torch.Tensor,
+                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Straight-through relaxed one-hot draw from ``Categorical(exp(log_phi))`` as ``(index, delta)``.
+
+    With Gumbel noise ``G = -log(-log U)``: ``index = argmax(log_phi + G)`` (Gumbel-max, an
+    exact draw) and ``delta = soft - stop_grad(soft)``, ``soft = softmax((log_phi + G) / t)``:
+    zero forward, the Concrete relaxation's gradient backward, so that ``one_hot(index) +
+    delta`` is the usual straight-through sample without building it.
+    """
+    perturbed = log_phi - uniforms.log().neg_().log_()
+    index = perturbed.detach().argmax(-1)
+    soft = torch.softmax(_shift_clip(perturbed / temperature), dim=-1)
+    return index, soft - soft.detach()
 
 
 def normal_log_density(x: torch.Tensor, locs: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -51,8 +68,8 @@ class SpikeGMM(TorchDistribution):
         latent: the latent full-precision weights ``x``, shape S.
         locs, scales, log_mix: the codebook (K,): means, scales (> 0) and per-window
             normalised log mixing weights.
-        window_ids: window of each weight (shape S, long) or ``None`` for one window.
-        comp_window: window of each component (K,, long) or ``None``.
+        window_ids, comp_window: window of each weight (shape S, long) and of each
+            component (K,, long), or ``None`` for one window.
         gate_fixed: optional fixed 0/1 inclusion (shape S) replacing the learned gates.
         tau: responsibility sharpening temperature.
         gate_temperature, assign_temperature: Concrete temperatures for sampling.
@@ -72,7 +89,7 @@ class SpikeGMM(TorchDistribution):
         self.scales = scales
         self.log_mix = log_mix
         self.window_ids = window_ids
-        self.comp_window = comp_window
+        self.comp_window = comp_window if window_ids is not None else None
         self.gate_fixed = gate_fixed
         self.tau = float(tau)
         self.gate_temperature = float(gate_temperature)
@@ -82,13 +99,26 @@ class SpikeGMM(TorchDistribution):
 
     # --- parameters derived once per distribution object -------------------------------
     @lazy_property
+    def codebook_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(c, a)`` with ``c_k = (log pi_k - log s_k) / tau`` and ``a_k = 1 / (s_k sqrt(tau))``, so that
+        the responsibility logits are ``c_k - z_jk^2 / 2`` with ``z_jk = (x_j - mu_k) a_k``."""
+        return (self.log_mix - torch.log(self.scales)) / self.tau, 1.0 / (self.scales * math.sqrt(self.tau))
+
+    @lazy_property
+    def fused(self) -> bool:
+        """Whether the fused CPU kernels of :mod:`sqs_pyro.guides.kernels` compute the O(N K) terms."""
+        return kernels.available(self.latent, self.locs, self.scales, self.log_mix,
+                                 components=self.locs.shape[-1])
+
+    @lazy_property
     def log_phi(self) -> torch.Tensor:
-        """Log assignment probabilities, shape ``S + (K,)``."""
-        logits = self.log_mix + normal_log_density(self.latent, self.locs, self.scales)
-        logits = logits / self.tau
+        """Log assignment probabilities, shape ``S + (K,)``: ``log_softmax_k(c_k - z_jk^2 / 2)``,
+        components outside the weight's window at the clip floor."""
+        const, a = self.codebook_terms
+        z = (self.latent.unsqueeze(-1) - self.locs) * a
+        logits = torch.addcmul(const, z, z, value=-0.5)
         if self.window_ids is not None:
-            outside = self.window_ids.unsqueeze(-1) != self.comp_window
-            logits = logits.masked_fill(outside, -float("inf"))
+            logits = logits.masked_fill(self.window_ids.unsqueeze(-1) != self.comp_window, -float("inf"))
         return torch.log_softmax(_shift_clip(logits), dim=-1)
 
     @lazy_property
@@ -109,10 +139,17 @@ class SpikeGMM(TorchDistribution):
             return torch.log(g), torch.log1p(-g)
         return F.logsigmoid(self.gate_logits), F.logsigmoid(-self.gate_logits)
 
+    def responsibility_dot(self, values: torch.Tensor) -> torch.Tensor:
+        """``sum_k phi_jk v_k`` for a K-vector ``v`` (shape S), without an ``S x K`` tensor when fused."""
+        if self.fused:
+            const, a = self.codebook_terms
+            return kernels.phi_dot(self.latent, const, a, self.locs, values, self.window_ids, self.comp_window)
+        return self.phi @ values
+
     # --- sampling ----------------------------------------------------------------------
     @property
     def mean(self) -> torch.Tensor:
-        return self.inclusion * (self.phi * self.locs).sum(-1)
+        return self.inclusion * self.responsibility_dot(self.locs)
 
     def _sample_gate(self, shape: torch.Size) -> torch.Tensor:
         if self.gate_fixed is not None:
@@ -123,22 +160,25 @@ class SpikeGMM(TorchDistribution):
         hard = (soft > 0.5).to(soft.dtype)
         return hard + soft - soft.detach()
 
-    def _sample_assignment(self, shape: torch.Size) -> torch.Tensor:
+    def _sample_value(self, shape: torch.Size) -> torch.Tensor:
+        """``sum_k a_k (mu_k + s_k eps)`` for a straight-through relaxed one-hot ``a`` drawn from ``phi``."""
+        eps = torch.randn(shape, dtype=self.latent.dtype, device=self.latent.device)
+        if self.fused:
+            const, a = self.codebook_terms
+            return kernels.straight_through_sample(self.latent, const, a, self.locs, self.scales, eps,
+                                                   self.assign_temperature, self.window_ids, self.comp_window)
         log_phi = self.log_phi.expand(shape + self.log_phi.shape[-1:])
-        u = torch.rand_like(log_phi).clamp(1e-10, 1.0)
-        soft = torch.softmax(_shift_clip((log_phi - torch.log(-torch.log(u))) / self.assign_temperature), dim=-1)
-        hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
-        return hard + soft - soft.detach()
+        # U clamped away from 0 and 1 (torch's exponential_ is ~15x slower on CPU than rand + log)
+        index, delta = relaxed_one_hot(log_phi, torch.rand_like(log_phi).clamp_(1e-20, 1.0 - 1e-7),
+                                       self.assign_temperature)
+        # a = one_hot(index) + delta
+        return self.locs[index] + self.scales[index] * eps + delta @ self.locs + eps * (delta @ self.scales)
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)
         if self.sampling == "expected":
             return self.mean.expand(shape)
-        gate = self._sample_gate(shape)
-        onehot = self._sample_assignment(shape)
-        eps = torch.randn(shape, dtype=self.latent.dtype, device=self.latent.device)
-        value = (onehot * self.locs).sum(-1) + (onehot * self.scales).sum(-1) * eps
-        return gate * value
+        return self._sample_gate(shape) * self._sample_value(shape)
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         with torch.no_grad():

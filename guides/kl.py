@@ -60,5 +60,4 @@ def component_kl(q: SpikeGMM, p: SpikeSlabGMM) -> torch.Tensor:
 @register_kl(SpikeGMM, SpikeSlabGMM)
 def spike_gmm_kl(q: SpikeGMM, p: SpikeSlabGMM) -> torch.Tensor:
     """Per-weight upper bound on ``KL(q || p)`` (see module docstring); shape ``q.batch_shape``."""
-    slab = q.phi @ component_kl(q, p)
-    return bernoulli_kl(q, p.inclusion) + q.inclusion * slab
+    return bernoulli_kl(q, p.inclusion) + q.inclusion * q.responsibility_dot(component_kl(q, p))

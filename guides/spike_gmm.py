@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import pyro
 import torch
 import torch.nn.functional as F
@@ -12,8 +11,7 @@ from torch import nn
 
 from sqs_pyro.config import SQSConfig
 from sqs_pyro.guides.distributions import SpikeGMM
-from sqs_pyro.guides.kmeans import gmm_from_centres, kmeans_1d
-from sqs_pyro.guides.windows import plan_windows
+from sqs_pyro.guides.initialization import initial_codebook
 from sqs_pyro.models.priors import kl_weighting
 from sqs_pyro.models.selection import CompressedSite
 
@@ -38,27 +36,21 @@ class LayerPosterior(PyroModule):
         super().__init__()
         self.site_name = site.name
         w = weight.detach()
-        flat = w.reshape(-1).double().cpu().numpy()
-        plan = plan_windows(flat, config.components, config.windows, config.equal_windows, config.iqr_factor)
-        locs, mix, scales = [], [], []
-        for win, levels in enumerate(plan.levels):
-            vals = flat[plan.window_ids == win]
-            l, m, s = gmm_from_centres(vals, _padded_centres(vals, levels), keep_extremes=True)
-            locs.append(l)
-            mix.append(m)
-            scales.append(s)
-        as_t = lambda a: torch.as_tensor(np.concatenate(a), dtype=w.dtype, device=w.device)  # noqa: E731
+        init = initial_codebook(w.reshape(-1).double().cpu().numpy(), config.components, config.windows,
+                                config.equal_windows, config.iqr_factor,
+                                config.sparsity if config.codebook_fit == "kept" else 0.0)
+        as_t = lambda a: torch.as_tensor(a, dtype=w.dtype, device=w.device)  # noqa: E731
         rms = w.pow(2).mean().sqrt().clamp_min(1e-12)
         magnitude = torch.log(w.abs() / rms + 1e-12).clamp(-3.0, 3.0)
         self.gate_logits = nn.Parameter(config.gate_init + magnitude)
         self.latent = nn.Parameter(w.clone())
-        self.locs = nn.Parameter(as_t(locs))
-        self.scale_raw = nn.Parameter(_softplus_inverse(as_t(scales).clamp_min(2 * _SCALE_FLOOR) - _SCALE_FLOOR))
-        self.mix_logits = nn.Parameter(torch.log(as_t(mix)))
-        multi = len(plan.levels) > 1
-        self.register_buffer("window_ids", torch.as_tensor(plan.window_ids, device=w.device).reshape(w.shape)
+        self.locs = nn.Parameter(as_t(init.locs))
+        self.scale_raw = nn.Parameter(_softplus_inverse(as_t(init.scales).clamp_min(2 * _SCALE_FLOOR) - _SCALE_FLOOR))
+        self.mix_logits = nn.Parameter(torch.log(as_t(init.mix)))
+        multi = int(init.component_windows.max()) > 0
+        self.register_buffer("window_ids", torch.as_tensor(init.window_ids, device=w.device).reshape(w.shape)
                              if multi else None)
-        self.register_buffer("comp_window", torch.as_tensor(plan.component_windows, device=w.device))
+        self.register_buffer("comp_window", torch.as_tensor(init.component_windows, device=w.device))
         self.register_buffer("mask", torch.ones_like(w, dtype=torch.bool))
         self.register_buffer("gate_state", torch.tensor(GATE_OPEN))
 
@@ -83,20 +75,8 @@ class LayerPosterior(PyroModule):
             gate_fixed = torch.ones_like(self.latent)
         elif state == GATE_FROZEN:
             gate_fixed = self.mask.to(self.latent.dtype)
-        return SpikeGMM(self.gate_logits, self.latent, self.locs, self.scales, self.log_mix(),
-                        self.window_ids, self.comp_window if self.window_ids is not None else None,
-                        gate_fixed, tau, gate_temperature, assign_temperature, mode)
-
-
-def _padded_centres(values: np.ndarray, levels: int) -> np.ndarray:
-    """k-means centres; when a window has fewer distinct values than levels, spread extra ones."""
-    centres = kmeans_1d(values, levels)
-    if len(centres) < levels:
-        lo, hi = float(values.min()), float(values.max())
-        span = max(hi - lo, 1e-3 * max(abs(lo), abs(hi), 1e-3))
-        extra = np.linspace(lo - span, hi + span, levels - len(centres) + 2)[1:-1]
-        centres = np.sort(np.concatenate([centres, extra]))
-    return centres
+        return SpikeGMM(self.gate_logits, self.latent, self.locs, self.scales, self.log_mix(), self.window_ids,
+                        self.comp_window, gate_fixed, tau, gate_temperature, assign_temperature, mode)
 
 
 class SpikeGMMGuide(PyroModule):

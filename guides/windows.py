@@ -1,20 +1,26 @@
 r"""Windows: which codebook levels each weight of a layer may use.
 
 A layer has K levels in total (b = log2 K bits per kept weight, one code index over all
-windows, so windows cost no extra bits). Windows partition the layer's pretrained weights
-by value and split the K levels among them:
+windows, so windows cost no extra bits). Windows partition the layer's weights by value
+(thresholds, so every weight has a window) and split the K levels among them. Levels are
+fitted to the *fit* values: by default the weights a magnitude criterion would keep at the
+target sparsity, so that no level is spent on weights that will be pruned.
 
 * ``"none"``: one window, all K levels.
-* ``"equal"``: ``n`` equal-count windows over the sorted weights, K/n levels each.
-* ``"outlier"``: weights below ``Q1 - c*IQR`` and above ``Q3 + c*IQR`` (c = ``iqr_factor``)
-  form their own windows with ``max(1, K // 8)`` levels each (fewer if they hold fewer
-  weights); the bulk keeps the rest.
+* ``"equal"``: ``n`` equal-count windows over the sorted fit values, K/n levels each
+  (the ablation baseline).
+* ``"outlier"``: weights below ``Q1 - c*IQR`` and above ``Q3 + c*IQR`` (c = ``iqr_factor``,
+  fences from all weights) form their own windows; each window gets one level, and the
+  remaining levels go, one at a time, to the window whose k-means error (sum of squared
+  errors of its fit values) drops the most, so tails get as many levels as they need.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+
+from sqs_pyro.guides.kmeans import kmeans_1d
 
 
 @dataclass(frozen=True)
@@ -41,37 +47,53 @@ def _split_levels(total: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
+def kmeans_sse(values: np.ndarray, k: int) -> float:
+    """Sum of squared errors of ``values`` around their k-means centres."""
+    if values.size == 0:
+        return 0.0
+    centres = kmeans_1d(values, k)
+    return float((np.min((values[:, None] - centres[None, :]) ** 2, axis=1)).sum())
+
+
+def allocate_levels(groups: list[np.ndarray], total: int) -> list[int]:
+    """Greedy split of ``total`` levels over groups (>= 1 each) maximising the k-means SSE drop."""
+    levels = [1] * len(groups)
+    sse = [kmeans_sse(g, 1) for g in groups]
+    for _ in range(total - len(groups)):
+        gains = []
+        for i, g in enumerate(groups):
+            if levels[i] >= len(np.unique(g)):
+                gains.append(-1.0)
+                continue
+            gains.append(sse[i] - kmeans_sse(g, levels[i] + 1))
+        best = int(np.argmax(gains))
+        if gains[best] < 0:  # every group already has a level per distinct value
+            best = int(np.argmax([g.size for g in groups]))
+        levels[best] += 1
+        sse[best] = kmeans_sse(groups[best], levels[best])
+    return levels
+
+
 def plan_windows(values: np.ndarray, components: int, mode: str, equal_windows: int = 2,
-                 iqr_factor: float = 5.0) -> WindowPlan:
-    """Assign each weight to a window and each window its number of levels."""
+                 iqr_factor: float = 5.0, fit: np.ndarray | None = None) -> WindowPlan:
+    """Assign each weight to a window and each window its number of levels (see module docstring)."""
     x = np.asarray(values, dtype=np.float64).ravel()
-    n = x.size
+    fit = np.ones(x.size, dtype=bool) if fit is None else np.asarray(fit, dtype=bool).ravel()
+    fitted = np.sort(x[fit]) if fit.any() else np.sort(x)
     if mode == "none":
-        return WindowPlan(np.zeros(n, dtype=np.int64), (components,))
+        return WindowPlan(np.zeros(x.size, dtype=np.int64), (components,))
     if mode == "equal":
-        parts = max(1, min(equal_windows, components, n))
-        order = np.argsort(x, kind="stable")
-        ids = np.empty(n, dtype=np.int64)
-        ids[order] = np.minimum(np.arange(n) * parts // n, parts - 1)
-        return WindowPlan(ids, tuple(_split_levels(components, parts)))
+        parts = max(1, min(equal_windows, components, fitted.size))
+        cuts = fitted[(np.arange(1, parts) * fitted.size) // parts]
+        return WindowPlan(np.searchsorted(cuts, x, side="right").astype(np.int64),
+                          tuple(_split_levels(components, parts)))
     if mode != "outlier":
         raise ValueError(f"unknown window mode {mode!r}")
     lo, hi = iqr_fences(x, iqr_factor)
-    low, high = x < lo, x > hi
-    tail_levels = max(1, components // 8)
-    windows: list[tuple[np.ndarray, int]] = []
-    n_low, n_high = int(low.sum()), int(high.sum())
-    k_low = min(tail_levels, n_low) if n_low else 0
-    k_high = min(tail_levels, n_high) if n_high else 0
-    if components - k_low - k_high < 1:
-        k_low = k_high = 0
-    bulk = ~(low if k_low else np.zeros(n, bool)) & ~(high if k_high else np.zeros(n, bool))
-    if k_low:
-        windows.append((low, k_low))
-    windows.append((bulk, components - k_low - k_high))
-    if k_high:
-        windows.append((high, k_high))
-    ids = np.empty(n, dtype=np.int64)
-    for w, (member, _) in enumerate(windows):
-        ids[member] = w
-    return WindowPlan(ids, tuple(k for _, k in windows))
+    cuts = [c for c, present in ((lo, (x < lo).any()), (np.nextafter(hi, np.inf), (x > hi).any())) if present]
+    ids = np.searchsorted(np.array(cuts), x, side="right").astype(np.int64)
+    groups = [fitted[np.searchsorted(np.array(cuts), fitted, side="right") == w] for w in range(len(cuts) + 1)]
+    groups = [g if g.size else x[ids == w] for w, g in enumerate(groups)]
+    if len(groups) > components:  # not enough levels for separate tails: one window
+        return WindowPlan(np.zeros(x.size, dtype=np.int64), (components,))
+    return WindowPlan(ids, tuple(allocate_levels(groups, components)))

@@ -46,3 +46,16 @@ class GaussianLikelihood(_PlateLikelihood):
             if pred.dim() > 1:
                 d = d.to_event(pred.dim() - 1)
             return pyro.sample("obs", d, obs=y)
+
+
+class TokenCategoricalLikelihood(_PlateLikelihood):
+    """Language-model likelihood: ``y_it ~ Categorical(logits_it)`` for every token t of sequence i.
+
+    ``logits`` has shape ``(B, L, V)`` and ``y`` ``(B, L)``; a sequence's tokens form one event,
+    the plate runs over the ``num_data`` training sequences, so the data term is
+    ``N/B * sum_i sum_t log p(y_it | y_i<t)`` with N counted in sequences.
+    """
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        with self._plate(logits.shape[0]):
+            return pyro.sample("obs", dist.Categorical(logits=logits).to_event(1), obs=y)

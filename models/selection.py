@@ -53,13 +53,20 @@ def select_layers(
     empty) and none of ``exclude``. Only ``.weight`` tensors are compressed; biases and all
     other parameters stay deterministic.
 
-    Raises :class:`SQSInputError` when nothing is selected, when a selected weight is
-    shared with another selected layer (tied weights) or contains NaN/Inf.
+    Raises :class:`SQSInputError` when ``net`` is not a module, when nothing is selected,
+    when a selected weight is shared with any other parameter (tied weights: compressing one
+    name would silently untie them), when a selected weight is frozen
+    (``requires_grad=False``: SQS must learn it; exclude the layer to keep it as it is), or
+    when any parameter contains NaN/Inf. Frozen parameters that are not selected stay frozen.
     """
+    if not isinstance(net, nn.Module):
+        raise SQSInputError(f"the network must be a torch.nn.Module, got {type(net).__name__}")
     inc = [re.compile(p) for p in include]
     exc = [re.compile(p) for p in exclude]
     sites: list[CompressedSite] = []
-    seen: dict[int, str] = {}
+    names: dict[int, list[str]] = {}
+    for pname, p in net.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(pname)
     for path, module in net.named_modules():
         kind = _layer_type(module)
         if kind is None or kind not in include_types:
@@ -70,11 +77,13 @@ def select_layers(
             continue
         weight = module.weight
         name = f"{path}.weight" if path else "weight"
-        if id(weight) in seen:
-            raise SQSInputError(
-                f"weight {name} is shared with {seen[id(weight)]} (tied weights); exclude one of them"
-            )
-        seen[id(weight)] = name
+        others = [n for n in names.get(id(weight), []) if n != name]
+        if others:
+            raise SQSInputError(f"weight {name} is shared with {', '.join(others)} (tied weights); untie them or "
+                                "exclude the layer")
+        if not weight.requires_grad:
+            raise SQSInputError(f"weight {name} is frozen (requires_grad=False) but selected for compression; "
+                                "exclude the layer to keep it as it is, or unfreeze it")
         if not torch.isfinite(weight).all():
             raise SQSInputError(f"weight {name} contains NaN or Inf values")
         sites.append(CompressedSite(name=name, shape=tuple(weight.shape), layer_type=kind))
@@ -87,3 +96,21 @@ def select_layers(
         if not torch.isfinite(p).all():
             raise SQSInputError(f"parameter {pname} contains NaN or Inf values")
     return sites
+
+
+# Default compressed layers of Hugging Face transformers (attention projections and MLP
+# matrices); embeddings, norms, poolers and the LM head (often tied to the embeddings) stay
+# dense unless selected explicitly.
+TRANSFORMER_PATTERNS = {
+    "bert": r"encoder\.layer\.\d+\.(attention\.(self\.(query|key|value)|output\.dense)|intermediate\.dense|output\.dense)$",
+    "llama": r"layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$",
+}
+
+
+def transformer_include(model_type: str) -> tuple[str, ...]:
+    """``include`` patterns selecting a transformer family's attention and MLP matrices."""
+    family = "llama" if model_type in ("llama", "mistral", "qwen2", "smollm") else model_type
+    if family not in TRANSFORMER_PATTERNS:
+        raise SQSInputError(f"no layer preset for model type {model_type!r}; known: {sorted(TRANSFORMER_PATTERNS)} "
+                            "(pass include/exclude patterns instead)")
+    return (TRANSFORMER_PATTERNS[family],)

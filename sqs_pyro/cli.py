@@ -7,10 +7,14 @@ import importlib
 import sys
 from typing import Sequence
 
-from sqs_pyro.errors import CompressedFileError, SQSInputError
+from sqs_pyro.errors import CompressedFileError, SQSDivergenceError, SQSInputError
 
 COMMAND_MODULES = (
     "sqs_pyro.cli_compress",
+    "sqs_pyro.cli_inspect",
+    "sqs_pyro.cli_evaluate",
+    "sqs_pyro.cli_report",
+    "sqs_pyro.cli_ablate",
 )
 
 
@@ -32,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SQSInputError, CompressedFileError) as exc:
         print(f"sqs-pyro: error: {exc}", file=sys.stderr)
         return 2
+    except SQSDivergenceError as exc:
+        print(f"sqs-pyro: training diverged: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

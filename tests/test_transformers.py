@@ -1,0 +1,91 @@
+"""Transformers as inputs: layer presets, the LM likelihood, perplexity, text readers."""
+import math
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from torch import nn
+
+from sqs_pyro import SQSInputError
+from sqs_pyro.hf import CausalLM, SentenceClassifier, perplexity, token_windows
+from sqs_pyro.models import TokenCategoricalLikelihood, select_layers, transformer_include
+
+transformers = pytest.importorskip("transformers", reason="transformers not installed")
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=32)
+    return transformers.BertModel(cfg)
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                   tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def test_bert_preset_selects_attention_and_mlp_only():
+    names = [s.name for s in select_layers(tiny_bert(), include=transformer_include("bert"))]
+    assert len(names) == 2 * 6
+    assert not any("pooler" in n or "embeddings" in n for n in names)
+
+
+def test_llama_preset_skips_tied_lm_head_and_embeddings():
+    lm = tiny_llama()
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight
+    names = [s.name for s in select_layers(lm, include=transformer_include("llama"))]
+    assert len(names) == 2 * 7 and all("lm_head" not in n for n in names)
+    with pytest.raises(SQSInputError, match="no layer preset"):
+        transformer_include("gpt-unknown")
+
+
+def test_token_likelihood_scales_by_sequences():
+    lik = TokenCategoricalLikelihood(num_data=10)
+    logits, y = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+    tr = poutine.trace(lambda: lik(logits, y)).get_trace()
+    tr.compute_log_prob()
+    expected = 10 / 2 * torch.distributions.Categorical(logits=logits).log_prob(y).sum()
+    assert tr.nodes["obs"]["scale"] == 5.0
+    torch.testing.assert_close(tr.nodes["obs"]["log_prob_sum"], expected)  # already scaled by N/B
+
+
+def test_perplexity_of_uniform_predictions_is_the_vocabulary_size():
+    class Uniform(nn.Module):
+        def forward(self, ids):
+            return torch.zeros(*ids.shape, 13)
+
+    windows = torch.randint(0, 13, (5, 9))
+    assert perplexity(Uniform(), windows, batch_size=2) == pytest.approx(13.0)
+
+
+def test_causal_lm_wrapper_and_windows():
+    lm = CausalLM(tiny_llama())
+    ids = torch.randint(0, 40, (3, 8))
+    assert lm(ids).shape == (3, 8, 40)
+
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) % 40 for c in text]}
+
+    w = token_windows(Tok(), "abcdefghijklmnopqrstuvwxyz", length=8, stride=4)
+    assert w.shape == (5, 9) and torch.equal(w[1, :5], w[0, 4:9])
+    assert math.isfinite(perplexity(lm, w))
+
+
+def test_sentence_classifier_mean_pools_only_unmasked_tokens():
+    net = SentenceClassifier(tiny_bert(), 3).eval()
+    ids = torch.randint(1, 50, (2, 6))
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    x = torch.stack([ids, mask], 1)
+    emb = net.embed(x)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
+    x2 = x.clone()
+    x2[0, 0, 3:] = 7  # padding tokens change, the mask hides them ... but attention masking also hides them
+    torch.testing.assert_close(net.embed(x2)[0], emb[0], atol=1e-5, rtol=1e-5)
+    assert net(x).shape == (2, 3)
