@@ -26,38 +26,49 @@ from sqs_pyro.ablation import (ablation_effects, expand_grid, format_effects, fo
 
 HERE = Path(__file__).parent
 BASELINES = ("magnitude_kmeans", "magnitude_uniform", "dgms")
-SQS_ROWS = ("sqs greedy", "sqs averaged")
+
+
+def _sqs_method(label: str) -> str | None:
+    """``"sqs_tuned"`` for ``"sqs_tuned greedy"`` or ``"sqs_tuned averaged M=10"``; ``None`` for baselines."""
+    for suffix in (" greedy", " averaged"):
+        if suffix in label:
+            return label.split(suffix)[0]
+    return None
 
 
 def target_check(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per workload and K: at how many sparsity levels SQS (best of greedy / averaged, mean over
-    seeds) is at least as accurate as every baseline, and strictly better at s >= 0.95."""
+    """Per workload, K and SQS variant: at how many sparsity levels it (best of greedy /
+    averaged, mean over seeds) is at least as accurate as every baseline, and at how many of
+    the levels s >= 0.95 strictly more accurate."""
     cells: dict[tuple, dict[float, dict[str, float]]] = {}
     for r in rows:
         cells.setdefault((r["workload"], r["components"]), {}).setdefault(r["sparsity_target"], {})[
             r["method"]] = r["accuracy_mean"]
     out = []
     for (workload, k), levels in sorted(cells.items()):
-        at_least, strict_high, high, compared = 0, 0, 0, 0
-        for s, accs in sorted(levels.items()):
-            sqs = [a for m, a in accs.items() if m.startswith(SQS_ROWS)]
-            base = [accs[m] for m in BASELINES if m in accs]
-            if not sqs or not base:
-                continue
-            compared += 1
-            at_least += max(sqs) >= max(base)
-            if s >= 0.95:
-                high += 1
-                strict_high += max(sqs) > max(base)
-        out.append({"workload": workload, "components": k, "levels": compared, "at_least": at_least,
-                    "high_levels": high, "strict_high": strict_high})
+        variants = sorted({m for accs in levels.values() for m in map(_sqs_method, accs) if m})
+        for variant in variants:
+            at_least = strict_high = high = compared = 0
+            for s, accs in sorted(levels.items()):
+                mine = [a for m, a in accs.items() if _sqs_method(m) == variant]
+                base = [accs[m] for m in BASELINES if m in accs]
+                if not mine or not base:
+                    continue
+                compared += 1
+                at_least += max(mine) >= max(base)
+                if s >= 0.95:
+                    high += 1
+                    strict_high += max(mine) > max(base)
+            out.append({"workload": workload, "components": k, "sqs": variant, "levels": compared,
+                        "at_least": at_least, "high_levels": high, "strict_high": strict_high})
     return out
 
 
 def format_targets(checks: Iterable[Mapping[str, Any]]) -> str:
-    lines = ["| workload | K | SQS >= every baseline (levels) | SQS > every baseline at s >= 0.95 |", "|---|---|---|---|"]
+    lines = ["| workload | K | SQS variant | >= every baseline (levels) | > every baseline at s >= 0.95 |",
+             "|---|---|---|---|---|"]
     for c in checks:
-        lines.append(f"| {c['workload']} | {c['components']} | {c['at_least']} of {c['levels']} | "
+        lines.append(f"| {c['workload']} | {c['components']} | {c['sqs']} | {c['at_least']} of {c['levels']} | "
                      f"{c['strict_high']} of {c['high_levels']} |")
     return "\n".join(lines)
 
@@ -79,24 +90,34 @@ def pareto_plot(rows: list[Mapping[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     workloads = sorted({r["workload"] for r in rows})
-    fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4.2), squeeze=False)
+    methods = sorted({r["method"] for r in rows})
+    colors = plt.get_cmap("tab20")
+    fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads) + 2.5, 4.2), squeeze=False)
     for ax, workload in zip(axes[0], workloads):
         mine = [r for r in rows if r["workload"] == workload]
-        for method in sorted({r["method"] for r in mine}):
+        for i, method in enumerate(methods):
             pts = [r for r in mine if r["method"] == method]
-            line = ax.errorbar([r["real_ratio"] for r in pts], [100 * r["accuracy_mean"] for r in pts],
-                               yerr=[100 * r["accuracy_sd"] for r in pts], fmt="o", ms=4, capsize=2, label=method)
+            if not pts:
+                continue
+            marker = "^" if "averaged" in method else "o" if "greedy" in method else "s"
+            color = colors(i % 20)
+            ax.errorbar([r["real_ratio"] for r in pts], [100 * r["accuracy_mean"] for r in pts],
+                        yerr=[100 * r["accuracy_sd"] for r in pts], fmt=marker, ms=5, capsize=2, color=color,
+                        label=method)
             front = pareto_front([(r["real_ratio"], 100 * r["accuracy_mean"]) for r in pts])
-            ax.plot(*zip(*front), "-", color=line[0].get_color(), lw=1)
+            ax.plot(*zip(*front), "-", color=color, lw=1)
         ax.axhline(100 * mine[0]["accuracy_dense"], color="k", ls=":", lw=1, label="dense")
         ax.set_xscale("log")
         ax.set_xlabel("real compression ratio (fp32 bytes / .sqs file bytes)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(workload)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    legend = {}
+    for ax in axes[0]:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend(list(legend.values()), list(legend), fontsize=7, loc="center right")
+    fig.subplots_adjust(right=0.75)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -71,6 +71,9 @@ class SpikeGMM(TorchDistribution):
         window_ids, comp_window: window of each weight (shape S, long) and of each
             component (K,, long), or ``None`` for one window.
         gate_fixed: optional fixed 0/1 inclusion (shape S) replacing the learned gates.
+        kl_prior: optional prior that ``kl_divergence(q, p)`` will be taken against; with the
+            fused kernels, :meth:`rsample` then computes the KL bound in the same pass and
+            :func:`~sqs_pyro.guides.kl.spike_gmm_kl` reuses it for an equal prior.
         tau: responsibility sharpening temperature.
         gate_temperature, assign_temperature: Concrete temperatures for sampling.
         mode: ``"sample"`` or ``"expected"``.
@@ -82,7 +85,7 @@ class SpikeGMM(TorchDistribution):
 
     def __init__(self, gate_logits, latent, locs, scales, log_mix, window_ids=None, comp_window=None,
                  gate_fixed=None, tau: float = 1.0, gate_temperature: float = 0.5,
-                 assign_temperature: float = 0.5, mode: str = "sample") -> None:
+                 assign_temperature: float = 0.5, mode: str = "sample", kl_prior=None) -> None:
         self.gate_logits = gate_logits
         self.latent = latent
         self.locs = locs
@@ -95,6 +98,8 @@ class SpikeGMM(TorchDistribution):
         self.gate_temperature = float(gate_temperature)
         self.assign_temperature = float(assign_temperature)
         self.sampling = mode
+        self.kl_prior = kl_prior
+        self.fused_kl: torch.Tensor | None = None
         super().__init__(latent.shape, torch.Size(), validate_args=False)
 
     # --- parameters derived once per distribution object -------------------------------
@@ -146,6 +151,14 @@ class SpikeGMM(TorchDistribution):
             return kernels.phi_dot(self.latent, const, a, self.locs, values, self.window_ids, self.comp_window)
         return self.phi @ values
 
+    def most_probable_level(self) -> torch.Tensor:
+        """``argmax_k phi_jk`` (long, shape S), without an ``S x K`` tensor when fused."""
+        if self.fused:
+            const, a = self.codebook_terms
+            return kernels.phi_argmax(self.latent, const.detach(), a.detach(), self.locs, self.window_ids,
+                                      self.comp_window)
+        return self.log_phi.argmax(-1)
+
     # --- sampling ----------------------------------------------------------------------
     @property
     def mean(self) -> torch.Tensor:
@@ -176,9 +189,43 @@ class SpikeGMM(TorchDistribution):
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)
+        if self.fused:
+            return self._fused_rsample(shape)
         if self.sampling == "expected":
             return self.mean.expand(shape)
         return self._sample_gate(shape) * self._sample_value(shape)
+
+    def _fused_rsample(self, shape: torch.Size) -> torch.Tensor:
+        """:meth:`rsample` in one kernel pass; for a single draw with ``kl_prior`` set, also the KL bound
+        (kept in :attr:`fused_kl`)."""
+        from sqs_pyro.guides.kl import component_kl  # kl.py imports this module
+
+        const, a = self.codebook_terms
+        with_kl = self.kl_prior is not None and shape == self.batch_shape
+        eps = None
+        if self.sampling == "sample":
+            eps = torch.randn(shape, dtype=self.latent.dtype, device=self.latent.device)
+        learned = self.gate_fixed is None
+        w, kl = kernels.fused_layer(
+            self.latent, self.gate_logits if learned else None, const, a, self.locs, self.scales,
+            component_kl(self, self.kl_prior) if with_kl else None, gate_fixed=None if learned else self.gate_fixed,
+            eps=eps, window_ids=self.window_ids, comp_window=self.comp_window,
+            assign_temperature=self.assign_temperature, gate_temperature=self.gate_temperature,
+            prior_inclusion=self.kl_prior.inclusion if with_kl else 0.5)
+        if with_kl:
+            self.fused_kl = kl
+        return w.expand(shape)
+
+    def kl_for(self, prior) -> torch.Tensor | None:
+        """The KL bound computed by :meth:`rsample` if it was taken against a prior equal to ``prior``."""
+        mine = self.kl_prior
+        if self.fused_kl is None or not (mine is prior or (
+                type(mine) is type(prior) and mine.inclusion == prior.inclusion
+                and mine.batch_shape == prior.batch_shape
+                and all(torch.equal(getattr(mine, k), getattr(prior, k))
+                        for k in ("slab_weights", "slab_locs", "slab_scales")))):
+            return None
+        return self.fused_kl
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         with torch.no_grad():

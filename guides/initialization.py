@@ -9,8 +9,10 @@ weights are cluster fractions and scales cluster standard deviations
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
+import torch
 
 from sqs_pyro.guides.kmeans import gmm_from_centres, kmeans_1d
 from sqs_pyro.guides.windows import plan_windows
@@ -72,3 +74,26 @@ def initial_codebook(values: np.ndarray, components: int, windows: str, equal_wi
         scales.append(s)
     return InitialCodebook(plan.window_ids, plan.component_windows, np.concatenate(locs), np.concatenate(mix),
                            np.concatenate(scales))
+
+
+def first_order_saliency(net: torch.nn.Module, names: Sequence[str],
+                         batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                         loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    r"""Per-weight saliency ``sqrt(mean_b (w_j dL_b/dw_j)^2)`` over the given minibatches.
+
+    ``w_j dL/dw_j`` is the first-order change of the minibatch loss when ``w_j`` is removed
+    (set to zero); its root mean square over batches compares weights across layers in the
+    same unit (nats), which a magnitude does not.
+    """
+    weights = {n: net.get_parameter(n).detach().clone().requires_grad_() for n in names}
+    total = {n: torch.zeros_like(w) for n, w in weights.items()}
+    count = 0
+    for x, y in batches:
+        out = torch.func.functional_call(net, weights, (x,), strict=False)
+        grads = torch.autograd.grad(loss(out, y), list(weights.values()))
+        for (n, w), g in zip(weights.items(), grads):
+            total[n] += (w.detach() * g) ** 2
+        count += 1
+    if count == 0:
+        raise ValueError("first_order_saliency needs at least one batch")
+    return {n: (t / count).sqrt() for n, t in total.items()}

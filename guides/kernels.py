@@ -1,35 +1,37 @@
-r"""Fused CPU kernels for the two ``O(N K)`` parts of an SVI step (``kernels.c`` beside this file).
+r"""Fused CPU kernels for the ``O(N K)`` work of an SVI step (C source: ``kernels.c`` beside this file).
 
-For a weight tensor with latent values ``x_j`` and a K-level codebook the responsibilities
-are ``phi_jk = softmax_k(c_k - z_jk^2 / 2)``, ``z_jk = (x_j - mu_k) a_k``, with
-``c_k = (log pi_k - log s_k) / tau`` and ``a_k = 1 / (s_k sqrt(tau))`` (components outside
-the weight's window excluded; shifted logits clipped at -80 exactly as in
+For a weight tensor with latent values ``x_j`` and a K-level codebook the responsibilities are
+``phi_jk = softmax_k(c_k - z_jk^2 / 2)``, ``z_jk = (x_j - mu_k) a_k``, with
+``c_k = (log pi_k - log s_k) / tau`` and ``a_k = 1 / (s_k sqrt(tau))`` (components outside the
+weight's window excluded; shifted logits clipped at -80 exactly as in
 :mod:`sqs_pyro.guides.distributions`). Two autograd functions compute, in one pass over the
-weights each way and without any ``N x K`` tensor:
+weights forward and one backward, without any ``N x K`` tensor:
 
-* :func:`phi_dot`: ``sum_k phi_jk v_k`` (the KL's slab term with ``v = B``, the
-  expected weight with ``v = mu``);
-* :func:`straight_through_sample`: the Gumbel-max draw ``k_j = argmax_k (log phi_jk + G_jk)``
-  (an exact draw from ``Categorical(phi_j)``) returned as ``mu_{k_j} + s_{k_j} eps_j``, whose
-  backward pass is the straight-through gradient of the relaxed one-hot
-  ``softmax((log phi_j + G_j) / t)`` (Concrete), as in the eager code.
+* :func:`phi_dot`: ``sum_k phi_jk v_k``; :func:`phi_argmax`: ``argmax_k phi_jk``;
+* :func:`fused_layer`: a weight tensor's draw ``w_j = z_j (mu_{k_j} + s_{k_j} eps_j)`` (a
+  straight-through relaxed Bernoulli gate ``z_j`` and a Gumbel-max index ``k_j``, an exact
+  draw from ``Categorical(phi_j)``, with the Concrete relaxations' gradients), or the
+  expected weight ``g_j sum_k phi_jk mu_k``, together with its KL bound
+  ``KL_Bern(g_j || lam) + g_j sum_k phi_jk B_k``.
 
-The Gumbel noise ``G_jk = -log(-log U_jk)`` comes from a counter-based generator:
-``U_jk`` is the SplitMix64 finaliser of ``seed + (j K + k + 1) * 0x9E3779B97F4A7C15``, top
-23 bits, mapped to ``(b + 0.5) / 2^23``. The seed is drawn from torch's default generator,
-so ``torch.manual_seed`` / ``pyro.set_rng_seed`` make runs reproducible; the backward pass
-regenerates the same noise instead of storing it.
+The uniforms come from a counter-based generator: the SplitMix64 finaliser of
+``seed + (counter + 1) * 0x9E3779B97F4A7C15`` gives two 23-bit uniforms ``(b + 1/2) / 2^23``
+(bits 41-63 for level ``2h``, bits 9-31 for level ``2h + 1`` at counter ``j ceil(K/2) + h``;
+the gate of element j uses bits 41-63 at counter ``n ceil(K/2) + j``). The seed is drawn from
+torch's generator, so ``torch.manual_seed`` / ``pyro.set_rng_seed`` make runs reproducible,
+and the backward pass regenerates the noise instead of storing it.
 
 The C source is compiled once per machine with the system C compiler (``$CC``, default
-``cc``) into ``$XDG_CACHE_HOME/sqs_pyro`` (default ``~/.cache/sqs_pyro``). Where no
-compiler is available, tensors are not float32 on the CPU, or ``SQS_PYRO_KERNELS=0`` is
-set, :func:`available` is false and the callers use the eager PyTorch code (same math).
+``cc``) into ``$XDG_CACHE_HOME/sqs_pyro`` (default ``~/.cache/sqs_pyro``). Where no compiler
+is available, tensors are not float32 on the CPU, or ``SQS_PYRO_KERNELS=0`` is set,
+:func:`available` is false and callers use the eager PyTorch code (same math).
 """
 from __future__ import annotations
 
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import subprocess
@@ -43,15 +45,17 @@ SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
 _SEED_HIGH = 2 ** 62
 
-_i64, _f32 = ctypes.c_int64, ctypes.c_float
-_ptr = ctypes.c_void_p
-_SIGNATURES = {
-    "sqs_kernel_kmax": ((), _i64),
-    "sqs_phi_dot_forward": ((_i64, _i64) + (_ptr,) * 8, _i64),
-    "sqs_phi_dot_backward": ((_i64, _i64) + (_ptr,) * 13, _i64),
-    "sqs_st_forward": ((_i64, _i64, _i64) + (_ptr,) * 8 + (ctypes.c_uint64, _ptr), _i64),
-    "sqs_st_backward": ((_i64, _i64, _i64) + (_ptr,) * 8 + (ctypes.c_uint64, _f32) + (_ptr,) * 6, _i64),
-}
+
+class _Args(ctypes.Structure):
+    """Mirror of ``Args`` in kernels.c."""
+
+    _fields_ = ([(name, ctypes.c_int64) for name in ("n", "nparam", "K", "expected")]
+                + [(name, ctypes.c_void_p) for name in ("x", "theta", "gate_fixed", "win", "cw", "c", "a", "mu",
+                                                        "s", "v", "eps")]
+                + [("seed", ctypes.c_uint64)]
+                + [(name, ctypes.c_float) for name in ("t_assign", "t_gate", "log_lam", "log1m_lam")]
+                + [(name, ctypes.c_void_p) for name in ("w", "kl", "dw", "dkl", "dx", "dtheta", "dc", "da", "dmu",
+                                                        "ds", "dv", "codes")])
 
 
 def _cache_dir() -> Path:
@@ -61,10 +65,9 @@ def _cache_dir() -> Path:
 
 @functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL | None:
-    """Compile (once per source, compiler flags and machine) and load the kernels; ``None`` if impossible."""
+    """Compile (once per source, flags, compiler and machine) and load the kernels; ``None`` if impossible."""
     compiler = os.environ.get("CC", "cc")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(),
                                      platform.machine().encode(), platform.processor().encode(),
                                      torch.backends.cpu.get_cpu_capability().encode()])).hexdigest()[:16]
     target = _cache_dir() / f"kernels-{key}.so"
@@ -75,25 +78,27 @@ def _library() -> ctypes.CDLL | None:
             os.close(fd)
             try:
                 subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True,
-                               timeout=120)
+                               timeout=300)
                 os.replace(tmp, target)
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", b"") or b""
-        warnings.warn(f"sqs_pyro: fused CPU kernels unavailable ({exc} {detail.decode(errors='replace')[:200]}); "
-                      "using the (slower) eager PyTorch path", RuntimeWarning, stacklevel=2)
+        detail = (getattr(exc, "stderr", None) or b"").decode(errors="replace")[:300]
+        warnings.warn(f"sqs_pyro: fused CPU kernels unavailable ({exc} {detail}); using the slower eager "
+                      "PyTorch path", RuntimeWarning, stacklevel=3)
         return None
-    for name, (args, res) in _SIGNATURES.items():
+    lib.sqs_kernel_kmax.restype = ctypes.c_int64
+    for name in ("sqs_layer_forward", "sqs_layer_backward", "sqs_phi_dot_forward", "sqs_phi_dot_backward",
+                 "sqs_phi_argmax"):
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = list(args), res
+        fn.argtypes, fn.restype = [ctypes.POINTER(_Args)], ctypes.c_int64
     return lib
 
 
 def available(*tensors: torch.Tensor, components: int) -> bool:
-    """Whether the fused kernels can serve these (float32, CPU) tensors with ``components`` levels."""
+    """Whether the kernels can serve these tensors (float32 on the CPU) with ``components`` levels."""
     if os.environ.get("SQS_PYRO_KERNELS", "1") == "0":
         return False
     if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
@@ -102,30 +107,28 @@ def available(*tensors: torch.Tensor, components: int) -> bool:
     return lib is not None and components <= lib.sqs_kernel_kmax()
 
 
-def _p(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
-def _call(name: str, *args) -> None:
-    if getattr(_library(), name)(*args) != 0:
+def _run(name: str, **fields) -> None:
+    """Call a kernel with an ``Args`` whose tensor fields are given as tensors (or ``None``)."""
+    args = _Args(**{k: (v.data_ptr() if isinstance(v, torch.Tensor) else v) for k, v in fields.items()})
+    if getattr(_library(), name)(ctypes.byref(args)) != 0:
         raise MemoryError(f"{name}: could not allocate its work space")
 
 
-def _prepare(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+def _contiguous(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [None if t is None else t.detach().contiguous() for t in tensors]
 
 
-def _grads(k: int) -> list[torch.Tensor]:
-    return [torch.zeros(k, dtype=torch.float64) for _ in range(4)]
+def _codebook_grads(k: int) -> dict[str, torch.Tensor]:
+    return {name: torch.zeros(k, dtype=torch.float64) for name in ("dc", "da", "dmu", "ds", "dv")}
 
 
 class _PhiDot(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, c, a, mu, v, window_ids, comp_window):
-        x, c, a, mu, v, win, cw = _prepare(x, c, a, mu, v, window_ids, comp_window)
+        x, c, a, mu, v, win, cw = _contiguous(x, c, a, mu, v, window_ids, comp_window)
         out = torch.empty_like(x)
-        _call("sqs_phi_dot_forward", x.numel(), mu.numel(), _p(x), _p(win), _p(cw), _p(c), _p(a), _p(mu),
-                                       _p(v), _p(out))
+        fields = dict(n=x.numel(), nparam=x.numel(), K=mu.numel(), x=x, win=win, cw=cw, c=c, a=a, mu=mu, v=v)
+        _run("sqs_phi_dot_forward", w=out, **fields)
         ctx.save_for_backward(x, c, a, mu, v)
         ctx.windows = (win, cw)
         return out
@@ -135,39 +138,58 @@ class _PhiDot(torch.autograd.Function):
     def backward(ctx, dout):
         x, c, a, mu, v = ctx.saved_tensors
         win, cw = ctx.windows
-        dout = dout.contiguous()
-        dx = torch.empty_like(x)
-        dc, da, dmu, dv = _grads(mu.numel())
-        _call("sqs_phi_dot_backward", x.numel(), mu.numel(), _p(x), _p(win), _p(cw), _p(c), _p(a), _p(mu), _p(v),
-                                        _p(dout), _p(dx), _p(dc), _p(da), _p(dmu), _p(dv))
-        return dx, dc.to(c.dtype), da.to(a.dtype), dmu.to(mu.dtype), dv.to(v.dtype), None, None
+        dx, grads = torch.empty_like(x), _codebook_grads(mu.numel())
+        _run("sqs_phi_dot_backward", n=x.numel(), nparam=x.numel(), K=mu.numel(), x=x, win=win, cw=cw, c=c, a=a,
+             mu=mu, v=v, dw=dout.contiguous(), dx=dx, **grads)
+        return (dx, grads["dc"].to(c.dtype), grads["da"].to(a.dtype), grads["dmu"].to(mu.dtype),
+                grads["dv"].to(v.dtype), None, None)
 
 
-class _StraightThroughSample(torch.autograd.Function):
+class _FusedLayer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, c, a, mu, s, eps, window_ids, comp_window, temperature, seed):
-        x, c, a, mu, s, eps, win, cw = _prepare(x, c, a, mu, s, eps, window_ids, comp_window)
-        value = torch.empty_like(eps)
-        _call("sqs_st_forward", eps.numel(), x.numel(), mu.numel(), _p(x), _p(win), _p(cw), _p(c), _p(a), _p(mu),
-                                  _p(s), _p(eps), seed, _p(value))
-        ctx.save_for_backward(x, c, a, mu, s, eps)
-        ctx.windows, ctx.temperature, ctx.seed = (win, cw), temperature, seed
-        return value
+    def forward(ctx, x, theta, c, a, mu, s, kl_components, gate_fixed, eps, window_ids, comp_window, settings):
+        x, theta, c, a, mu, s, v, gate_fixed, eps, win, cw = _contiguous(
+            x, theta, c, a, mu, s, kl_components, gate_fixed, eps, window_ids, comp_window)
+        n = x.numel() if eps is None else eps.numel()
+        fields = dict(n=n, nparam=x.numel(), K=mu.numel(), x=x, theta=theta, gate_fixed=gate_fixed, win=win, cw=cw,
+                      c=c, a=a, mu=mu, s=s, v=v, eps=eps, **settings)
+        w = torch.empty_like(x if eps is None else eps)
+        kl = torch.empty_like(w) if v is not None else w.new_zeros(0)
+        _run("sqs_layer_forward", w=w, kl=kl if v is not None else None, **fields)
+        ctx.save_for_backward(x, theta, c, a, mu, s, v, gate_fixed, eps)
+        ctx.fields = {k: fields[k] for k in ("n", "nparam", "K", "win", "cw", *settings)}
+        if v is None:
+            ctx.mark_non_differentiable(kl)
+        return w, kl
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dvalue):
-        x, c, a, mu, s, eps = ctx.saved_tensors
-        win, cw = ctx.windows
-        dvalue = dvalue.contiguous()
-        dx = torch.empty_like(eps)
-        dc, da, dmu, ds = _grads(mu.numel())
-        _call("sqs_st_backward", eps.numel(), x.numel(), mu.numel(), _p(x), _p(win), _p(cw), _p(c), _p(a), _p(mu),
-                                   _p(s), _p(eps), ctx.seed, ctx.temperature, _p(dvalue), _p(dx), _p(dc), _p(da),
-                                   _p(dmu), _p(ds))
-        dx = dx.reshape(-1, x.numel()).sum(0).reshape(x.shape)
-        return (dx, dc.to(c.dtype), da.to(a.dtype), dmu.to(mu.dtype), ds.to(s.dtype), None, None, None, None,
-                None)
+    def backward(ctx, dw, dkl):
+        x, theta, c, a, mu, s, v, gate_fixed, eps = ctx.saved_tensors
+        fields = ctx.fields
+        dx = torch.empty(fields["n"], dtype=x.dtype)
+        dtheta = torch.empty(fields["n"], dtype=x.dtype) if theta is not None else None
+        grads = _codebook_grads(mu.numel())
+        _run("sqs_layer_backward", x=x, theta=theta, gate_fixed=gate_fixed, c=c, a=a, mu=mu, s=s, v=v, eps=eps,
+             dw=None if dw is None else dw.contiguous(), dkl=None if dkl is None or v is None else dkl.contiguous(),
+             dx=dx, dtheta=dtheta, **grads, **fields)
+
+        def per_weight(g: torch.Tensor | None) -> torch.Tensor | None:
+            return None if g is None else g.reshape(-1, x.numel()).sum(0).reshape(x.shape)
+
+        return (per_weight(dx), per_weight(dtheta), grads["dc"].to(c.dtype), grads["da"].to(a.dtype),
+                grads["dmu"].to(mu.dtype), grads["ds"].to(s.dtype), None if v is None else grads["dv"].to(v.dtype),
+                None, None, None, None, None)
+
+
+def phi_argmax(x: torch.Tensor, c: torch.Tensor, a: torch.Tensor, mu: torch.Tensor,
+               window_ids: torch.Tensor | None = None, comp_window: torch.Tensor | None = None) -> torch.Tensor:
+    """``argmax_k phi_jk`` (int64, shape of ``x``; the first maximum), without gradients."""
+    x, c, a, mu, win, cw = _contiguous(x, c, a, mu, window_ids, comp_window)
+    codes = torch.empty(x.shape, dtype=torch.int64)
+    _run("sqs_phi_argmax", n=x.numel(), nparam=x.numel(), K=mu.numel(), x=x, win=win, cw=cw, c=c, a=a, mu=mu,
+         codes=codes)
+    return codes
 
 
 def phi_dot(x: torch.Tensor, c: torch.Tensor, a: torch.Tensor, mu: torch.Tensor, v: torch.Tensor,
@@ -176,17 +198,25 @@ def phi_dot(x: torch.Tensor, c: torch.Tensor, a: torch.Tensor, mu: torch.Tensor,
     return _PhiDot.apply(x, c, a, mu, v, window_ids, comp_window)
 
 
-def straight_through_sample(x: torch.Tensor, c: torch.Tensor, a: torch.Tensor, mu: torch.Tensor,
-                            s: torch.Tensor, eps: torch.Tensor, temperature: float,
-                            window_ids: torch.Tensor | None = None, comp_window: torch.Tensor | None = None,
-                            seed: int | None = None) -> torch.Tensor:
-    """``mu_k + s_k eps`` for a Gumbel-max draw ``k ~ Categorical(phi)`` per element of ``eps``.
+def fused_layer(x: torch.Tensor, theta: torch.Tensor | None, c: torch.Tensor, a: torch.Tensor, mu: torch.Tensor,
+                s: torch.Tensor, kl_components: torch.Tensor | None, *, gate_fixed: torch.Tensor | None = None,
+                eps: torch.Tensor | None = None, window_ids: torch.Tensor | None = None,
+                comp_window: torch.Tensor | None = None, assign_temperature: float = 1.0,
+                gate_temperature: float = 1.0, prior_inclusion: float = 0.5,
+                seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight tensor's draw (or expected weight) and its per-weight KL bound, in one pass.
 
-    ``eps`` has shape ``sample_shape + x.shape`` (element j uses weight ``j mod x.numel()``);
-    gradients flow to x, c, a (Concrete relaxation at ``temperature``), mu and s. ``seed``
-    (default: drawn from torch's generator) fixes the Gumbel noise.
+    Gates: learned from the logits ``theta``, or ``gate_fixed`` (0/1) when ``theta`` is None.
+    With ``eps`` (standard normal, shape ``sample_shape + x.shape``) returns a straight-through
+    draw per element of ``eps``; without, the expected weight ``g_j sum_k phi_jk mu_k``.
+    ``kl_components`` is the K-vector ``B_k`` of the KL bound; the KL (per element) is returned
+    when it is given, an empty tensor otherwise. ``seed`` (default: drawn from torch's
+    generator) fixes the uniforms.
     """
     if seed is None:
-        seed = int(torch.randint(_SEED_HIGH, ()))
-    return _StraightThroughSample.apply(x, c, a, mu, s, eps, window_ids, comp_window, float(temperature), seed)
-
+        seed = int(torch.randint(_SEED_HIGH, ())) if eps is not None else 0
+    settings = dict(expected=int(eps is None), seed=seed, t_assign=float(assign_temperature),
+                    t_gate=float(gate_temperature), log_lam=math.log(prior_inclusion),
+                    log1m_lam=math.log1p(-prior_inclusion))
+    return _FusedLayer.apply(x, theta, c, a, mu, s, kl_components, gate_fixed, eps, window_ids, comp_window,
+                             settings)

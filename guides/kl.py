@@ -59,5 +59,11 @@ def component_kl(q: SpikeGMM, p: SpikeSlabGMM) -> torch.Tensor:
 
 @register_kl(SpikeGMM, SpikeSlabGMM)
 def spike_gmm_kl(q: SpikeGMM, p: SpikeSlabGMM) -> torch.Tensor:
-    """Per-weight upper bound on ``KL(q || p)`` (see module docstring); shape ``q.batch_shape``."""
+    """Per-weight upper bound on ``KL(q || p)`` (see module docstring); shape ``q.batch_shape``.
+
+    Reuses the bound that the fused kernels computed with ``q``'s draw when ``p`` equals ``q.kl_prior``.
+    """
+    fused = q.kl_for(p)
+    if fused is not None:
+        return fused
     return bernoulli_kl(q, p.inclusion) + q.inclusion * q.responsibility_dot(component_kl(q, p))

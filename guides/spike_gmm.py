@@ -1,6 +1,7 @@
 """The mean-field spike-and-GMM guide over all compressed weight tensors of a network."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import pyro
@@ -12,7 +13,7 @@ from torch import nn
 from sqs_pyro.config import SQSConfig
 from sqs_pyro.guides.distributions import SpikeGMM
 from sqs_pyro.guides.initialization import initial_codebook
-from sqs_pyro.models.priors import kl_weighting
+from sqs_pyro.models.priors import SpikeSlabGMM, kl_weighting
 from sqs_pyro.models.selection import CompressedSite
 
 GATE_OPEN, GATE_LEARN, GATE_FROZEN = 0, 1, 2
@@ -32,7 +33,8 @@ class LayerPosterior(PyroModule):
     ``comp_window`` per level, the frozen ``mask`` and ``gate_state`` (open/learn/frozen).
     """
 
-    def __init__(self, site: CompressedSite, weight: torch.Tensor, config: SQSConfig) -> None:
+    def __init__(self, site: CompressedSite, weight: torch.Tensor, config: SQSConfig,
+                 gate_offset: torch.Tensor | None = None) -> None:
         super().__init__()
         self.site_name = site.name
         w = weight.detach()
@@ -40,9 +42,8 @@ class LayerPosterior(PyroModule):
                                 config.equal_windows, config.iqr_factor,
                                 config.sparsity if config.codebook_fit == "kept" else 0.0)
         as_t = lambda a: torch.as_tensor(a, dtype=w.dtype, device=w.device)  # noqa: E731
-        rms = w.pow(2).mean().sqrt().clamp_min(1e-12)
-        magnitude = torch.log(w.abs() / rms + 1e-12).clamp(-3.0, 3.0)
-        self.gate_logits = nn.Parameter(config.gate_init + magnitude)
+        offset = torch.zeros_like(w) if gate_offset is None else gate_offset.to(w)
+        self.gate_logits = nn.Parameter(config.gate_init + offset)
         self.latent = nn.Parameter(w.clone())
         self.locs = nn.Parameter(as_t(init.locs))
         self.scale_raw = nn.Parameter(_softplus_inverse(as_t(init.scales).clamp_min(2 * _SCALE_FLOOR) - _SCALE_FLOOR))
@@ -68,7 +69,7 @@ class LayerPosterior(PyroModule):
         return logits - norm
 
     def distribution(self, tau: float, gate_temperature: float, assign_temperature: float,
-                     mode: str) -> SpikeGMM:
+                     mode: str, kl_prior: SpikeSlabGMM | None = None) -> SpikeGMM:
         state = int(self.gate_state)
         gate_fixed = None
         if state == GATE_OPEN:
@@ -76,34 +77,43 @@ class LayerPosterior(PyroModule):
         elif state == GATE_FROZEN:
             gate_fixed = self.mask.to(self.latent.dtype)
         return SpikeGMM(self.gate_logits, self.latent, self.locs, self.scales, self.log_mix(), self.window_ids,
-                        self.comp_window, gate_fixed, tau, gate_temperature, assign_temperature, mode)
+                        self.comp_window, gate_fixed, tau, gate_temperature, assign_temperature, mode, kl_prior)
 
 
 class SpikeGMMGuide(PyroModule):
     """Mean-field guide: one :class:`~sqs_pyro.guides.distributions.SpikeGMM` site per compressed tensor.
 
-    Built from the pretrained weights (k-means codebooks per window, latent weights at their
-    pretrained values, gate logits ``gate_init + clip(log(|w| / rms(w)), -3, 3)``). The
+    Built from the pretrained weights: k-means codebooks per window, latent weights at their
+    pretrained values, gate logits ``gate_init + clip(log(score_j / ref), -3, 3)`` with
+    ``ref`` the score at the target-sparsity quantile over all compressed weights; ``scores`` (e.g. a first-order saliency,
+    :func:`~sqs_pyro.guides.initialization.first_order_saliency`) default to ``|w_j|``. The
     driver sets the temperatures, ``kl_weight`` and the gate states; a user's own SVI script
     can use it as it is.
     """
 
-    def __init__(self, net: nn.Module, sites: Sequence[CompressedSite], config: SQSConfig) -> None:
+    def __init__(self, net: nn.Module, sites: Sequence[CompressedSite], config: SQSConfig,
+                 scores: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.sites = list(sites)
         self.config = config
+        offsets = _gate_offsets(net, self.sites, scores, config.sparsity)
         self.layers = PyroModule[nn.ModuleList](
-            [LayerPosterior(site, net.get_parameter(site.name), config) for site in self.sites])
+            [LayerPosterior(site, net.get_parameter(site.name), config, offsets[site.name]) for site in self.sites])
         self.kl_weight = float(config.kl_weight)
         self.mode = config.mode
         self.register_buffer("gate_temperature", torch.tensor(config.gate_temperature[0]))
         self.register_buffer("assign_temperature", torch.tensor(config.assign_temperature[0]))
 
     def distributions(self) -> dict[str, SpikeGMM]:
-        """The current variational distribution of every compressed tensor, by site name."""
+        """The current variational distribution of every compressed tensor, by site name.
+
+        Each knows the configured prior (``kl_prior``), so that a fused draw also yields its KL bound.
+        """
         tg, ta = float(self.gate_temperature), float(self.assign_temperature)
         tau = self.config.responsibility_temperature
-        return {layer.site_name: layer.distribution(tau, tg, ta, self.mode) for layer in self.layers}
+        return {layer.site_name: layer.distribution(tau, tg, ta, self.mode, SpikeSlabGMM.from_config(
+                    self.config, layer.latent.shape, dtype=layer.latent.dtype, device=layer.latent.device))
+                for layer in self.layers}
 
     def set_gate_state(self, state: int) -> None:
         for layer in self.layers:
@@ -115,3 +125,19 @@ class SpikeGMMGuide(PyroModule):
             for site, (name, d) in zip(self.sites, self.distributions().items()):
                 samples[name] = pyro.sample(name, d.to_event(len(site.shape)))
         return samples
+
+
+def _gate_offsets(net: nn.Module, sites: Sequence[CompressedSite], scores: dict[str, torch.Tensor] | None,
+                  sparsity: float) -> dict[str, torch.Tensor]:
+    """``clip(log(score / ref), -3, 3)`` per weight; ``ref`` is the score at the target-sparsity quantile.
+
+    Weights above the reference (kept at the target by their score) start at or above
+    ``gate_init``, with distinct logits; ties from the clip occur only far below it, among
+    weights the threshold prunes first.
+    """
+    if scores is None:
+        scores = {s.name: net.get_parameter(s.name).detach().abs() for s in sites}
+    flat = torch.cat([scores[s.name].reshape(-1) for s in sites])
+    k = max(1, math.ceil((sparsity if sparsity > 0 else 0.5) * flat.numel()))
+    ref = max(float(torch.kthvalue(flat, k).values), 1e-30)
+    return {s.name: torch.log(scores[s.name] / ref + 1e-30).clamp(-3.0, 3.0) for s in sites}

@@ -147,8 +147,8 @@ def parse_grid(raw: Mapping[str, Any], base_dir: Path = Path(".")) -> Grid:
     config = raw.get("config") or {}
     if not isinstance(config, Mapping):
         raise SQSInputError("grid key 'config' must be a mapping of SQSConfig fields")
-    output = base_dir / str(raw["output"])
-    cache_dir = base_dir / str(raw["cache_dir"]) if "cache_dir" in raw else output.parent / "cache"
+    output = Path(os.path.normpath(base_dir / str(raw["output"])))
+    cache_dir = Path(os.path.normpath(base_dir / str(raw["cache_dir"]))) if "cache_dir" in raw else output.parent / "cache"
     grid = Grid(output=output, cache_dir=cache_dir, workloads=workloads, methods=methods, sparsity=sparsity,
                 components=_list(raw, "components", int, "integers"), seeds=_list(raw, "seeds", int, "integers"),
                 config=dict(config), train_limit=_optional_int(raw, "train_limit", None),
@@ -276,6 +276,22 @@ def execute_run(spec: RunSpec, workload: Workload) -> dict[str, Any]:
     return record
 
 
+def source_digest() -> str:
+    """A digest of the installed sources (``sqs_pyro``, its models and guides): records carry it
+    so that numbers can be traced to the code that produced them (it is not part of the key)."""
+    import sqs_pyro
+    import sqs_pyro.guides
+    import sqs_pyro.models
+
+    h = hashlib.sha256()
+    for package in (sqs_pyro, sqs_pyro.models, sqs_pyro.guides):
+        root = Path(package.__file__).parent
+        for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".c")):
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def grid_workload(name: str, grid: Grid) -> Workload:
     """Workload ``name`` with the grid's data limits and reference-network settings."""
     return load_workload(name, grid.cache_dir, grid.train_limit, grid.test_limit, grid.reference_epochs,
@@ -294,6 +310,7 @@ def run_grid(grid: Grid, execute: Callable[[RunSpec, Workload], dict[str, Any]] 
     log(f"{len(runs)} runs in the grid, {len(runs) - len(todo)} already in {grid.output}, {len(todo)} to run")
     workloads: dict[str, tuple[Workload, float]] = {}
     new = []
+    digest = source_digest()
     for i, spec in enumerate(todo[:limit] if limit is not None else todo, 1):
         if spec.workload not in workloads:
             w = loader(spec.workload, grid)
@@ -309,7 +326,7 @@ def run_grid(grid: Grid, execute: Callable[[RunSpec, Workload], dict[str, Any]] 
             "train_examples": len(workload.train[0]), "test_examples": len(workload.test[0]),
             "accuracy_dense": dense, **measured, "wall_seconds": time.perf_counter() - started,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "config": spec.config.to_dict(),
+            "config": spec.config.to_dict(), "source_digest": digest,
         }
         append_record(grid.output, record)
         new.append(record)

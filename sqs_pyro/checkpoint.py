@@ -58,7 +58,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to read means the same to the user
-        raise SQSInputError(f"checkpoint {path} is unreadable (truncated, corrupted or not a checkpoint): {exc}") from exc
+        raise SQSInputError(f"checkpoint {path} is unreadable (truncated, corrupted or not a checkpoint): "
+                            f"{exc}") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise SQSInputError(f"{path} is not an sqs-pyro checkpoint")
     if state.get("version") != VERSION:

@@ -186,9 +186,10 @@ def _rice_cost(values: np.ndarray) -> tuple[int, int]:
     m = values.size
     if m == 0:
         return 0, 0
-    guess = max(0, int(np.log2(float(values.mean()) + 1.0)))
+    guess = int(np.log2(float(values.mean()) + 1.0))
+    high = min(MAX_RICE_K, guess + 2)
     best = None
-    for k in range(max(0, guess - 2), min(MAX_RICE_K, guess + 2) + 1):
+    for k in range(max(0, min(guess - 2, high)), high + 1):
         size = (int((values >> k).sum()) + m + 7) // 8 + (m * k + 7) // 8
         if best is None or size < best[1]:
             best = (k, size)

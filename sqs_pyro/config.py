@@ -27,6 +27,11 @@ class SQSConfig:
     are fitted to the weights magnitude pruning would keep at ``sparsity``
     (``codebook_fit="kept"``) or to all weights (``"all"``, the SQS authors' choice).
 
+    Gates start at ``gate_init + clip(log(score / ref), -3, 3)``, ``ref`` the score at the
+    target-sparsity quantile, with the score a
+    first-order saliency ``rms_b(w dL_b/dw)`` over ``saliency_batches`` minibatches
+    (``gate_score="saliency"``) or ``|w|`` (``"magnitude"``).
+
     Schedule (fractions of the total number of steps): ``warmup_fraction`` with gates fixed
     open, then ``prune_fraction`` with a cubic sparsity ramp from ``initial_sparsity`` to
     ``sparsity``, then fine-tuning with the mask frozen.
@@ -50,6 +55,8 @@ class SQSConfig:
     gate_temperature: tuple[float, float] = (1.0, 0.05)
     assign_temperature: tuple[float, float] = (1.0, 0.05)
     gate_init: float = 3.0
+    gate_score: str = "saliency"
+    saliency_batches: int = 8
     pruned_logit: float = -6.0
     epochs: float = 3.0
     batch_size: int = 128
@@ -89,6 +96,9 @@ class SQSConfig:
         _check(all(s > 0 for s in self.slab_scales), f"slab_scales must be > 0, got {self.slab_scales!r}")
         _check(self.kl_weight >= 0, f"kl_weight must be >= 0, got {self.kl_weight!r}")
         _check(self.mode in SAMPLING_MODES, f"mode must be one of {SAMPLING_MODES}, got {self.mode!r}")
+        _check(self.gate_score in ("saliency", "magnitude"),
+               f"gate_score must be 'saliency' or 'magnitude', got {self.gate_score!r}")
+        _check(self.saliency_batches >= 1, "saliency_batches must be >= 1")
         _check(self.responsibility_temperature > 0, "responsibility_temperature must be > 0")
         for name in ("gate_temperature", "assign_temperature"):
             pair = getattr(self, name)
@@ -132,7 +142,8 @@ class SQSConfig:
 
         JSON lists become tuples and integers given for float fields become floats.
         """
-        _check(isinstance(values, Mapping), f"a config must be a mapping of keys to values, got {type(values).__name__}")
+        _check(isinstance(values, Mapping),
+               f"a config must be a mapping of keys to values, got {type(values).__name__}")
         known = _field_types()
         unknown = sorted(set(values) - set(known))
         _check(not unknown, f"unknown config keys: {unknown}; known keys: {sorted(known)}")
@@ -160,8 +171,12 @@ def _is_instance(value: Any, kind: type) -> bool:
     return isinstance(value, kind)
 
 
-_TYPE_WORDS = {int: ("an integer", "integers"), float: ("a finite number", "finite numbers"),
-               str: ("a string", "strings")}
+_TYPE_WORDS = {bool: ("true or false", "booleans"), int: ("an integer", "integers"),
+               float: ("a finite number", "finite numbers"), str: ("a string", "strings")}
+
+
+def _words(kind: Any) -> tuple[str, str]:
+    return _TYPE_WORDS.get(kind, (f"of type {kind}", f"values of type {kind}"))
 
 
 def _check_types(config: SQSConfig) -> None:
@@ -172,11 +187,11 @@ def _check_types(config: SQSConfig) -> None:
             args = typing.get_args(hint)
             kind = args[0]
             _check(isinstance(value, tuple) and all(_is_instance(v, kind) for v in value),
-                   f"config key {name!r} must be a tuple (JSON: a list) of {_TYPE_WORDS[kind][1]}, got {value!r}")
+                   f"config key {name!r} must be a tuple (JSON: a list) of {_words(kind)[1]}, got {value!r}")
             _check(args[-1] is Ellipsis or len(value) == len(args),
                    f"config key {name!r} must have {len(args)} entries, got {value!r}")
         else:
-            _check(_is_instance(value, hint), f"config key {name!r} must be {_TYPE_WORDS[hint][0]}, got {value!r}")
+            _check(_is_instance(value, hint), f"config key {name!r} must be {_words(hint)[0]}, got {value!r}")
 
 
 def _check(ok: bool, message: str) -> None:

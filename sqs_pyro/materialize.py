@@ -88,7 +88,7 @@ def materialize(guide: SpikeGMMGuide, net: nn.Module, config: dict[str, Any] | N
     layers = []
     for layer, d in zip(guide.layers, guide.distributions().values()):
         mask = final_mask(layer)
-        codes = torch.where(mask, d.log_phi.argmax(-1), torch.zeros((), dtype=torch.long))
+        codes = torch.where(mask, d.most_probable_level(), torch.zeros((), dtype=torch.long))
         layers.append(CompressedLayer(layer.site_name, tuple(mask.shape), mask, codes,
                                       layer.locs.detach().clone(), layer.comp_window.clone()))
     names = {layer.name for layer in layers}

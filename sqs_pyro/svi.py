@@ -43,6 +43,7 @@ from sqs_pyro.config import SQSConfig
 from sqs_pyro.distributed import DistContext, distributed_context
 from sqs_pyro.elbo import SQSMeanFieldELBO
 from sqs_pyro.errors import SQSDivergenceError, SQSInputError
+from sqs_pyro.guides.initialization import first_order_saliency
 from sqs_pyro.guides.kl import spike_gmm_kl
 from sqs_pyro.guides.spike_gmm import GATE_FROZEN, GATE_LEARN, SpikeGMMGuide
 from sqs_pyro.materialize import AveragedPredictor, CompressedNetwork, final_mask, materialize
@@ -481,7 +482,7 @@ def compress(
             likelihood = (CategoricalLikelihood(num_data) if task == "classification"
                           else GaussianLikelihood(num_data, noise_scale))
             model = SQSModel(net, sites, config, likelihood)
-            guide = SpikeGMMGuide(net, sites, config)
+            guide = SpikeGMMGuide(net, sites, config, gate_scores(net, sites, dataset, task, config))
             result = SQSResult(config, copy.deepcopy(net), model, guide)
             trainer = Trainer(result, schedule, dataset, task, ctx, device, started)
             if saved is not None:
@@ -493,6 +494,25 @@ def compress(
     result.seconds = trainer.seconds
     _evaluate(result, eval_fn, schedule.total_steps, "final")
     return result
+
+
+def task_loss(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The mean negative log-likelihood of a task (up to constants), for saliency scores."""
+    if task == "classification":
+        return torch.nn.functional.cross_entropy
+    return torch.nn.functional.mse_loss
+
+
+def gate_scores(net: nn.Module, sites, dataset, task: str, config: SQSConfig) -> dict[str, torch.Tensor] | None:
+    """First-order saliencies on the first ``saliency_batches`` seeded minibatches (or ``None``: magnitudes)."""
+    if config.gate_score == "magnitude":
+        return None
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed))
+    batches = []
+    for i in range(min(config.saliency_batches, max(1, len(dataset) // config.batch_size))):
+        x, y = default_collate([dataset[int(j)] for j in order[i * config.batch_size:(i + 1) * config.batch_size]])
+        batches.append((x, y))
+    return first_order_saliency(net, [s.name for s in sites], batches, task_loss(task))
 
 
 def _log_record(model, guide, step, phase, loss, beta, num_data, config) -> dict[str, float]:

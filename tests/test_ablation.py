@@ -103,7 +103,7 @@ def test_runner_resumes_without_rerunning_finished_keys(tmp_path):
     assert [r["key"] for r in records] == [s.key for s in expand_grid(grid)]
     for r in records:
         assert {"key", "workload", "method", "seed", "sparsity_target", "components", "wall_seconds",
-                "finished_at", "config", "accuracy_dense", "train_examples", "test_examples"} <= set(r)
+                "finished_at", "config", "accuracy_dense", "train_examples", "test_examples", "source_digest"} <= set(r)
         assert r["seed"] == r["config"]["seed"] == 0 and r["wall_seconds"] >= 0
         assert r["train_examples"] == 128 and r["test_examples"] == 32
     assert "8 runs in the grid, 8 already" in logs[-1]

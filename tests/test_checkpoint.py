@@ -148,6 +148,7 @@ def faulty_problem(fault: Fault):
     return nn.Sequential(net[0], fault, *net[1:]), x, y
 
 
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
 @pytest.mark.parametrize("where", ["loss", "grad"])
 def test_injected_nan_rolls_back_and_halves_the_learning_rate(tmp_path, where):
     net, x, y = faulty_problem(Fault(at=25, where=where))  # call 1 is the input check: step 23
@@ -160,6 +161,7 @@ def test_injected_nan_rolls_back_and_halves_the_learning_rate(tmp_path, where):
     assert all(torch.isfinite(v).all() for v in result.compressed().state_dict().values())
 
 
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
 def test_persistent_divergence_stops_after_three_rollbacks_with_checkpoint_intact(tmp_path):
     net, x, y = faulty_problem(Fault(at=25, where="loss", persistent=True))
     with pytest.raises(SQSDivergenceError, match=r"at step 2\d after 3 rollbacks .* to 0.125x; stopping"):

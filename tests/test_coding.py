@@ -165,3 +165,14 @@ def test_decompression_bombs_and_garbage_are_rejected():
         decode_mask("lzma", {}, b"\xfd7zXZ\x00garbage", 1000, 0)
     with pytest.raises(CompressedFileError, match="zlib stream is corrupt"):
         decode_codes("zlib", b"not zlib", 10, 4)
+
+
+def test_extreme_gaps_and_remainder_widths():
+    values = np.array([0, 1 << 47, 5], np.int64)  # the widest gaps a 2^48-element layer can have
+    unary, rem = rice_encode(values, MAX_RICE_K)
+    np.testing.assert_array_equal(rice_decode(unary, rem, MAX_RICE_K), values)
+    mask = np.zeros(1 << 20, bool)
+    mask[-1] = True
+    enc = encode_mask(mask)
+    assert enc.coding == "rice" and len(enc.data) <= 4
+    np.testing.assert_array_equal(decode_mask("rice", enc.params, enc.data, mask.size, 1), mask)

@@ -16,9 +16,12 @@ _spec = importlib.util.spec_from_file_location("train_worker", WORKER)
 worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
 
-# Tolerance against a single process on the same global batch: the ranks' half-batch sums are
-# added in another order, so tensors agree to float rounding (measured: <= 1e-5), not bitwise.
-ATOL = 1e-4
+# Tolerances against a single process on the same global batch. The ranks' half-batch sums
+# are added in another order, so results agree to rounding, not bitwise: materialised weights
+# and dense tensors to 1e-5 (measured <= 2e-8); the guide's raw parameters to 1e-3, since Adam
+# turns rounding noise in near-zero gradients into steps of up to the learning rate (measured
+# <= 3e-4 on 2 of 480 latent weights).
+ATOL = {"compressed": 1e-5, "model": 1e-5, "guide": 1e-3}
 
 
 def test_two_gloo_processes_stay_identical_and_match_one_process(tmp_path):
@@ -40,7 +43,7 @@ def test_two_gloo_processes_stay_identical_and_match_one_process(tmp_path):
         progress=False))
     for part in ("compressed", "model", "guide"):
         for k, v in single[part].items():
-            torch.testing.assert_close(ranks[0][part][k], v, atol=ATOL, rtol=0, msg=f"{part} {k}")
+            torch.testing.assert_close(ranks[0][part][k], v, atol=ATOL[part], rtol=0, msg=f"{part} {k}")
     greedy = {k: v for k, v in ranks[0]["compressed"].items() if k.endswith("weight")}
     assert all(torch.equal(greedy[k] != 0, single["compressed"][k] != 0) for k in greedy)  # same masks
     accuracies = []

@@ -50,12 +50,10 @@ class KMeansCompressor(MagnitudePruner):
     def __init__(self, sites: Sequence[CompressedSite], pretrained: dict[str, torch.Tensor],
                  config: SQSConfig) -> None:
         super().__init__(sites, pretrained, config)
-        self.codebooks: dict[str, nn.Parameter] = {}
+        self.codebooks = {n: nn.Parameter(w.new_zeros(config.components)) for n, w in pretrained.items()}
         self.codes: dict[str, torch.Tensor] = {}
 
     def param_groups(self, config: SQSConfig) -> list[dict[str, Any]]:
-        self.codebooks = {n: nn.Parameter(torch.zeros(self.config.components, dtype=w.dtype))
-                          for n, w in self.latent.items()}
         return super().param_groups(config) + [
             {"params": list(self.codebooks.values()), "lr": config.lr_codebook, "name": "codebook"}]
 
