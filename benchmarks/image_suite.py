@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -88,11 +89,12 @@ def pareto_plot(rows: list[Mapping[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     workloads = sorted({r["workload"] for r in rows})
     methods = sorted({r["method"] for r in rows})
     colors = plt.get_cmap("tab20")
-    fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads) + 2.5, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4.2), squeeze=False)
     for ax, workload in zip(axes[0], workloads):
         mine = [r for r in rows if r["workload"] == workload]
         for i, method in enumerate(methods):
@@ -108,6 +110,9 @@ def pareto_plot(rows: list[Mapping[str, Any]], path: Path) -> None:
             ax.plot(*zip(*front), "-", color=color, lw=1)
         ax.axhline(100 * mine[0]["accuracy_dense"], color="k", ls=":", lw=1, label="dense")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(
+            lambda v, _: f"{v:g}x" if round(v / 10 ** math.floor(math.log10(v))) in (2, 5) else ""))
         ax.set_xlabel("real compression ratio (fp32 bytes / .sqs file bytes)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(workload)
@@ -115,8 +120,8 @@ def pareto_plot(rows: list[Mapping[str, Any]], path: Path) -> None:
     legend = {}
     for ax in axes[0]:
         legend.update(zip(*reversed(ax.get_legend_handles_labels())))
-    fig.legend(list(legend.values()), list(legend), fontsize=7, loc="center right")
-    fig.subplots_adjust(right=0.75)
+    fig.tight_layout()
+    fig.legend(list(legend.values()), list(legend), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 

@@ -1,8 +1,13 @@
 """Initial codebook of one layer from its pretrained weights.
 
-Fit values: the weights that magnitude pruning would keep at the target sparsity (all
-weights when the target is 0). Windows are planned on them (:func:`plan_windows`), then
-each window gets an exact 1-D k-means codebook with its extremes kept as levels; mixing
+Without outlier-aware windows the extremes of each window are forced to be levels (the SQS
+authors' way to keep a level for the tails); with them, the tail windows do that job and
+the levels stay at their k-means positions.
+
+Fit values: the weights expected to survive pruning (by default the largest magnitudes of
+the layer at the target sparsity; the guide passes the weights whose initial gate score is
+above the global target quantile); all weights when fewer than K are expected to survive. Windows are planned on them (:func:`plan_windows`), then
+each window gets an exact 1-D k-means codebook; mixing
 weights are cluster fractions and scales cluster standard deviations
 (:func:`gmm_from_centres`).
 """
@@ -57,10 +62,16 @@ def padded_centres(values: np.ndarray, levels: int) -> np.ndarray:
 
 
 def initial_codebook(values: np.ndarray, components: int, windows: str, equal_windows: int = 2,
-                     iqr_factor: float = 5.0, sparsity: float = 0.0) -> InitialCodebook:
-    """The guide's initial codebook for one layer (see module docstring)."""
+                     iqr_factor: float = 5.0, sparsity: float = 0.0, fit: np.ndarray | None = None) -> InitialCodebook:
+    """The guide's initial codebook for one layer (see module docstring).
+
+    ``fit`` (bool per weight) names the weights expected to be kept; by default the
+    ``1 - sparsity`` largest magnitudes of this layer.
+    """
     x = np.asarray(values, dtype=np.float64).ravel()
-    fit = magnitude_keep(x, sparsity)
+    fit = magnitude_keep(x, sparsity) if fit is None else np.asarray(fit, dtype=bool).ravel()
+    if fit.sum() < components:  # too few expected survivors to place K levels: fit all weights
+        fit = np.ones(x.size, dtype=bool)
     plan = plan_windows(x, components, windows, equal_windows, iqr_factor, fit=fit)
     locs, mix, scales = [], [], []
     for win, levels in enumerate(plan.levels):
@@ -68,7 +79,7 @@ def initial_codebook(values: np.ndarray, components: int, windows: str, equal_wi
         vals = x[member & fit] if (member & fit).any() else x[member]
         if vals.size == 0:  # an empty window (possible only for tiny layers): spread levels over the layer
             vals = x
-        l, m, s = gmm_from_centres(vals, padded_centres(vals, levels), keep_extremes=True)
+        l, m, s = gmm_from_centres(vals, padded_centres(vals, levels), keep_extremes=windows != "outlier")
         locs.append(l)
         mix.append(m)
         scales.append(s)

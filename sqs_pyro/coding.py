@@ -118,10 +118,12 @@ def pack_uints(values: np.ndarray, width: int) -> bytes:
         return b""
     if 8 % width == 0:
         per = 8 // width
-        fields = np.zeros(-(-values.size // per) * per, dtype=np.uint8)
-        fields[:values.size] = values
-        shifts = np.arange(0, 8, width, dtype=np.uint8)
-        return np.bitwise_or.reduce(fields.reshape(-1, per) << shifts, axis=1).astype(np.uint8).tobytes()
+        fields = np.zeros((-(-values.size // per), per), dtype=np.uint8)
+        fields.reshape(-1)[:values.size] = values
+        out = fields[:, 0].copy()
+        for j in range(1, per):
+            out |= fields[:, j] << (j * width)
+        return out.tobytes()
     c = _container(width)
     le = np.ascontiguousarray(values, dtype=f"<u{c}").view(np.uint8).reshape(-1, c)
     if width == 8 * c:
@@ -186,10 +188,10 @@ def _rice_cost(values: np.ndarray) -> tuple[int, int]:
     m = values.size
     if m == 0:
         return 0, 0
-    guess = int(np.log2(float(values.mean()) + 1.0))
-    high = min(MAX_RICE_K, guess + 2)
+    guess = int(np.log2(float(values.mean()) + 1.0))  # the optimum for geometric gaps is guess - 1 or guess
+    high = min(MAX_RICE_K, guess + 1)
     best = None
-    for k in range(max(0, min(guess - 2, high)), high + 1):
+    for k in range(max(0, min(guess - 1, high)), high + 1):
         size = (int((values >> k).sum()) + m + 7) // 8 + (m * k + 7) // 8
         if best is None or size < best[1]:
             best = (k, size)

@@ -139,8 +139,8 @@ def _encode_layer(layer: CompressedLayer, codebook_dtype: str | None) -> tuple[d
     stored_dtype = codebook_dtype or weight_dtype
     if weight_dtype not in FLOAT_DTYPES or stored_dtype not in FLOAT_DTYPES:
         raise SQSInputError(f"layer {layer.name}: codebooks must be floating point ({FLOAT_DTYPES})")
-    mask = layer.mask.detach().cpu().numpy().astype(bool).ravel()
-    kept = layer.codes.detach().cpu().numpy().ravel()[mask].astype(np.int64)
+    mask = np.asarray(layer.mask.detach().cpu().numpy(), dtype=bool).ravel()
+    kept = layer.codes.detach().cpu().numpy().ravel()[np.flatnonzero(mask)].astype(np.int64)
     if kept.size and (kept.min() < 0 or kept.max() >= components):
         raise SQSInputError(f"layer {layer.name}: codes of kept weights must lie in [0, {components})")
     windows = [int(w) for w in layer.component_windows.tolist()]
@@ -480,28 +480,51 @@ def _check_skeleton(parsed: _Parsed, model: nn.Module) -> None:
                                       f"file, {list(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')} in the model")
 
 
-def _decode_layer(entry: _Layer, payload: memoryview, offset: int) -> CompressedLayer:
+@dataclass(frozen=True)
+class _Decoded:
+    """One decoded compressed layer: its flat mask, the positions and codes of its kept
+    weights, and its codebook in the weight's dtype."""
+
+    entry: _Layer
+    mask: np.ndarray
+    positions: np.ndarray
+    kept: np.ndarray
+    codebook: torch.Tensor
+
+    def layer(self) -> CompressedLayer:
+        codes = np.zeros(self.mask.size, dtype=np.int64)
+        codes[self.positions] = self.kept
+        return CompressedLayer(self.entry.name, self.entry.shape, torch.from_numpy(self.mask).reshape(self.entry.shape),
+                               torch.from_numpy(codes).reshape(self.entry.shape), self.codebook,
+                               torch.tensor(self.entry.windows, dtype=torch.int64))
+
+    def weight(self) -> torch.Tensor:
+        """``where(mask, codebook[codes], 0)``, computed on the kept weights only."""
+        weight = torch.zeros(self.mask.size, dtype=self.codebook.dtype)
+        weight[torch.from_numpy(self.positions)] = self.codebook[torch.from_numpy(self.kept)]
+        return weight.reshape(self.entry.shape)
+
+
+def _decode_layer(entry: _Layer, payload: memoryview, offset: int) -> _Decoded:
     cb_len, mask_len, codes_len = entry.segments
     codebook_raw = payload[offset:offset + cb_len]
     mask_raw = payload[offset + cb_len:offset + cb_len + mask_len]
     codes_raw = payload[offset + cb_len + mask_len:offset + cb_len + mask_len + codes_len]
-    numel, components = _numel(entry.shape), len(entry.windows)
+    components = len(entry.windows)
     try:
-        mask = coding.decode_mask(entry.mask["coding"], entry.mask, mask_raw, numel, entry.nnz)
+        mask = coding.decode_mask(entry.mask["coding"], entry.mask, mask_raw, _numel(entry.shape), entry.nnz)
         kept = coding.decode_codes(entry.codes["coding"], codes_raw, entry.nnz, components)
     except CompressedFileError as exc:
         raise CompressedFileError(f"layer {entry.name}: {exc}") from None
     if _content_crc(mask, kept, codebook_raw) != entry.crc32:
         raise CompressedFileError(f"layer {entry.name}: CRC mismatch of the decoded mask, codes and codebook")
     codebook = tensor_from_bytes(codebook_raw, entry.codebook_dtype, (components,)).to(DTYPES[entry.dtype][0])
-    codes = np.zeros(numel, dtype=np.int64)
-    codes[mask] = kept
-    return CompressedLayer(entry.name, entry.shape, torch.from_numpy(mask).reshape(entry.shape),
-                           torch.from_numpy(codes).reshape(entry.shape), codebook,
-                           torch.tensor(entry.windows, dtype=torch.int64))
+    return _Decoded(entry, mask, np.flatnonzero(mask), kept, codebook)
 
 
-def _decode(path: str | os.PathLike, model: nn.Module | None, max_elements: int | None) -> CompressedNetwork:
+def _decode(path: str | os.PathLike, model: nn.Module | None,
+            max_elements: int | None) -> tuple[list[_Decoded], dict[str, torch.Tensor], dict[str, Any]]:
+    """The decoded layers, the other tensors and the config of a checked file."""
     parsed = _parse(path)
     if model is not None:
         _check_skeleton(parsed, model)
@@ -520,7 +543,7 @@ def _decode(path: str | os.PathLike, model: nn.Module | None, max_elements: int 
         dense[entry.name] = tensor_from_bytes(parsed.payload[offset:offset + entry.nbytes], entry.dtype, entry.shape)
         offset += entry.nbytes
     config = parsed.header.get("config")
-    return CompressedNetwork(layers, dense, config if isinstance(config, dict) else {})
+    return layers, dense, config if isinstance(config, dict) else {}
 
 
 def load_compressed(path: str | os.PathLike, model: nn.Module | None = None, *,
@@ -539,10 +562,10 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None, *,
     Raises :class:`~sqs_pyro.errors.CompressedFileError` for any corrupted, truncated,
     tampered, unknown-version or mismatching file (``OSError`` if it cannot be opened).
     """
-    network = _wrap(path, _decode, model, max_elements)
+    layers, dense, config = _wrap(path, _decode, model, max_elements)
     if model is None:
-        return network
-    model.load_state_dict(network.state_dict(), strict=True)
+        return CompressedNetwork([decoded.layer() for decoded in layers], dense, config)
+    model.load_state_dict({**dense, **{decoded.entry.name: decoded.weight() for decoded in layers}}, strict=True)
     return model
 
 

@@ -5,7 +5,7 @@ from torch import nn
 from sqs_pyro import SQSConfig
 from sqs_pyro.svi import compress
 
-LEVELS = torch.tensor([-1.0, -0.4, 0.5, 1.2])  # K = 4 levels, no spare level
+LEVELS = torch.tensor([-1.0, 0.5, 1.2])  # three levels for K = 4 (2-bit codes)
 
 
 def teacher_weights(out_dim=4, in_dim=24, density=0.25, seed=0):
