@@ -12,7 +12,9 @@ target sparsity, so that no level is spent on weights that will be pruned.
 * ``"outlier"``: weights below ``Q1 - c*IQR`` and above ``Q3 + c*IQR`` (c = ``iqr_factor``,
   fences from all weights) form their own windows; each window gets one level, and the
   remaining levels go, one at a time, to the window whose k-means error (sum of squared
-  errors of its fit values) drops the most, so tails get as many levels as they need.
+  errors of its fit values) drops the most, so tails get as many levels as they need. When
+  the windows' total error is above that of one window with all K levels (small K,
+  small tails), the layer keeps one window.
 """
 from __future__ import annotations
 
@@ -94,6 +96,11 @@ def plan_windows(values: np.ndarray, components: int, mode: str, equal_windows: 
     ids = np.searchsorted(np.array(cuts), x, side="right").astype(np.int64)
     groups = [fitted[np.searchsorted(np.array(cuts), fitted, side="right") == w] for w in range(len(cuts) + 1)]
     groups = [g if g.size else x[ids == w] for w, g in enumerate(groups)]
-    if len(groups) > components:  # not enough levels for separate tails: one window
-        return WindowPlan(np.zeros(x.size, dtype=np.int64), (components,))
-    return WindowPlan(ids, tuple(allocate_levels(groups, components)))
+    single = WindowPlan(np.zeros(x.size, dtype=np.int64), (components,))
+    if len(groups) > components:  # not enough levels for separate tails
+        return single
+    levels = allocate_levels(groups, components)
+    windowed_sse = sum(kmeans_sse(g, k) for g, k in zip(groups, levels))
+    if windowed_sse > kmeans_sse(fitted, components):  # tail windows would increase the error
+        return single
+    return WindowPlan(ids, tuple(levels))

@@ -87,7 +87,7 @@ def test_summary_of_a_trained_result_finds_planted_outliers():
         net[0].weight[0, :3] = torch.tensor([4.0, -5.0, 6.0])  # flat indices 0, 1, 2
     x = torch.randn(256, 8)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
-    result = compress(net, (x, y), SQSConfig(components=4, sparsity=0.5, epochs=2, batch_size=32,
+    result = compress(net, (x, y), SQSConfig(components=8, sparsity=0.5, epochs=2, batch_size=32,
                                              windows="outlier"), progress=False)
     s = outlier_summary(result)
     l0 = s["layers"][0]
