@@ -15,14 +15,9 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def result():
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
-    with torch.no_grad():
-        net[0].weight[0, :3] = torch.tensor([4.0, -5.0, 6.0])
-    x = torch.randn(256, 8)
-    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
-    return compress(net, (x, y), SQSConfig(components=4, sparsity=0.5, epochs=2, batch_size=32, windows="outlier"),
+def result(planted_outlier_problem):
+    net, x, y = planted_outlier_problem()
+    return compress(net, (x, y), SQSConfig(components=8, sparsity=0.5, epochs=2, batch_size=32, windows="outlier"),
                     progress=False)
 
 

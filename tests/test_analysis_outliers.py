@@ -80,13 +80,8 @@ def test_window_ablation_with_and_without_outlier_windows():
     assert np.all(np.abs(quantize_initial(x, 8, "outlier")[~tails]) <= 0.3 + 1e-12)  # no tail level for the bulk
 
 
-def test_summary_of_a_trained_result_finds_planted_outliers():
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
-    with torch.no_grad():
-        net[0].weight[0, :3] = torch.tensor([4.0, -5.0, 6.0])  # flat indices 0, 1, 2
-    x = torch.randn(256, 8)
-    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+def test_summary_of_a_trained_result_finds_planted_outliers(planted_outlier_problem):
+    net, x, y = planted_outlier_problem()  # tails at flat indices 0, 1, 2
     result = compress(net, (x, y), SQSConfig(components=8, sparsity=0.5, epochs=2, batch_size=32,
                                              windows="outlier"), progress=False)
     s = outlier_summary(result)

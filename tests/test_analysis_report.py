@@ -20,13 +20,8 @@ torch.set_num_threads(1)
 IMG = re.compile(r'<img src="([^"]*)"')
 
 
-def _run(out, windows):
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
-    with torch.no_grad():
-        net[0].weight[0, :3] = torch.tensor([4.0, -5.0, 6.0])
-    x = torch.randn(256, 8)
-    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+def _run(out, windows, planted_outlier_problem):
+    net, x, y = planted_outlier_problem()
     result = compress(net, (x, y), SQSConfig(components=4, sparsity=0.5, epochs=2, batch_size=32, windows=windows,
                                              log_every=4), progress=False)
     summary = build_summary(result, accuracy(net, x, y), accuracy(result.greedy_module(), x, y),
@@ -36,9 +31,9 @@ def _run(out, windows):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, planted_outlier_problem):
     base = tmp_path_factory.mktemp("runs")
-    return {w: (base / w, *_run(base / w, w)) for w in ("outlier", "none")}
+    return {w: (base / w, *_run(base / w, w, planted_outlier_problem)) for w in ("outlier", "none")}
 
 
 def _images(page):
