@@ -483,3 +483,17 @@ def test_cli_evaluate_on_the_mnist_cnn(tmp_path, capsys):
     assert expected > 0.5
     assert main(["evaluate", str(tmp_path / "missing.sqs")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_compress_outputs_include_the_file(cnn_result, tmp_path):
+    from sqs_pyro.cli_compress import build_summary, write_outputs
+
+    result, x = cnn_result
+    summary = build_summary(result, 0.9, 0.8, 0.85, 1.0)
+    write_outputs(tmp_path, result, summary)
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["file"] == "model.sqs"
+    assert written["file_bytes"] == (tmp_path / "model.sqs").stat().st_size
+    loaded = load_compressed(tmp_path / "model.sqs", copy.deepcopy(result.skeleton)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), result.greedy_module()(x))
