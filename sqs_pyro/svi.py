@@ -306,12 +306,13 @@ class Trainer:
                 bar.reset(total=schedule.total_steps)
                 bar.update(self.step)
                 continue
+            logging = step % config.log_every == 0 or step == schedule.total_steps - 1
+            kl = total_kl(self.result.model, guide) if logging else 0.0  # at the loss's parameters
             self.optimizer.step()
             if phase == PRUNE:
                 prune_to_quantile(guide, schedule.target_sparsity(step), config.pruned_logit)
-            if step % config.log_every == 0 or step == schedule.total_steps - 1:
-                record = _log_record(self.result.model, guide, step, phase, self.ctx.mean(loss), beta,
-                                     self.num_data, config)
+            if logging:
+                record = _log_record(guide, step, phase, self.ctx.mean(loss), kl, beta, self.num_data)
                 self.result.history.append(record)
                 bar.set_postfix(nll=f"{record['nll']:.3f}", kl=f"{record['kl_per_datum']:.3f}",
                                 sparsity=f"{record['sparsity']:.3f}", bits=config.bits)
@@ -515,9 +516,8 @@ def gate_scores(net: nn.Module, sites, dataset, task: str, config: SQSConfig) ->
     return first_order_saliency(net, [s.name for s in sites], batches, task_loss(task))
 
 
-def _log_record(model, guide, step, phase, loss, beta, num_data, config) -> dict[str, float]:
-    """Data term and KL term of the ELBO, separately, per training example."""
-    kl = total_kl(model, guide)
+def _log_record(guide, step, phase, loss, kl, beta, num_data) -> dict[str, float]:
+    """Data term and KL term of the ELBO (both at the parameters the loss was computed at), per example."""
     data_term = -loss + beta * kl  # loss = -(data_term - beta * KL)
     return {"step": step, "phase": phase, "elbo": -loss / num_data, "nll": -data_term / num_data,
             "kl_per_datum": kl / num_data, "kl": kl, "beta": beta, "sparsity": measured_sparsity(guide),
