@@ -47,12 +47,12 @@ from sqs_pyro.guides.initialization import first_order_saliency
 from sqs_pyro.guides.kl import spike_gmm_kl
 from sqs_pyro.guides.spike_gmm import GATE_FROZEN, GATE_LEARN, SpikeGMMGuide
 from sqs_pyro.materialize import AveragedPredictor, CompressedNetwork, final_mask, materialize
-from sqs_pyro.models.likelihoods import CategoricalLikelihood, GaussianLikelihood
+from sqs_pyro.models.likelihoods import CategoricalLikelihood, GaussianLikelihood, TokenCategoricalLikelihood
 from sqs_pyro.models.network import SQSModel
 from sqs_pyro.models.selection import CompressedSite, select_layers
 from sqs_pyro.schedules import FINETUNE, PRUNE, Schedule
 
-TASKS = ("classification", "regression")
+TASKS = ("classification", "regression", "lm")
 
 
 @dataclass
@@ -120,9 +120,9 @@ def _check_data(net: nn.Module, dataset: Dataset, task: str) -> None:
         raise SQSInputError(f"the network cannot process the train inputs of shape {tuple(probe.shape)}: {exc}") from exc
     finally:
         net.train(training)
-    if task == "classification":
+    if task in ("classification", "lm"):
         if y.is_floating_point():
-            raise SQSInputError(f"classification targets must be integer labels, got dtype {y.dtype}")
+            raise SQSInputError(f"{task} targets must be integer labels, got dtype {y.dtype}")
         if probe_y.shape != out.shape[:-1]:
             raise SQSInputError(f"classification targets of shape {tuple(probe_y.shape)} do not match the network's "
                                 f"logits of shape {tuple(out.shape)}: give one class index per example")
@@ -432,8 +432,9 @@ def compress(
         net: a trained network; it is copied, never modified.
         train_data: ``(inputs, targets)`` tensors or a torch ``Dataset`` of such pairs.
         config: an :class:`SQSConfig` (defaults if ``None``).
-        task: ``"classification"`` (categorical likelihood on logits) or ``"regression"``
-            (Gaussian likelihood with standard deviation ``noise_scale``).
+        task: ``"classification"`` (categorical likelihood on logits), ``"regression"``
+            (Gaussian likelihood with standard deviation ``noise_scale``) or ``"lm"`` (token
+            ids ``(N, L)`` in, next-token targets ``(N, L)``, logits ``(N, L, V)``; N counts sequences).
         eval_fn: called with the current greedy module at each phase end, every
             ``eval_every`` steps (if > 0) and at the end; its numbers join the history.
         progress: show a progress bar with the NLL, KL, sparsity and bits.
@@ -480,8 +481,9 @@ def compress(
         device = next(net.parameters()).device
         pyro.set_rng_seed(config.seed)
         with pyro.settings.context(module_local_params=True):
-            likelihood = (CategoricalLikelihood(num_data) if task == "classification"
-                          else GaussianLikelihood(num_data, noise_scale))
+            likelihood = {"classification": lambda: CategoricalLikelihood(num_data),
+                          "lm": lambda: TokenCategoricalLikelihood(num_data),
+                          "regression": lambda: GaussianLikelihood(num_data, noise_scale)}[task]()
             model = SQSModel(net, sites, config, likelihood)
             guide = SpikeGMMGuide(net, sites, config, gate_scores(net, sites, dataset, task, config))
             result = SQSResult(config, copy.deepcopy(net), model, guide)
@@ -501,6 +503,8 @@ def task_loss(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     """The mean negative log-likelihood of a task (up to constants), for saliency scores."""
     if task == "classification":
         return torch.nn.functional.cross_entropy
+    if task == "lm":
+        return lambda logits, y: torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
     return torch.nn.functional.mse_loss
 
 

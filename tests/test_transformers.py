@@ -89,3 +89,24 @@ def test_sentence_classifier_mean_pools_only_unmasked_tokens():
     x2[0, 0, 3:] = 7  # padding tokens change, the mask hides them ... but attention masking also hides them
     torch.testing.assert_close(net.embed(x2)[0], emb[0], atol=1e-5, rtol=1e-5)
     assert net(x).shape == (2, 3)
+
+
+def test_compress_a_tiny_llama_as_a_language_model():
+    from sqs_pyro import SQSConfig
+    from sqs_pyro.svi import compress
+
+    lm = CausalLM(tiny_llama())
+    gen = torch.Generator().manual_seed(0)
+    # a deterministic "language": each token is the previous one plus 1 (mod 40)
+    start = torch.randint(0, 40, (64, 1), generator=gen)
+    tokens = (start + torch.arange(13)) % 40
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    config = SQSConfig(components=4, sparsity=0.5, epochs=2, batch_size=16, include=transformer_include("llama"))
+    before = perplexity(lm, tokens)
+    result = compress(lm, (x, y), config, task="lm", progress=False)
+    acc = result.accounting()
+    assert len(result.compressed().layers) == 14 and 0.5 <= acc["sparsity"] < 1 and acc["bits"] == 2
+    compressed = result.greedy_module()
+    assert math.isfinite(perplexity(compressed, tokens)) and before > 1
+    with pytest.raises(SQSInputError, match="labels out of range"):
+        compress(lm, (x, y + 40), config, task="lm", progress=False)
