@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
@@ -48,6 +47,8 @@ import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
+
+from sqs_pyro.atomic import atomic_path
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # arviz 0.x announces its 1.0 refactor on import
@@ -225,15 +226,8 @@ def to_inference_data(result: Any, num_samples: int = 200, weights_per_layer: in
 def save_posterior(data: Any, path: str | os.PathLike, backend: PosteriorBackend | None = None) -> Path:
     """Write ``data`` to netCDF atomically (temp file in the same folder, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".nc")
-    os.close(fd)
-    try:
-        (backend or default_backend()).save(data, Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        (backend or default_backend()).save(data, tmp)
     return path
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 from sqs_pyro.analysis.arviz_adapter import save_posterior, to_inference_data
+from sqs_pyro.atomic import write_text_atomic
 from sqs_pyro.analysis.codebooks import codebook_summary, layer_distributions
 from sqs_pyro.analysis.inclusion import inclusion_summary
 from sqs_pyro.analysis.outliers import outlier_summary
@@ -31,21 +31,6 @@ def analyze(result: Any, max_bins: int = 200) -> dict[str, Any]:
         "codebooks": codebook_summary(result),
         "distributions": layer_distributions(result, max_bins),
     }
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_analysis(out: str | os.PathLike, result: Any, num_samples: int = 200, weights_per_layer: int = 32,

@@ -8,16 +8,15 @@ leaves either the old or the new checkpoint, never a torn one. It is read back w
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-import secrets
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
+from sqs_pyro.atomic import atomic_path
 from sqs_pyro.errors import SQSInputError
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -27,24 +26,8 @@ VERSION = 1
 
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Write ``state`` to ``path`` atomically (temporary file + fsync + rename + fsync of the folder)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, "xb") as f:  # a fresh file, with the usual permissions
-            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, "version": VERSION, **state}, f)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sqs_pyro.atomic import write_json_atomic
 from sqs_pyro.checkpoint import CHECKPOINT_NAME
 from sqs_pyro.config import WINDOW_MODES, SQSConfig
 from sqs_pyro.datasets import accuracy, load_mnist, load_mnist_cnn
@@ -98,17 +97,6 @@ def config_from_args(args: argparse.Namespace) -> SQSConfig:
     return SQSConfig.from_dict(values)
 
 
-def write_json(path: Path, payload: Any) -> None:
-    """Atomic JSON write (temp file + fsync + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # measured fastest for these small nets on 2 vCPUs
     config = config_from_args(args)
@@ -156,8 +144,8 @@ def write_outputs(out: Path, result: SQSResult, summary: dict[str, Any]) -> None
 
     out.mkdir(parents=True, exist_ok=True)
     summary.update(file="model.sqs", file_bytes=save_compressed(result, out / "model.sqs"))
-    write_json(out / "history.json", result.history)
-    write_json(out / "summary.json", summary)
+    write_json_atomic(out / "history.json", result.history)
+    write_json_atomic(out / "summary.json", summary)
     from sqs_pyro.analysis import build_report, write_analysis  # arviz + matplotlib: imported only here
 
     write_analysis(out, result)  # analysis.json + posterior.nc (ArviZ)

@@ -44,16 +44,13 @@ temporary file in the target folder, fsync, rename, fsync of the folder.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -62,6 +59,7 @@ from torch import nn
 
 from sqs_pyro import coding
 from sqs_pyro.accounting import binary_entropy
+from sqs_pyro.atomic import write_bytes_atomic
 from sqs_pyro.errors import CompressedFileError, SQSInputError
 from sqs_pyro.materialize import CompressedLayer, CompressedNetwork
 
@@ -72,7 +70,6 @@ MAX_HEADER_BYTES = 1 << 24
 MAX_COMPONENTS = 1 << coding.MAX_WIDTH
 MAX_DIMS = 16
 ELEMENTS_PER_FILE_BYTE = 1 << 16
-FILE_MODE = 0o644
 
 # name -> (torch dtype, little-endian numpy dtype of the stored bits)
 DTYPES: dict[str, tuple[torch.dtype, str]] = {
@@ -223,30 +220,6 @@ def encode_file(network: CompressedNetwork, codebook_dtype: str | None = None,
     return PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(text), hashlib.sha256(text).digest()) + text + payload
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temporary file beside it, fsync, rename, fsync
-    of the folder. A crash or a full disk leaves any previous file untouched."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # folders cannot be opened for fsync on every platform
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
 def save_compressed(obj: Any, path: str | os.PathLike, *, codebook_dtype: str | None = None,
                     model: nn.Module | None = None) -> int:
     """Save an :class:`~sqs_pyro.svi.SQSResult` or a :class:`CompressedNetwork` to ``path``
@@ -262,7 +235,7 @@ def save_compressed(obj: Any, path: str | os.PathLike, *, codebook_dtype: str | 
     else:
         raise SQSInputError(f"save_compressed takes an SQSResult or a CompressedNetwork, got {type(obj).__name__}")
     data = encode_file(network, codebook_dtype, architecture_hints(model))
-    atomic_write(path, data)
+    write_bytes_atomic(path, data)  # a crash or a full disk leaves any previous file untouched
     return len(data)
 
 

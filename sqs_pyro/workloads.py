@@ -12,7 +12,6 @@ with ``weights_only=True``.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from sqs_pyro.atomic import atomic_path
 from sqs_pyro.datasets import accuracy, load_mnist, load_mnist_cnn
 from sqs_pyro.errors import SQSInputError
 
@@ -77,11 +77,8 @@ def train_reference(net: nn.Module, train: tuple[torch.Tensor, torch.Tensor], ep
 
 
 def _atomic_save(state: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def reference_net(name: str, cache_dir: str | os.PathLike, epochs: int = 4, seed: int = 0) -> nn.Module:
