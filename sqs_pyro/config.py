@@ -60,12 +60,12 @@ class SQSConfig:
     pruned_logit: float = -6.0
     epochs: float = 3.0
     batch_size: int = 128
-    warmup_fraction: float = 0.15
-    prune_fraction: float = 0.45
-    lr_weights: float = 2e-4
-    lr_codebook: float = 2e-4
+    warmup_fraction: float = 0.1
+    prune_fraction: float = 0.3
+    lr_weights: float = 1e-3
+    lr_codebook: float = 1e-3
     lr_gates: float = 1e-2
-    lr_dense: float = 2e-4
+    lr_dense: float = 1e-3
     weight_decay: float = 0.0
     include_types: tuple[str, ...] = ("linear", "conv")
     include: tuple[str, ...] = ()

@@ -41,8 +41,8 @@ class Schedule:
         s_i, s_f = self.config.initial_sparsity, self.config.sparsity
         if step < self.prune_start:
             return s_i
-        span = max(1, self.prune_end - self.prune_start - 1)
-        frac = min(1.0, (step - self.prune_start) / span)
+        span = self.prune_end - self.prune_start - 1  # the last pruning step reaches s_f
+        frac = 1.0 if span <= 0 else min(1.0, (step - self.prune_start) / span)
         return s_f + (s_i - s_f) * (1.0 - frac) ** 3
 
     def _anneal(self, pair: tuple[float, float], step: int) -> float:

@@ -1,6 +1,8 @@
 """Materialisation, averaging, accounting and determinism."""
 import math
 
+import pytest
+
 import torch
 from torch import nn
 
@@ -90,3 +92,13 @@ def test_expected_mode_and_windows_run_and_report_measured_sparsity():
     record = result.history[-1]
     assert {"nll", "kl", "elbo", "beta", "sparsity"} <= set(record)
     assert record["elbo"] == record["elbo"]  # finite, logged separately from the KL
+
+
+def test_cubic_ramp_reaches_the_target_even_with_one_pruning_step():
+    from sqs_pyro.schedules import Schedule
+
+    one = Schedule(total_steps=4, prune_start=1, prune_end=2, config=SQSConfig(sparsity=0.8))
+    assert one.target_sparsity(1) == 0.8
+    many = Schedule(total_steps=20, prune_start=2, prune_end=12, config=SQSConfig(sparsity=0.8))
+    assert many.target_sparsity(2) == 0.0 and many.target_sparsity(11) == 0.8
+    assert many.target_sparsity(7) == pytest.approx(0.8 * (1 - (1 - 5 / 9) ** 3))
