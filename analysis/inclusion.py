@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sqs_pyro.guides.initialization import magnitude_mask
 from sqs_pyro.materialize import final_mask
 
 UNCERTAIN_BAND = (0.1, 0.9)
@@ -39,15 +40,6 @@ def pretrained_weights(result: Any) -> dict[str, np.ndarray]:
     """The input network's weights (flat float64) of every compressed tensor, by site name."""
     return {layer.site_name: result.skeleton.get_parameter(layer.site_name).detach().reshape(-1).double()
             .cpu().numpy() for layer in result.guide.layers}
-
-
-def magnitude_mask(weights: np.ndarray, keep: int) -> np.ndarray:
-    """Keep the ``keep`` entries of largest ``|w|`` (ties to the lower index)."""
-    w = np.abs(np.asarray(weights, dtype=np.float64).ravel())
-    mask = np.zeros(w.size, dtype=bool)
-    if keep > 0:
-        mask[np.argsort(-w, kind="stable")[:keep]] = True
-    return mask
 
 
 def inclusion_stats(g: np.ndarray, mask: np.ndarray, pretrained: np.ndarray, bins: int = 20) -> dict[str, Any]:

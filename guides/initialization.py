@@ -41,13 +41,19 @@ class InitialCodebook:
         return self.locs[dist.argmin(axis=1)]
 
 
-def magnitude_keep(values: np.ndarray, sparsity: float) -> np.ndarray:
-    """Bool mask of the ``1 - sparsity`` largest-magnitude values."""
-    x = np.abs(np.asarray(values, dtype=np.float64).ravel())
-    keep = max(1, int(round((1.0 - sparsity) * x.size)))
-    mask = np.zeros(x.size, dtype=bool)
-    mask[np.argsort(-x, kind="stable")[:keep]] = True
+def magnitude_mask(weights: np.ndarray, keep: int) -> np.ndarray:
+    """Keep the ``keep`` entries of largest ``|w|`` (ties to the lower index)."""
+    w = np.abs(np.asarray(weights, dtype=np.float64).ravel())
+    mask = np.zeros(w.size, dtype=bool)
+    if keep > 0:
+        mask[np.argsort(-w, kind="stable")[:keep]] = True
     return mask
+
+
+def magnitude_keep(values: np.ndarray, sparsity: float) -> np.ndarray:
+    """Bool mask of the ``1 - sparsity`` largest-magnitude values (at least one)."""
+    size = np.asarray(values).size
+    return magnitude_mask(values, max(1, int(round((1.0 - sparsity) * size))))
 
 
 def padded_centres(values: np.ndarray, levels: int) -> np.ndarray:

@@ -36,7 +36,6 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 from tqdm.auto import tqdm
 
-import sqs_pyro.guides  # noqa: F401  (registers the KL bound)
 from sqs_pyro.accounting import accounting
 from sqs_pyro.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from sqs_pyro.config import SQSConfig
