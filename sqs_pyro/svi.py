@@ -512,10 +512,9 @@ def gate_scores(net: nn.Module, sites, dataset, task: str, config: SQSConfig) ->
     if config.gate_score == "magnitude":
         return None
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed))
-    batches = []
-    for i in range(min(config.saliency_batches, max(1, len(dataset) // config.batch_size))):
-        x, y = default_collate([dataset[int(j)] for j in order[i * config.batch_size:(i + 1) * config.batch_size]])
-        batches.append((x, y))
+    size = config.batch_size
+    batches = [_fetch(dataset, order[i * size:(i + 1) * size])
+               for i in range(min(config.saliency_batches, max(1, len(dataset) // size)))]
     return first_order_saliency(net, [s.name for s in sites], batches, task_loss(task))
 
 
