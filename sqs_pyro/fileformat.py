@@ -13,8 +13,9 @@ Layout (integers little-endian, offsets in bytes)::
 
 Header keys: ``format`` (``"sqs-pyro"``), ``format_version`` (equal to the preamble's),
 ``payload_bytes``, ``payload_sha256``, ``architecture`` (hints only, never executed:
-``class`` = ``"module.QualName"`` of the network, and ``transformers_config`` = the model's
-``config.to_dict()`` when it has one), ``config`` (the compression config), ``accounting``
+``class`` = ``"module.QualName"`` of the network; for a network that is or wraps a transformers
+model also ``transformers_class``, ``transformers_prefix`` and ``transformers_config``, see
+:func:`architecture_hints`), ``config`` (the compression config), ``accounting``
 (totals of :func:`sqs_pyro.accounting.accounting`), ``layers`` and ``tensors``.
 
 The payload is the concatenation, in header order, of every entry's segments.
@@ -175,13 +176,19 @@ def _totals(layers: list[dict[str, Any]], dense: dict[str, torch.Tensor]) -> dic
 
 
 def architecture_hints(model: nn.Module | None) -> dict[str, Any]:
-    """``{"class": "module.QualName"}`` plus ``transformers_config`` for models carrying one."""
+    """``{"class": "module.QualName"}`` of ``model``; for a model that is or wraps a
+    transformers model (the first submodule with a ``config.to_dict()``) also
+    ``transformers_class``, ``transformers_prefix`` (its path in ``model``, ``""`` for itself)
+    and ``transformers_config``, so the file can be loaded back into that class."""
     if model is None:
         return {}
     hints: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
-    config = getattr(model, "config", None)
-    if callable(getattr(config, "to_dict", None)):
-        hints["transformers_config"] = _json_safe(config.to_dict())
+    for path, module in model.named_modules():
+        config = getattr(module, "config", None)
+        if callable(getattr(config, "to_dict", None)):
+            hints.update(transformers_class=type(module).__name__, transformers_prefix=path,
+                         transformers_config=_json_safe(config.to_dict()))
+            break
     return hints
 
 

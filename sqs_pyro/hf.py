@@ -118,3 +118,116 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> 
         total += float(nll)
         count += w[:, 1:].numel()
     return math.exp(total / count)
+
+
+def resolve_model_path(path: str | os.PathLike) -> tuple[Path, str | None]:
+    """``(folder, gguf_file)`` of a model given as a transformers folder (with ``config.json``),
+    a folder holding exactly one ``.gguf`` file, a ``.gguf`` file, or an installed package name."""
+    p = Path(path)
+    if not p.exists() and importlib.util.find_spec(str(path).replace("-", "_")) is not None:
+        p = _package_dir(str(path).replace("-", "_"))
+    if p.is_file() and p.suffix == ".gguf":
+        return p.parent, p.name
+    if not p.is_dir():
+        raise SQSInputError(f"--hf {path}: no such model folder, .gguf file or installed package")
+    if (p / "config.json").is_file():
+        return p, None
+    ggufs = sorted(f.name for f in p.glob("*.gguf"))
+    if len(ggufs) != 1:
+        raise SQSInputError(f"--hf {path}: no config.json and {len(ggufs)} .gguf files (need a transformers "
+                            "folder or exactly one .gguf)")
+    return p, ggufs[0]
+
+
+def load_model(path: str | os.PathLike, causal: bool):
+    """``(tokenizer, model)`` of :func:`resolve_model_path`'s model, offline, in float32."""
+    folder, gguf_file = resolve_model_path(path)
+    return load_pretrained(folder, causal, gguf_file)
+
+
+def text_windows(tokenizer, paths: list[Path], length: int) -> torch.Tensor:
+    """Non-overlapping windows of ``length + 1`` tokens from UTF-8 text files (each file on its own)."""
+    chunks = []
+    for path in paths:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SQSInputError(f"cannot read text file {path}: {exc}") from exc
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > length:
+            chunks.append(token_windows(tokenizer, text, length))
+    if not chunks:
+        raise SQSInputError(f"the text files hold no window of {length + 1} tokens")
+    return torch.cat(chunks)
+
+
+def labelled_sentences(path: Path) -> tuple[list[str], torch.Tensor]:
+    """Sentences and integer labels from a ``label<TAB>sentence`` file (one example per line)."""
+    sentences, labels = [], []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SQSInputError(f"cannot read {path}: {exc}") from exc
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        label, sep, sentence = line.partition("\t")
+        if not sep or not label.strip().lstrip("-").isdigit():
+            raise SQSInputError(f"{path}:{number}: expected 'integer label<TAB>sentence'")
+        labels.append(int(label))
+        sentences.append(sentence.strip())
+    if not sentences:
+        raise SQSInputError(f"{path} holds no examples")
+    if min(labels) < 0:
+        raise SQSInputError(f"{path}: labels must be >= 0")
+    return sentences, torch.tensor(labels)
+
+
+def fine_tune(net: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: float, batch_size: int, lr: float,
+              seed: int, loss_fn) -> None:
+    """Dense fine-tuning with Adam on seeded random minibatches (``epochs * N / batch_size`` steps)."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
+    net.train()
+    for _ in range(int(epochs * len(x) / batch_size)):
+        idx = torch.randint(0, len(x), (batch_size,), generator=gen)
+        loss = loss_fn(net(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    net.eval()
+
+
+def load_transformers(path: str | os.PathLike) -> nn.Module:
+    """The transformers model stored (possibly inside a wrapper) in a ``.sqs`` file, rebuilt from
+    the header's config as the same transformers class and filled with the decompressed weights."""
+    _offline()
+    import transformers
+
+    from sqs_pyro.fileformat import load_compressed, read_header
+
+    hints = read_header(path).get("architecture", {})
+    if "transformers_config" not in hints:
+        raise SQSInputError(f"{path} holds no transformers model (no transformers_config in its header)")
+    config_dict = dict(hints["transformers_config"])
+    config = transformers.AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    cls = getattr(transformers, hints["transformers_class"], None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise SQSInputError(f"{path}: unknown transformers class {hints['transformers_class']!r}")
+    model = cls(config)
+    prefix = hints["transformers_prefix"] + "." if hints["transformers_prefix"] else ""
+    state = load_compressed(path).state_dict()
+    mine = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    missing, unexpected = model.load_state_dict(mine, strict=False)
+    tied = {k for k in missing if _is_tied(model, k)}
+    if set(missing) - tied or unexpected:
+        raise SQSInputError(f"{path} does not fit {cls.__name__}: missing {sorted(set(missing) - tied)}, "
+                            f"unexpected {sorted(unexpected)}")
+    return model.eval()
+
+
+def _is_tied(model: nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` shares its storage with another parameter (tied embeddings)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    target = params.get(name)
+    return target is not None and any(p is target for k, p in params.items() if k != name)

@@ -1,0 +1,181 @@
+"""SmolLM2-135M on Jane Austen (issue 6): SQS against dense fine-tuning, per-run peak RSS.
+
+    python benchmarks/smollm.py --austen assets/austen              # all runs, resumable
+    python benchmarks/smollm.py --austen assets/austen --runs dense sqs50k16
+
+Training text: five novels, cut into windows of ``--seq-len + 1`` tokens, of which
+``--steps x --batch-size`` seeded random windows are used once (one epoch: the token budget).
+Held out: *Persuasion*, perplexity on its first ``--eval-windows`` windows (stride = length).
+
+Runs (each in its own process, so that its peak RSS is its own; one JSON line each in
+``results/smollm.jsonl``, finished runs are skipped):
+
+* ``dense``: the untouched model (fp32 weights de-quantised from the Q4_1 GGUF);
+* ``dense_ft``: dense Adam fine-tuning, same windows, batch and steps, lr = ``lr_dense``;
+* ``sqs<S>k<K>``: SQS at sparsity S% with K levels on every attention and MLP matrix; also
+  the perplexity with quantile-binned assignments (``--bins`` per window) instead of
+  per-weight ones, a ``.sqs`` file loaded back into ``LlamaForCausalLM`` (perplexity checked),
+  and the tail-outlier report of every compressed matrix (``results/smollm_outliers_<run>.json``).
+
+Peak memory: ``VmHWM`` of the run's process; ``bytes_per_param`` = (peak - RSS with the dense
+model and data loaded) / compressed parameters.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+HELD_OUT = "persuasion"
+
+
+def _vm(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "eval_windows", "seed", "lr_weights",
+                                          "lr_codebook", "lr_dense", "bins")}
+
+
+def run_key(name: str, settings: dict) -> str:
+    return f"{name}/" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def load_data(args: argparse.Namespace, tokenizer):
+    from sqs_pyro.hf import token_windows
+    from sqs_pyro.text_data import austen_novels
+
+    books = austen_novels(args.austen)
+    train = torch.cat([token_windows(tokenizer, text, args.seq_len) for name, text in books.items() if name != HELD_OUT])
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:args.steps * args.batch_size]
+    held = token_windows(tokenizer, books[HELD_OUT], args.seq_len)[:args.eval_windows]
+    return train[pick], held, len(train)
+
+
+def binned_perplexity(result, held: torch.Tensor, bins: int) -> float:
+    """Perplexity of the greedy network whose kept weights take the codes of their quantile bin's mean."""
+    from sqs_pyro.guides.binning import quantile_bin_means
+    from sqs_pyro.hf import perplexity
+    from sqs_pyro.materialize import final_mask
+
+    saved = [layer.latent.detach().clone() for layer in result.guide.layers]
+    with torch.no_grad():
+        for layer in result.guide.layers:
+            kept = final_mask(layer)
+            ids = torch.zeros_like(layer.latent, dtype=torch.long) if layer.window_ids is None else layer.window_ids
+            ids = torch.where(kept, ids, torch.full_like(ids, -1))  # pruned weights: a bin set of their own
+            layer.latent.copy_(quantile_bin_means(layer.latent, ids, bins))
+        module = result.greedy_module()
+        for layer, latent in zip(result.guide.layers, saved):
+            layer.latent.copy_(latent)
+    return perplexity(module, held)
+
+
+def child(args: argparse.Namespace) -> dict:
+    from sqs_pyro import SQSConfig
+    from sqs_pyro.hf import CausalLM, fine_tune, load_smollm, perplexity
+    from sqs_pyro.models import select_layers, transformer_include
+    from sqs_pyro.svi import compress, task_loss
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    tokenizer, lm = load_smollm()
+    net = CausalLM(lm)
+    train, held, available = load_data(args, tokenizer)
+    x, y = train[:, :-1], train[:, 1:]
+    rss_dense = _vm("VmRSS")
+    row = {"run": args.child, "train_windows": len(train), "train_tokens": int(y.numel()),
+           "available_windows": available, "eval_tokens": int(held[:, 1:].numel()), "rss_dense_bytes": rss_dense}
+    t0 = time.perf_counter()
+    if args.child == "dense":
+        row["perplexity"] = perplexity(net, held)
+    elif args.child == "dense_ft":
+        fine_tune(net, x, y, 1.0, args.batch_size, args.lr_dense, args.seed, task_loss("lm"))
+        row["train_seconds"] = time.perf_counter() - t0
+        row["perplexity"] = perplexity(net, held)
+    else:
+        sparsity, k = args.child[3:].split("k")
+        config = SQSConfig(sparsity=int(sparsity) / 100, components=int(k), epochs=1.0, batch_size=args.batch_size,
+                           seed=args.seed, include=transformer_include("llama"), lr_weights=args.lr_weights,
+                           lr_codebook=args.lr_codebook, lr_dense=args.lr_dense, saliency_batches=2)
+        result = compress(net, (x, y), config, task="lm", progress=True)
+        row["train_seconds"] = time.perf_counter() - t0
+        row["peak_rss_train_bytes"] = _vm("VmHWM")
+        row.update(sqs_measurements(args, result, held))
+    row["peak_rss_bytes"] = _vm("VmHWM")
+    compressed = sum(net.get_parameter(s.name).numel() for s in select_layers(net, include=transformer_include("llama")))
+    peak = row.get("peak_rss_train_bytes", row["peak_rss_bytes"])
+    row.update(selected_params=compressed, bytes_per_compressed_param=(peak - rss_dense) / compressed)
+    row["wall_seconds"] = time.perf_counter() - started
+    return row
+
+
+def sqs_measurements(args: argparse.Namespace, result, held: torch.Tensor) -> dict:
+    from sqs_pyro.analysis.outliers import outlier_summary
+    from sqs_pyro.fileformat import save_compressed
+    from sqs_pyro.hf import CausalLM, load_transformers, perplexity
+
+    acc = result.accounting()
+    out = {"sparsity": acc["sparsity"], "bits": acc["bits"], "cr_formula": acc["cr_formula"],
+           "compressed_params": acc["compressed_params"], "bytes_fp32": acc["bytes_fp32"],
+           "bytes_packed": acc["bytes_packed"]}
+    out["perplexity"] = perplexity(result.greedy_module(), held)
+    out["perplexity_binned"] = binned_perplexity(result, held, args.bins)
+    path = HERE.parent / "runs" / "smollm" / args.child / "model.sqs"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out["file_bytes"] = save_compressed(result, path)
+    out["perplexity_reloaded"] = perplexity(CausalLM(load_transformers(path)), held)
+    report = outlier_summary(result, max_listed=10)
+    (HERE / "results" / f"smollm_outliers_{args.child}.json").write_text(json.dumps(report, indent=1, default=float))
+    out["outliers_overall"] = report["overall"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--austen", type=Path, required=True, help="dpkg -x folder of r-cran-janeaustenr")
+    parser.add_argument("--runs", nargs="+", default=["dense", "sqs50k16", "dense_ft", "sqs75k16", "sqs50k8"])
+    parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--lr-weights", type=float, default=2e-5)
+    parser.add_argument("--lr-codebook", type=float, default=1e-4)
+    parser.add_argument("--lr-dense", type=float, default=2e-5)
+    parser.add_argument("--bins", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "smollm.jsonl")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    settings = run_settings(args)
+    if args.child:
+        row = {"key": run_key(args.child, settings), **settings, **child(args)}
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row, indent=1))
+        return
+    done = {json.loads(line)["key"] for line in args.out.read_text().splitlines() if line.strip()} \
+        if args.out.exists() else set()
+    for name in args.runs:
+        if run_key(name, settings) in done:
+            print(f"{name}: already in {args.out}")
+            continue
+        print(f"{name}: running", flush=True)
+        subprocess.run([sys.executable, *sys.argv, "--child", name], check=True)
+
+
+if __name__ == "__main__":
+    main()
