@@ -12,7 +12,9 @@ Runs (each in its own process, so that its peak RSS is its own; one JSON line ea
 
 * ``dense``: the untouched model (fp32 weights de-quantised from the Q4_1 GGUF);
 * ``dense_ft``: dense Adam fine-tuning, same windows, batch and steps, lr = ``lr_dense``;
-* ``sqs<S>k<K>``: SQS at sparsity S% with K levels on every attention and MLP matrix; also
+* ``sqs<S>k<K>``: SQS at sparsity S% with K levels on every attention and MLP matrix, with
+  the ``--hf`` defaults (:data:`sqs_pyro.cli_compress_hf.HF_DEFAULTS`: one-shot pruning to
+  the target from saliencies, gates learning for 20% of the steps, tempered KL); also
   the perplexity with quantile-binned assignments (``--bins`` per window) instead of
   per-weight ones, a ``.sqs`` file loaded back into ``LlamaForCausalLM`` (perplexity checked),
   and the tail-outlier report of every compressed matrix (``results/smollm_outliers_<run>.json``).
@@ -46,7 +48,7 @@ def _vm(field: str) -> int:
 
 def run_settings(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "eval_windows", "seed", "lr_weights",
-                                          "lr_codebook", "lr_dense", "bins")}
+                                          "lr_codebook", "lr_dense", "kl_weight", "bins")}
 
 
 def run_key(name: str, settings: dict) -> str:
@@ -85,6 +87,7 @@ def binned_perplexity(result, held: torch.Tensor, bins: int) -> float:
 
 def child(args: argparse.Namespace) -> dict:
     from sqs_pyro import SQSConfig
+    from sqs_pyro.cli_compress_hf import HF_DEFAULTS
     from sqs_pyro.hf import CausalLM, fine_tune, load_smollm, perplexity
     from sqs_pyro.models import select_layers, transformer_include
     from sqs_pyro.svi import compress, task_loss
@@ -107,10 +110,14 @@ def child(args: argparse.Namespace) -> dict:
         row["perplexity"] = perplexity(net, held)
     else:
         sparsity, k = args.child[3:].split("k")
-        config = SQSConfig(sparsity=int(sparsity) / 100, components=int(k), epochs=1.0, batch_size=args.batch_size,
-                           seed=args.seed, include=transformer_include("llama"), lr_weights=args.lr_weights,
-                           lr_codebook=args.lr_codebook, lr_dense=args.lr_dense, saliency_batches=2)
-        result = compress(net, (x, y), config, task="lm", progress=True)
+        s_f = int(sparsity) / 100
+        config = SQSConfig.from_dict({**HF_DEFAULTS, "sparsity": s_f, "initial_sparsity": s_f, "components": int(k),
+                                      "epochs": 1.0, "batch_size": args.batch_size, "seed": args.seed,
+                                      "include": transformer_include("llama"), "lr_weights": args.lr_weights,
+                                      "lr_codebook": args.lr_codebook, "lr_dense": args.lr_dense,
+                                      "kl_weight": args.kl_weight})
+        # checkpoints on disk, not in memory: the in-memory copy would double the SVI state
+        result = compress(net, (x, y), config, task="lm", progress=True, checkpoint_dir=_run_dir(args))
         row["train_seconds"] = time.perf_counter() - t0
         row["peak_rss_train_bytes"] = _vm("VmHWM")
         row.update(sqs_measurements(args, result, held))
@@ -120,6 +127,12 @@ def child(args: argparse.Namespace) -> dict:
     row.update(selected_params=compressed, bytes_per_compressed_param=(peak - rss_dense) / compressed)
     row["wall_seconds"] = time.perf_counter() - started
     return row
+
+
+def _run_dir(args: argparse.Namespace) -> Path:
+    path = HERE.parent / "runs" / "smollm" / args.child
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def sqs_measurements(args: argparse.Namespace, result, held: torch.Tensor) -> dict:
@@ -133,8 +146,7 @@ def sqs_measurements(args: argparse.Namespace, result, held: torch.Tensor) -> di
            "bytes_packed": acc["bytes_packed"]}
     out["perplexity"] = perplexity(result.greedy_module(), held)
     out["perplexity_binned"] = binned_perplexity(result, held, args.bins)
-    path = HERE.parent / "runs" / "smollm" / args.child / "model.sqs"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _run_dir(args) / "model.sqs"
     out["file_bytes"] = save_compressed(result, path)
     out["perplexity_reloaded"] = perplexity(CausalLM(load_transformers(path)), held)
     report = outlier_summary(result, max_listed=10)
@@ -154,6 +166,7 @@ def main() -> None:
     parser.add_argument("--lr-weights", type=float, default=2e-5)
     parser.add_argument("--lr-codebook", type=float, default=1e-4)
     parser.add_argument("--lr-dense", type=float, default=2e-5)
+    parser.add_argument("--kl-weight", type=float, default=1e-3)
     parser.add_argument("--bins", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)

@@ -51,7 +51,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     **{kind: (kind, {}) for kind in BASELINE_KINDS},
 }
 GRID_KEYS = {"output", "cache_dir", "workloads", "methods", "sparsity", "components", "seeds", "config",
-             "train_limit", "test_limit", "reference_epochs", "reference_seed"}
+             "train_limit", "test_limit", "reference_epochs", "reference_seed", "data_dir"}
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,7 @@ class Grid:
     test_limit: int | None = None
     reference_epochs: int = 4
     reference_seed: int = 0
+    data_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,8 @@ def parse_grid(raw: Mapping[str, Any], base_dir: Path = Path(".")) -> Grid:
                 config=dict(config), train_limit=_optional_int(raw, "train_limit", None),
                 test_limit=_optional_int(raw, "test_limit", None),
                 reference_epochs=_optional_int(raw, "reference_epochs", 4),
-                reference_seed=_optional_int(raw, "reference_seed", 0))
+                reference_seed=_optional_int(raw, "reference_seed", 0),
+                data_dir=Path(os.path.normpath(base_dir / str(raw["data_dir"]))) if "data_dir" in raw else None)
     expand_grid(grid)  # validates every SQSConfig of the grid now, not mid-run
     return grid
 
@@ -295,7 +297,7 @@ def source_digest() -> str:
 def grid_workload(name: str, grid: Grid) -> Workload:
     """Workload ``name`` with the grid's data limits and reference-network settings."""
     return load_workload(name, grid.cache_dir, grid.train_limit, grid.test_limit, grid.reference_epochs,
-                         grid.reference_seed)
+                         grid.reference_seed, grid.data_dir)
 
 
 def run_grid(grid: Grid, execute: Callable[[RunSpec, Workload], dict[str, Any]] = execute_run,

@@ -34,7 +34,9 @@ checks what the decoders produced, not just what was read.
 
 ``tensors`` (every other entry of the state dict, stored as it is), each with ``name``,
 ``shape``, ``dtype`` (float32/64/16, bfloat16, int8/16/32/64, uint8, bool) and ``bytes``
-(= numel x item size). Segment: the raw little-endian values, row-major.
+(= numel x item size). Segment: the raw little-endian values, row-major. A tensor tied to an
+earlier one (the same tensor in the state dict, e.g. an LM head tied to the embeddings) has
+``same_as`` = that tensor's name, ``bytes`` = 0 and no segment.
 
 Reading never unpickles and checks, in order: magic, version, lengths against the file
 size, both checksums, the header's schema, that the segments tile the payload exactly, the
@@ -209,11 +211,17 @@ def encode_file(network: CompressedNetwork, codebook_dtype: str | None = None,
         entry, parts = _encode_layer(layer, codebook_dtype)
         layers.append(entry)
         segments += parts
-    tensors = []
+    tensors, stored = [], {}
     for name, tensor in network.dense_state.items():
+        entry = {"name": name, "shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype)}
+        first = next((other for other, t in stored.items() if t is tensor), None)
+        if first is not None:  # a tied tensor is stored once
+            tensors.append({**entry, "bytes": 0, "same_as": first})
+            continue
         data = tensor_bytes(tensor)
-        tensors.append({"name": name, "shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype), "bytes": len(data)})
+        tensors.append({**entry, "bytes": len(data)})
         segments.append(data)
+        stored[name] = tensor
     payload = b"".join(segments)
     header = {
         "format": "sqs-pyro", "format_version": FORMAT_VERSION,
@@ -255,6 +263,7 @@ class _Tensor:
     shape: tuple[int, ...]
     dtype: str
     nbytes: int
+    same_as: str | None = None
 
 
 @dataclass(frozen=True)
@@ -350,8 +359,8 @@ def _parse_layer(value: Any, where: str) -> _Layer:
 def _parse_tensor(value: Any, where: str) -> _Tensor:
     obj = _obj(value, where)
     tensor = _Tensor(_str(obj, "name", where), _shape(obj, where), _str(obj, "dtype", where, tuple(DTYPES)),
-                     _int(obj, "bytes", where))
-    expected = _numel(tensor.shape) * np.dtype(DTYPES[tensor.dtype][1]).itemsize
+                     _int(obj, "bytes", where), _str(obj, "same_as", where) if "same_as" in obj else None)
+    expected = 0 if tensor.same_as is not None else _numel(tensor.shape) * np.dtype(DTYPES[tensor.dtype][1]).itemsize
     if tensor.nbytes != expected:
         raise _fail(f"{where}.bytes", f"is {tensor.nbytes}, but shape {list(tensor.shape)} of {tensor.dtype} "
                                       f"takes {expected}")
@@ -420,6 +429,13 @@ def _parse(path: str | os.PathLike) -> _Parsed:
     names = [e.name for e in layers] + [e.name for e in tensors]
     if len(set(names)) != len(names):
         raise CompressedFileError("header: tensor names are not unique")
+    earlier: dict[str, _Tensor] = {}
+    for i, t in enumerate(tensors):
+        first = earlier.get(t.same_as) if t.same_as is not None else t
+        if first is None or first.same_as is not None or (first.shape, first.dtype) != (t.shape, t.dtype):
+            raise CompressedFileError(f"header: tensors[{i}].same_as must name an earlier stored tensor of the "
+                                      "same shape and dtype")
+        earlier[t.name] = t
     total = sum(sum(layer.segments) for layer in layers) + sum(t.nbytes for t in tensors)
     if total != payload_bytes:
         raise CompressedFileError(f"header: the segments add up to {total} bytes, the payload has {payload_bytes}")
@@ -520,6 +536,9 @@ def _decode(path: str | os.PathLike, model: nn.Module | None,
         offset += sum(entry.segments)
     dense = {}
     for entry in parsed.tensors:
+        if entry.same_as is not None:
+            dense[entry.name] = dense[entry.same_as]
+            continue
         dense[entry.name] = tensor_from_bytes(parsed.payload[offset:offset + entry.nbytes], entry.dtype, entry.shape)
         offset += entry.nbytes
     config = parsed.header.get("config")

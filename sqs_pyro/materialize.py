@@ -92,7 +92,12 @@ def materialize(guide: SpikeGMMGuide, net: nn.Module, config: dict[str, Any] | N
         layers.append(CompressedLayer(layer.site_name, tuple(mask.shape), mask, codes,
                                       layer.locs.detach().clone(), layer.comp_window.clone()))
     names = {layer.name for layer in layers}
-    dense = {k: v.detach().clone() for k, v in net.state_dict().items() if k not in names}
+    clones: dict[tuple, torch.Tensor] = {}  # tied tensors (e.g. embeddings and LM head) stay one tensor
+    dense = {}
+    for k, v in net.state_dict().items():
+        if k not in names:
+            key = (v.data_ptr(), tuple(v.shape), v.stride(), v.dtype)
+            dense[k] = clones.setdefault(key, v.detach().clone())
     return CompressedNetwork(layers, dense, dict(config or {}))
 
 

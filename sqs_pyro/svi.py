@@ -237,10 +237,10 @@ class Trainer:
         """Wall time of the run so far, summed over resumed sessions."""
         return time.perf_counter() - self._clock
 
-    def state_dict(self) -> dict[str, Any]:
-        """A checkpoint: cloned tensors, numbers, strings, lists and dicts only."""
+    def state_dict(self, clone: bool = True) -> dict[str, Any]:
+        """A checkpoint: tensors (cloned unless ``clone=False``), numbers, strings, lists and dicts only."""
         r = self.result
-        return _clone({
+        return (_clone if clone else dict)({
             "step": self.step, "lr_scale": self.lr_scale, "rollbacks": self.rollbacks, "seconds": self.seconds,
             "config": r.config.to_dict(), "task": self.task, "num_data": self.num_data,
             "world_size": self.ctx.world_size, "sites": [(s.name, s.shape) for s in r.model.sites],
@@ -345,10 +345,12 @@ class Trainer:
         return bool(torch.isfinite(loss) & torch.isfinite(worst))
 
     def _checkpoint(self, path: Path | None) -> dict[str, Any]:
-        state = self.state_dict()
-        if path is not None:
-            save_checkpoint(state, path)
-        return state
+        """Write the checkpoint to ``path`` and return a reference to it; without a path, return
+        an in-memory copy (about twice the memory of the variational and optimiser states)."""
+        if path is None:
+            return self.state_dict()
+        save_checkpoint(self.state_dict(clone=False), path)
+        return {"step": self.step, "path": path}
 
     def _rollback(self, good: Mapping[str, Any], step: int, max_rollbacks: int, path: Path | None) -> None:
         where = f"the checkpoint {path}" if path is not None else "the last in-memory checkpoint"
@@ -358,7 +360,7 @@ class Trainer:
                 f"that halved the learning rate to {self.lr_scale:g}x; stopping. {where} (step {good['step']}) is "
                 "the last good state; lower the learning rates or check the data and the network")
         lr_scale, rollbacks, seconds = self.lr_scale * 0.5, self.rollbacks + 1, self.seconds
-        self.load_state_dict(good)
+        self.load_state_dict(load_checkpoint(good["path"]) if "path" in good else good)
         self.lr_scale, self.rollbacks = lr_scale, rollbacks
         self._clock = time.perf_counter() - seconds
         self.result.history.append({"step": step, "phase": "rollback", "to_step": int(good["step"]),

