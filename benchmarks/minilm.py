@@ -5,20 +5,23 @@
 
 1. fine-tunes the encoder + a linear head densely (Adam) on the training sentences;
 2. compresses the fine-tuned network with SQS (attention q/k/v/o and MLP matrices; default
-   75% sparsity, K=16: the paper's BERT setting) for the same number of epochs;
+   75% sparsity, K=16: the paper's BERT setting) for the same number of epochs, with the
+   ``--hf`` defaults (``sqs_pyro.cli_compress_hf.HF_DEFAULTS``) and a KL weight of 1e-4;
 3. reports held-out accuracy (dense, greedy, averaged), achieved sparsity, bits, CR formula,
    packed ratio, the mean cosine between compressed and dense sentence embeddings, peak RSS
    and wall times; writes benchmarks/results/minilm.json.
 """
 import argparse
 import json
-import resource
 import time
 from pathlib import Path
 
 import torch
+from memory import reset_peak, vm
 
 from sqs_pyro import SQSConfig
+from sqs_pyro.analysis.outliers import outlier_summary
+from sqs_pyro.cli_compress_hf import HF_DEFAULTS
 from sqs_pyro.datasets import accuracy
 from sqs_pyro.hf import SentenceClassifier, encode_sentences, fine_tune, load_minilm
 from sqs_pyro.models import transformer_include
@@ -45,6 +48,7 @@ def main() -> None:
     parser.add_argument("--windows", default="outlier")
     parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kl-weight", type=float, default=1e-4)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "minilm.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -59,30 +63,42 @@ def main() -> None:
     x_test, y_test = x_all[-args.test:], y_all[-args.test:]
 
     net = SentenceClassifier(encoder, 2)
+    reset_peak()
+    rss_dense = vm("VmRSS")
     start = time.perf_counter()
     fine_tune(net, x, y, args.epochs, args.batch_size, 5e-5, args.seed, torch.nn.functional.cross_entropy)
     dense_seconds = time.perf_counter() - start
+    peak_dense_ft = vm("VmHWM")
     acc_dense = accuracy(net, x_test, y_test, batch_size=64)
+    reset_peak()
 
-    config = SQSConfig(sparsity=args.sparsity, components=args.components, windows=args.windows,
-                       epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                       include=transformer_include("bert"), lr_dense=5e-5)
+    s_f = args.sparsity
+    config = SQSConfig.from_dict({**HF_DEFAULTS, "sparsity": s_f, "initial_sparsity": s_f,
+                                  "components": args.components, "windows": args.windows, "epochs": args.epochs,
+                                  "batch_size": args.batch_size, "seed": args.seed, "kl_weight": args.kl_weight,
+                                  "include": transformer_include("bert")})
     start = time.perf_counter()
-    result = compress(net, (x, y), config, progress=True)
+    result = compress(net, (x, y), config, progress=True, checkpoint_dir=Path("runs/minilm"))
     sqs_seconds = time.perf_counter() - start
+    peak_sqs = vm("VmHWM")
     greedy = result.greedy_module()
     acc = result.accounting()
     row = {
         "train": len(x), "test": len(x_test), "epochs": args.epochs, "sparsity_target": args.sparsity,
-        "K": args.components, "windows": args.windows,
+        "K": args.components, "windows": args.windows, "kl_weight": args.kl_weight,
         "accuracy_dense": acc_dense, "accuracy_greedy": accuracy(greedy, x_test, y_test, batch_size=64),
         "accuracy_averaged": accuracy(result.averaged_module(), x_test, y_test, batch_size=64),
         "cosine_greedy_vs_dense": mean_cosine(net, greedy, x_test),
         "sparsity": acc["sparsity"], "bits": acc["bits"], "cr_formula": acc["cr_formula"],
         "compressed_params": acc["compressed_params"], "packed_ratio": acc["bytes_fp32"] / acc["bytes_packed"],
         "dense_seconds": dense_seconds, "sqs_seconds": sqs_seconds,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_dense_bytes": rss_dense, "peak_rss_dense_ft_bytes": peak_dense_ft, "peak_rss_sqs_bytes": peak_sqs,
+        "bytes_per_param_dense_ft": (peak_dense_ft - rss_dense) / acc["compressed_params"],
+        "bytes_per_param_sqs": (peak_sqs - rss_dense) / acc["compressed_params"],
     }
+    report = outlier_summary(result, max_listed=10)
+    (args.out.parent / "minilm_outliers.json").write_text(json.dumps(report, indent=1, default=float))
+    row["outliers_overall"] = report["overall"]
     print(json.dumps(row, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(row, indent=2))

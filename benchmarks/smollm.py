@@ -33,17 +33,10 @@ import time
 from pathlib import Path
 
 import torch
+from memory import reset_peak, vm
 
 HERE = Path(__file__).parent
 HELD_OUT = "persuasion"
-
-
-def _vm(field: str) -> int:
-    """``VmRSS`` / ``VmHWM`` of this process in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def run_settings(args: argparse.Namespace) -> dict:
@@ -98,7 +91,8 @@ def child(args: argparse.Namespace) -> dict:
     net = CausalLM(lm)
     train, held, available = load_data(args, tokenizer)
     x, y = train[:, :-1], train[:, 1:]
-    rss_dense = _vm("VmRSS")
+    reset_peak()  # loading de-quantises the GGUF through temporaries: not part of training
+    rss_dense = vm("VmRSS")
     row = {"run": args.child, "train_windows": len(train), "train_tokens": int(y.numel()),
            "available_windows": available, "eval_tokens": int(held[:, 1:].numel()), "rss_dense_bytes": rss_dense}
     t0 = time.perf_counter()
@@ -119,9 +113,9 @@ def child(args: argparse.Namespace) -> dict:
         # checkpoints on disk, not in memory: the in-memory copy would double the SVI state
         result = compress(net, (x, y), config, task="lm", progress=True, checkpoint_dir=_run_dir(args))
         row["train_seconds"] = time.perf_counter() - t0
-        row["peak_rss_train_bytes"] = _vm("VmHWM")
+        row["peak_rss_train_bytes"] = vm("VmHWM")
         row.update(sqs_measurements(args, result, held))
-    row["peak_rss_bytes"] = _vm("VmHWM")
+    row["peak_rss_bytes"] = vm("VmHWM")
     compressed = sum(net.get_parameter(s.name).numel() for s in select_layers(net, include=transformer_include("llama")))
     peak = row.get("peak_rss_train_bytes", row["peak_rss_bytes"])
     row.update(selected_params=compressed, bytes_per_compressed_param=(peak - rss_dense) / compressed)

@@ -47,7 +47,7 @@ typedef float vf __attribute__((vector_size(LANES * 4)));
 typedef int32_t vi __attribute__((vector_size(LANES * 4)));
 typedef uint64_t vu64 __attribute__((vector_size(LANES * 8)));
 typedef double vd __attribute__((vector_size(LANES * 8)));
-typedef int64_t vl __attribute__((vector_size(LANES * 8)));
+typedef int8_t vb __attribute__((vector_size(LANES)));
 
 int64_t sqs_kernel_kmax(void) { return KMAX; }
 
@@ -152,7 +152,8 @@ typedef struct {
     const float *x;              /* latent weights (nparam) */
     const float *theta;          /* gate logits (nparam) or NULL */
     const float *gate_fixed;     /* fixed gates (nparam) when theta is NULL */
-    const int64_t *win, *cw;     /* window of each weight (NULL: one window), of each level */
+    const int8_t *win;           /* window of each weight (NULL: one window) */
+    const int64_t *cw;           /* window of each level */
     const float *c, *a, *mu, *s; /* codebook terms (K) */
     const float *v;              /* K-vector: B for the layer's KL (NULL: no KL), v for phi_dot */
     const float *eps;            /* standard normal noise (n), sample mode */
@@ -236,7 +237,7 @@ static void load(Block *b, const Args *p, int64_t j0, int64_t m) {
         b->x = load_f(p->x, start, m, 0.0f);
         b->theta = load_f(p->theta, start, m, 0.0f);
         b->gfix = load_f(p->gate_fixed, start, m, 0.0f);
-        vl w = {0};
+        vb w = {0};
         if (p->win) memcpy(&w, p->win + start, sizeof w);
         b->w = __builtin_convertvector(w, vi);
     } else {

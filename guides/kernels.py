@@ -118,6 +118,11 @@ def _contiguous(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [None if t is None else t.detach().contiguous() for t in tensors]
 
 
+def _int8(window_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """Window ids as the kernels read them: one signed byte per weight."""
+    return None if window_ids is None else window_ids.to(torch.int8)
+
+
 def _codebook_grads(k: int) -> dict[str, torch.Tensor]:
     return {name: torch.zeros(k, dtype=torch.float64) for name in ("dc", "da", "dmu", "ds", "dv")}
 
@@ -125,7 +130,7 @@ def _codebook_grads(k: int) -> dict[str, torch.Tensor]:
 class _PhiDot(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, c, a, mu, v, window_ids, comp_window):
-        x, c, a, mu, v, win, cw = _contiguous(x, c, a, mu, v, window_ids, comp_window)
+        x, c, a, mu, v, win, cw = _contiguous(x, c, a, mu, v, _int8(window_ids), comp_window)
         out = torch.empty_like(x)
         fields = dict(n=x.numel(), nparam=x.numel(), K=mu.numel(), x=x, win=win, cw=cw, c=c, a=a, mu=mu, v=v)
         _run("sqs_phi_dot_forward", w=out, **fields)
@@ -149,7 +154,7 @@ class _FusedLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, theta, c, a, mu, s, kl_components, gate_fixed, eps, window_ids, comp_window, settings):
         x, theta, c, a, mu, s, v, gate_fixed, eps, win, cw = _contiguous(
-            x, theta, c, a, mu, s, kl_components, gate_fixed, eps, window_ids, comp_window)
+            x, theta, c, a, mu, s, kl_components, gate_fixed, eps, _int8(window_ids), comp_window)
         n = x.numel() if eps is None else eps.numel()
         fields = dict(n=n, nparam=x.numel(), K=mu.numel(), x=x, theta=theta, gate_fixed=gate_fixed, win=win, cw=cw,
                       c=c, a=a, mu=mu, s=s, v=v, eps=eps, **settings)
@@ -185,7 +190,7 @@ class _FusedLayer(torch.autograd.Function):
 def phi_argmax(x: torch.Tensor, c: torch.Tensor, a: torch.Tensor, mu: torch.Tensor,
                window_ids: torch.Tensor | None = None, comp_window: torch.Tensor | None = None) -> torch.Tensor:
     """``argmax_k phi_jk`` (int64, shape of ``x``; the first maximum), without gradients."""
-    x, c, a, mu, win, cw = _contiguous(x, c, a, mu, window_ids, comp_window)
+    x, c, a, mu, win, cw = _contiguous(x, c, a, mu, _int8(window_ids), comp_window)
     codes = torch.empty(x.shape, dtype=torch.int64)
     _run("sqs_phi_argmax", n=x.numel(), nparam=x.numel(), K=mu.numel(), x=x, win=win, cw=cw, c=c, a=a, mu=mu,
          codes=codes)

@@ -49,8 +49,9 @@ class LayerPosterior(PyroModule):
         self.scale_raw = nn.Parameter(_softplus_inverse(as_t(init.scales).clamp_min(2 * _SCALE_FLOOR) - _SCALE_FLOOR))
         self.mix_logits = nn.Parameter(torch.log(as_t(init.mix)))
         multi = int(init.component_windows.max()) > 0
-        self.register_buffer("window_ids", torch.as_tensor(init.window_ids, device=w.device).reshape(w.shape)
-                             if multi else None)
+        # int8: one byte per weight (windows < 128, checked by SQSConfig) keeps large layers lean
+        self.register_buffer("window_ids", torch.as_tensor(init.window_ids, dtype=torch.int8, device=w.device)
+                             .reshape(w.shape) if multi else None)
         self.register_buffer("comp_window", torch.as_tensor(init.component_windows, device=w.device))
         self.register_buffer("mask", torch.ones_like(w, dtype=torch.bool))
         self.register_buffer("gate_state", torch.tensor(GATE_OPEN))

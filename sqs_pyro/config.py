@@ -83,8 +83,8 @@ class SQSConfig:
         _check(self.windows in WINDOW_MODES, f"windows must be one of {WINDOW_MODES}, got {self.windows!r}")
         _check(self.codebook_fit in ("kept", "all"),
                f"codebook_fit must be 'kept' or 'all', got {self.codebook_fit!r}")
-        _check(self.equal_windows >= 1 and self.equal_windows <= self.components,
-               f"equal_windows must lie in [1, components], got {self.equal_windows!r}")
+        _check(1 <= self.equal_windows <= min(self.components, 127),
+               f"equal_windows must lie in [1, min(components, 127)], got {self.equal_windows!r}")
         _check(self.iqr_factor > 0, f"iqr_factor must be > 0, got {self.iqr_factor!r}")
         _check(0.0 < self.prior_inclusion < 1.0,
                f"prior_inclusion must lie in (0, 1), got {self.prior_inclusion!r}")

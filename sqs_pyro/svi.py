@@ -514,8 +514,8 @@ def gate_scores(net: nn.Module, sites, dataset, task: str, config: SQSConfig) ->
     if config.gate_score == "magnitude":
         return None
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed))
-    size = config.batch_size
-    batches = [_fetch(dataset, order[i * size:(i + 1) * size])
+    size, device = config.batch_size, next(net.parameters()).device
+    batches = [[t.to(device) for t in _fetch(dataset, order[i * size:(i + 1) * size])]
                for i in range(min(config.saliency_batches, max(1, len(dataset) // size)))]
     return first_order_saliency(net, [s.name for s in sites], batches, task_loss(task))
 

