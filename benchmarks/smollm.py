@@ -41,7 +41,7 @@ HELD_OUT = "persuasion"
 
 def run_settings(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "eval_windows", "seed", "lr_weights",
-                                          "lr_codebook", "lr_dense", "kl_weight", "bins")}
+                                          "lr_codebook", "lr_dense", "kl_weight", "prune_scope", "bins")}
 
 
 def run_key(name: str, settings: dict) -> str:
@@ -109,11 +109,12 @@ def child(args: argparse.Namespace) -> dict:
                                       "epochs": 1.0, "batch_size": args.batch_size, "seed": args.seed,
                                       "include": transformer_include("llama"), "lr_weights": args.lr_weights,
                                       "lr_codebook": args.lr_codebook, "lr_dense": args.lr_dense,
-                                      "kl_weight": args.kl_weight})
+                                      "kl_weight": args.kl_weight, "prune_scope": args.prune_scope})
         # checkpoints on disk, not in memory: the in-memory copy would double the SVI state
         result = compress(net, (x, y), config, task="lm", progress=True, checkpoint_dir=_run_dir(args))
         row["train_seconds"] = time.perf_counter() - t0
         row["peak_rss_train_bytes"] = vm("VmHWM")
+        row["config"] = config.to_dict()
         row.update(sqs_measurements(args, result, held))
     row["peak_rss_bytes"] = vm("VmHWM")
     compressed = sum(net.get_parameter(s.name).numel() for s in select_layers(net, include=transformer_include("llama")))
@@ -161,6 +162,7 @@ def main() -> None:
     parser.add_argument("--lr-codebook", type=float, default=1e-4)
     parser.add_argument("--lr-dense", type=float, default=2e-5)
     parser.add_argument("--kl-weight", type=float, default=1e-3)
+    parser.add_argument("--prune-scope", choices=("layer", "global"), default="layer")
     parser.add_argument("--bins", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)

@@ -97,7 +97,7 @@ class SpikeGMMGuide(PyroModule):
         super().__init__()
         self.sites = list(sites)
         self.config = config
-        offsets = _gate_offsets(net, self.sites, scores, config.sparsity)
+        offsets = _gate_offsets(net, self.sites, scores, config.sparsity, config.prune_scope)
         self.layers = PyroModule[nn.ModuleList](
             [LayerPosterior(site, net.get_parameter(site.name), config, offsets[site.name]) for site in self.sites])
         self.kl_weight = float(config.kl_weight)
@@ -129,8 +129,9 @@ class SpikeGMMGuide(PyroModule):
 
 
 def _gate_offsets(net: nn.Module, sites: Sequence[CompressedSite], scores: dict[str, torch.Tensor] | None,
-                  sparsity: float) -> dict[str, torch.Tensor]:
-    """``clip(log(score / ref), -3, 3)`` per weight; ``ref`` is the score at the target-sparsity quantile.
+                  sparsity: float, scope: str = "global") -> dict[str, torch.Tensor]:
+    """``clip(log(score / ref), -3, 3)`` per weight; ``ref`` is the score at the target-sparsity
+    quantile over all compressed weights (``scope="global"``) or within the weight's layer (``"layer"``).
 
     Weights above the reference (kept at the target by their score) start at or above
     ``gate_init``, with distinct logits; ties from the clip occur only far below it, among
@@ -138,7 +139,11 @@ def _gate_offsets(net: nn.Module, sites: Sequence[CompressedSite], scores: dict[
     """
     if scores is None:
         scores = {s.name: net.get_parameter(s.name).detach().abs() for s in sites}
-    flat = torch.cat([scores[s.name].reshape(-1) for s in sites])
-    k = max(1, math.ceil((sparsity if sparsity > 0 else 0.5) * flat.numel()))
-    ref = max(float(torch.kthvalue(flat, k).values), 1e-30)
-    return {s.name: torch.log(scores[s.name] / ref + 1e-30).clamp(-3.0, 3.0) for s in sites}
+    groups = [sites] if scope == "global" else [[s] for s in sites]
+    offsets = {}
+    for group in groups:
+        flat = torch.cat([scores[s.name].reshape(-1) for s in group])
+        k = max(1, math.ceil((sparsity if sparsity > 0 else 0.5) * flat.numel()))
+        ref = max(float(torch.kthvalue(flat, k).values), 1e-30)
+        offsets.update({s.name: torch.log(scores[s.name] / ref + 1e-30).clamp(-3.0, 3.0) for s in group})
+    return offsets

@@ -26,11 +26,15 @@ from sqs_pyro.config import SQSConfig
 from sqs_pyro.errors import SQSInputError
 
 # Pretrained transformers (see README "Transformers"): learning rates for their small weights
-# (the image defaults move them far too fast); pruning to the target at once from saliencies,
-# so that no step runs the not-yet-pruned weights on a codebook fitted to the survivors; and
-# a tempered KL: with ~1e5 tokens against ~1e8 weights the untempered prior would swamp the data.
+# (the image defaults move them far too fast); pruning every layer to the target at once
+# from saliencies (one global threshold damages language models), so that no step runs the not-yet-pruned weights on a codebook fitted to the survivors; the
+# deterministic expected forward (sampled levels and slab noise on every weight wreck a
+# pretrained LM's outputs); and a tempered KL: with ~1e5 tokens against ~1e8 weights the
+# untempered prior would swamp the data.
 HF_DEFAULTS = {"epochs": 1.0, "batch_size": 8, "lr_weights": 2e-5, "lr_codebook": 1e-4, "lr_dense": 2e-5,
-               "saliency_batches": 2, "warmup_fraction": 0.0, "prune_fraction": 0.2, "kl_weight": 1e-3, "log_every": 4}
+               "saliency_batches": 2, "warmup_fraction": 0.0, "prune_fraction": 0.2, "prune_scope": "layer",
+               "mode": "expected",
+               "kl_weight": 1e-3, "log_every": 4}
 
 
 def register_options(p: argparse.ArgumentParser) -> None:

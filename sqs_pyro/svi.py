@@ -174,18 +174,21 @@ def total_kl(model: SQSModel, guide: SpikeGMMGuide) -> float:
 
 
 @torch.no_grad()
-def prune_to_quantile(guide: SpikeGMMGuide, sparsity: float, pruned_logit: float) -> None:
-    """Reset the inclusion logits below the global ``sparsity`` quantile to at most ``pruned_logit``."""
+def prune_to_quantile(guide: SpikeGMMGuide, sparsity: float, pruned_logit: float, scope: str = "global") -> None:
+    """Reset the inclusion logits below the ``sparsity`` quantile (over all compressed weights,
+    or within each layer for ``scope="layer"``) to at most ``pruned_logit``."""
     if sparsity <= 0:
         return
-    logits = torch.cat([layer.gate_logits.detach().reshape(-1) for layer in guide.layers])
-    k = min(logits.numel(), math.ceil(sparsity * logits.numel() - 1e-9))
-    if k < 1:
-        return
-    threshold = torch.kthvalue(logits, k).values
-    for layer in guide.layers:
-        below = layer.gate_logits <= threshold
-        layer.gate_logits.masked_fill_(below & (layer.gate_logits > pruned_logit), pruned_logit)
+    groups = [guide.layers] if scope == "global" else [[layer] for layer in guide.layers]
+    for layers in groups:
+        logits = torch.cat([layer.gate_logits.detach().reshape(-1) for layer in layers])
+        k = min(logits.numel(), math.ceil(sparsity * logits.numel() - 1e-9))
+        if k < 1:
+            continue
+        threshold = torch.kthvalue(logits, k).values
+        for layer in layers:
+            below = layer.gate_logits <= threshold
+            layer.gate_logits.masked_fill_(below & (layer.gate_logits > pruned_logit), pruned_logit)
 
 
 @torch.no_grad()
@@ -309,7 +312,7 @@ class Trainer:
             kl = total_kl(self.result.model, guide) if logging else 0.0  # at the loss's parameters
             self.optimizer.step()
             if phase == PRUNE:
-                prune_to_quantile(guide, schedule.target_sparsity(step), config.pruned_logit)
+                prune_to_quantile(guide, schedule.target_sparsity(step), config.pruned_logit, config.prune_scope)
             if logging:
                 record = _log_record(guide, step, phase, self.ctx.mean(loss), kl, beta, self.num_data)
                 self.result.history.append(record)

@@ -90,3 +90,24 @@ def test_plain_pyro_svi_reduces_the_loss():
         svi.step(x, y)
     last = sum(svi.step(x, y) for _ in range(5)) / 5
     assert last < first - 10  # mostly the gate KL: gates move toward the sparse prior
+
+
+def test_layer_scope_prunes_every_layer_to_the_target():
+    from sqs_pyro.svi import measured_sparsity, prune_to_quantile
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 10))
+    with torch.no_grad():
+        net[2].weight.mul_(50.0)  # a global threshold would prune the small first layer far more
+    sites = select_layers(net)
+    for scope, expected in (("layer", (0.6, 0.6)), ("global", None)):
+        config = SQSConfig(components=4, sparsity=0.6, prune_scope=scope)
+        guide = SpikeGMMGuide(net, sites, config)
+        guide.set_gate_state(GATE_LEARN)
+        prune_to_quantile(guide, 0.6, config.pruned_logit, scope)
+        per_layer = [float((layer.gate_logits <= config.pruned_logit).float().mean()) for layer in guide.layers]
+        if expected:
+            assert per_layer == pytest.approx(expected, abs=1e-3)
+        else:
+            assert per_layer[0] > 0.7 and per_layer[1] < 0.1
+        assert measured_sparsity(guide) == pytest.approx(0.6, abs=1e-3)
