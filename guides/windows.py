@@ -105,6 +105,6 @@ def plan_windows(values: np.ndarray, components: int, mode: str, equal_windows: 
         return single
     levels = allocate_levels(groups, components)
     windowed_sse = sum(kmeans_sse(g, k) for g, k in zip(groups, levels))
-    if windowed_sse > kmeans_sse(fitted, components):  # tail windows would increase the error
-        return single
+    if windowed_sse > kmeans_sse(fitted, components) * (1 + 1e-9):  # tail windows would increase the error
+        return single  # (ties, up to round-off, keep the tail windows)
     return WindowPlan(ids, tuple(levels))
