@@ -12,6 +12,8 @@ Runs (each in its own process, so that its peak RSS is its own; one JSON line ea
 
 * ``dense``: the untouched model (fp32 weights de-quantised from the Q4_1 GGUF);
 * ``dense_ft``: dense Adam fine-tuning, same windows, batch and steps, lr = ``lr_dense``;
+* ``magnitude<S>`` / ``kmeans<K>``: no training, only one-shot per-layer magnitude pruning
+  or only per-layer K-level k-means quantisation (the damage of each step on its own);
 * ``sqs<S>k<K>``: SQS at sparsity S% with K levels on every attention and MLP matrix, with
   the ``--hf`` defaults (:data:`sqs_pyro.cli_compress_hf.HF_DEFAULTS`: one-shot pruning to
   the target from saliencies, gates learning for 20% of the steps, tempered KL); also
@@ -41,7 +43,7 @@ HELD_OUT = "persuasion"
 
 def run_settings(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "eval_windows", "seed", "lr_weights",
-                                          "lr_codebook", "lr_dense", "kl_weight", "prune_scope", "bins")}
+                                          "lr_codebook", "lr_dense", "kl_weight", "prune_scope", "mode", "bins")}
 
 
 def run_key(name: str, settings: dict) -> str:
@@ -102,6 +104,8 @@ def child(args: argparse.Namespace) -> dict:
         fine_tune(net, x, y, 1.0, args.batch_size, args.lr_dense, args.seed, task_loss("lm"))
         row["train_seconds"] = time.perf_counter() - t0
         row["perplexity"] = perplexity(net, held)
+    elif args.child.startswith(("magnitude", "kmeans")):
+        row["perplexity"] = perplexity(one_shot(net, args.child), held)
     else:
         sparsity, k = args.child[3:].split("k")
         s_f = int(sparsity) / 100
@@ -109,7 +113,8 @@ def child(args: argparse.Namespace) -> dict:
                                       "epochs": 1.0, "batch_size": args.batch_size, "seed": args.seed,
                                       "include": transformer_include("llama"), "lr_weights": args.lr_weights,
                                       "lr_codebook": args.lr_codebook, "lr_dense": args.lr_dense,
-                                      "kl_weight": args.kl_weight, "prune_scope": args.prune_scope})
+                                      "kl_weight": args.kl_weight, "prune_scope": args.prune_scope,
+                                      "mode": args.mode})
         # checkpoints on disk, not in memory: the in-memory copy would double the SVI state
         result = compress(net, (x, y), config, task="lm", progress=True, checkpoint_dir=_run_dir(args))
         row["train_seconds"] = time.perf_counter() - t0
@@ -128,6 +133,27 @@ def _run_dir(args: argparse.Namespace) -> Path:
     path = HERE.parent / "runs" / "smollm" / args.child
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def one_shot(net, run: str):
+    """No training: ``magnitude<S>`` zeroes the S% smallest weights of every compressed matrix;
+    ``kmeans<K>`` snaps every weight to its layer's K-level codebook (outlier windows, k-means
+    on all weights). Separates the damage of pruning and of quantisation."""
+    import numpy as np
+
+    from sqs_pyro.guides.initialization import initial_codebook, magnitude_keep
+    from sqs_pyro.models import select_layers, transformer_include
+
+    with torch.no_grad():
+        for site in select_layers(net, include=transformer_include("llama")):
+            w = net.get_parameter(site.name)
+            values = w.reshape(-1).double().numpy()
+            if run.startswith("magnitude"):
+                new = np.where(magnitude_keep(values, int(run[9:]) / 100), values, 0.0)
+            else:
+                new = initial_codebook(values, int(run[6:]), "outlier").quantize(values)
+            w.copy_(torch.as_tensor(new, dtype=w.dtype).reshape(w.shape))
+    return net
 
 
 def sqs_measurements(args: argparse.Namespace, result, held: torch.Tensor) -> dict:
@@ -163,6 +189,7 @@ def main() -> None:
     parser.add_argument("--lr-dense", type=float, default=2e-5)
     parser.add_argument("--kl-weight", type=float, default=1e-3)
     parser.add_argument("--prune-scope", choices=("layer", "global"), default="layer")
+    parser.add_argument("--mode", choices=("expected", "sample"), default="expected")
     parser.add_argument("--bins", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)

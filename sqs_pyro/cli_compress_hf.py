@@ -27,7 +27,8 @@ from sqs_pyro.errors import SQSInputError
 
 # Pretrained transformers (see README "Transformers"): learning rates for their small weights
 # (the image defaults move them far too fast); pruning every layer to the target at once
-# from saliencies (one global threshold damages language models), so that no step runs the not-yet-pruned weights on a codebook fitted to the survivors; the
+# from saliencies (per-layer sparsity, the usual choice for language models), so that no
+# step runs the not-yet-pruned weights on a codebook fitted to the survivors; the
 # deterministic expected forward (sampled levels and slab noise on every weight wreck a
 # pretrained LM's outputs); and a tempered KL: with ~1e5 tokens against ~1e8 weights the
 # untempered prior would swamp the data.
