@@ -43,7 +43,7 @@ HELD_OUT = "persuasion"
 
 def run_settings(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "eval_windows", "seed", "lr_weights",
-                                          "lr_codebook", "lr_dense", "kl_weight", "prune_scope", "mode", "bins")}
+                                          "lr_codebook", "lr_dense", "kl_weight", "prune_scope", "mode", "gate_score", "bins")}
 
 
 def run_key(name: str, settings: dict) -> str:
@@ -114,7 +114,7 @@ def child(args: argparse.Namespace) -> dict:
                                       "include": transformer_include("llama"), "lr_weights": args.lr_weights,
                                       "lr_codebook": args.lr_codebook, "lr_dense": args.lr_dense,
                                       "kl_weight": args.kl_weight, "prune_scope": args.prune_scope,
-                                      "mode": args.mode})
+                                      "mode": args.mode, "gate_score": args.gate_score})
         # checkpoints on disk, not in memory: the in-memory copy would double the SVI state
         result = compress(net, (x, y), config, task="lm", progress=True, checkpoint_dir=_run_dir(args))
         row["train_seconds"] = time.perf_counter() - t0
@@ -190,6 +190,7 @@ def main() -> None:
     parser.add_argument("--kl-weight", type=float, default=1e-3)
     parser.add_argument("--prune-scope", choices=("layer", "global"), default="layer")
     parser.add_argument("--mode", choices=("expected", "sample"), default="expected")
+    parser.add_argument("--gate-score", choices=("saliency", "activation", "magnitude"), default="saliency")
     parser.add_argument("--bins", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)

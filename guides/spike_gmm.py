@@ -131,7 +131,8 @@ class SpikeGMMGuide(PyroModule):
 def _gate_offsets(net: nn.Module, sites: Sequence[CompressedSite], scores: dict[str, torch.Tensor] | None,
                   sparsity: float, scope: str = "global") -> dict[str, torch.Tensor]:
     """``clip(log(score / ref), -3, 3)`` per weight; ``ref`` is the score at the target-sparsity
-    quantile over all compressed weights (``scope="global"``) or within the weight's layer (``"layer"``).
+    quantile over all compressed weights (``scope="global"``), within the weight's layer
+    (``"layer"``) or within its output row (``"row"``).
 
     Weights above the reference (kept at the target by their score) start at or above
     ``gate_init``, with distinct logits; ties from the clip occur only far below it, among
@@ -139,6 +140,14 @@ def _gate_offsets(net: nn.Module, sites: Sequence[CompressedSite], scores: dict[
     """
     if scores is None:
         scores = {s.name: net.get_parameter(s.name).detach().abs() for s in sites}
+    if scope == "row":  # the reference of each output row
+        offsets = {}
+        for s in sites:
+            rows = scores[s.name].reshape(s.shape[0], -1)
+            k = max(1, math.ceil((sparsity if sparsity > 0 else 0.5) * rows.shape[1]))
+            ref = torch.kthvalue(rows, k, dim=1).values.clamp_min(1e-30).unsqueeze(1)
+            offsets[s.name] = torch.log(rows / ref + 1e-30).clamp(-3.0, 3.0).reshape(s.shape)
+        return offsets
     groups = [sites] if scope == "global" else [[s] for s in sites]
     offsets = {}
     for group in groups:

@@ -30,10 +30,11 @@ class SQSConfig:
     Gates start at ``gate_init + clip(log(score / ref), -3, 3)``, ``ref`` the score at the
     target-sparsity quantile, with the score a
     first-order saliency ``rms_b(w dL_b/dw)`` over ``saliency_batches`` minibatches
-    (``gate_score="saliency"``) or ``|w|`` (``"magnitude"``). ``prune_scope="global"`` takes
-    that quantile, and the pruning threshold on the inclusion logits, over all compressed
-    weights (layers get different sparsities); ``"layer"`` within each layer (every layer at
-    the target: the usual choice for language models, which global thresholds damage).
+    (``gate_score="saliency"``), ``|w|`` (``"magnitude"``) or ``|w_ij| ||x_j||`` of Linear
+    layers (``"activation"``, Wanda). ``prune_scope="global"`` takes that quantile, and the
+    pruning threshold on the inclusion logits, over all compressed weights (layers get
+    different sparsities); ``"layer"`` within each layer; ``"row"`` within each output row
+    (Wanda's comparison group).
 
     Schedule (fractions of the total number of steps): ``warmup_fraction`` with gates fixed
     open, then ``prune_fraction`` with a cubic sparsity ramp from ``initial_sparsity`` to
@@ -100,10 +101,10 @@ class SQSConfig:
         _check(all(s > 0 for s in self.slab_scales), f"slab_scales must be > 0, got {self.slab_scales!r}")
         _check(self.kl_weight >= 0, f"kl_weight must be >= 0, got {self.kl_weight!r}")
         _check(self.mode in SAMPLING_MODES, f"mode must be one of {SAMPLING_MODES}, got {self.mode!r}")
-        _check(self.prune_scope in ("global", "layer"),
-               f"prune_scope must be 'global' or 'layer', got {self.prune_scope!r}")
-        _check(self.gate_score in ("saliency", "magnitude"),
-               f"gate_score must be 'saliency' or 'magnitude', got {self.gate_score!r}")
+        _check(self.prune_scope in ("global", "layer", "row"),
+               f"prune_scope must be 'global', 'layer' or 'row', got {self.prune_scope!r}")
+        _check(self.gate_score in ("saliency", "magnitude", "activation"),
+               f"gate_score must be 'saliency', 'magnitude' or 'activation', got {self.gate_score!r}")
         _check(self.saliency_batches >= 1, "saliency_batches must be >= 1")
         _check(self.responsibility_temperature > 0, "responsibility_temperature must be > 0")
         for name in ("gate_temperature", "assign_temperature"):

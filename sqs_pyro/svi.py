@@ -42,7 +42,7 @@ from sqs_pyro.config import SQSConfig
 from sqs_pyro.distributed import DistContext, distributed_context
 from sqs_pyro.elbo import SQSMeanFieldELBO
 from sqs_pyro.errors import SQSDivergenceError, SQSInputError
-from sqs_pyro.guides.initialization import first_order_saliency
+from sqs_pyro.guides.initialization import activation_scores, first_order_saliency
 from sqs_pyro.guides.kl import spike_gmm_kl
 from sqs_pyro.guides.spike_gmm import GATE_FROZEN, GATE_LEARN, SpikeGMMGuide
 from sqs_pyro.materialize import AveragedPredictor, CompressedNetwork, final_mask, materialize
@@ -175,19 +175,24 @@ def total_kl(model: SQSModel, guide: SpikeGMMGuide) -> float:
 
 @torch.no_grad()
 def prune_to_quantile(guide: SpikeGMMGuide, sparsity: float, pruned_logit: float, scope: str = "global") -> None:
-    """Reset the inclusion logits below the ``sparsity`` quantile (over all compressed weights,
-    or within each layer for ``scope="layer"``) to at most ``pruned_logit``."""
+    """Reset the inclusion logits below the ``sparsity`` quantile to at most ``pruned_logit``;
+    the quantile is taken over all compressed weights (``scope="global"``), within each layer
+    (``"layer"``) or within each output row (``"row"``)."""
     if sparsity <= 0:
         return
-    groups = [guide.layers] if scope == "global" else [[layer] for layer in guide.layers]
-    for layers in groups:
-        logits = torch.cat([layer.gate_logits.detach().reshape(-1) for layer in layers])
-        k = min(logits.numel(), math.ceil(sparsity * logits.numel() - 1e-9))
+    if scope == "global":
+        groups = [(torch.cat([layer.gate_logits.detach().reshape(1, -1) for layer in guide.layers], 1), guide.layers)]
+    else:
+        groups = [(layer.gate_logits.detach().reshape(layer.gate_logits.shape[0] if scope == "row" else 1, -1),
+                   [layer]) for layer in guide.layers]
+    for rows, layers in groups:  # rows: (groups, members); one threshold per group
+        k = min(rows.shape[1], math.ceil(sparsity * rows.shape[1] - 1e-9))
         if k < 1:
             continue
-        threshold = torch.kthvalue(logits, k).values
+        threshold = torch.kthvalue(rows, k, dim=1).values
         for layer in layers:
-            below = layer.gate_logits <= threshold
+            t = threshold.reshape(-1, *[1] * (layer.gate_logits.dim() - 1)) if scope == "row" else threshold[0]
+            below = layer.gate_logits <= t
             layer.gate_logits.masked_fill_(below & (layer.gate_logits > pruned_logit), pruned_logit)
 
 
@@ -513,13 +518,16 @@ def task_loss(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def gate_scores(net: nn.Module, sites, dataset, task: str, config: SQSConfig) -> dict[str, torch.Tensor] | None:
-    """First-order saliencies on the first ``saliency_batches`` seeded minibatches (or ``None``: magnitudes)."""
+    """First-order saliencies or activation-aware scores on the first ``saliency_batches`` seeded
+    minibatches (or ``None``: magnitudes)."""
     if config.gate_score == "magnitude":
         return None
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed))
     size, device = config.batch_size, next(net.parameters()).device
     batches = [[t.to(device) for t in _fetch(dataset, order[i * size:(i + 1) * size])]
                for i in range(min(config.saliency_batches, max(1, len(dataset) // size)))]
+    if config.gate_score == "activation":
+        return activation_scores(net, sites, batches)
     return first_order_saliency(net, [s.name for s in sites], batches, task_loss(task))
 
 

@@ -100,7 +100,7 @@ def test_layer_scope_prunes_every_layer_to_the_target():
     with torch.no_grad():
         net[2].weight.mul_(50.0)  # a global threshold would prune the small first layer far more
     sites = select_layers(net)
-    for scope, expected in (("layer", (0.6, 0.6)), ("global", None)):
+    for scope, expected in (("layer", (0.6, 0.6)), ("row", (0.6, 0.6)), ("global", None)):
         config = SQSConfig(components=4, sparsity=0.6, prune_scope=scope)
         guide = SpikeGMMGuide(net, sites, config)
         guide.set_gate_state(GATE_LEARN)
@@ -110,4 +110,20 @@ def test_layer_scope_prunes_every_layer_to_the_target():
             assert per_layer == pytest.approx(expected, abs=1e-3)
         else:
             assert per_layer[0] > 0.7 and per_layer[1] < 0.1
+        if scope == "row":  # 0.6 of every row's 40 or 30 inputs
+            for layer in guide.layers:
+                pruned = (layer.gate_logits <= config.pruned_logit).sum(1)
+                assert torch.all(pruned == round(0.6 * layer.gate_logits.shape[1]))
         assert measured_sparsity(guide) == pytest.approx(0.6, abs=1e-3)
+
+
+def test_activation_scores_weigh_weights_by_their_input_norms():
+    from sqs_pyro.guides.initialization import activation_scores
+
+    net = nn.Sequential(nn.Linear(3, 2))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.5, -0.5]]))
+    x = torch.tensor([[1.0, 0.0, 2.0], [-1.0, 0.0, 2.0], [1.0, 0.0, -2.0], [1.0, 0.0, 2.0]])
+    scores = activation_scores(net, select_layers(net), [(x[:2], None), (x[2:], None)])
+    rms = torch.tensor([1.0, 0.0, 2.0])  # root mean square of each input feature over the 4 rows
+    assert torch.allclose(scores["0.weight"], net[0].weight.abs() * rms)
