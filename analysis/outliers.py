@@ -106,3 +106,21 @@ def outlier_summary(result: Any, max_listed: int = 50) -> dict[str, Any]:
                "tail_error": error_stats(w_all[tails & kept], q_all[tails & kept]),
                "bulk_error": error_stats(w_all[~tails & kept], q_all[~tails & kept])}
     return {"iqr_factor": cfg.iqr_factor, "windows": cfg.windows, "layers": layers, "overall": overall}
+
+
+def pooled_report(report: dict[str, Any]) -> dict[str, Any]:
+    """Totals of an :func:`outlier_summary`: matrices with tails, tail weights, and the window
+    ablation's tail and bulk RMS errors pooled over all matrices (per window mode)."""
+    layers = report["layers"]
+
+    def pooled(mode: str, part: str) -> float | None:
+        stats = [l["window_ablation"][mode][part] for l in layers if l["window_ablation"][mode][part]["count"]]
+        count = sum(s["count"] for s in stats)
+        return float(np.sqrt(sum(s["rms"] ** 2 * s["count"] for s in stats) / count)) if count else None
+
+    modes = [m for m in layers[0]["window_ablation"] if m != "n_tail"] if layers else []
+    return {"matrices": len(layers), "matrices_with_tails": sum(l["n_tail"] > 0 for l in layers),
+            "weights": sum(l["numel"] for l in layers), "tail_weights": sum(l["n_tail"] for l in layers),
+            "window_ablation": {m: {"tail_rms": pooled(m, "tail_error"), "bulk_rms": pooled(m, "bulk_error")}
+                                for m in modes},
+            "overall": report["overall"]}

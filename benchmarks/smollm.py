@@ -2,6 +2,7 @@
 
     python benchmarks/smollm.py --austen assets/austen              # all runs, resumable
     python benchmarks/smollm.py --austen assets/austen --runs dense sqs50k16
+    python benchmarks/smollm.py --austen assets/austen --report      # the table of finished runs
 
 Training text: five novels, cut into windows of ``--seq-len + 1`` tokens, of which
 ``--steps x --batch-size`` seeded random windows are used once (one epoch: the token budget).
@@ -19,7 +20,8 @@ Runs (each in its own process, so that its peak RSS is its own; one JSON line ea
   the target from saliencies, gates learning for 20% of the steps, tempered KL); also
   the perplexity with quantile-binned assignments (``--bins`` per window) instead of
   per-weight ones, a ``.sqs`` file loaded back into ``LlamaForCausalLM`` (perplexity checked),
-  and the tail-outlier report of every compressed matrix (``results/smollm_outliers_<run>.json``).
+  and (for ``--outlier-runs``) the tail-outlier report of every compressed matrix
+  (``results/smollm_outliers_<run>.json``).
 
 Peak memory: ``VmHWM`` of the run's process; ``bytes_per_param`` = (peak - RSS with the dense
 model and data loaded) / compressed parameters.
@@ -170,10 +172,33 @@ def sqs_measurements(args: argparse.Namespace, result, held: torch.Tensor) -> di
     path = _run_dir(args) / "model.sqs"
     out["file_bytes"] = save_compressed(result, path)
     out["perplexity_reloaded"] = perplexity(CausalLM(load_transformers(path)), held)
-    report = outlier_summary(result, max_listed=10)
-    (HERE / "results" / f"smollm_outliers_{args.child}.json").write_text(json.dumps(report, indent=1, default=float))
-    out["outliers_overall"] = report["overall"]
+    if args.child in args.outlier_runs:  # minutes for 210 matrices (k-means window ablation per matrix)
+        report = outlier_summary(result, max_listed=10)
+        (args.out.parent / f"smollm_outliers_{args.child}.json").write_text(json.dumps(report, indent=1, default=float))
+        out["outliers_overall"] = report["overall"]
     return out
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    return format(row[key], fmt) if row.get(key) is not None else ""
+
+
+def report(path: Path) -> str:
+    """A markdown table of the JSON lines in ``path`` (the last line of each key)."""
+    rows = {json.loads(line)["key"]: json.loads(line) for line in path.read_text().splitlines() if line.strip()}
+    lines = ["| run | scores / scope | train tokens | perplexity | binned codes | reloaded file | sparsity | bits | "
+             "CR formula | file MB | peak RSS GB | bytes / param | train s |", "|---" * 13 + "|"]
+    for r in rows.values():
+        sqs = r["run"].startswith("sqs")
+        cells = [r["run"], f"{r.get('gate_score', 'saliency')} / {r.get('prune_scope', 'layer')}" if sqs else "",
+                 f"{r['train_tokens']:,}" if sqs or r["run"] == "dense_ft" else "0",
+                 _cell(r, "perplexity", ".1f"), _cell(r, "perplexity_binned", ".1f"),
+                 _cell(r, "perplexity_reloaded", ".1f"), _cell(r, "sparsity", ".3f"), _cell(r, "bits", "d"),
+                 _cell(r, "cr_formula", ".1f"), f"{r['file_bytes'] / 1e6:.1f}" if r.get("file_bytes") else "",
+                 f"{r.get('peak_rss_train_bytes', r['peak_rss_bytes']) / 1e9:.2f}",
+                 f"{r['bytes_per_compressed_param']:.1f}", _cell(r, "train_seconds", ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -192,11 +217,21 @@ def main() -> None:
     parser.add_argument("--mode", choices=("expected", "sample"), default="expected")
     parser.add_argument("--gate-score", choices=("saliency", "activation", "magnitude"), default="saliency")
     parser.add_argument("--bins", type=int, default=32)
+    parser.add_argument("--outlier-runs", nargs="*", default=["sqs50k16"],
+                        help="runs that also write the tail-outlier report of every matrix")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "smollm.jsonl")
+    parser.add_argument("--report", action="store_true", help="only print the table of the finished runs")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.report:
+        print(report(args.out))
+        from sqs_pyro.analysis.outliers import pooled_report
+
+        for path in sorted(args.out.parent.glob("*outliers*.json")):
+            print(path.name, json.dumps(pooled_report(json.loads(path.read_text())), indent=1))
+        return
     settings = run_settings(args)
     if args.child:
         row = {"key": run_key(args.child, settings), **settings, **child(args)}

@@ -96,3 +96,20 @@ def test_summary_of_a_trained_result_finds_planted_outliers(planted_outlier_prob
     assert s["overall"]["n_tail"] == sum(r["n_tail"] for r in s["layers"])
     assert s["windows"] == "outlier" and s["iqr_factor"] == 5.0
     assert set(l0["window_ablation"]) == {"n_tail", "none", "outlier"}
+
+
+def test_pooled_report_pools_rms_by_counts():
+    from sqs_pyro.analysis.outliers import pooled_report
+
+    def layer(numel, n_tail, tail, bulk):
+        ablation = {"n_tail": n_tail, "none": {"tail_error": tail, "bulk_error": bulk},
+                    "outlier": {"tail_error": {"count": 0, "rms": 0.0}, "bulk_error": bulk}}
+        return {"numel": numel, "n_tail": n_tail, "window_ablation": ablation}
+
+    report = {"overall": {}, "layers": [layer(100, 1, {"count": 1, "rms": 3.0}, {"count": 99, "rms": 1.0}),
+                                        layer(50, 0, {"count": 3, "rms": 1.0}, {"count": 50, "rms": 2.0})]}
+    pooled = pooled_report(report)
+    assert pooled["matrices"] == 2 and pooled["matrices_with_tails"] == 1 and pooled["tail_weights"] == 1
+    assert pooled["window_ablation"]["none"]["tail_rms"] == pytest.approx(((9 + 3) / 4) ** 0.5)
+    assert pooled["window_ablation"]["none"]["bulk_rms"] == pytest.approx(((99 + 200) / 149) ** 0.5)
+    assert pooled["window_ablation"]["outlier"]["tail_rms"] is None
