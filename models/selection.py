@@ -36,6 +36,8 @@ def _layer_type(module: nn.Module) -> str | None:
     # transformers is not needed at import time.
     if type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor):
         return "conv1d_hf"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
     return None
 
 
@@ -49,7 +51,7 @@ def select_layers(
 
     A layer is selected when its type is in ``include_types`` (``"linear"``, ``"conv"``
     for Conv1d/2d/3d including grouped and depthwise, ``"conv1d_hf"`` for transformers'
-    Conv1D), its module path matches one of the regular expressions ``include`` (all if
+    Conv1D, ``"embedding"`` for ``nn.Embedding`` tables), its module path matches one of the regular expressions ``include`` (all if
     empty) and none of ``exclude``. Only ``.weight`` tensors are compressed; biases and all
     other parameters stay deterministic.
 

@@ -65,7 +65,8 @@ def hf_config(args: argparse.Namespace, model_type: str) -> SQSConfig:
     config = config_from_args(args, HF_DEFAULTS)
     include = tuple(args.include) if args.include else config.include or transformer_include(model_type)
     one_shot = {"initial_sparsity": config.sparsity} if config.warmup_fraction == 0 else {}
-    return SQSConfig.from_dict({**config.to_dict(), "include": include, **one_shot})
+    types = ("linear", "conv1d_hf", "embedding")  # the include patterns decide; the preset matches matrices only
+    return SQSConfig.from_dict({**config.to_dict(), "include": include, "include_types": types, **one_shot})
 
 
 def _check(args: argparse.Namespace) -> None:

@@ -118,8 +118,9 @@ class SQSConfig:
                "warmup_fraction + prune_fraction must be <= 1")
         for name in ("lr_weights", "lr_codebook", "lr_gates", "lr_dense"):
             _check(getattr(self, name) >= 0 and math.isfinite(getattr(self, name)), f"{name} must be >= 0")
-        _check(all(t in ("linear", "conv", "conv1d_hf") for t in self.include_types),
-               f"include_types entries must be 'linear', 'conv' or 'conv1d_hf', got {self.include_types!r}")
+        _check(all(t in ("linear", "conv", "conv1d_hf", "embedding") for t in self.include_types),
+               "include_types entries must be 'linear', 'conv', 'conv1d_hf' or 'embedding', "
+               f"got {self.include_types!r}")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
         for name in ("include", "exclude"):
             for pattern in getattr(self, name):

