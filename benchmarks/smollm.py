@@ -213,7 +213,7 @@ def main() -> None:
     parser.add_argument("--lr-codebook", type=float, default=1e-4)
     parser.add_argument("--lr-dense", type=float, default=2e-5)
     parser.add_argument("--kl-weight", type=float, default=1e-3)
-    parser.add_argument("--prune-scope", choices=("layer", "global"), default="layer")
+    parser.add_argument("--prune-scope", choices=("layer", "global", "row"), default="layer")
     parser.add_argument("--mode", choices=("expected", "sample"), default="expected")
     parser.add_argument("--gate-score", choices=("saliency", "activation", "magnitude"), default="saliency")
     parser.add_argument("--bins", type=int, default=32)

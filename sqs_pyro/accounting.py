@@ -54,6 +54,13 @@ def layer_accounting(layer: CompressedLayer) -> dict[str, Any]:
     }
 
 
+def dense_params(dense_state: dict[str, torch.Tensor]) -> int:
+    """Floating-point parameters of the uncompressed tensors, a tied tensor (the same object
+    under two names, e.g. embeddings and LM head) counted once."""
+    unique = {id(v): v for v in dense_state.values() if v.is_floating_point()}
+    return sum(v.numel() for v in unique.values())
+
+
 def accounting(compressed: CompressedNetwork) -> dict[str, Any]:
     """Measured sparsity, bits, CR formula and byte counts of a materialised network."""
     layers = [layer_accounting(layer) for layer in compressed.layers]
@@ -61,7 +68,7 @@ def accounting(compressed: CompressedNetwork) -> dict[str, Any]:
     nnz = sum(l["nnz"] for l in layers)
     sparsity = 1.0 - nnz / n
     bits = max(l["bits"] for l in layers)
-    other = sum(v.numel() for v in compressed.dense_state.values() if v.is_floating_point())
+    other = dense_params(compressed.dense_state)
     return {
         "layers": layers,
         "compressed_params": n,

@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from sqs_pyro import coding
-from sqs_pyro.accounting import binary_entropy
+from sqs_pyro.accounting import binary_entropy, dense_params
 from sqs_pyro.atomic import write_bytes_atomic
 from sqs_pyro.errors import CompressedFileError, SQSInputError
 from sqs_pyro.materialize import CompressedLayer, CompressedNetwork
@@ -169,7 +169,7 @@ def _totals(layers: list[dict[str, Any]], dense: dict[str, torch.Tensor]) -> dic
     """The accounting totals (as :func:`sqs_pyro.accounting.accounting`) from the layer entries."""
     numel = sum(_numel(e["shape"]) for e in layers)
     nnz = sum(e["nnz"] for e in layers)
-    other = sum(v.numel() for v in dense.values() if v.is_floating_point())
+    other = dense_params(dense)
     bits = max((max(1, coding.code_width(len(e["windows"]))) for e in layers), default=0)
     return {"compressed_params": numel, "nnz": nnz, "other_params": other,
             "sparsity": 1.0 - nnz / numel if numel else 0.0, "bits": bits,

@@ -514,6 +514,11 @@ def test_tied_tensors_are_stored_once_and_load_tied(tmp_path):
     assert untied_header["payload_bytes"] - tied_header["payload_bytes"] == shared.numel() * 4
     assert tied_header["tensors"][1] == {"name": "head.weight", "shape": [50, 8], "dtype": "float32", "bytes": 0,
                                          "same_as": "embed.weight"}
+    assert tied_header["accounting"]["other_params"] == 400 + 8  # the tied table once, plus the norm
+    assert untied_header["accounting"]["other_params"] == 800 + 8
     loaded = load_compressed(tmp_path / "tied.sqs")
     assert loaded.dense_state["head.weight"] is loaded.dense_state["embed.weight"]
+    from sqs_pyro.accounting import accounting
+
+    assert accounting(loaded)["other_params"] == 408
     assert torch.equal(loaded.dense_state["head.weight"], shared)
