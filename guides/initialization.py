@@ -151,3 +151,23 @@ def activation_scores(net: torch.nn.Module, sites: Sequence, batches: Iterable[t
             w = w * (sums[s.name] / counts[s.name]).sqrt().to(w.dtype)
         scores[s.name] = w
     return scores
+
+
+def scoped_kthvalues(tensors: Sequence[torch.Tensor], scope: str,
+                     rank: Callable[[int], int]) -> list[torch.Tensor | None]:
+    """The ``rank(n)``-th smallest value of each comparison group of ``n`` values, as a threshold
+    broadcastable to each tensor: one group over all tensors (``scope="global"``), one per tensor
+    (``"layer"``) or one per output row, dim 0 (``"row"``). A rank below 1 gives ``None``."""
+    if scope == "global":
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        k = rank(flat.numel())
+        return [torch.kthvalue(flat, k).values if k >= 1 else None] * len(tensors)
+    thresholds: list[torch.Tensor | None] = []
+    for t in tensors:
+        rows = t.detach().reshape(t.shape[0] if scope == "row" else 1, -1)
+        k = rank(rows.shape[1])
+        values = torch.kthvalue(rows, k, dim=1).values if k >= 1 else None
+        if values is not None:
+            values = values.reshape(-1, *[1] * (t.dim() - 1)) if scope == "row" else values[0]
+        thresholds.append(values)
+    return thresholds

@@ -474,19 +474,17 @@ static int64_t layer(const Args *p, int backward) {
 }
 
 /* Returns 0, or -1 when memory is short. */
-int64_t sqs_layer_forward(const Args *p) {
+/* Runs one pass with subnormals flushed to zero, restoring the caller's float state. */
+static int64_t without_subnormals(int64_t (*pass)(const Args *, int), const Args *p, int backward) {
     unsigned int state = flush_subnormals();
-    int64_t status = layer(p, 0);
+    int64_t status = pass(p, backward);
     restore_float_state(state);
     return status;
 }
 
-int64_t sqs_layer_backward(const Args *p) {
-    unsigned int state = flush_subnormals();
-    int64_t status = layer(p, 1);
-    restore_float_state(state);
-    return status;
-}
+int64_t sqs_layer_forward(const Args *p) { return without_subnormals(layer, p, 0); }
+
+int64_t sqs_layer_backward(const Args *p) { return without_subnormals(layer, p, 1); }
 
 /* out_j = sum_k phi_jk v_k, forward (p->w = out) and backward (p->dw = dout; dx, dc, da, dmu, dv). */
 static int64_t phi_dot(const Args *p, int backward) {
@@ -519,27 +517,15 @@ static int64_t phi_dot(const Args *p, int backward) {
     return 0;
 }
 
-int64_t sqs_phi_dot_forward(const Args *p) {
-    unsigned int state = flush_subnormals();
-    int64_t status = phi_dot(p, 0);
-    restore_float_state(state);
-    return status;
-}
+int64_t sqs_phi_dot_forward(const Args *p) { return without_subnormals(phi_dot, p, 0); }
 
-int64_t sqs_phi_dot_backward(const Args *p) {
-    unsigned int state = flush_subnormals();
-    int64_t status = phi_dot(p, 1);
-    restore_float_state(state);
-    return status;
-}
+int64_t sqs_phi_dot_backward(const Args *p) { return without_subnormals(phi_dot, p, 1); }
 
-int64_t sqs_phi_argmax(const Args *p) {
-    unsigned int state = flush_subnormals();
+/* codes_j = argmax_k phi_jk (the first maximum); ``unused`` keeps the pass signature. */
+static int64_t phi_argmax(const Args *p, int unused) {
+    (void)unused;
     Block *b = zalloc(sizeof(Block));
-    if (!b) {
-        restore_float_state(state);
-        return -1;
-    }
+    if (!b) return -1;
     for (int64_t j0 = 0; j0 < p->n; j0 += LANES) {
         const int64_t m = p->n - j0 < LANES ? p->n - j0 : LANES;
         load(b, p, j0, m);
@@ -554,6 +540,7 @@ int64_t sqs_phi_argmax(const Args *p) {
         for (int64_t i = 0; i < m; i++) p->codes[j0 + i] = idx[i];
     }
     free(b);
-    restore_float_state(state);
     return 0;
 }
+
+int64_t sqs_phi_argmax(const Args *p) { return without_subnormals(phi_argmax, p, 0); }

@@ -12,7 +12,7 @@ from torch import nn
 
 from sqs_pyro.config import SQSConfig
 from sqs_pyro.guides.distributions import SpikeGMM
-from sqs_pyro.guides.initialization import initial_codebook
+from sqs_pyro.guides.initialization import initial_codebook, scoped_kthvalues
 from sqs_pyro.models.priors import SpikeSlabGMM, kl_weighting
 from sqs_pyro.models.selection import CompressedSite
 
@@ -140,19 +140,7 @@ def _gate_offsets(net: nn.Module, sites: Sequence[CompressedSite], scores: dict[
     """
     if scores is None:
         scores = {s.name: net.get_parameter(s.name).detach().abs() for s in sites}
-    if scope == "row":  # the reference of each output row
-        offsets = {}
-        for s in sites:
-            rows = scores[s.name].reshape(s.shape[0], -1)
-            k = max(1, math.ceil((sparsity if sparsity > 0 else 0.5) * rows.shape[1]))
-            ref = torch.kthvalue(rows, k, dim=1).values.clamp_min(1e-30).unsqueeze(1)
-            offsets[s.name] = torch.log(rows / ref + 1e-30).clamp(-3.0, 3.0).reshape(s.shape)
-        return offsets
-    groups = [sites] if scope == "global" else [[s] for s in sites]
-    offsets = {}
-    for group in groups:
-        flat = torch.cat([scores[s.name].reshape(-1) for s in group])
-        k = max(1, math.ceil((sparsity if sparsity > 0 else 0.5) * flat.numel()))
-        ref = max(float(torch.kthvalue(flat, k).values), 1e-30)
-        offsets.update({s.name: torch.log(scores[s.name] / ref + 1e-30).clamp(-3.0, 3.0) for s in group})
-    return offsets
+    q = sparsity if sparsity > 0 else 0.5
+    refs = scoped_kthvalues([scores[s.name] for s in sites], scope, lambda n: max(1, math.ceil(q * n)))
+    return {s.name: torch.log(scores[s.name] / ref.clamp_min(1e-30) + 1e-30).clamp(-3.0, 3.0)
+            for s, ref in zip(sites, refs)}

@@ -211,17 +211,16 @@ def encode_file(network: CompressedNetwork, codebook_dtype: str | None = None,
         entry, parts = _encode_layer(layer, codebook_dtype)
         layers.append(entry)
         segments += parts
-    tensors, stored = [], {}
+    tensors, stored = [], {}  # stored: id of each tensor written -> its name
     for name, tensor in network.dense_state.items():
         entry = {"name": name, "shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype)}
-        first = next((other for other, t in stored.items() if t is tensor), None)
-        if first is not None:  # a tied tensor is stored once
-            tensors.append({**entry, "bytes": 0, "same_as": first})
+        if id(tensor) in stored:  # a tied tensor is stored once
+            tensors.append({**entry, "bytes": 0, "same_as": stored[id(tensor)]})
             continue
         data = tensor_bytes(tensor)
         tensors.append({**entry, "bytes": len(data)})
         segments.append(data)
-        stored[name] = tensor
+        stored[id(tensor)] = name
     payload = b"".join(segments)
     header = {
         "format": "sqs-pyro", "format_version": FORMAT_VERSION,

@@ -42,7 +42,7 @@ from sqs_pyro.config import SQSConfig
 from sqs_pyro.distributed import DistContext, distributed_context
 from sqs_pyro.elbo import SQSMeanFieldELBO
 from sqs_pyro.errors import SQSDivergenceError, SQSInputError
-from sqs_pyro.guides.initialization import activation_scores, first_order_saliency
+from sqs_pyro.guides.initialization import activation_scores, first_order_saliency, scoped_kthvalues
 from sqs_pyro.guides.kl import spike_gmm_kl
 from sqs_pyro.guides.spike_gmm import GATE_FROZEN, GATE_LEARN, SpikeGMMGuide
 from sqs_pyro.materialize import AveragedPredictor, CompressedNetwork, final_mask, materialize
@@ -180,20 +180,12 @@ def prune_to_quantile(guide: SpikeGMMGuide, sparsity: float, pruned_logit: float
     (``"layer"``) or within each output row (``"row"``)."""
     if sparsity <= 0:
         return
-    if scope == "global":
-        groups = [(torch.cat([layer.gate_logits.detach().reshape(1, -1) for layer in guide.layers], 1), guide.layers)]
-    else:
-        groups = [(layer.gate_logits.detach().reshape(layer.gate_logits.shape[0] if scope == "row" else 1, -1),
-                   [layer]) for layer in guide.layers]
-    for rows, layers in groups:  # rows: (groups, members); one threshold per group
-        k = min(rows.shape[1], math.ceil(sparsity * rows.shape[1] - 1e-9))
-        if k < 1:
-            continue
-        threshold = torch.kthvalue(rows, k, dim=1).values
-        for layer in layers:
-            t = threshold.reshape(-1, *[1] * (layer.gate_logits.dim() - 1)) if scope == "row" else threshold[0]
-            below = layer.gate_logits <= t
-            layer.gate_logits.masked_fill_(below & (layer.gate_logits > pruned_logit), pruned_logit)
+    logits = [layer.gate_logits for layer in guide.layers]
+    thresholds = scoped_kthvalues(logits, scope, lambda n: min(n, math.ceil(sparsity * n - 1e-9)))
+    for gate_logits, threshold in zip(logits, thresholds):
+        if threshold is not None:
+            below = gate_logits <= threshold
+            gate_logits.masked_fill_(below & (gate_logits > pruned_logit), pruned_logit)
 
 
 @torch.no_grad()

@@ -51,16 +51,21 @@ def _counting_text(n_lines: int, seed: int) -> str:
     return "\n".join(" ".join(WORDS[(s + i) % 30] for i in range(12)) for s in starts)
 
 
+def _compress_hf(model_dir, task: str, out, *options: str) -> dict:
+    """``sqs-pyro compress --hf`` at K=4, 50% sparsity, batch 8; asserts success, returns summary.json."""
+    rc = main(["compress", "--hf", str(model_dir), "--task", task, *options, "--batch-size", "8",
+               "--components", "4", "--sparsity", "0.5", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    return json.loads((out / "summary.json").read_text())
+
+
 def test_compress_hf_lm_writes_a_file_that_loads_into_the_same_transformers_class(tmp_path):
     model_dir = _llama_folder(tmp_path / "llama")
     (tmp_path / "train.txt").write_text(_counting_text(80, 0))
     (tmp_path / "eval.txt").write_text(_counting_text(20, 1))
     out = tmp_path / "out"
-    rc = main(["compress", "--hf", str(model_dir), "--task", "lm", "--data", str(tmp_path / "train.txt"),
-               "--eval-data", str(tmp_path / "eval.txt"), "--seq-len", "8", "--epochs", "3", "--batch-size", "8",
-               "--components", "4", "--sparsity", "0.5", "--out", str(out), "--no-progress"])
-    assert rc == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = _compress_hf(model_dir, "lm", out, "--data", str(tmp_path / "train.txt"),
+                           "--eval-data", str(tmp_path / "eval.txt"), "--seq-len", "8", "--epochs", "3")
     assert summary["task"] == "lm" and summary["bits"] == 2 and 0.5 <= summary["sparsity"] < 0.6
     assert len(summary["layers"]) == 14  # q, k, v, o, gate, up, down in 2 blocks; tied LM head stays dense
     loaded = load_transformers(out / "model.sqs")
@@ -87,11 +92,8 @@ def test_compress_hf_classification_loads_back_as_the_encoder(tmp_path):
         lines.append(f"{label}\t{' '.join(words)}")
     (tmp_path / "train.tsv").write_text("\n".join(lines))
     out = tmp_path / "out"
-    rc = main(["compress", "--hf", str(model_dir), "--task", "classification", "--data", str(tmp_path / "train.tsv"),
-               "--eval-data", str(tmp_path / "train.tsv"), "--dense-epochs", "2", "--epochs", "2", "--batch-size", "8",
-               "--components", "4", "--sparsity", "0.5", "--out", str(out), "--no-progress"])
-    assert rc == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = _compress_hf(model_dir, "classification", out, "--data", str(tmp_path / "train.tsv"),
+                           "--eval-data", str(tmp_path / "train.tsv"), "--dense-epochs", "2", "--epochs", "2")
     assert 0 <= summary["greedy"]["accuracy"] <= 1 and "accuracy" in summary["dense"]
     assert len(summary["layers"]) == 12  # q, k, v, attention output, intermediate, output in 2 layers
     encoder = load_transformers(out / "model.sqs")
@@ -156,11 +158,9 @@ def test_compress_hf_selects_the_word_embeddings_on_request(tmp_path):
     model_dir = _bert_folder(tmp_path / "bert")
     (tmp_path / "train.tsv").write_text("\n".join(f"{i % 2}\t{WORDS[i % 30]} {WORDS[(i * 7) % 30]}" for i in range(32)))
     out = tmp_path / "out"
-    rc = main(["compress", "--hf", str(model_dir), "--task", "classification", "--data", str(tmp_path / "train.tsv"),
-               "--include", r"word_embeddings$", r"intermediate\.dense$", "--epochs", "2", "--batch-size", "8",
-               "--components", "4", "--sparsity", "0.5", "--out", str(out), "--no-progress"])
-    assert rc == 0
-    names = [layer["name"] for layer in json.loads((out / "summary.json").read_text())["layers"]]
+    summary = _compress_hf(model_dir, "classification", out, "--data", str(tmp_path / "train.tsv"),
+                           "--include", r"word_embeddings$", r"intermediate\.dense$", "--epochs", "2")
+    names = [layer["name"] for layer in summary["layers"]]
     assert names == ["encoder.embeddings.word_embeddings.weight", "encoder.encoder.layer.0.intermediate.dense.weight",
                      "encoder.encoder.layer.1.intermediate.dense.weight"]
     encoder = load_transformers(out / "model.sqs")
