@@ -48,7 +48,7 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from sqs_pyro.atomic import atomic_path
+from sqs_pyro.format.atomic import atomic_path
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # arviz 0.x announces its 1.0 refactor on import
@@ -212,7 +212,7 @@ def to_inference_data(result: Any, num_samples: int = 200, weights_per_layer: in
     """An ArviZ object (``InferenceData`` on arviz < 1) of guide draws; see the module docstring.
 
     Args:
-        result: a trained :class:`~sqs_pyro.svi.SQSResult`.
+        result: a trained :class:`~sqs_pyro.infer.result.SQSResult`.
         num_samples: draws ``S``.
         weights_per_layer: size of the random subset of weights per tensor (seeded), unless
             ``indices`` gives a tensor's flat indices explicitly.

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from sqs_pyro.guides.initialization import magnitude_mask
-from sqs_pyro.materialize import final_mask
 
 UNCERTAIN_BAND = (0.1, 0.9)
 
@@ -33,7 +32,7 @@ def inclusion_probabilities(result: Any) -> dict[str, np.ndarray]:
 
 def final_masks(result: Any) -> dict[str, np.ndarray]:
     """The kept weights of the compressed network (flat bool), by site name."""
-    return {layer.site_name: final_mask(layer).reshape(-1).cpu().numpy() for layer in result.guide.layers}
+    return {layer.site_name: layer.kept_mask().reshape(-1).cpu().numpy() for layer in result.guide.layers}
 
 
 def pretrained_weights(result: Any) -> dict[str, np.ndarray]:
@@ -71,7 +70,7 @@ def inclusion_stats(g: np.ndarray, mask: np.ndarray, pretrained: np.ndarray, bin
 
 
 def inclusion_summary(result: Any, bins: int = 20) -> dict[str, Any]:
-    """Per-layer and overall :func:`inclusion_stats` of a trained :class:`~sqs_pyro.svi.SQSResult`.
+    """Per-layer and overall :func:`inclusion_stats` of a trained :class:`~sqs_pyro.infer.result.SQSResult`.
 
     The overall magnitude mask is global (one threshold over all compressed layers, as the
     pruning schedule uses); the per-layer ones keep each layer's own number of weights.

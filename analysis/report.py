@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 from sqs_pyro.analysis import plots
 from sqs_pyro.analysis.arviz_adapter import default_backend, load_posterior, posterior_summary
 from sqs_pyro.analysis.summary import ANALYSIS_FILE, POSTERIOR_FILE
-from sqs_pyro.atomic import write_text_atomic
+from sqs_pyro.format.atomic import write_text_atomic
 from sqs_pyro.errors import SQSInputError
 
 REPORT_FILE = "report.html"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from sqs_pyro.analysis.arviz_adapter import save_posterior, to_inference_data
-from sqs_pyro.atomic import write_text_atomic
+from sqs_pyro.format.atomic import write_text_atomic
 from sqs_pyro.analysis.codebooks import codebook_summary, layer_distributions
 from sqs_pyro.analysis.inclusion import inclusion_summary
 from sqs_pyro.analysis.outliers import outlier_summary

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from sqs_pyro import SQSConfig
-from sqs_pyro.datasets import accuracy, load_mnist, load_mnist_cnn
-from sqs_pyro.svi import compress
+from sqs_pyro.data import accuracy, load_mnist, load_mnist_cnn
+from sqs_pyro.infer import compress
 
 SETTINGS = [  # (sparsity, K, allowed accuracy drop in points)
     (0.75, 16, 0.1),

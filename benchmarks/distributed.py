@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from sqs_pyro import SQSConfig
-from sqs_pyro.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from sqs_pyro.datasets import accuracy, load_mnist, load_mnist_cnn
-from sqs_pyro.distributed import distributed_context, max_abs_difference_across_ranks
-from sqs_pyro.svi import Trainer, compress
+from sqs_pyro.infer.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from sqs_pyro.data import accuracy, load_mnist, load_mnist_cnn
+from sqs_pyro.infer.distributed import distributed_context, max_abs_difference_across_ranks
+from sqs_pyro.infer import Trainer, compress
 
 
 def worker(args: argparse.Namespace) -> None:

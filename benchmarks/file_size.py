@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from sqs_pyro import SQSConfig
-from sqs_pyro.datasets import accuracy, load_mnist, load_mnist_cnn
-from sqs_pyro.fileformat import layer_table, load_compressed, read_header, save_compressed
-from sqs_pyro.materialize import CompressedLayer, CompressedNetwork
-from sqs_pyro.svi import compress
+from sqs_pyro.data import accuracy, load_mnist, load_mnist_cnn
+from sqs_pyro.format.container import layer_table, load_compressed, read_header, save_compressed
+from sqs_pyro.compressed.materialize import CompressedLayer, CompressedNetwork
+from sqs_pyro.infer import compress
 
 SETTINGS = ((0.95, 4), (0.75, 16))
 

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from sqs_pyro import SQSConfig
-from sqs_pyro.fileformat import load_compressed, save_compressed
-from sqs_pyro.svi import compress
+from sqs_pyro.format.container import load_compressed, save_compressed
+from sqs_pyro.infer import compress
 
 
 def task(device: torch.device):

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from sqs_pyro.ablation import (ablation_effects, expand_grid, format_effects, format_table, load_grid,
+from sqs_pyro.experiments.ablation import (ablation_effects, expand_grid, format_effects, format_table, load_grid,
                                read_records, run_grid, summarize)
 
 HERE = Path(__file__).parent

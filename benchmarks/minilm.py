@@ -6,7 +6,7 @@
 1. fine-tunes the encoder + a linear head densely (Adam) on the training sentences;
 2. compresses the fine-tuned network with SQS (attention q/k/v/o and MLP matrices; default
    75% sparsity, K=16: the paper's BERT setting) for the same number of epochs, with the
-   ``--hf`` defaults (``sqs_pyro.cli_compress_hf.HF_DEFAULTS``) and a KL weight of 1e-4;
+   ``--hf`` defaults (``sqs_pyro.cli.compress_hf.HF_DEFAULTS``) and a KL weight of 1e-4;
 3. reports held-out accuracy (dense, greedy, averaged), achieved sparsity, bits, CR formula,
    packed ratio, the mean cosine between compressed and dense sentence embeddings, peak RSS
    and wall times; writes benchmarks/results/minilm.json.
@@ -21,12 +21,12 @@ from memory import reset_peak, vm
 
 from sqs_pyro import SQSConfig
 from sqs_pyro.analysis.outliers import outlier_summary
-from sqs_pyro.cli_compress_hf import HF_DEFAULTS
-from sqs_pyro.datasets import accuracy
+from sqs_pyro.cli.compress_hf import HF_DEFAULTS
+from sqs_pyro.data import accuracy
 from sqs_pyro.hf import SentenceClassifier, encode_sentences, fine_tune, load_minilm
 from sqs_pyro.models import transformer_include
-from sqs_pyro.svi import compress
-from sqs_pyro.text_data import movie_reviews
+from sqs_pyro.infer import compress
+from sqs_pyro.data.text import movie_reviews
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ Runs (each in its own process, so that its peak RSS is its own; one JSON line ea
 * ``magnitude<S>`` / ``kmeans<K>``: no training, only one-shot per-layer magnitude pruning
   or only per-layer K-level k-means quantisation (the damage of each step on its own);
 * ``sqs<S>k<K>``: SQS at sparsity S% with K levels on every attention and MLP matrix, with
-  the ``--hf`` defaults (:data:`sqs_pyro.cli_compress_hf.HF_DEFAULTS`: one-shot pruning to
+  the ``--hf`` defaults (:data:`sqs_pyro.cli.compress_hf.HF_DEFAULTS`: one-shot pruning to
   the target from saliencies, gates learning for 20% of the steps, tempered KL); also
   the perplexity with quantile-binned assignments (``--bins`` per window) instead of
   per-weight ones, a ``.sqs`` file loaded back into ``LlamaForCausalLM`` (perplexity checked),
@@ -54,7 +54,7 @@ def run_key(name: str, settings: dict) -> str:
 
 def load_data(args: argparse.Namespace, tokenizer):
     from sqs_pyro.hf import token_windows
-    from sqs_pyro.text_data import austen_novels
+    from sqs_pyro.data.text import austen_novels
 
     books = austen_novels(args.austen)
     train = torch.cat([token_windows(tokenizer, text, args.seq_len) for name, text in books.items() if name != HELD_OUT])
@@ -67,12 +67,11 @@ def binned_perplexity(result, held: torch.Tensor, bins: int) -> float:
     """Perplexity of the greedy network whose kept weights take the codes of their quantile bin's mean."""
     from sqs_pyro.guides.binning import quantile_bin_means
     from sqs_pyro.hf import perplexity
-    from sqs_pyro.materialize import final_mask
 
     saved = [layer.latent.detach().clone() for layer in result.guide.layers]
     with torch.no_grad():
         for layer in result.guide.layers:
-            kept = final_mask(layer)
+            kept = layer.kept_mask()
             ids = torch.zeros_like(layer.latent, dtype=torch.long) if layer.window_ids is None else layer.window_ids
             ids = torch.where(kept, ids, torch.full_like(ids, -1))  # pruned weights: a bin set of their own
             layer.latent.copy_(quantile_bin_means(layer.latent, ids, bins))
@@ -84,10 +83,11 @@ def binned_perplexity(result, held: torch.Tensor, bins: int) -> float:
 
 def child(args: argparse.Namespace) -> dict:
     from sqs_pyro import SQSConfig
-    from sqs_pyro.cli_compress_hf import HF_DEFAULTS
+    from sqs_pyro.cli.compress_hf import HF_DEFAULTS
     from sqs_pyro.hf import CausalLM, fine_tune, load_smollm, perplexity
     from sqs_pyro.models import select_layers, transformer_include
-    from sqs_pyro.svi import compress, task_loss
+    from sqs_pyro.guides.gate_scores import task_loss
+    from sqs_pyro.infer import compress
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -160,7 +160,7 @@ def one_shot(net, run: str):
 
 def sqs_measurements(args: argparse.Namespace, result, held: torch.Tensor) -> dict:
     from sqs_pyro.analysis.outliers import outlier_summary
-    from sqs_pyro.fileformat import save_compressed
+    from sqs_pyro.format.container import save_compressed
     from sqs_pyro.hf import CausalLM, load_transformers, perplexity
 
     acc = result.accounting()

@@ -38,12 +38,12 @@ from torch import nn
 from torch.func import functional_call
 
 from sqs_pyro import SQSConfig
-from sqs_pyro.elbo import SQSMeanFieldELBO
-from sqs_pyro.fileformat import load_compressed, save_compressed
-from sqs_pyro.guides import GATE_LEARN, SpikeGMMGuide, kernels
-from sqs_pyro.materialize import materialize
+from sqs_pyro.infer.elbo import SQSMeanFieldELBO
+from sqs_pyro.format.container import load_compressed, save_compressed
+from sqs_pyro.guides import GateState, SpikeGMMGuide, kernels
+from sqs_pyro.compressed.materialize import materialize
 from sqs_pyro.models import CategoricalLikelihood, SQSModel, select_layers
-from sqs_pyro.svi import _param_groups
+from sqs_pyro.infer.trainer import param_groups
 
 NUM_DATA = 50_000
 Step = Callable[[], None]
@@ -70,7 +70,7 @@ def build_network(name: str, batch: int) -> tuple[nn.Module, torch.Tensor, torch
         return net, torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     if name == "cnn":
         try:
-            from sqs_pyro.datasets import load_mnist_cnn
+            from sqs_pyro.data import load_mnist_cnn
             net = load_mnist_cnn()
         except Exception as exc:  # noqa: BLE001 - reported as the skip reason
             return f"the ccexam MNIST CNN is not installed ({exc})"
@@ -104,9 +104,9 @@ def sqs_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str) -> tup
         sites = select_layers(net, config.include_types)
         model = SQSModel(net, sites, config, CategoricalLikelihood(NUM_DATA))
         guide = SpikeGMMGuide(net, sites, config)
-        guide.set_gate_state(GATE_LEARN)
+        guide.set_gate_state(GateState.LEARN)
         loss_fn = SQSMeanFieldELBO()(model, guide)
-    opt = torch.optim.Adam(_param_groups(model, guide, config))
+    opt = torch.optim.Adam(param_groups(model, guide, config))
 
     def step() -> None:
         with pyro.settings.context(module_local_params=True):

@@ -15,11 +15,10 @@ from pyro.infer import SVI, TraceMeanField_ELBO
 from pyro.optim import Adam
 
 from sqs_pyro import SQSConfig
-from sqs_pyro.datasets import accuracy, load_mnist, load_mnist_cnn
-from sqs_pyro.guides import GATE_LEARN, SpikeGMMGuide
-from sqs_pyro.materialize import materialize
+from sqs_pyro.data import accuracy, load_mnist, load_mnist_cnn
+from sqs_pyro.guides import GateState, SpikeGMMGuide
+from sqs_pyro.compressed.materialize import materialize
 from sqs_pyro.models import CategoricalLikelihood, SQSModel, select_layers
-from sqs_pyro.svi import freeze_mask, prune_to_quantile
 
 
 def main() -> None:
@@ -40,7 +39,7 @@ def main() -> None:
     sites = select_layers(net)
     model = SQSModel(net, sites, config, CategoricalLikelihood(num_data=n_train))
     guide = SpikeGMMGuide(net, sites, config)
-    guide.set_gate_state(GATE_LEARN)
+    guide.set_gate_state(GateState.LEARN)
     guide.gate_temperature.fill_(0.5)
     guide.assign_temperature.fill_(0.5)
     svi = SVI(model, guide, Adam({"lr": 1e-3}), TraceMeanField_ELBO())
@@ -49,10 +48,10 @@ def main() -> None:
     for step in range(steps):
         idx = torch.randint(0, n_train, (batch,))
         loss = svi.step(x[idx], y[idx])
-        prune_to_quantile(guide, args.sparsity * min(1.0, (step + 1) / (0.7 * steps)), config.pruned_logit)
+        guide.prune_to_quantile(args.sparsity * min(1.0, (step + 1) / (0.7 * steps)), config.pruned_logit)
         if step % max(1, steps // 10) == 0:
             print(f"step {step:4d}  -ELBO {loss:12.1f}")
-    freeze_mask(guide)
+    guide.freeze_mask()
 
     compressed = materialize(guide, model.net)
     greedy = compressed.load_into(load_mnist_cnn())

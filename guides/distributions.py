@@ -18,6 +18,7 @@ Densities are with respect to ``delta_0 + Lebesgue`` (as for the prior).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from torch.distributions import constraints
 from torch.distributions.utils import lazy_property
 
 from sqs_pyro.guides import kernels
+from sqs_pyro.guides.gaussian_kl import component_kl
 
 # Logits are shifted so that their maximum is 0 and clipped at _FLOOR before any softmax:
 # exp() of arguments below about -87 is ~25x slower on CPU, and exp(-80) ~ 1e-35 is zero
@@ -60,16 +62,25 @@ def normal_log_density(x: torch.Tensor, locs: torch.Tensor, scales: torch.Tensor
     return -0.5 * z * z - torch.log(scales) - 0.5 * math.log(2 * math.pi)
 
 
+class Codebook(NamedTuple):
+    """One layer's K-level codebook: levels ``mu`` (``locs``), scales ``s`` (> 0), log mixing
+    weights ``log pi`` normalised within each window, and the windows: ``window_ids`` of each
+    weight (shape S, int) with ``comp_window`` of each level (K,), or ``None`` for one window."""
+
+    locs: torch.Tensor
+    scales: torch.Tensor
+    log_mix: torch.Tensor
+    window_ids: torch.Tensor | None = None
+    comp_window: torch.Tensor | None = None
+
+
 class SpikeGMM(TorchDistribution):
     """Elementwise spike-and-GMM guide distribution (batch shape = the weight's shape).
 
     Args:
         gate_logits: ``theta`` of the inclusion probabilities, shape S.
         latent: the latent full-precision weights ``x``, shape S.
-        locs, scales, log_mix: the codebook (K,): means, scales (> 0) and per-window
-            normalised log mixing weights.
-        window_ids, comp_window: window of each weight (shape S, long) and of each
-            component (K,, long), or ``None`` for one window.
+        codebook: the layer's :class:`Codebook` (levels, scales, mixing weights, windows).
         gate_fixed: optional fixed 0/1 inclusion (shape S) replacing the learned gates.
         kl_prior: optional prior that ``kl_divergence(q, p)`` will be taken against; with the
             fused kernels, :meth:`rsample` then computes the KL bound in the same pass and
@@ -83,16 +94,15 @@ class SpikeGMM(TorchDistribution):
     support = constraints.real
     has_rsample = True
 
-    def __init__(self, gate_logits, latent, locs, scales, log_mix, window_ids=None, comp_window=None,
-                 gate_fixed=None, tau: float = 1.0, gate_temperature: float = 0.5,
+    def __init__(self, gate_logits: torch.Tensor, latent: torch.Tensor, codebook: "Codebook",
+                 gate_fixed: torch.Tensor | None = None, tau: float = 1.0, gate_temperature: float = 0.5,
                  assign_temperature: float = 0.5, mode: str = "sample", kl_prior=None) -> None:
         self.gate_logits = gate_logits
         self.latent = latent
-        self.locs = locs
-        self.scales = scales
-        self.log_mix = log_mix
-        self.window_ids = window_ids
-        self.comp_window = comp_window if window_ids is not None else None
+        self.codebook = codebook
+        self.locs, self.scales, self.log_mix = codebook.locs, codebook.scales, codebook.log_mix
+        self.window_ids = codebook.window_ids
+        self.comp_window = codebook.comp_window if codebook.window_ids is not None else None
         self.gate_fixed = gate_fixed
         self.tau = float(tau)
         self.gate_temperature = float(gate_temperature)
@@ -198,8 +208,6 @@ class SpikeGMM(TorchDistribution):
     def _fused_rsample(self, shape: torch.Size) -> torch.Tensor:
         """:meth:`rsample` in one kernel pass; for a single draw with ``kl_prior`` set, also the KL bound
         (kept in :attr:`fused_kl`)."""
-        from sqs_pyro.guides.kl import component_kl  # kl.py imports this module
-
         const, a = self.codebook_terms
         with_kl = self.kl_prior is not None and shape == self.batch_shape
         eps = None

@@ -14,7 +14,7 @@ weights are cluster fractions and scales cluster standard deviations
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -91,66 +91,6 @@ def initial_codebook(values: np.ndarray, components: int, windows: str, equal_wi
         scales.append(s)
     return InitialCodebook(plan.window_ids, plan.component_windows, np.concatenate(locs), np.concatenate(mix),
                            np.concatenate(scales))
-
-
-def first_order_saliency(net: torch.nn.Module, names: Sequence[str],
-                         batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                         loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
-    r"""Per-weight saliency ``sqrt(mean_b (w_j dL_b/dw_j)^2)`` over the given minibatches.
-
-    ``w_j dL/dw_j`` is the first-order change of the minibatch loss when ``w_j`` is removed
-    (set to zero); its root mean square over batches compares weights across layers in the
-    same unit (nats), which a magnitude does not.
-    """
-    weights = {n: net.get_parameter(n).detach().clone().requires_grad_() for n in names}
-    total = {n: torch.zeros_like(w) for n, w in weights.items()}
-    count = 0
-    for x, y in batches:
-        out = torch.func.functional_call(net, weights, (x,), strict=False)
-        grads = torch.autograd.grad(loss(out, y), list(weights.values()))
-        for (n, w), g in zip(weights.items(), grads):
-            total[n] += (w.detach() * g) ** 2
-        count += 1
-    if count == 0:
-        raise ValueError("first_order_saliency needs at least one batch")
-    return {n: (t / count).sqrt() for n, t in total.items()}
-
-
-@torch.no_grad()
-def activation_scores(net: torch.nn.Module, sites: Sequence, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
-                      ) -> dict[str, torch.Tensor]:
-    r"""Activation-aware scores ``|W_ij| * ||x_j||_2`` (Wanda, Sun et al. 2023) of Linear weights.
-
-    ``||x_j||`` is the root mean square of input feature ``j`` over every token / example of
-    the batches (collected with forward pre-hooks); other layer types score ``|w|``. Compared
-    within an output row (``prune_scope="row"``), this removes the weights whose product
-    with typical inputs is smallest.
-    """
-    modules = {s.name: net.get_submodule(s.name.rsplit(".", 1)[0]) if "." in s.name else net for s in sites}
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def hook(name):
-        def record(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + (x * x).sum(0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return record
-
-    handles = [modules[s.name].register_forward_pre_hook(hook(s.name)) for s in sites if s.layer_type == "linear"]
-    try:
-        for x, _ in batches:
-            net(x)
-    finally:
-        for h in handles:
-            h.remove()
-    scores = {}
-    for s in sites:
-        w = net.get_parameter(s.name).detach().abs()
-        if s.name in sums:
-            w = w * (sums[s.name] / counts[s.name]).sqrt().to(w.dtype)
-        scores[s.name] = w
-    return scores
 
 
 def scoped_kthvalues(tensors: Sequence[torch.Tensor], scope: str,

@@ -27,19 +27,10 @@ import torch
 from torch.distributions import register_kl
 
 from sqs_pyro.guides.distributions import SpikeGMM
+from sqs_pyro.guides.gaussian_kl import component_kl, gaussian_kl, gaussian_vs_mixture_kl_bound
 from sqs_pyro.models.priors import SpikeSlabGMM
 
-
-def gaussian_kl(loc_q, scale_q, loc_p, scale_p) -> torch.Tensor:
-    """Closed-form ``KL(N(loc_q, scale_q^2) || N(loc_p, scale_p^2))`` (broadcasting)."""
-    ratio = scale_q / scale_p
-    return -torch.log(ratio) + 0.5 * (ratio ** 2 + ((loc_q - loc_p) / scale_p) ** 2) - 0.5
-
-
-def gaussian_vs_mixture_kl_bound(loc, scale, mix_weights, mix_locs, mix_scales) -> torch.Tensor:
-    """Upper bound ``-log sum_m a_m exp(-KL(N(loc, scale^2) || N_m))``; shape of ``loc``."""
-    kl_m = gaussian_kl(loc.unsqueeze(-1), scale.unsqueeze(-1), mix_locs, mix_scales)
-    return -torch.logsumexp(torch.log(mix_weights) - kl_m, dim=-1)
+__all__ = ["bernoulli_kl", "component_kl", "gaussian_kl", "gaussian_vs_mixture_kl_bound", "spike_gmm_kl"]
 
 
 def bernoulli_kl(q: SpikeGMM, inclusion: float) -> torch.Tensor:
@@ -50,11 +41,6 @@ def bernoulli_kl(q: SpikeGMM, inclusion: float) -> torch.Tensor:
                 + torch.special.xlogy(1 - g, 1 - g) - (1 - g) * math.log1p(-inclusion))
     log_g, log_not_g = q.log_inclusion()
     return g * (log_g - math.log(inclusion)) + (1 - g) * (log_not_g - math.log1p(-inclusion))
-
-
-def component_kl(q: SpikeGMM, p: SpikeSlabGMM) -> torch.Tensor:
-    """``B_k``: the bound on ``KL(N(mu_k, s_k^2) || Slab)`` per codebook component, shape (K,)."""
-    return gaussian_vs_mixture_kl_bound(q.locs, q.scales, p.slab_weights, p.slab_locs, p.slab_scales)
 
 
 @register_kl(SpikeGMM, SpikeSlabGMM)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from enum import IntEnum
+from typing import Mapping, Sequence
 
 import pyro
 import torch
@@ -11,12 +12,22 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from sqs_pyro.config import SQSConfig
-from sqs_pyro.guides.distributions import SpikeGMM
+from sqs_pyro.guides.distributions import Codebook, SpikeGMM
 from sqs_pyro.guides.initialization import initial_codebook, scoped_kthvalues
+from sqs_pyro.guides.kl import spike_gmm_kl
 from sqs_pyro.models.priors import SpikeSlabGMM, kl_weighting
 from sqs_pyro.models.selection import CompressedSite
 
-GATE_OPEN, GATE_LEARN, GATE_FROZEN = 0, 1, 2
+
+
+class GateState(IntEnum):
+    """What the inclusion gates of a layer do: ``OPEN`` (fixed at 1, warm-up), ``LEARN``
+    (``g_j = sigmoid(theta_j)`` learns) or ``FROZEN`` (fixed at the 0/1 ``mask``, fine-tuning)."""
+
+    OPEN = 0
+    LEARN = 1
+    FROZEN = 2
+
 _SCALE_FLOOR = 1e-6
 
 
@@ -54,7 +65,7 @@ class LayerPosterior(PyroModule):
                              .reshape(w.shape) if multi else None)
         self.register_buffer("comp_window", torch.as_tensor(init.component_windows, device=w.device))
         self.register_buffer("mask", torch.ones_like(w, dtype=torch.bool))
-        self.register_buffer("gate_state", torch.tensor(GATE_OPEN))
+        self.register_buffer("gate_state", torch.tensor(int(GateState.OPEN)))
 
     @property
     def scales(self) -> torch.Tensor:
@@ -69,16 +80,32 @@ class LayerPosterior(PyroModule):
         norm = torch.logsumexp(logits.unsqueeze(0).masked_fill(~member, float("-inf")), dim=-1)
         return logits - norm
 
+    @property
+    def state(self) -> GateState:
+        return GateState(int(self.gate_state))
+
+    def kept_mask(self) -> torch.Tensor:
+        """The kept weights: the frozen mask, all weights while the gates are open, else ``g_j > 0.5``
+        (the posterior median rule)."""
+        if self.state == GateState.FROZEN:
+            return self.mask.clone()
+        if self.state == GateState.OPEN:
+            return torch.ones_like(self.mask)
+        return torch.sigmoid(self.gate_logits.detach()) > 0.5
+
     def distribution(self, tau: float, gate_temperature: float, assign_temperature: float,
                      mode: str, kl_prior: SpikeSlabGMM | None = None) -> SpikeGMM:
-        state = int(self.gate_state)
         gate_fixed = None
-        if state == GATE_OPEN:
+        if self.state == GateState.OPEN:
             gate_fixed = torch.ones_like(self.latent)
-        elif state == GATE_FROZEN:
+        elif self.state == GateState.FROZEN:
             gate_fixed = self.mask.to(self.latent.dtype)
-        return SpikeGMM(self.gate_logits, self.latent, self.locs, self.scales, self.log_mix(), self.window_ids,
-                        self.comp_window, gate_fixed, tau, gate_temperature, assign_temperature, mode, kl_prior)
+        return SpikeGMM(self.gate_logits, self.latent, self.codebook(), gate_fixed, tau, gate_temperature,
+                        assign_temperature, mode, kl_prior)
+
+    def codebook(self) -> Codebook:
+        """The current codebook (levels, scales, per-window log mixing weights, windows)."""
+        return Codebook(self.locs, self.scales, self.log_mix(), self.window_ids, self.comp_window)
 
 
 class SpikeGMMGuide(PyroModule):
@@ -87,7 +114,7 @@ class SpikeGMMGuide(PyroModule):
     Built from the pretrained weights: k-means codebooks per window, latent weights at their
     pretrained values, gate logits ``gate_init + clip(log(score_j / ref), -3, 3)`` with
     ``ref`` the score at the target-sparsity quantile over all compressed weights; ``scores`` (e.g. a first-order saliency,
-    :func:`~sqs_pyro.guides.initialization.first_order_saliency`) default to ``|w_j|``. The
+    :func:`~sqs_pyro.guides.gate_scores.first_order_saliency`) default to ``|w_j|``. The
     driver sets the temperatures, ``kl_weight`` and the gate states; a user's own SVI script
     can use it as it is.
     """
@@ -116,9 +143,43 @@ class SpikeGMMGuide(PyroModule):
                     self.config, layer.latent.shape, dtype=layer.latent.dtype, device=layer.latent.device))
                 for layer in self.layers}
 
-    def set_gate_state(self, state: int) -> None:
+    def set_gate_state(self, state: GateState) -> None:
         for layer in self.layers:
-            layer.gate_state.fill_(state)
+            layer.gate_state.fill_(int(state))
+
+    @torch.no_grad()
+    def prune_to_quantile(self, sparsity: float, pruned_logit: float, scope: str = "global") -> None:
+        """Reset the inclusion logits at or below the ``sparsity`` quantile to at most ``pruned_logit``
+        (they may recover); the quantile is taken over all compressed weights (``scope="global"``),
+        within each layer (``"layer"``) or within each output row (``"row"``)."""
+        if sparsity <= 0:
+            return
+        logits = [layer.gate_logits for layer in self.layers]
+        thresholds = scoped_kthvalues(logits, scope, lambda n: min(n, math.ceil(sparsity * n - 1e-9)))
+        for gate_logits, threshold in zip(logits, thresholds):
+            if threshold is not None:
+                below = gate_logits <= threshold
+                gate_logits.masked_fill_(below & (gate_logits > pruned_logit), pruned_logit)
+
+    @torch.no_grad()
+    def freeze_mask(self) -> None:
+        """Fix the mask at ``g_j > 0.5`` and stop the gates from learning."""
+        for layer in self.layers:
+            layer.mask.copy_(layer.kept_mask())
+        self.set_gate_state(GateState.FROZEN)
+
+    def measured_sparsity(self) -> float:
+        """The fraction of compressed weights that :meth:`LayerPosterior.kept_mask` drops."""
+        kept = sum(int(layer.kept_mask().sum()) for layer in self.layers)
+        total = sum(layer.latent.numel() for layer in self.layers)
+        return 1.0 - kept / total
+
+    @torch.no_grad()
+    def total_kl(self, priors: Mapping[str, SpikeSlabGMM]) -> float:
+        """The (unweighted) KL bound ``sum_j KL(q(w_j) || p(w_j))`` over all compressed weights, in
+        nats, against the prior of each site (by name)."""
+        dists = self.distributions()
+        return float(sum(spike_gmm_kl(dists[name], priors[name]).sum() for name in dists))
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         samples = {}

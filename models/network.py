@@ -40,6 +40,10 @@ class SQSModel(PyroModule):
         ref = self.net.get_buffer(site.name)
         return SpikeSlabGMM.from_config(self.config, site.shape, dtype=ref.dtype, device=ref.device)
 
+    def priors(self) -> dict[str, SpikeSlabGMM]:
+        """The prior of every compressed weight tensor, by site name."""
+        return {site.name: self.prior(site) for site in self.sites}
+
     def sample_weights(self) -> dict[str, torch.Tensor]:
         """Draw (or, under a replayed guide trace, look up) every compressed weight tensor."""
         weights = {}

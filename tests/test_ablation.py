@@ -7,11 +7,11 @@ import torch
 import yaml
 from torch import nn
 
-from sqs_pyro.ablation import (ablation_effects, append_record, execute_run, expand_grid, load_grid, parse_grid,
+from sqs_pyro.experiments.ablation import (ablation_effects, append_record, execute_run, expand_grid, load_grid, parse_grid,
                                read_records, run_grid, summarize)
 from sqs_pyro.cli import main
 from sqs_pyro.errors import SQSInputError
-from sqs_pyro.workloads import LeNet5, LeNet300, Workload
+from sqs_pyro.experiments.workloads import LeNet5, LeNet300, Workload
 
 GRID = {
     "output": "out/grid.jsonl",

@@ -9,7 +9,7 @@ from torch import nn
 from sqs_pyro.analysis.arviz_adapter import (DataTreeBackend, InferenceDataBackend, default_backend, load_posterior,
                                              posterior_summary, save_posterior, slug, to_inference_data)
 from sqs_pyro.config import SQSConfig
-from sqs_pyro.svi import compress
+from sqs_pyro.infer import compress
 
 torch.set_num_threads(1)
 

@@ -9,7 +9,7 @@ from torch import nn
 from sqs_pyro.analysis.codebooks import (codebook_stats, codebook_summary, layer_distributions, merge_candidates,
                                          mixture_bin_counts, usage_entropy)
 from sqs_pyro.config import SQSConfig
-from sqs_pyro.svi import compress
+from sqs_pyro.infer import compress
 
 torch.set_num_threads(1)
 

@@ -10,11 +10,11 @@ from torch import nn
 from sqs_pyro.analysis.inclusion import (final_masks, inclusion_probabilities, inclusion_stats, inclusion_summary,
                                          magnitude_mask, pretrained_weights)
 from sqs_pyro.config import SQSConfig
-from sqs_pyro.guides.spike_gmm import GATE_LEARN, SpikeGMMGuide
+from sqs_pyro.guides.spike_gmm import GateState, SpikeGMMGuide
 from sqs_pyro.models.likelihoods import CategoricalLikelihood
 from sqs_pyro.models.network import SQSModel
 from sqs_pyro.models.selection import select_layers
-from sqs_pyro.svi import SQSResult
+from sqs_pyro.infer import SQSResult
 
 torch.set_num_threads(1)
 
@@ -41,7 +41,7 @@ def result():
         for layer, g in zip(guide.layers, (G0, G1)):
             layer.gate_logits.copy_(torch.tensor([_logit(p) for p in g]).reshape(layer.gate_logits.shape))
             layer.latent.mul_(1.5)  # the latent moves away from the pretrained weights
-    guide.set_gate_state(GATE_LEARN)
+    guide.set_gate_state(GateState.LEARN)
     model = SQSModel(net, sites, config, CategoricalLikelihood(10))
     return SQSResult(config, copy.deepcopy(net), model, guide)
 

@@ -8,7 +8,7 @@ from sqs_pyro.analysis.outliers import (error_stats, layer_outliers, outlier_mas
                                         quantize_initial, window_ablation)
 from sqs_pyro.config import SQSConfig
 from sqs_pyro.guides.windows import plan_windows
-from sqs_pyro.svi import compress
+from sqs_pyro.infer import compress
 
 torch.set_num_threads(1)
 

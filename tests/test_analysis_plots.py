@@ -11,7 +11,7 @@ from torch import nn
 from sqs_pyro.analysis import plots
 from sqs_pyro.analysis.summary import analyze
 from sqs_pyro.config import SQSConfig
-from sqs_pyro.svi import compress
+from sqs_pyro.infer import compress
 
 torch.set_num_threads(1)
 

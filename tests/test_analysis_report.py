@@ -10,10 +10,10 @@ from torch import nn
 from sqs_pyro.analysis import load_posterior
 from sqs_pyro.analysis.report import read_run, render_report
 from sqs_pyro.cli import main
-from sqs_pyro.cli_compress import build_summary, write_outputs
+from sqs_pyro.cli.compress import build_summary, write_outputs
 from sqs_pyro.config import SQSConfig
-from sqs_pyro.datasets import accuracy
-from sqs_pyro.svi import compress
+from sqs_pyro.data import accuracy
+from sqs_pyro.infer import compress
 
 torch.set_num_threads(1)
 

@@ -5,15 +5,15 @@ import pytest
 import torch
 from torch import nn
 
-from sqs_pyro.baselines import (BASELINES, ChannelScaledLayer, baseline_accounting, compress_dgms,
+from sqs_pyro.experiments.baselines import (BASELINES, ChannelScaledLayer, baseline_accounting, compress_dgms,
                                 compress_magnitude_kmeans, compress_magnitude_uniform, file_network,
                                 magnitude_masks)
-from sqs_pyro.baselines.deep_compression import kmeans_codebook, nearest_codes
-from sqs_pyro.baselines.dgms import GMMLayer, init_mixture
-from sqs_pyro.baselines.uniform import dequantize, quantize_codes, row_scales, uniform_grid
+from sqs_pyro.experiments.baselines.deep_compression import kmeans_codebook, nearest_codes
+from sqs_pyro.experiments.baselines.dgms import GMMLayer, init_mixture
+from sqs_pyro.experiments.baselines.uniform import dequantize, quantize_codes, row_scales, uniform_grid
 from sqs_pyro.config import SQSConfig
-from sqs_pyro.fileformat import load_compressed, save_compressed
-from sqs_pyro.schedules import Schedule
+from sqs_pyro.format.container import load_compressed, save_compressed
+from sqs_pyro.infer.schedules import Schedule
 
 
 def _mlp() -> nn.Module:
@@ -140,3 +140,34 @@ def test_dgms_zero_component_yields_zeros():
         assert torch.equal(layer.soft_weight(0.01, nonzero_only=False), torch.zeros(20, 20))
         nonzero = layer.soft_weight(0.01, nonzero_only=True)
     assert (nonzero != 0).all() and set(nonzero.unique().tolist()) <= set(layer.locs.tolist())
+
+
+def test_baselines_and_sqs_train_on_the_same_minibatches(monkeypatch):
+    """One training loop's batching: the SQS trainer and every baseline fetch the same example
+    indices, step by step, for the same seed (magnitude gate scores: no saliency batches)."""
+    import sqs_pyro.infer.data as data_module
+    from sqs_pyro.infer import compress
+
+    fetched: list[list[int]] = []
+    original = data_module.fetch
+
+    def recording_fetch(dataset, indices):
+        fetched.append(indices.tolist())
+        return original(dataset, indices)
+
+    monkeypatch.setattr(data_module, "fetch", recording_fetch)
+    config = CONFIG.replace(gate_score="magnitude", epochs=1.5)
+    steps = Schedule.from_config(config, 192 // 32).total_steps
+    runs = {}
+    for name, fn in [("sqs", lambda n, d, c: compress(n, d, c, progress=False)), *BASELINES.items()]:
+        fetched.clear()
+        fn(_mlp(), _data(), config)
+        runs[name] = list(fetched)
+    assert len(runs["sqs"]) == steps
+    assert all(run == runs["sqs"] for run in runs.values())
+    epoch0, epoch1 = runs["sqs"][:6], runs["sqs"][6:]
+    assert sorted(i for b in epoch0 for i in b) == list(range(192))  # each epoch a permutation
+    assert epoch0[:len(epoch1)] != epoch1  # and a new one every epoch
+    fetched.clear()
+    compress(_mlp(), _data(), config.replace(seed=1), progress=False)
+    assert fetched != runs["sqs"]  # the order follows the seed

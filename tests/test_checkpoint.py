@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from sqs_pyro import SQSDivergenceError, SQSInputError
-from sqs_pyro.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from sqs_pyro.svi import compress
+from sqs_pyro.infer.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from sqs_pyro.infer import compress
 
 WORKER = Path(__file__).with_name("train_worker.py")
 _spec = importlib.util.spec_from_file_location("train_worker", WORKER)
@@ -62,10 +62,10 @@ def test_sigkill_mid_training_then_resume_is_bit_identical(tmp_path):
 
 
 def test_checkpoints_at_start_every_n_phase_changes_and_end(tmp_path, monkeypatch):
-    import sqs_pyro.svi as svi
+    import sqs_pyro.infer.trainer as trainer
 
     steps = []
-    monkeypatch.setattr(svi, "save_checkpoint", lambda state, path: steps.append(state["step"]))
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda state, path: steps.append(state["step"]))
     net, x, y = worker.tiny_problem()
     compress(net, (x, y), worker.CONFIG, progress=False, checkpoint_dir=tmp_path, checkpoint_every=20)
     # 64 steps; pruning runs over [10, 39)

@@ -5,7 +5,7 @@ import zlib
 import numpy as np
 import pytest
 
-from sqs_pyro.coding import (MAX_RICE_K, SAMPLE_BYTES, code_width, decode_binary, decode_codes, decode_mask,
+from sqs_pyro.format.codecs import (MAX_RICE_K, SAMPLE_BYTES, code_width, decode_binary, decode_codes, decode_mask,
                              encode_binary, encode_codes, encode_mask, pack_bits, pack_uints, rice_decode,
                              rice_encode, unpack_bits, unpack_uints)
 from sqs_pyro.errors import CompressedFileError

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sqs_pyro import SQSInputError
-from sqs_pyro.svi import compress
+from sqs_pyro.infer import compress
 
 WORKER = Path(__file__).with_name("train_worker.py")
 _spec = importlib.util.spec_from_file_location("train_worker", WORKER)

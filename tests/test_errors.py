@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sqs_pyro import SQSConfig, SQSInputError
-from sqs_pyro.svi import compress
+from sqs_pyro.infer import compress
 
 
 def net_and_data():
@@ -135,7 +135,7 @@ def test_cli_config_file_errors(tmp_path, capsys, text, message):
 
 def test_cli_config_file_values_are_used_and_options_win(tmp_path):
     from sqs_pyro.cli import build_parser
-    from sqs_pyro.cli_compress import config_from_args
+    from sqs_pyro.cli.compress import config_from_args
 
     path = tmp_path / "config.json"
     path.write_text('{"sparsity": 0.9, "components": 4, "lr_gates": 0.02}')

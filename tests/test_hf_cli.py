@@ -9,7 +9,8 @@ import torch
 from sqs_pyro import SQSInputError
 from sqs_pyro.cli import main
 from sqs_pyro.guides.binning import quantile_bin_means
-from sqs_pyro.hf import labelled_sentences, load_transformers, perplexity, resolve_model_path, text_windows
+from sqs_pyro.data.text import labelled_sentences
+from sqs_pyro.hf import load_transformers, perplexity, resolve_model_path, text_windows
 
 transformers = pytest.importorskip("transformers", reason="transformers not installed")
 WORDS = [f"w{i}" for i in range(30)]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sqs_pyro.guides import kernels
-from sqs_pyro.guides.distributions import _FLOOR, SpikeGMM, relaxed_one_hot
+from sqs_pyro.guides.distributions import _FLOOR, Codebook, SpikeGMM, relaxed_one_hot
 from sqs_pyro.guides.kl import bernoulli_kl, component_kl, spike_gmm_kl
 from sqs_pyro.models import SpikeSlabGMM
 
@@ -61,7 +61,7 @@ def test_fused_layer_matches_eager_draw_kl_and_gradients(mode, learned, windows)
     win = torch.randint(0, 2, (N,)) if windows else None
     cw = torch.tensor([0, 0, 1, 1, 1]) if windows else None
     gate_fixed = None if learned else (torch.rand(N) > 0.3).float()
-    q = SpikeGMM(theta, x, mu, s, log_mix, win, cw, gate_fixed, tau=TAU, gate_temperature=T_GATE,
+    q = SpikeGMM(theta, x, Codebook(mu, s, log_mix, win, cw), gate_fixed, tau=TAU, gate_temperature=T_GATE,
                  assign_temperature=T_ASSIGN, mode=mode)
     c, a = q.codebook_terms
     b = component_kl(q, prior())
@@ -94,7 +94,7 @@ def test_fused_layer_matches_eager_draw_kl_and_gradients(mode, learned, windows)
 
 def test_draws_with_a_sample_shape_match_eager_per_element():
     x, theta, mu, s, log_mix = parameters()
-    q = SpikeGMM(theta, x, mu, s, log_mix, tau=TAU, gate_fixed=torch.ones(N), assign_temperature=T_ASSIGN)
+    q = SpikeGMM(theta, x, Codebook(mu, s, log_mix), tau=TAU, gate_fixed=torch.ones(N), assign_temperature=T_ASSIGN)
     c, a = q.codebook_terms
     eps = torch.randn(3, N)
     w, _ = kernels.fused_layer(x, None, c, a, mu, s, None, gate_fixed=torch.ones(N), eps=eps,
@@ -113,7 +113,7 @@ def test_phi_dot_and_argmax_match_eager(windows):
     x, _, mu, s, log_mix = parameters()
     win = torch.randint(0, 2, (N,)) if windows else None
     cw = torch.tensor([0, 0, 1, 1, 1]) if windows else None
-    q = SpikeGMM(torch.zeros(N), x, mu, s, log_mix, win, cw, tau=TAU)
+    q = SpikeGMM(torch.zeros(N), x, Codebook(mu, s, log_mix, win, cw), tau=TAU)
     c, a = q.codebook_terms
     v = torch.randn(K, requires_grad=True)
     out, ref = kernels.phi_dot(x, c, a, mu, v, win, cw), q.phi @ v
@@ -130,7 +130,7 @@ def test_a_fused_draw_carries_its_kl_and_is_reproducible():
 
     def draw():
         torch.manual_seed(3)
-        q = SpikeGMM(theta, x, mu, s, log_mix, tau=TAU, kl_prior=p)
+        q = SpikeGMM(theta, x, Codebook(mu, s, log_mix), tau=TAU, kl_prior=p)
         return q, q.rsample()
 
     (q1, w1), (q2, w2) = draw(), draw()
@@ -145,6 +145,6 @@ def test_a_fused_draw_carries_its_kl_and_is_reproducible():
 def test_switch_off_falls_back_to_eager(monkeypatch):
     x, theta, mu, s, log_mix = parameters()
     monkeypatch.setenv("SQS_PYRO_KERNELS", "0")
-    q = SpikeGMM(theta, x, mu, s, log_mix)
+    q = SpikeGMM(theta, x, Codebook(mu, s, log_mix))
     assert not q.fused and q.rsample().shape == (N,)
-    assert not SpikeGMM(theta.double(), x.double(), mu.double(), s.double(), log_mix.double()).fused
+    assert not SpikeGMM(theta.double(), x.double(), Codebook(mu.double(), s.double(), log_mix.double())).fused

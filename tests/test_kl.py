@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from sqs_pyro.guides import SpikeGMM
+from sqs_pyro.guides import Codebook, SpikeGMM
 from sqs_pyro.guides.kl import bernoulli_kl, component_kl, gaussian_vs_mixture_kl_bound, spike_gmm_kl
 from sqs_pyro.models import SpikeSlabGMM
 
@@ -19,7 +19,7 @@ def make_q(n=6, gate_logits=None, scales=(0.3, 0.5, 0.2)):
     log_mix = torch.log(torch.tensor([0.3, 0.5, 0.2]))
     theta = torch.linspace(-2, 2, n) if gate_logits is None else gate_logits
     latent = torch.linspace(-1.2, 1.6, n)
-    return SpikeGMM(theta, latent, locs, scales, log_mix, tau=1.0)
+    return SpikeGMM(theta, latent, Codebook(locs, scales, log_mix), tau=1.0)
 
 
 def prior(weights=(1.0,), locs=(0.0,), scales=(3.0,), n=6):
@@ -60,7 +60,7 @@ def test_bound_is_above_monte_carlo_kl_of_the_true_mixture():
     """E_q[log q(w) - log p(w)] with w from the full spike-and-GMM q (densities w.r.t. delta_0 + Lebesgue)."""
     q, p = make_q(scales=(0.6, 0.8, 0.5)), prior(weights=(0.5, 0.5), locs=(-0.5, 0.5), scales=(1.0, 1.0))
     torch.manual_seed(2)
-    q_mc = SpikeGMM(q.gate_logits, q.latent, q.locs, q.scales, q.log_mix, tau=1.0,
+    q_mc = SpikeGMM(q.gate_logits, q.latent, q.codebook, tau=1.0,
                     gate_temperature=1e-3, assign_temperature=1e-3)
     w = q_mc.sample((100_000,))
     terms = q.log_prob(w) - p.log_prob(w)
@@ -84,7 +84,7 @@ def test_gradients_finite_at_edges(theta):
     scale_raw = torch.tensor([1e-7, 1e-6, 1e-5], requires_grad=True)
     gates = torch.full((5,), theta, requires_grad=True)
     latent = torch.linspace(-0.1, 0.1, 5).requires_grad_()
-    q = SpikeGMM(gates, latent, locs, scale_raw, torch.log(torch.full((3,), 1 / 3)))
+    q = SpikeGMM(gates, latent, Codebook(locs, scale_raw, torch.log(torch.full((3,), 1 / 3))))
     kl = spike_gmm_kl(q, prior(n=5)).sum()
     kl.backward()
     for t in (locs, scale_raw, gates, latent):

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from sqs_pyro import SQSConfig
-from sqs_pyro.accounting import accounting, binary_entropy
-from sqs_pyro.svi import compress
+from sqs_pyro.compressed.accounting import accounting, binary_entropy
+from sqs_pyro.infer import compress
 
 
 def tiny_problem(seed=0):
@@ -95,7 +95,7 @@ def test_expected_mode_and_windows_run_and_report_measured_sparsity():
 
 
 def test_cubic_ramp_reaches_the_target_even_with_one_pruning_step():
-    from sqs_pyro.schedules import Schedule
+    from sqs_pyro.infer.schedules import Schedule
 
     one = Schedule(total_steps=4, prune_start=1, prune_end=2, config=SQSConfig(sparsity=0.8))
     assert one.target_sparsity(1) == 0.8

@@ -8,10 +8,9 @@ from pyro.optim import Adam
 from torch import nn
 
 from sqs_pyro import SQSConfig
-from sqs_pyro.elbo import SQSMeanFieldELBO
-from sqs_pyro.guides import GATE_LEARN, SpikeGMMGuide
+from sqs_pyro.infer.elbo import SQSMeanFieldELBO
+from sqs_pyro.guides import GateState, SpikeGMMGuide
 from sqs_pyro.models import CategoricalLikelihood, SQSModel, select_layers
-from sqs_pyro.svi import total_kl
 
 
 def small_net():
@@ -52,7 +51,7 @@ def test_model_and_guide_have_the_same_sample_sites_and_shapes():
 
 def test_fast_elbo_matches_trace_mean_field_elbo_in_loss_and_gradients():
     _, model, guide = build()
-    guide.set_gate_state(GATE_LEARN)
+    guide.set_gate_state(GateState.LEARN)
     x, y = data()
     results = []
     for elbo in (TraceMeanField_ELBO(), SQSMeanFieldELBO()):
@@ -69,19 +68,19 @@ def test_fast_elbo_matches_trace_mean_field_elbo_in_loss_and_gradients():
 def test_elbo_is_data_term_minus_kl():
     """With the expected-weight forward the data term is deterministic: check -loss = E log p - KL."""
     _, model, guide = build(SQSConfig(components=4, mode="expected"))
-    guide.set_gate_state(GATE_LEARN)
+    guide.set_gate_state(GateState.LEARN)
     x, y = data()
     loss = SQSMeanFieldELBO()(model, guide)(x, y)
     weights = {n: d.mean for n, d in guide.distributions().items()}
     logits = torch.func.functional_call(model.net, weights, (x,))
     data_term = 64 / 8 * torch.distributions.Categorical(logits=logits).log_prob(y).sum()
-    kl = total_kl(model, guide)
+    kl = guide.total_kl(model.priors())
     torch.testing.assert_close(-loss.detach(), data_term.detach() - kl, rtol=1e-5, atol=1e-3)
 
 
 def test_plain_pyro_svi_reduces_the_loss():
     _, model, guide = build()
-    guide.set_gate_state(GATE_LEARN)
+    guide.set_gate_state(GateState.LEARN)
     x, y = data()
     pyro.set_rng_seed(0)
     svi = SVI(model, guide, Adam({"lr": 5e-2}), TraceMeanField_ELBO(num_particles=4))
@@ -93,7 +92,6 @@ def test_plain_pyro_svi_reduces_the_loss():
 
 
 def test_layer_scope_prunes_every_layer_to_the_target():
-    from sqs_pyro.svi import measured_sparsity, prune_to_quantile
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 10))
@@ -103,8 +101,8 @@ def test_layer_scope_prunes_every_layer_to_the_target():
     for scope, expected in (("layer", (0.6, 0.6)), ("row", (0.6, 0.6)), ("global", None)):
         config = SQSConfig(components=4, sparsity=0.6, prune_scope=scope)
         guide = SpikeGMMGuide(net, sites, config)
-        guide.set_gate_state(GATE_LEARN)
-        prune_to_quantile(guide, 0.6, config.pruned_logit, scope)
+        guide.set_gate_state(GateState.LEARN)
+        guide.prune_to_quantile(0.6, config.pruned_logit, scope)
         per_layer = [float((layer.gate_logits <= config.pruned_logit).float().mean()) for layer in guide.layers]
         if expected:
             assert per_layer == pytest.approx(expected, abs=1e-3)
@@ -114,11 +112,11 @@ def test_layer_scope_prunes_every_layer_to_the_target():
             for layer in guide.layers:
                 pruned = (layer.gate_logits <= config.pruned_logit).sum(1)
                 assert torch.all(pruned == round(0.6 * layer.gate_logits.shape[1]))
-        assert measured_sparsity(guide) == pytest.approx(0.6, abs=1e-3)
+        assert guide.measured_sparsity() == pytest.approx(0.6, abs=1e-3)
 
 
 def test_activation_scores_weigh_weights_by_their_input_norms():
-    from sqs_pyro.guides.initialization import activation_scores
+    from sqs_pyro.guides.gate_scores import activation_scores
 
     net = nn.Sequential(nn.Linear(3, 2))
     with torch.no_grad():

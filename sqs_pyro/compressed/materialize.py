@@ -1,0 +1,132 @@
+"""From the learned posterior to deterministic compressed networks.
+
+* :func:`materialize` builds the greedy network: ``w_j = 0`` if pruned, else
+  ``mu_{argmax_k phi_jk}``.
+* :class:`AveragedPredictor` averages the predictions of M networks whose codes are drawn
+  from ``phi`` (sharpened by a temperature); the mask is the greedy one. Storing it costs
+  M code streams instead of one (``M * nnz * b`` bits) plus the shared mask and codebook.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from sqs_pyro.guides.spike_gmm import SpikeGMMGuide
+
+
+@dataclass
+class CompressedLayer:
+    """A compressed weight tensor: sparsity mask, code of each kept weight, and the codebook."""
+
+    name: str
+    shape: tuple[int, ...]
+    mask: torch.Tensor  # bool, shape
+    codes: torch.Tensor  # int64, shape (0 where pruned)
+    codebook: torch.Tensor  # (K,) float
+    component_windows: torch.Tensor  # (K,) int64: window of each level
+
+    @property
+    def numel(self) -> int:
+        return self.mask.numel()
+
+    @property
+    def nnz(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def components(self) -> int:
+        return self.codebook.numel()
+
+    def weight(self) -> torch.Tensor:
+        """The dense weight tensor ``where(mask, codebook[codes], 0)``."""
+        return torch.where(self.mask, self.codebook[self.codes], torch.zeros((), dtype=self.codebook.dtype))
+
+
+@dataclass
+class CompressedNetwork:
+    """All compressed layers plus every other tensor of the network, stored as it is."""
+
+    layers: list[CompressedLayer]
+    dense_state: dict[str, torch.Tensor]
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = dict(self.dense_state)
+        for layer in self.layers:
+            state[layer.name] = layer.weight()
+        return state
+
+    def load_into(self, skeleton: nn.Module) -> nn.Module:
+        """Fill ``skeleton`` (a module of the original architecture) in place and return it."""
+        missing, unexpected = skeleton.load_state_dict(self.state_dict(), strict=False)
+        expected = set(skeleton.state_dict())
+        really_missing = [k for k in missing if k in expected]
+        if really_missing or unexpected:
+            raise ValueError(f"skeleton does not match: missing {really_missing}, unexpected {list(unexpected)}")
+        return skeleton
+
+
+@torch.no_grad()
+def materialize(guide: SpikeGMMGuide, net: nn.Module, config: dict[str, Any] | None = None) -> CompressedNetwork:
+    """The greedy compressed network from a trained guide and the trained dense net.
+
+    ``net`` holds the deterministic (uncompressed) tensors; its compressed weights are ignored.
+    """
+    layers = []
+    for layer, d in zip(guide.layers, guide.distributions().values()):
+        mask = layer.kept_mask()
+        codes = torch.where(mask, d.most_probable_level(), torch.zeros((), dtype=torch.long))
+        layers.append(CompressedLayer(layer.site_name, tuple(mask.shape), mask, codes,
+                                      layer.locs.detach().clone(), layer.comp_window.clone()))
+    names = {layer.name for layer in layers}
+    clones: dict[tuple, torch.Tensor] = {}  # tied tensors (e.g. embeddings and LM head) stay one tensor
+    dense = {}
+    for k, v in net.state_dict().items():
+        if k not in names:
+            key = (v.data_ptr(), tuple(v.shape), v.stride(), v.dtype)
+            dense[k] = clones.setdefault(key, v.detach().clone())
+    return CompressedNetwork(layers, dense, dict(config or {}))
+
+
+class AveragedPredictor(nn.Module):
+    """Bayesian model averaging over ``M`` networks with codes sampled from ``phi``.
+
+    Each member keeps the greedy mask and codebook; its codes are drawn from
+    ``phi_j^(1/T) / sum phi_j^(1/T)``. ``forward`` returns the mean of the members'
+    softmax probabilities (``output="probs"``) or of their raw outputs (``"mean"``).
+    With ``M = 1`` and ``T -> 0`` it equals the greedy network.
+    """
+
+    def __init__(self, guide: SpikeGMMGuide, skeleton: nn.Module, compressed: CompressedNetwork,
+                 num_members: int = 10, temperature: float = 1.0, seed: int = 0, output: str = "probs") -> None:
+        super().__init__()
+        if output not in ("probs", "mean"):
+            raise ValueError(f"output must be 'probs' or 'mean', got {output!r}")
+        self.net = compressed.load_into(copy.deepcopy(skeleton))
+        self.output = output
+        gen = torch.Generator().manual_seed(seed)
+        self.member_weights: list[dict[str, torch.Tensor]] = []
+        with torch.no_grad():
+            dists = guide.distributions()
+            for _ in range(num_members):
+                weights = {}
+                for layer in compressed.layers:
+                    log_phi = dists[layer.name].log_phi / temperature
+                    probs = torch.softmax(log_phi, dim=-1).reshape(-1, layer.components).cpu()
+                    codes = torch.multinomial(probs, 1, generator=gen).reshape(layer.shape)
+                    codes = codes.to(layer.codebook.device)
+                    weights[layer.name] = torch.where(layer.mask, layer.codebook[codes],
+                                                      torch.zeros((), dtype=layer.codebook.dtype))
+                self.member_weights.append(weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = None
+        for weights in self.member_weights:
+            out = torch.func.functional_call(self.net, weights, (x,), strict=False)
+            out = torch.softmax(out, dim=-1) if self.output == "probs" else out
+            total = out if total is None else total + out
+        return total / len(self.member_weights)

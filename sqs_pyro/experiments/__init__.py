@@ -1,0 +1,1 @@
+"""Experiments: classical baselines on SQS's representation, workloads, and the ablation runner."""

@@ -1,0 +1,419 @@
+"""The ablation runner: a grid of compression runs from a small YAML/JSON file, resumable,
+one JSON line per finished run.
+
+Grid file keys (paths are relative to the grid file's folder)::
+
+    output: results/grid.jsonl         # where the JSON lines go (required)
+    cache_dir: cache                   # trained reference LeNets (default: beside output)
+    workloads: [mnist_cnn, lenet300]   # see sqs_pyro.experiments.workloads.WORKLOADS
+    methods: [sqs, sqs_equal, magnitude_kmeans, {name: sqs_k3, method: sqs, overrides: {equal_windows: 3}}]
+    sparsity: [0.5, 0.9]
+    components: [4, 16]
+    seeds: [0, 1, 2]
+    config: {epochs: 1.0, batch_size: 128}   # SQSConfig fields shared by all runs
+    train_limit: 10000                 # first N training images (default: all 50k)
+    test_limit: 2000                   # first N test images (default: all 10k)
+    reference_epochs: 4                # training epochs of the reference LeNets
+    reference_seed: 0
+
+Each run is keyed by workload, method, sparsity, K, seed and a digest of every setting that
+affects it; a run whose key is already in the output file is skipped, so an interrupted grid
+resumes where it stopped, and changed settings never reuse stale lines. Lines are appended
+whole, flushed and fsynced; a torn last line (a crash mid-write) is ignored and fenced off.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import yaml
+
+from sqs_pyro.config import SQSConfig
+from sqs_pyro.data import accuracy
+from sqs_pyro.errors import SQSInputError
+from sqs_pyro.experiments.baselines import BASELINES, baseline_accounting, file_network
+from sqs_pyro.experiments.workloads import WORKLOADS, Workload, dense_accuracy, load_workload
+from sqs_pyro.format.container import read_header, save_compressed
+from sqs_pyro.infer import compress
+
+SQS = "sqs"
+BASELINE_KINDS = ("magnitude_kmeans", "magnitude_uniform", "dgms")
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sqs": (SQS, {}),
+    "sqs_noprior": (SQS, {"kl_weight": 0.0}),
+    "sqs_equal": (SQS, {"windows": "equal"}),
+    "sqs_nowindows": (SQS, {"windows": "none"}),
+    **{kind: (kind, {}) for kind in BASELINE_KINDS},
+}
+GRID_KEYS = {"output", "cache_dir", "workloads", "methods", "sparsity", "components", "seeds", "config",
+             "train_limit", "test_limit", "reference_epochs", "reference_seed", "data_dir"}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A named method: ``kind`` (``sqs`` or a baseline) plus SQSConfig overrides."""
+
+    name: str
+    kind: str
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A parsed grid file."""
+
+    output: Path
+    cache_dir: Path
+    workloads: tuple[str, ...]
+    methods: tuple[MethodSpec, ...]
+    sparsity: tuple[float, ...]
+    components: tuple[int, ...]
+    seeds: tuple[int, ...]
+    config: Mapping[str, Any] = field(default_factory=dict)
+    train_limit: int | None = None
+    test_limit: int | None = None
+    reference_epochs: int = 4
+    reference_seed: int = 0
+    data_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One point of the grid."""
+
+    key: str
+    workload: str
+    method: MethodSpec
+    config: SQSConfig
+
+
+def _method(entry: Any) -> MethodSpec:
+    if isinstance(entry, str):
+        if entry not in PRESETS:
+            raise SQSInputError(f"unknown method {entry!r}; presets: {sorted(PRESETS)} (or a mapping with "
+                                f"name, method and overrides)")
+        kind, overrides = PRESETS[entry]
+        return MethodSpec(entry, kind, tuple(sorted(overrides.items())))
+    if isinstance(entry, Mapping) and set(entry) <= {"name", "method", "overrides"} and "name" in entry:
+        kind = entry.get("method", entry["name"])
+        if kind not in (SQS, *BASELINE_KINDS):
+            raise SQSInputError(f"method {kind!r} of {entry['name']!r} must be one of {(SQS, *BASELINE_KINDS)}")
+        overrides = entry.get("overrides") or {}
+        if not isinstance(overrides, Mapping):
+            raise SQSInputError(f"overrides of method {entry['name']!r} must be a mapping")
+        return MethodSpec(str(entry["name"]), kind, tuple(sorted(overrides.items())))
+    raise SQSInputError(f"a method is a preset name or a mapping with keys name, method, overrides; got {entry!r}")
+
+
+def _list(raw: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> tuple:
+    value = raw.get(key)
+    if not isinstance(value, list) or not value:
+        raise SQSInputError(f"grid key {key!r} must be a non-empty list")
+    if not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+        raise SQSInputError(f"grid key {key!r} must list {what}, got {value!r}")
+    return tuple(value)
+
+
+def _optional_int(raw: Mapping[str, Any], key: str, default: int | None) -> int | None:
+    """``raw[key]`` as a non-negative integer; ``None`` only where the default is ``None``."""
+    value = raw.get(key, default)
+    if (value is not None or default is not None) and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise SQSInputError(f"grid key {key!r} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def parse_grid(raw: Mapping[str, Any], base_dir: Path = Path(".")) -> Grid:
+    """Validate a grid mapping; relative paths are taken from ``base_dir``."""
+    if not isinstance(raw, Mapping):
+        raise SQSInputError("a grid file must hold a mapping")
+    unknown = sorted(set(raw) - GRID_KEYS)
+    if unknown:
+        raise SQSInputError(f"unknown grid keys {unknown}; known: {sorted(GRID_KEYS)}")
+    if "output" not in raw:
+        raise SQSInputError("the grid needs an 'output' path for its JSON lines")
+    workloads = _list(raw, "workloads", str, "workload names")
+    bad = [w for w in workloads if w not in WORKLOADS]
+    if bad:
+        raise SQSInputError(f"unknown workloads {bad}; known: {WORKLOADS}")
+    methods = tuple(_method(m) for m in raw.get("methods") or [])
+    if not methods:
+        raise SQSInputError("grid key 'methods' must be a non-empty list")
+    sparsity = tuple(float(s) for s in _list(raw, "sparsity", (int, float), "numbers"))
+    config = raw.get("config") or {}
+    if not isinstance(config, Mapping):
+        raise SQSInputError("grid key 'config' must be a mapping of SQSConfig fields")
+    output = Path(os.path.normpath(base_dir / str(raw["output"])))
+    cache_dir = Path(os.path.normpath(base_dir / str(raw["cache_dir"]))) if "cache_dir" in raw else output.parent / "cache"
+    grid = Grid(output=output, cache_dir=cache_dir, workloads=workloads, methods=methods, sparsity=sparsity,
+                components=_list(raw, "components", int, "integers"), seeds=_list(raw, "seeds", int, "integers"),
+                config=dict(config), train_limit=_optional_int(raw, "train_limit", None),
+                test_limit=_optional_int(raw, "test_limit", None),
+                reference_epochs=_optional_int(raw, "reference_epochs", 4),
+                reference_seed=_optional_int(raw, "reference_seed", 0),
+                data_dir=Path(os.path.normpath(base_dir / str(raw["data_dir"]))) if "data_dir" in raw else None)
+    expand_grid(grid)  # validates every SQSConfig of the grid now, not mid-run
+    return grid
+
+
+def load_grid(path: str | os.PathLike) -> Grid:
+    """Read a grid from a YAML or JSON file (JSON is read by the YAML parser too)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SQSInputError(f"cannot read grid file {path}: {exc}") from exc
+    return parse_grid(raw, path.parent)
+
+
+def run_key(workload: str, method: MethodSpec, config: SQSConfig, grid: Grid) -> str:
+    """``workload/method/s=../K=../seed=../digest``: the digest covers every setting of the run."""
+    settings = {"workload": workload, "kind": method.kind, "config": config.to_dict(),
+                "train_limit": grid.train_limit, "test_limit": grid.test_limit,
+                "reference_epochs": grid.reference_epochs, "reference_seed": grid.reference_seed}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{workload}/{method.name}/s={config.sparsity:g}/K={config.components}/seed={config.seed}/{digest}"
+
+
+def expand_grid(grid: Grid) -> list[RunSpec]:
+    """All runs, seeds outermost, then workload, sparsity, K and method (so each finished block
+    compares all methods at one setting)."""
+    runs = []
+    for seed in grid.seeds:
+        for workload in grid.workloads:
+            for sparsity in grid.sparsity:
+                for k in grid.components:
+                    for method in grid.methods:
+                        values = {**grid.config, **dict(method.overrides), "sparsity": sparsity,
+                                  "components": k, "seed": seed}
+                        config = SQSConfig.from_dict(values)
+                        runs.append(RunSpec(run_key(workload, method, config, grid), workload, method, config))
+    return runs
+
+
+def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The complete JSON lines of ``path`` (a torn or invalid line is skipped)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "key" in record:
+            records.append(record)
+    return records
+
+
+def append_record(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
+    """Append one JSON line in a single write, then flush and fsync. A torn last line left by
+    a crash is first closed with a newline so that it cannot corrupt this one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, sort_keys=True, allow_nan=False, default=str) + "\n"
+    with open(path, "ab+") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = "\n" + line
+        f.write(line.encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _json_number(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else value
+
+
+def execute_run(spec: RunSpec, workload: Workload) -> dict[str, Any]:
+    """Train one method on a workload and measure it: accuracies, achieved sparsity, bits, the
+    CR formula, packed bytes, the real ``.sqs`` file size, and wall times."""
+    started = time.perf_counter()
+    if spec.method.kind == SQS:
+        result = compress(workload.net, workload.train, spec.config, progress=False)
+    else:
+        result = BASELINES[spec.method.kind](workload.net, workload.train, spec.config)
+    train_seconds = time.perf_counter() - started
+    compressed = result.compressed()
+    t0 = time.perf_counter()
+    acc_greedy = accuracy(result.greedy_module(), *workload.test)
+    members = spec.config.num_averaged
+    acc_avg = accuracy(result.averaged_module(members), *workload.test) if spec.method.kind == SQS else None
+    eval_seconds = time.perf_counter() - t0
+    acc = baseline_accounting(compressed)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.sqs"
+        file_bytes = save_compressed(file_network(compressed), path, model=workload.net)
+        code_bytes = sum(layer["codes"]["bytes"] for layer in read_header(path)["layers"])
+    record: dict[str, Any] = {
+        "accuracy_greedy": acc_greedy, "accuracy_averaged": acc_avg,
+        "accuracy_best": max(acc_greedy, acc_avg) if acc_avg is not None else acc_greedy,
+        "num_averaged": members if acc_avg is not None else None,
+        "sparsity": acc["sparsity"], "bits": acc["bits"], "cr_formula": _json_number(acc["cr_formula"]),
+        "compressed_params": acc["compressed_params"], "other_params": acc["other_params"],
+        "bytes_fp32": acc["bytes_fp32"], "bytes_packed": acc["bytes_packed"], "side_bytes": acc["side_bytes"],
+        "packed_ratio": acc["bytes_fp32"] / acc["bytes_packed"],
+        "entropy_bound_bytes": acc["entropy_bound_bytes"],
+        "file_bytes": file_bytes, "file_ratio": acc["bytes_fp32"] / file_bytes, "code_stream_bytes": code_bytes,
+        "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+        "layers": [{k: layer[k] for k in ("name", "numel", "nnz", "density", "codes_used", "code_entropy_bits")}
+                   for layer in acc["layers"]],
+    }
+    if acc_avg is not None:  # M code streams instead of one (estimated from the greedy stream's size)
+        record["averaged_file_bytes_est"] = file_bytes + (members - 1) * code_bytes
+        record["averaged_file_ratio_est"] = acc["bytes_fp32"] / record["averaged_file_bytes_est"]
+    return record
+
+
+def source_digest() -> str:
+    """A digest of the installed sources (``sqs_pyro``, its models and guides): records carry it
+    so that numbers can be traced to the code that produced them (it is not part of the key)."""
+    h = hashlib.sha256()
+    for package in ("sqs_pyro", "sqs_pyro.models", "sqs_pyro.guides"):
+        root = Path(importlib.util.find_spec(package).submodule_search_locations[0])
+        for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".c")):
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def grid_workload(name: str, grid: Grid) -> Workload:
+    """Workload ``name`` with the grid's data limits and reference-network settings."""
+    return load_workload(name, grid.cache_dir, grid.train_limit, grid.test_limit, grid.reference_epochs,
+                         grid.reference_seed, grid.data_dir)
+
+
+def run_grid(grid: Grid, execute: Callable[[RunSpec, Workload], dict[str, Any]] = execute_run,
+             log: Callable[[str], None] = print, limit: int | None = None,
+             workload_loader: Callable[[str, Grid], Workload] | None = None) -> list[dict[str, Any]]:
+    """Run every grid point whose key is not yet in ``grid.output`` (at most ``limit`` new runs)
+    and append one line per run; returns the new records."""
+    loader = workload_loader or grid_workload
+    runs = expand_grid(grid)
+    done = {r["key"] for r in read_records(grid.output)}
+    todo = [r for r in runs if r.key not in done]
+    log(f"{len(runs)} runs in the grid, {len(runs) - len(todo)} already in {grid.output}, {len(todo)} to run")
+    workloads: dict[str, tuple[Workload, float]] = {}
+    new = []
+    digest = source_digest()
+    for i, spec in enumerate(todo[:limit] if limit is not None else todo, 1):
+        if spec.workload not in workloads:
+            w = loader(spec.workload, grid)
+            workloads[spec.workload] = (w, dense_accuracy(w))
+            log(f"workload {spec.workload}: dense test accuracy {workloads[spec.workload][1]:.4f}")
+        workload, dense = workloads[spec.workload]
+        started = time.perf_counter()
+        measured = execute(spec, workload)
+        record = {
+            "key": spec.key, "workload": spec.workload, "method": spec.method.name, "kind": spec.method.kind,
+            "overrides": dict(spec.method.overrides), "sparsity_target": spec.config.sparsity,
+            "components": spec.config.components, "seed": spec.config.seed,
+            "train_examples": len(workload.train[0]), "test_examples": len(workload.test[0]),
+            "accuracy_dense": dense, **measured, "wall_seconds": time.perf_counter() - started,
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "config": spec.config.to_dict(), "source_digest": digest,
+        }
+        append_record(grid.output, record)
+        new.append(record)
+        log(f"[{i}/{len(todo)}] {spec.key}: accuracy {record['accuracy_best']:.4f}, sparsity "
+            f"{record['sparsity']:.4f}, file {record['file_ratio']:.1f}x, {record['wall_seconds']:.0f} s")
+    return new
+
+
+# ------------------------------------------------------------------ summaries
+
+
+def variants(record: Mapping[str, Any]) -> Iterable[tuple[str, float, float]]:
+    """``(label, accuracy, real ratio)`` rows of one record: SQS runs give a greedy row and a
+    Bayesian-averaged row (ratio from the estimated size of M code streams)."""
+    if record["kind"] == SQS:
+        yield f"{record['method']} greedy", record["accuracy_greedy"], record["file_ratio"]
+        yield (f"{record['method']} averaged M={record['num_averaged']}", record["accuracy_averaged"],
+               record["averaged_file_ratio_est"])
+    else:
+        yield record["method"], record["accuracy_greedy"], record["file_ratio"]
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Rows per (workload, method variant, target sparsity, K): means and spreads over seeds."""
+    groups: dict[tuple, list[tuple[Mapping[str, Any], float, float]]] = {}
+    for r in records:
+        for label, acc, ratio in variants(r):
+            groups.setdefault((r["workload"], label, r["sparsity_target"], r["components"]), []).append((r, acc, ratio))
+    rows = []
+    for (workload, label, target, k), items in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3], kv[0][1])):
+        accs = [a for _, a, _ in items]
+        acc_mean, acc_sd = _mean_sd(accs)
+        rows.append({
+            "workload": workload, "method": label, "sparsity_target": target, "components": k,
+            "seeds": sorted(r["seed"] for r, _, _ in items),
+            "sparsity": statistics.fmean(r["sparsity"] for r, _, _ in items),
+            "cr_formula": statistics.fmean(r["cr_formula"] for r, _, _ in items),
+            "real_ratio": statistics.fmean(q for _, _, q in items),
+            "accuracy_mean": acc_mean, "accuracy_sd": acc_sd,
+            "accuracy_dense": items[0][0]["accuracy_dense"],
+            "wall_seconds": statistics.fmean(r["wall_seconds"] for r, _, _ in items),
+        })
+    return rows
+
+
+def format_table(rows: Iterable[Mapping[str, Any]]) -> str:
+    """A Markdown table of :func:`summarize` rows."""
+    lines = ["| workload | method | target s | achieved s | K | CR formula | real file ratio | accuracy (mean ± sd, n) | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['workload']} | {r['method']} | {r['sparsity_target']:g} | {r['sparsity']:.4f} | "
+                     f"{r['components']} | {r['cr_formula']:.1f}x | {r['real_ratio']:.1f}x | "
+                     f"{r['accuracy_mean']:.4f} ± {r['accuracy_sd']:.4f} ({len(r['seeds'])}) | {r['wall_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+EFFECTS = (  # (name, method A, accuracy field of A, method B, accuracy field of B): effect = A - B
+    ("Bayesian averaging vs greedy (sqs)", "sqs", "accuracy_averaged", "sqs", "accuracy_greedy"),
+    ("outlier-aware vs equal-count windows (greedy)", "sqs", "accuracy_greedy", "sqs_equal", "accuracy_greedy"),
+    ("outlier-aware vs no windows (greedy)", "sqs", "accuracy_greedy", "sqs_nowindows", "accuracy_greedy"),
+    ("spike-and-slab prior vs no prior KL (greedy)", "sqs", "accuracy_greedy", "sqs_noprior", "accuracy_greedy"),
+)
+
+
+def ablation_effects(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Paired accuracy differences A - B (in points) over matching (workload, s, K, seed) runs,
+    with their measured sign: mean, sd, wins / ties / losses of A."""
+    index = {(r["workload"], r["method"], r["sparsity_target"], r["components"], r["seed"]): r for r in records}
+    out = []
+    for name, a, field_a, b, field_b in EFFECTS:
+        diffs = [100 * (ra[field_a] - index[(w, b, s, k, seed)][field_b])
+                 for (w, m, s, k, seed), ra in index.items()
+                 if m == a and (w, b, s, k, seed) in index and ra.get(field_a) is not None]
+        if not diffs:
+            continue
+        mean, sd = _mean_sd(diffs)
+        out.append({"effect": name, "pairs": len(diffs), "mean_points": mean, "sd_points": sd,
+                    "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs),
+                    "losses": sum(d < 0 for d in diffs)})
+    return out
+
+
+def format_effects(effects: Iterable[Mapping[str, Any]]) -> str:
+    lines = ["| ablation (A vs B) | pairs | mean A - B (points) | sd | A wins / ties / losses |", "|---|---|---|---|---|"]
+    for e in effects:
+        lines.append(f"| {e['effect']} | {e['pairs']} | {e['mean_points']:+.2f} | {e['sd_points']:.2f} | "
+                     f"{e['wins']} / {e['ties']} / {e['losses']} |")
+    return "\n".join(lines)

@@ -1,0 +1,586 @@
+r"""The ``.sqs`` file: one self-describing, checksummed file holding a materialised SQS network.
+
+Layout (integers little-endian, offsets in bytes)::
+
+    offset   size  field
+    0        8     magic 89 53 51 53 0D 0A 1A 0A  (b"\x89SQS\r\n\x1a\n")
+    8        4     u32 format version (this reader: 1)
+    12       4     u32 header length H (at most 16 MiB)
+    16       32    SHA-256 of the H header bytes
+    48       H     header: a UTF-8 JSON object (below)
+    48+H     P     payload, P = header["payload_bytes"], its SHA-256 = header["payload_sha256"] (hex)
+    48+H+P         end of file: nothing may follow
+
+Header keys: ``format`` (``"sqs-pyro"``), ``format_version`` (equal to the preamble's),
+``payload_bytes``, ``payload_sha256``, ``architecture`` (hints only, never executed:
+``class`` = ``"module.QualName"`` of the network; for a network that is or wraps a transformers
+model also ``transformers_class``, ``transformers_prefix`` and ``transformers_config``, see
+:func:`architecture_hints`), ``config`` (the compression config), ``accounting``
+(totals of :func:`sqs_pyro.compressed.accounting.accounting`), ``layers`` and ``tensors``.
+
+The payload is the concatenation, in header order, of every entry's segments.
+
+``layers`` (compressed weights), each an object with ``name``; ``shape`` (list of ints,
+row-major); ``dtype`` of the weight (``float32``, ``float64``, ``float16`` or ``bfloat16``);
+``nnz`` (kept weights); ``codebook_dtype`` (``float32``, ``float64``, ``float16`` or ``bfloat16``); ``windows`` (for each
+of the K codebook levels, the window it belongs to; K = its length, ``1 <= K <= 65536``);
+``mask`` and ``codes``, each ``{"coding": ..., "bytes": ...}`` plus the coding's parameters
+(see :mod:`sqs_pyro.format.codecs`); ``crc32``; ``bound_bits`` (the entropy lower bound
+``N H2(nnz/N) + nnz H(code usage)``). Segments: the codebook (K values of
+``codebook_dtype``), the mask stream, the code stream. The weight is
+``where(mask, codebook[codes], 0)`` in ``dtype``, reshaped to ``shape``. ``crc32`` is the
+zlib CRC-32 of ``packbits_le(mask) || codes of the kept weights as <u2 || codebook bytes``: it
+checks what the decoders produced, not just what was read.
+
+``tensors`` (every other entry of the state dict, stored as it is), each with ``name``,
+``shape``, ``dtype`` (float32/64/16, bfloat16, int8/16/32/64, uint8, bool) and ``bytes``
+(= numel x item size). Segment: the raw little-endian values, row-major. A tensor tied to an
+earlier one (the same tensor in the state dict, e.g. an LM head tied to the embeddings) has
+``same_as`` = that tensor's name, ``bytes`` = 0 and no segment.
+
+Reading never unpickles and checks, in order: magic, version, lengths against the file
+size, both checksums, the header's schema, that the segments tile the payload exactly, the
+shapes against a given skeleton (or a cap on the decoded size), every stream's length,
+padding and value range, and the CRC of each decoded layer. Any failure raises
+:class:`~sqs_pyro.errors.CompressedFileError` naming the problem. Writes are atomic: a
+temporary file in the target folder, fsync, rename, fsync of the folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from sqs_pyro.format import codecs as coding
+from sqs_pyro.compressed.accounting import binary_entropy, dense_params
+from sqs_pyro.format.atomic import write_bytes_atomic
+from sqs_pyro.errors import CompressedFileError, SQSInputError
+from sqs_pyro.compressed.materialize import CompressedLayer, CompressedNetwork
+
+MAGIC = b"\x89SQS\r\n\x1a\n"
+FORMAT_VERSION = 1
+PREAMBLE = struct.Struct("<8sII32s")
+MAX_HEADER_BYTES = 1 << 24
+MAX_COMPONENTS = 1 << coding.MAX_WIDTH
+MAX_DIMS = 16
+ELEMENTS_PER_FILE_BYTE = 1 << 16
+
+# name -> (torch dtype, little-endian numpy dtype of the stored bits)
+DTYPES: dict[str, tuple[torch.dtype, str]] = {
+    "float32": (torch.float32, "<f4"), "float64": (torch.float64, "<f8"), "float16": (torch.float16, "<f2"),
+    "bfloat16": (torch.bfloat16, "<i2"), "int64": (torch.int64, "<i8"), "int32": (torch.int32, "<i4"),
+    "int16": (torch.int16, "<i2"), "int8": (torch.int8, "|i1"), "uint8": (torch.uint8, "|u1"),
+    "bool": (torch.bool, "|u1"),
+}
+FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The file's name of a torch dtype (``torch.float32`` -> ``"float32"``)."""
+    for name, (torch_dtype, _) in DTYPES.items():
+        if torch_dtype == dtype:
+            return name
+    raise SQSInputError(f"tensors of dtype {dtype} cannot be stored; supported: {tuple(DTYPES)}")
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The raw little-endian row-major bytes of a tensor."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    name = dtype_name(flat.dtype)
+    if flat.dtype == torch.bfloat16:
+        flat = flat.view(torch.int16)
+    return flat.numpy().astype(DTYPES[name][1], copy=False).tobytes()
+
+
+def tensor_from_bytes(data: bytes | memoryview, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`tensor_bytes` (a fresh, writable tensor)."""
+    torch_dtype, np_dtype = DTYPES[name]
+    values = np.frombuffer(data, dtype=np_dtype)
+    if name == "bool" and values.size and int(values.max()) > 1:
+        raise CompressedFileError("a bool tensor holds bytes other than 0 and 1")
+    tensor = torch.from_numpy(values.astype(values.dtype.newbyteorder("="))).reshape(shape)
+    return tensor.view(torch.bfloat16) if name == "bfloat16" else tensor.to(torch_dtype)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def _content_crc(mask: np.ndarray, kept_codes: np.ndarray, codebook: bytes) -> int:
+    crc = zlib.crc32(coding.pack_bits(mask))
+    crc = zlib.crc32(np.ascontiguousarray(kept_codes, dtype="<u2").tobytes(), crc)
+    return zlib.crc32(codebook, crc)
+
+
+def _entropy_bound_bits(numel: int, kept_codes: np.ndarray, components: int) -> float:
+    """``N H2(nnz / N) + nnz H(code usage)``."""
+    density = kept_codes.size / numel if numel else 0.0
+    return numel * binary_entropy(density) + kept_codes.size * coding.usage_entropy(kept_codes, components)
+
+
+def _encode_layer(layer: CompressedLayer, codebook_dtype: str | None) -> tuple[dict[str, Any], list[bytes]]:
+    shape = tuple(int(d) for d in layer.shape)
+    if tuple(layer.mask.shape) != shape or tuple(layer.codes.shape) != shape:
+        raise SQSInputError(f"layer {layer.name}: mask {tuple(layer.mask.shape)} and codes "
+                            f"{tuple(layer.codes.shape)} must both have the layer's shape {shape}")
+    components = layer.codebook.numel()
+    if not 1 <= components <= MAX_COMPONENTS or layer.component_windows.numel() != components:
+        raise SQSInputError(f"layer {layer.name}: need 1 <= K <= {MAX_COMPONENTS} levels and one window per level")
+    weight_dtype = dtype_name(layer.codebook.dtype)
+    stored_dtype = codebook_dtype or weight_dtype
+    if weight_dtype not in FLOAT_DTYPES or stored_dtype not in FLOAT_DTYPES:
+        raise SQSInputError(f"layer {layer.name}: codebooks must be floating point ({FLOAT_DTYPES})")
+    mask = np.asarray(layer.mask.detach().cpu().numpy(), dtype=bool).ravel()
+    kept = layer.codes.detach().cpu().numpy().ravel()[np.flatnonzero(mask)].astype(np.int64)
+    if kept.size and (kept.min() < 0 or kept.max() >= components):
+        raise SQSInputError(f"layer {layer.name}: codes of kept weights must lie in [0, {components})")
+    windows = [int(w) for w in layer.component_windows.tolist()]
+    if any(not 0 <= w < components for w in windows):
+        raise SQSInputError(f"layer {layer.name}: window ids must lie in [0, {components})")
+    codebook = tensor_bytes(layer.codebook.detach().to(DTYPES[stored_dtype][0]))
+    mask_stream = coding.encode_mask(mask)
+    code_stream = coding.encode_codes(kept, components)
+    entry = {
+        "name": layer.name, "shape": list(shape), "dtype": weight_dtype, "nnz": int(kept.size),
+        "codebook_dtype": stored_dtype, "windows": windows,
+        "mask": {"coding": mask_stream.coding, "bytes": len(mask_stream.data), **mask_stream.params},
+        "codes": {"coding": code_stream.coding, "bytes": len(code_stream.data)},
+        "crc32": _content_crc(mask, kept, codebook),
+        "bound_bits": round(_entropy_bound_bits(mask.size, kept, components), 1),
+    }
+    return entry, [codebook, mask_stream.data, code_stream.data]
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` as plain JSON (tuples become lists, non-finite floats and other objects strings)."""
+    return json.loads(json.dumps(value, default=str), parse_constant=str)
+
+
+def _totals(layers: list[dict[str, Any]], dense: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The accounting totals (as :func:`sqs_pyro.compressed.accounting.accounting`) from the layer entries."""
+    numel = sum(_numel(e["shape"]) for e in layers)
+    nnz = sum(e["nnz"] for e in layers)
+    other = dense_params(dense)
+    bits = max((max(1, coding.code_width(len(e["windows"]))) for e in layers), default=0)
+    return {"compressed_params": numel, "nnz": nnz, "other_params": other,
+            "sparsity": 1.0 - nnz / numel if numel else 0.0, "bits": bits,
+            "cr_formula": 32.0 * numel / (nnz * bits) if nnz else None, "bytes_fp32": 4 * (numel + other),
+            "entropy_bound_bytes": sum(e["bound_bits"] for e in layers) / 8}
+
+
+def architecture_hints(model: nn.Module | None) -> dict[str, Any]:
+    """``{"class": "module.QualName"}`` of ``model``; for a model that is or wraps a
+    transformers model (the first submodule with a ``config.to_dict()``) also
+    ``transformers_class``, ``transformers_prefix`` (its path in ``model``, ``""`` for itself)
+    and ``transformers_config``, so the file can be loaded back into that class."""
+    if model is None:
+        return {}
+    hints: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
+    for path, module in model.named_modules():
+        config = getattr(module, "config", None)
+        if callable(getattr(config, "to_dict", None)):
+            hints.update(transformers_class=type(module).__name__, transformers_prefix=path,
+                         transformers_config=_json_safe(config.to_dict()))
+            break
+    return hints
+
+
+def encode_file(network: CompressedNetwork, codebook_dtype: str | None = None,
+                architecture: dict[str, Any] | None = None) -> bytes:
+    """The bytes of the ``.sqs`` file of ``network`` (see the module docstring for the layout).
+
+    ``codebook_dtype``: ``None`` stores each codebook in its own dtype (exact round trip);
+    ``"float16"`` halves the codebooks' bytes and rounds their values.
+    """
+    if codebook_dtype is not None and codebook_dtype not in FLOAT_DTYPES:
+        raise SQSInputError(f"codebook_dtype must be None or one of {FLOAT_DTYPES}, got {codebook_dtype!r}")
+    names = [layer.name for layer in network.layers] + list(network.dense_state)
+    if len(set(names)) != len(names):
+        raise SQSInputError("tensor names must be unique across compressed layers and other tensors")
+    layers, segments = [], []
+    for layer in network.layers:
+        entry, parts = _encode_layer(layer, codebook_dtype)
+        layers.append(entry)
+        segments += parts
+    tensors, stored = [], {}  # stored: id of each tensor written -> its name
+    for name, tensor in network.dense_state.items():
+        entry = {"name": name, "shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype)}
+        if id(tensor) in stored:  # a tied tensor is stored once
+            tensors.append({**entry, "bytes": 0, "same_as": stored[id(tensor)]})
+            continue
+        data = tensor_bytes(tensor)
+        tensors.append({**entry, "bytes": len(data)})
+        segments.append(data)
+        stored[id(tensor)] = name
+    payload = b"".join(segments)
+    header = {
+        "format": "sqs-pyro", "format_version": FORMAT_VERSION,
+        "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest(),
+        "architecture": _json_safe(architecture or {}), "config": _json_safe(network.config),
+        "accounting": _totals(layers, network.dense_state), "layers": layers, "tensors": tensors,
+    }
+    text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    if len(text) > MAX_HEADER_BYTES:
+        raise SQSInputError(f"the header would take {len(text)} bytes, more than {MAX_HEADER_BYTES}")
+    return PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(text), hashlib.sha256(text).digest()) + text + payload
+
+
+def save_compressed(obj: Any, path: str | os.PathLike, *, codebook_dtype: str | None = None,
+                    model: nn.Module | None = None) -> int:
+    """Save an :class:`~sqs_pyro.infer.result.SQSResult` or a :class:`CompressedNetwork` to ``path``
+    (atomically) and return the file's size in bytes.
+
+    ``model`` supplies the architecture hints (default: the result's skeleton).
+    ``codebook_dtype="float16"`` stores fp16 codebooks (smaller, no longer bit-exact).
+    """
+    if isinstance(obj, CompressedNetwork):
+        network = obj
+    elif callable(getattr(obj, "compressed", None)) and isinstance(getattr(obj, "skeleton", None), nn.Module):
+        network, model = obj.compressed(), obj.skeleton if model is None else model
+    else:
+        raise SQSInputError(f"save_compressed takes an SQSResult or a CompressedNetwork, got {type(obj).__name__}")
+    data = encode_file(network, codebook_dtype, architecture_hints(model))
+    write_bytes_atomic(path, data)  # a crash or a full disk leaves any previous file untouched
+    return len(data)
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    same_as: str | None = None
+
+
+@dataclass(frozen=True)
+class _Layer:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    nnz: int
+    codebook_dtype: str
+    windows: tuple[int, ...]
+    mask: dict[str, Any]
+    codes: dict[str, Any]
+    crc32: int
+
+    @property
+    def segments(self) -> tuple[int, int, int]:
+        itemsize = np.dtype(DTYPES[self.codebook_dtype][1]).itemsize
+        return len(self.windows) * itemsize, self.mask["bytes"], self.codes["bytes"]
+
+
+def _fail(where: str, message: str) -> CompressedFileError:
+    return CompressedFileError(f"header: {where} {message}" if where else f"header: {message}")
+
+
+def _at(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _obj(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _fail(where, "must be a JSON object")
+    return value
+
+
+def _key(obj: dict[str, Any], key: str, where: str) -> Any:
+    if key not in obj:
+        raise _fail(where, f"lacks the key {key!r}")
+    return obj[key]
+
+
+def _int(obj: dict[str, Any], key: str, where: str, high: int = 1 << 62) -> int:
+    value = _key(obj, key, where)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high:
+        raise _fail(_at(where, key), f"must be an integer in [0, {high}], got {value!r}")
+    return value
+
+
+def _str(obj: dict[str, Any], key: str, where: str, choices: tuple[str, ...] | None = None) -> str:
+    value = _key(obj, key, where)
+    if not isinstance(value, str) or (choices is not None and value not in choices):
+        raise _fail(_at(where, key), f"must be {'one of ' + str(choices) if choices else 'a string'}, got {value!r}")
+    return value
+
+
+def _shape(obj: dict[str, Any], where: str) -> tuple[int, ...]:
+    value = _key(obj, "shape", where)
+    if (not isinstance(value, list) or len(value) > MAX_DIMS
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in value)
+            or math.prod(value) >= 1 << 48):
+        raise _fail(f"{where}.shape", f"must be a list of at most {MAX_DIMS} integers in [0, 2^40) with fewer "
+                                      f"than 2^48 elements, got {value!r}")
+    return tuple(value)
+
+
+def _stream(obj: dict[str, Any], key: str, where: str, codings: tuple[str, ...]) -> dict[str, Any]:
+    where = f"{where}.{key}"
+    spec = _obj(_key(obj, key, where), where)
+    out = {"coding": _str(spec, "coding", where, codings), "bytes": _int(spec, "bytes", where)}
+    if out["coding"] == "rice":
+        out["k"] = _int(spec, "k", where, coding.MAX_RICE_K)
+        out["unary_bytes"] = _int(spec, "unary_bytes", where, out["bytes"])
+        out["invert"] = _key(spec, "invert", where)
+        if not isinstance(out["invert"], bool):
+            raise _fail(f"{where}.invert", "must be true or false")
+    return out
+
+
+def _parse_layer(value: Any, where: str) -> _Layer:
+    obj = _obj(value, where)
+    shape = _shape(obj, where)
+    windows = _key(obj, "windows", where)
+    if (not isinstance(windows, list) or not 1 <= len(windows) <= MAX_COMPONENTS
+            or not all(isinstance(w, int) and not isinstance(w, bool) and 0 <= w < len(windows) for w in windows)):
+        raise _fail(f"{where}.windows", f"must list 1 to {MAX_COMPONENTS} window ids, each in [0, K)")
+    layer = _Layer(
+        name=_str(obj, "name", where), shape=shape, dtype=_str(obj, "dtype", where, FLOAT_DTYPES),
+        nnz=_int(obj, "nnz", where, _numel(shape)), codebook_dtype=_str(obj, "codebook_dtype", where, FLOAT_DTYPES),
+        windows=tuple(windows), mask=_stream(obj, "mask", where, coding.MASK_CODINGS),
+        codes=_stream(obj, "codes", where, coding.CODE_CODINGS), crc32=_int(obj, "crc32", where, 0xFFFFFFFF))
+    return layer
+
+
+def _parse_tensor(value: Any, where: str) -> _Tensor:
+    obj = _obj(value, where)
+    tensor = _Tensor(_str(obj, "name", where), _shape(obj, where), _str(obj, "dtype", where, tuple(DTYPES)),
+                     _int(obj, "bytes", where), _str(obj, "same_as", where) if "same_as" in obj else None)
+    expected = 0 if tensor.same_as is not None else _numel(tensor.shape) * np.dtype(DTYPES[tensor.dtype][1]).itemsize
+    if tensor.nbytes != expected:
+        raise _fail(f"{where}.bytes", f"is {tensor.nbytes}, but shape {list(tensor.shape)} of {tensor.dtype} "
+                                      f"takes {expected}")
+    return tensor
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    header: dict[str, Any]
+    payload: memoryview
+    layers: list[_Layer]
+    tensors: list[_Tensor]
+    file_bytes: int
+
+
+def _read_exact(f, size: int, what: str, file_bytes: int) -> bytes:
+    data = f.read(size)
+    if len(data) != size:
+        raise CompressedFileError(f"truncated: the file has {file_bytes} bytes, too few for the {what}")
+    return data
+
+
+def _parse(path: str | os.PathLike) -> _Parsed:
+    with open(path, "rb") as f:
+        file_bytes = os.fstat(f.fileno()).st_size
+        preamble = f.read(PREAMBLE.size)
+        if not preamble:
+            raise CompressedFileError("the file is empty")
+        if preamble[:len(MAGIC)] != MAGIC[:len(preamble)]:
+            raise CompressedFileError(f"not an sqs-pyro compressed file (it starts with "
+                                      f"{preamble[:8]!r}, expected {MAGIC!r})")
+        if len(preamble) < PREAMBLE.size:
+            raise CompressedFileError(f"truncated: the file has {file_bytes} bytes, "
+                                      f"shorter than the {PREAMBLE.size}-byte preamble")
+        _, version, header_len, header_sha = PREAMBLE.unpack(preamble)
+        if version > FORMAT_VERSION:
+            raise CompressedFileError(f"format version {version} is newer than this reader supports "
+                                      f"({FORMAT_VERSION}); upgrade sqs-pyro")
+        if version < 1:
+            raise CompressedFileError(f"unknown format version {version}")
+        if header_len > min(MAX_HEADER_BYTES, file_bytes - PREAMBLE.size):
+            raise CompressedFileError(f"truncated or corrupt: the header length {header_len} exceeds the "
+                                      f"{file_bytes - PREAMBLE.size} bytes after the preamble")
+        text = _read_exact(f, header_len, "header", file_bytes)
+        if hashlib.sha256(text).digest() != header_sha:
+            raise CompressedFileError("header checksum mismatch: the header is corrupted or was edited")
+        try:
+            header = _obj(json.loads(text.decode("utf-8")), "the header")
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise CompressedFileError(f"header is not valid JSON: {exc}") from None
+        if _key(header, "format", "") != "sqs-pyro" or _key(header, "format_version", "") != version:
+            raise CompressedFileError("header: format must be 'sqs-pyro' with the preamble's format_version")
+        payload_bytes = _int(header, "payload_bytes", "")
+        expected_size = PREAMBLE.size + header_len + payload_bytes
+        if expected_size != file_bytes:
+            problem = "truncated" if file_bytes < expected_size else "trailing bytes"
+            raise CompressedFileError(f"{problem}: the header describes {expected_size} bytes, the file has {file_bytes}")
+        payload = _read_exact(f, payload_bytes, "payload", file_bytes)
+    if hashlib.sha256(payload).hexdigest() != _key(header, "payload_sha256", ""):
+        raise CompressedFileError("payload checksum mismatch: the payload is corrupted or was edited")
+    layers_raw, tensors_raw = _key(header, "layers", ""), _key(header, "tensors", "")
+    if not isinstance(layers_raw, list) or not isinstance(tensors_raw, list):
+        raise CompressedFileError("header: layers and tensors must be lists")
+    layers = [_parse_layer(v, f"layers[{i}]") for i, v in enumerate(layers_raw)]
+    tensors = [_parse_tensor(v, f"tensors[{i}]") for i, v in enumerate(tensors_raw)]
+    names = [e.name for e in layers] + [e.name for e in tensors]
+    if len(set(names)) != len(names):
+        raise CompressedFileError("header: tensor names are not unique")
+    earlier: dict[str, _Tensor] = {}
+    for i, t in enumerate(tensors):
+        first = earlier.get(t.same_as) if t.same_as is not None else t
+        if first is None or first.same_as is not None or (first.shape, first.dtype) != (t.shape, t.dtype):
+            raise CompressedFileError(f"header: tensors[{i}].same_as must name an earlier stored tensor of the "
+                                      "same shape and dtype")
+        earlier[t.name] = t
+    total = sum(sum(layer.segments) for layer in layers) + sum(t.nbytes for t in tensors)
+    if total != payload_bytes:
+        raise CompressedFileError(f"header: the segments add up to {total} bytes, the payload has {payload_bytes}")
+    return _Parsed(header, memoryview(payload), layers, tensors, file_bytes)
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The header of a ``.sqs`` file, after checking its magic, version, lengths, checksums and schema.
+
+    The header's ``file_bytes`` key is added (the file's size).
+    """
+    parsed = _wrap(path, _parse)
+    return {**parsed.header, "file_bytes": parsed.file_bytes}
+
+
+def _wrap(path: str | os.PathLike, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(path, *args)`` with the path prefixed to any :class:`CompressedFileError`."""
+    try:
+        return fn(path, *args)
+    except CompressedFileError as exc:
+        raise CompressedFileError(f"{os.fspath(path)}: {exc}") from None
+
+
+def _check_skeleton(parsed: _Parsed, model: nn.Module) -> None:
+    """Same names, shapes and dtypes as the model's state dict, checked before anything is decoded."""
+    state = model.state_dict()
+    entries = {e.name: (e.shape, e.dtype) for e in [*parsed.layers, *parsed.tensors]}
+    missing = sorted(set(state) - set(entries))
+    unexpected = sorted(set(entries) - set(state))
+    if missing or unexpected:
+        raise CompressedFileError(f"the file does not match the model {type(model).__name__}: missing "
+                                  f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+                                  f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    for name, (shape, dtype) in entries.items():
+        tensor = state[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != DTYPES[dtype][0]:
+            raise CompressedFileError(f"the file does not match the model: {name} is {list(shape)} {dtype} in the "
+                                      f"file, {list(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')} in the model")
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """One decoded compressed layer: its flat mask, the positions and codes of its kept
+    weights, and its codebook in the weight's dtype."""
+
+    entry: _Layer
+    mask: np.ndarray
+    positions: np.ndarray
+    kept: np.ndarray
+    codebook: torch.Tensor
+
+    def layer(self) -> CompressedLayer:
+        codes = np.zeros(self.mask.size, dtype=np.int64)
+        codes[self.positions] = self.kept
+        return CompressedLayer(self.entry.name, self.entry.shape, torch.from_numpy(self.mask).reshape(self.entry.shape),
+                               torch.from_numpy(codes).reshape(self.entry.shape), self.codebook,
+                               torch.tensor(self.entry.windows, dtype=torch.int64))
+
+    def weight(self) -> torch.Tensor:
+        """``where(mask, codebook[codes], 0)``, computed on the kept weights only."""
+        weight = torch.zeros(self.mask.size, dtype=self.codebook.dtype)
+        weight[torch.from_numpy(self.positions)] = self.codebook[torch.from_numpy(self.kept)]
+        return weight.reshape(self.entry.shape)
+
+
+def _decode_layer(entry: _Layer, payload: memoryview, offset: int) -> _Decoded:
+    cb_len, mask_len, codes_len = entry.segments
+    codebook_raw = payload[offset:offset + cb_len]
+    mask_raw = payload[offset + cb_len:offset + cb_len + mask_len]
+    codes_raw = payload[offset + cb_len + mask_len:offset + cb_len + mask_len + codes_len]
+    components = len(entry.windows)
+    try:
+        mask = coding.decode_mask(entry.mask["coding"], entry.mask, mask_raw, _numel(entry.shape), entry.nnz)
+        kept = coding.decode_codes(entry.codes["coding"], codes_raw, entry.nnz, components)
+    except CompressedFileError as exc:
+        raise CompressedFileError(f"layer {entry.name}: {exc}") from None
+    if _content_crc(mask, kept, codebook_raw) != entry.crc32:
+        raise CompressedFileError(f"layer {entry.name}: CRC mismatch of the decoded mask, codes and codebook")
+    codebook = tensor_from_bytes(codebook_raw, entry.codebook_dtype, (components,)).to(DTYPES[entry.dtype][0])
+    return _Decoded(entry, mask, np.flatnonzero(mask), kept, codebook)
+
+
+def _decode(path: str | os.PathLike, model: nn.Module | None,
+            max_elements: int | None) -> tuple[list[_Decoded], dict[str, torch.Tensor], dict[str, Any]]:
+    """The decoded layers, the other tensors and the config of a checked file."""
+    parsed = _parse(path)
+    if model is not None:
+        _check_skeleton(parsed, model)
+    else:
+        limit = max_elements if max_elements is not None else ELEMENTS_PER_FILE_BYTE * parsed.file_bytes
+        declared = sum(_numel(e.shape) for e in parsed.layers)
+        if declared > limit:
+            raise CompressedFileError(f"the compressed layers declare {declared} weights, more than the limit "
+                                      f"{limit} (pass max_elements or a model to allow it)")
+    layers, offset = [], 0
+    for entry in parsed.layers:
+        layers.append(_decode_layer(entry, parsed.payload, offset))
+        offset += sum(entry.segments)
+    dense = {}
+    for entry in parsed.tensors:
+        if entry.same_as is not None:
+            dense[entry.name] = dense[entry.same_as]
+            continue
+        dense[entry.name] = tensor_from_bytes(parsed.payload[offset:offset + entry.nbytes], entry.dtype, entry.shape)
+        offset += entry.nbytes
+    config = parsed.header.get("config")
+    return layers, dense, config if isinstance(config, dict) else {}
+
+
+def load_compressed(path: str | os.PathLike, model: nn.Module | None = None, *,
+                    max_elements: int | None = None) -> nn.Module | CompressedNetwork:
+    """Load a ``.sqs`` file.
+
+    With ``model`` (a skeleton of the original architecture, e.g. ``MNISTNet(28)`` or a
+    transformers model built from the header's ``architecture.transformers_config``): its
+    state dict must have exactly the file's names, shapes and dtypes (checked before
+    decoding); it is filled in place and returned. Without: the decoded
+    :class:`CompressedNetwork` (masks, codes, codebooks, windows, other tensors, config);
+    its ``state_dict()`` gives plain tensors and ``load_into(skeleton)`` fills a module.
+    ``max_elements`` caps the compressed weights decoded without a model (default
+    ``2^16`` per byte of the file), so a hostile header cannot demand a huge allocation.
+
+    Raises :class:`~sqs_pyro.errors.CompressedFileError` for any corrupted, truncated,
+    tampered, unknown-version or mismatching file (``OSError`` if it cannot be opened).
+    """
+    layers, dense, config = _wrap(path, _decode, model, max_elements)
+    if model is None:
+        return CompressedNetwork([decoded.layer() for decoded in layers], dense, config)
+    model.load_state_dict({**dense, **{decoded.entry.name: decoded.weight() for decoded in layers}}, strict=True)
+    return model
+
+
+def layer_table(header: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per compressed layer of a (checked) header: shape, density, bits, codebook, codings,
+    bytes in the file (codebook + mask + codes), fp32 bytes and the entropy lower bound in bytes."""
+    rows = []
+    for entry in header["layers"]:
+        numel = _numel(entry["shape"])
+        components = len(entry["windows"])
+        itemsize = np.dtype(DTYPES[entry["codebook_dtype"]][1]).itemsize
+        rows.append({
+            "name": entry["name"], "shape": entry["shape"], "numel": numel, "nnz": entry["nnz"],
+            "density": entry["nnz"] / numel if numel else 0.0, "bits": coding.code_width(components),
+            "components": components, "windows": len(set(entry["windows"])), "codebook_dtype": entry["codebook_dtype"],
+            "mask_coding": entry["mask"]["coding"], "codes_coding": entry["codes"]["coding"],
+            "bytes": components * itemsize + entry["mask"]["bytes"] + entry["codes"]["bytes"],
+            "bytes_fp32": 4 * numel, "bound_bytes": entry["bound_bits"] / 8,
+        })
+    return rows

@@ -1,0 +1,173 @@
+"""The entry point: ``compress(net, data, config)`` learns the SQS posterior of a network.
+
+It builds the Pyro model (:class:`~sqs_pyro.models.SQSModel`) and the mean-field guide
+(:class:`~sqs_pyro.guides.SpikeGMMGuide`), wraps them in Pyro's ``TraceMeanField_ELBO`` (as
+:class:`~sqs_pyro.infer.elbo.SQSMeanFieldELBO`, which skips unused log-densities) as a torch module
+(so the registered KL bound is used analytically), and optimises
+``-ELBO = -E_q[log p(D|W)] + beta KL(q||p)`` with Adam through three phases:
+
+1. warm-up: gates fixed open, codebooks and latent weights learn;
+2. pruning: gates learn; after every step the inclusion logits below the global quantile
+   ``s_t`` (cubic ramp) are reset to ``pruned_logit`` (they may recover);
+3. fine-tuning: the mask ``g_j > 0.5`` is frozen; codebooks and assignments keep learning.
+
+The loop lives in :class:`~sqs_pyro.infer.trainer.Trainer`, whose ``state_dict()`` is a checkpoint (model, guide,
+optimiser, step, learning-rate scale, history, RNG states; the data order is a function of
+the seed and the epoch, so the step fixes the position in the data). Checkpoints are taken
+every ``checkpoint_every`` steps and at phase changes (see :mod:`sqs_pyro.infer.checkpoint`); a
+non-finite loss or gradient rolls back to the last one with half the learning rate; and
+``distributed=True`` runs data-parallel over ``torchrun`` processes (see
+:mod:`sqs_pyro.infer.distributed`).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import pyro
+from torch import nn
+
+from sqs_pyro.config import SQSConfig
+from sqs_pyro.errors import SQSInputError
+from sqs_pyro.guides.gate_scores import gate_scores
+from sqs_pyro.guides.spike_gmm import GateState, SpikeGMMGuide
+from sqs_pyro.infer.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from sqs_pyro.infer.data import TASKS, as_dataset, check_data, saliency_batches
+from sqs_pyro.infer.distributed import distributed_context
+from sqs_pyro.infer.result import SQSResult
+from sqs_pyro.infer.schedules import Schedule
+from sqs_pyro.infer.trainer import Trainer
+from sqs_pyro.models.likelihoods import CategoricalLikelihood, GaussianLikelihood, TokenCategoricalLikelihood
+from sqs_pyro.models.network import SQSModel
+from sqs_pyro.models.selection import CompressedSite, select_layers
+
+
+def check_resumable(state: Mapping[str, Any], config: SQSConfig, task: str, num_data: int,
+                    sites: list[CompressedSite]) -> None:
+    """Raise :class:`SQSInputError` unless ``state`` is a checkpoint of this very run."""
+    saved = state["config"]
+    current = config.to_dict()
+    differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if differ:
+        raise SQSInputError(f"the checkpoint was written with a different config ({', '.join(differ)} differ); "
+                            "resume with the same settings")
+    if state["task"] != task or state["num_data"] != num_data:
+        raise SQSInputError(f"the checkpoint is of a {state['task']} run on {state['num_data']} examples, not of a "
+                            f"{task} run on {num_data}")
+    if [(n, tuple(shape)) for n, shape in state["sites"]] != [(s.name, s.shape) for s in sites]:
+        raise SQSInputError("the checkpoint's compressed layers differ from this network's")
+
+
+def _check_checkpoint_options(checkpoint_dir: str | os.PathLike | None, checkpoint_every: int, resume: bool,
+                              max_rollbacks: int) -> Path | None:
+    """The checkpoint file's path (``None`` without a folder), after checking the options."""
+    if not (isinstance(checkpoint_every, int) and checkpoint_every >= 0):
+        raise SQSInputError(f"checkpoint_every must be an integer >= 0, got {checkpoint_every!r}")
+    if not (isinstance(max_rollbacks, int) and max_rollbacks >= 0):
+        raise SQSInputError(f"max_rollbacks must be an integer >= 0, got {max_rollbacks!r}")
+    if checkpoint_dir is None:
+        if resume:
+            raise SQSInputError("resume needs the checkpoint_dir to resume from")
+        return None
+    folder = Path(checkpoint_dir)
+    if folder.exists() and not folder.is_dir():
+        raise SQSInputError(f"checkpoint folder {folder} exists and is not a folder")
+    return folder / CHECKPOINT_NAME
+
+
+def compress(
+    net: nn.Module,
+    train_data: Any,
+    config: SQSConfig | None = None,
+    task: str = "classification",
+    noise_scale: float = 1.0,
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+    eval_every: int = 0,
+    progress: bool = True,
+    *,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
+    resume: bool = False,
+    distributed: bool = False,
+    max_rollbacks: int = 3,
+) -> SQSResult:
+    """Learn the SQS posterior of ``net`` on ``train_data`` and return an :class:`SQSResult`.
+
+    Args:
+        net: a trained network; it is copied, never modified.
+        train_data: ``(inputs, targets)`` tensors or a torch ``Dataset`` of such pairs.
+        config: an :class:`SQSConfig` (defaults if ``None``).
+        task: ``"classification"`` (categorical likelihood on logits), ``"regression"``
+            (Gaussian likelihood with standard deviation ``noise_scale``) or ``"lm"`` (token
+            ids ``(N, L)`` in, next-token targets ``(N, L)``, logits ``(N, L, V)``; N counts sequences).
+        eval_fn: called with the current greedy module at each phase end, every
+            ``eval_every`` steps (if > 0) and at the end; its numbers join the history.
+        progress: show a progress bar with the NLL, KL, sparsity and bits.
+        checkpoint_dir: folder of ``checkpoint.pt``, written atomically at the start, every
+            ``checkpoint_every`` steps (0: only at the start, phase changes and the end), at
+            both phase changes and at the end. Checkpoints are kept in memory either way.
+        resume: continue from ``checkpoint_dir/checkpoint.pt`` (same config, data and network).
+        distributed: data-parallel training over the ``torch.distributed`` processes of a
+            ``torchrun`` launch (see :mod:`sqs_pyro.infer.distributed`); ``config.batch_size`` is
+            the global batch, split evenly over the ranks.
+        max_rollbacks: a non-finite loss or gradient restores the last checkpoint and halves
+            the learning rate up to this many times; the next divergence raises
+            :class:`~sqs_pyro.errors.SQSDivergenceError`.
+
+    Everything a user passes is checked (raising :class:`SQSInputError`) before the guide is
+    built or any step runs.
+    """
+    config = config or SQSConfig()
+    if not isinstance(config, SQSConfig):
+        raise SQSInputError(f"config must be an SQSConfig, got {type(config).__name__}")
+    if task not in TASKS:
+        raise SQSInputError(f"task must be one of {TASKS}, got {task!r}")
+    path = _check_checkpoint_options(checkpoint_dir, checkpoint_every, resume, max_rollbacks)
+    dataset = as_dataset(train_data)
+    sites = select_layers(net, config.include_types, config.include, config.exclude)
+    check_data(net, dataset, task)
+    num_data = len(dataset)
+    if config.batch_size > num_data:
+        raise SQSInputError(f"batch_size {config.batch_size} exceeds the {num_data} training examples")
+
+    started = time.perf_counter()
+    with distributed_context(distributed) as ctx:
+        if config.batch_size % ctx.world_size:
+            raise SQSInputError(f"batch_size {config.batch_size} (the global batch) must be divisible by the "
+                                f"{ctx.world_size} processes")
+        schedule = Schedule.from_config(config, num_data // config.batch_size)
+        if config.sparsity > 0 and schedule.prune_end == schedule.prune_start:
+            raise SQSInputError("the schedule has no pruning steps; increase epochs or prune_fraction")
+        saved = load_checkpoint(path) if resume else None
+        if saved is not None:
+            check_resumable(saved, config, task, num_data, sites)
+        if ctx.device is not None:
+            net = copy.deepcopy(net).to(ctx.device)
+        device = next(net.parameters()).device
+        pyro.set_rng_seed(config.seed)
+        with pyro.settings.context(module_local_params=True):
+            likelihood = {"classification": lambda: CategoricalLikelihood(num_data),
+                          "lm": lambda: TokenCategoricalLikelihood(num_data),
+                          "regression": lambda: GaussianLikelihood(num_data, noise_scale)}[task]()
+            model = SQSModel(net, sites, config, likelihood)
+            scores = None  # magnitudes
+            if config.gate_score != "magnitude":
+                batches = saliency_batches(dataset, config.batch_size, config.saliency_batches, config.seed, device)
+                scores = gate_scores(net, sites, batches, task, config.gate_score)
+            guide = SpikeGMMGuide(net, sites, config, scores)
+            result = SQSResult(config, copy.deepcopy(net), model, guide)
+            trainer = Trainer(result, schedule, dataset, task, ctx, device, started)
+            if saved is not None:
+                trainer.load_state_dict(saved)
+            trainer.train(eval_fn, eval_every, progress, path if ctx.is_main else None, checkpoint_every,
+                          max_rollbacks)
+            if guide.layers[0].state != GateState.FROZEN:
+                guide.freeze_mask()
+    result.seconds = trainer.seconds
+    result.evaluate(eval_fn, schedule.total_steps, "final")
+    return result
+
+

@@ -1,0 +1,52 @@
+"""What an SQS run returns: the trained posterior and its read-outs (greedy network, averaged
+predictor, compressed network, accounting)."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+from sqs_pyro.compressed.accounting import accounting
+from sqs_pyro.compressed.materialize import AveragedPredictor, CompressedNetwork, materialize
+from sqs_pyro.config import SQSConfig
+from sqs_pyro.guides.spike_gmm import SpikeGMMGuide
+from sqs_pyro.models.network import SQSModel
+
+
+@dataclass
+class SQSResult:
+    """A trained SQS posterior and everything needed to materialise it."""
+
+    config: SQSConfig
+    skeleton: nn.Module
+    model: SQSModel
+    guide: SpikeGMMGuide
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def compressed(self) -> CompressedNetwork:
+        """The greedy compressed network (mask, codes, codebooks, other tensors)."""
+        return materialize(self.guide, self.model.net, self.config.to_dict())
+
+    def greedy_module(self) -> nn.Module:
+        """A plain module of the original architecture with the greedy compressed weights."""
+        return self.compressed().load_into(copy.deepcopy(self.skeleton)).eval()
+
+    def averaged_module(self, num_members: int | None = None, temperature: float = 1.0,
+                        output: str = "probs") -> AveragedPredictor:
+        """The Bayesian-averaged predictor over ``num_members`` (default ``config.num_averaged``) samples."""
+        members = num_members or self.config.num_averaged
+        return AveragedPredictor(self.guide, self.skeleton, self.compressed(), members, temperature,
+                                 seed=self.config.seed, output=output).eval()
+
+    def accounting(self) -> dict[str, Any]:
+        return accounting(self.compressed())
+
+    def evaluate(self, eval_fn: Callable[[nn.Module], dict[str, float]] | None, step: int, when: str) -> None:
+        """Append ``eval_fn(greedy module)`` to the history (nothing without ``eval_fn``)."""
+        if eval_fn is None:
+            return
+        metrics = eval_fn(self.greedy_module())
+        self.history.append({"step": step, "phase": when, **{f"eval_{k}": v for k, v in metrics.items()}})

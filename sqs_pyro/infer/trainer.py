@@ -1,0 +1,214 @@
+"""The SVI loop of one run: :class:`Trainer` steps Adam on ``-ELBO``, applies the schedule
+(gates opened, pruned along the cubic ramp, then frozen; temperatures, KL weight and learning
+rates), logs the data and KL terms, checkpoints, and rolls back on divergence."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import pyro
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from sqs_pyro.config import SQSConfig
+from sqs_pyro.errors import SQSDivergenceError
+from sqs_pyro.guides.spike_gmm import GateState, SpikeGMMGuide
+from sqs_pyro.infer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from sqs_pyro.infer.data import Minibatches
+from sqs_pyro.infer.distributed import DistContext
+from sqs_pyro.infer.elbo import SQSMeanFieldELBO, log_record
+from sqs_pyro.infer.result import SQSResult
+from sqs_pyro.infer.schedules import FINETUNE, PRUNE, Schedule
+from sqs_pyro.models.network import SQSModel
+
+
+def param_groups(model: SQSModel, guide: SpikeGMMGuide, config: SQSConfig) -> list[dict[str, Any]]:
+    """Adam groups: gate logits, latent weights, codebooks, and the dense (uncompressed) tensors."""
+    gates, latent, codebook = [], [], []
+    for layer in guide.layers:
+        gates.append(layer.gate_logits)
+        latent.append(layer.latent)
+        codebook += [layer.locs, layer.scale_raw, layer.mix_logits]
+    dense = [p for p in model.net.parameters() if p.requires_grad]
+    groups = [{"params": gates, "lr": config.lr_gates, "name": "gates"},
+              {"params": latent, "lr": config.lr_weights, "name": "latent"},
+              {"params": codebook, "lr": config.lr_codebook, "name": "codebook"}]
+    if dense:
+        groups.append({"params": dense, "lr": config.lr_dense, "name": "dense"})
+    return groups
+
+
+class Trainer:
+    """One SVI run's loop and state: model and guide (inside ``result``), Adam, the step
+    (which fixes the schedule and the position in the data), the learning-rate scale left by
+    rollbacks, the history and the RNG states.
+
+    :meth:`state_dict` is a cloned snapshot of plain tensors, numbers and strings (a
+    checkpoint); :meth:`load_state_dict` restores one, after which the run continues exactly
+    as an uninterrupted one would (bit-identical on one thread).
+    """
+
+    def __init__(self, result: SQSResult, schedule: Schedule, dataset: Dataset, task: str, ctx: DistContext,
+                 device: torch.device, started: float) -> None:
+        self.result = result
+        self.schedule = schedule
+        self.dataset = dataset
+        self.num_data = len(dataset)
+        self.minibatches = Minibatches(dataset, result.config.batch_size, result.config.seed, ctx.shard, device)
+        self.task = task
+        self.ctx = ctx
+        self.device = device
+        config = result.config
+        self.loss_fn = ctx.wrap(SQSMeanFieldELBO()(result.model, result.guide))
+        self.optimizer = torch.optim.Adam(param_groups(result.model, result.guide, config),
+                                          weight_decay=config.weight_decay)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.step = 0
+        self.lr_scale = 1.0
+        self.rollbacks = 0
+        self._clock = started  # perf_counter() at the start of the run (moved back on resume)
+
+    @property
+    def seconds(self) -> float:
+        """Wall time of the run so far, summed over resumed sessions."""
+        return time.perf_counter() - self._clock
+
+    def state_dict(self, clone: bool = True) -> dict[str, Any]:
+        """A checkpoint: tensors (cloned unless ``clone=False``), numbers, strings, lists and dicts only."""
+        r = self.result
+        return (clone_state if clone else dict)({
+            "step": self.step, "lr_scale": self.lr_scale, "rollbacks": self.rollbacks, "seconds": self.seconds,
+            "config": r.config.to_dict(), "task": self.task, "num_data": self.num_data,
+            "world_size": self.ctx.world_size, "sites": [(s.name, s.shape) for s in r.model.sites],
+            "model": r.model.state_dict(), "guide": r.guide.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(self.device), "history": r.history,
+        })
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a checkpoint from :meth:`state_dict` (its tensors are copied, never shared)."""
+        state = clone_state(state)
+        self.result.model.load_state_dict(state["model"])
+        self.result.guide.load_state_dict(state["guide"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"], self.device)
+        self.step, self.lr_scale, self.rollbacks = int(state["step"]), float(state["lr_scale"]), int(state["rollbacks"])
+        self._clock = time.perf_counter() - float(state["seconds"])
+        self.result.history[:] = state["history"]
+
+    def batches(self) -> Iterator[list[torch.Tensor]]:
+        """This rank's share of the global batches from the current step on (drop-last epochs)."""
+        return self.minibatches.from_step(self.step)
+
+    def train(self, eval_fn: Callable[[nn.Module], dict[str, float]] | None, eval_every: int, progress: bool,
+              checkpoint_path: Path | None, checkpoint_every: int, max_rollbacks: int) -> None:
+        """Run the remaining steps.
+
+        A checkpoint (kept in memory and, with ``checkpoint_path``, written atomically) is
+        taken at the first step, every ``checkpoint_every`` steps, at both phase changes and
+        after the last step. A non-finite loss or gradient (on any rank) restores the last
+        one and halves the learning rate; a divergence after ``max_rollbacks`` rollbacks
+        raises :class:`SQSDivergenceError` and leaves the checkpoint file as it was. Pyro's
+        argument validation is off during the steps (the data were checked up-front), so that
+        non-finite values reach this check instead of raising inside a distribution.
+        """
+        schedule, config, guide = self.schedule, self.result.config, self.result.guide
+        good = self._checkpoint(checkpoint_path if self.step == 0 else None)
+        batches = self.batches()
+        bar = tqdm(total=schedule.total_steps, initial=self.step, disable=not (progress and self.ctx.is_main),
+                   desc="SQS", unit="step")
+        while self.step < schedule.total_steps:
+            step = self.step
+            periodic = checkpoint_every and step % checkpoint_every == 0
+            if step != good["step"] and (periodic or step in (schedule.prune_start, schedule.prune_end)):
+                good = self._checkpoint(checkpoint_path)
+            phase, beta = self._apply_schedule(step, eval_fn)
+            x, y = next(batches)
+            self.optimizer.zero_grad(set_to_none=True)
+            with pyro.validation_enabled(False):  # a NaN must reach the divergence check, not raise
+                loss = self.loss_fn(x, y)
+            (loss / self.num_data).backward()
+            if self.ctx.any(not self._finite(loss), self.device):
+                self._rollback(good, step, max_rollbacks, checkpoint_path)
+                good = self._checkpoint(checkpoint_path)
+                batches = self.batches()
+                bar.reset(total=schedule.total_steps)
+                bar.update(self.step)
+                continue
+            logging = step % config.log_every == 0 or step == schedule.total_steps - 1
+            kl = guide.total_kl(self.result.model.priors()) if logging else 0.0  # at the loss's parameters
+            self.optimizer.step()
+            if phase == PRUNE:
+                guide.prune_to_quantile(schedule.target_sparsity(step), config.pruned_logit, config.prune_scope)
+            if logging:
+                record = log_record(guide, step, phase, self.ctx.mean(loss), kl, beta, self.num_data)
+                self.result.history.append(record)
+                bar.set_postfix(nll=f"{record['nll']:.3f}", kl=f"{record['kl_per_datum']:.3f}",
+                                sparsity=f"{record['sparsity']:.3f}", bits=config.bits)
+            if eval_every and step and step % eval_every == 0:
+                self.result.evaluate(eval_fn, step, "periodic")
+            self.step += 1
+            bar.update(1)
+        bar.close()
+        if self.step != good["step"]:
+            self._checkpoint(checkpoint_path)
+
+    def _apply_schedule(self, step: int, eval_fn) -> tuple[str, float]:
+        schedule, model, guide = self.schedule, self.result.model, self.result.guide
+        phase = schedule.phase(step)
+        if step == schedule.prune_start and phase == PRUNE:
+            guide.set_gate_state(GateState.LEARN)
+        if step == schedule.prune_end and phase == FINETUNE:
+            guide.freeze_mask()
+            self.result.evaluate(eval_fn, step, "prune_end")
+        beta = schedule.kl_weight(step)
+        model.kl_weight = guide.kl_weight = beta
+        guide.gate_temperature.fill_(schedule.gate_temperature(step))
+        guide.assign_temperature.fill_(schedule.assign_temperature(step))
+        for group, lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = lr * schedule.lr_factor(step) * self.lr_scale
+        return phase, beta
+
+    def _finite(self, loss: torch.Tensor) -> bool:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        worst = torch.nn.utils.get_total_norm(grads, norm_type=math.inf) if grads else loss.new_zeros(())
+        return bool(torch.isfinite(loss) & torch.isfinite(worst))
+
+    def _checkpoint(self, path: Path | None) -> dict[str, Any]:
+        """Write the checkpoint to ``path`` and return a reference to it; without a path, return
+        an in-memory copy (about twice the memory of the variational and optimiser states)."""
+        if path is None:
+            return self.state_dict()
+        save_checkpoint(self.state_dict(clone=False), path)
+        return {"step": self.step, "path": path}
+
+    def _rollback(self, good: Mapping[str, Any], step: int, max_rollbacks: int, path: Path | None) -> None:
+        where = f"the checkpoint {path}" if path is not None else "the last in-memory checkpoint"
+        if self.rollbacks >= max_rollbacks:
+            raise SQSDivergenceError(
+                f"training diverged (non-finite loss or gradient) at step {step} after {self.rollbacks} rollbacks "
+                f"that halved the learning rate to {self.lr_scale:g}x; stopping. {where} (step {good['step']}) is "
+                "the last good state; lower the learning rates or check the data and the network")
+        lr_scale, rollbacks, seconds = self.lr_scale * 0.5, self.rollbacks + 1, self.seconds
+        self.load_state_dict(load_checkpoint(good["path"]) if "path" in good else good)
+        self.lr_scale, self.rollbacks = lr_scale, rollbacks
+        self._clock = time.perf_counter() - seconds
+        self.result.history.append({"step": step, "phase": "rollback", "to_step": int(good["step"]),
+                                    "lr_scale": lr_scale, "rollbacks": rollbacks})
+
+
+def clone_state(obj: Any) -> Any:
+    """A deep copy of nested dicts/lists/tuples whose tensors are detached clones."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, Mapping):
+        return {k: clone_state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(clone_state(v) for v in obj)
+    return obj
+
+
