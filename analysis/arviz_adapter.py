@@ -17,8 +17,10 @@ which is the greedy decision ``g_j > 0.5``), and builds these groups (xarray Dat
   coordinate holds the chosen flat indices; ``locs_s``, ``scales_s``, ``mix_s`` on dim
   ``s_level``: the codebook, a point estimate of the variational family, so it is constant
   over draws (sd 0). ``attrs["layers"]`` maps slugs to site names and shapes (JSON).
-* ``sample_stats`` (dim ``step``, the logged SVI steps, *not* draws): ``elbo``, ``data_term``
-  (``E_q log p(D | W) / N``), ``kl`` (nats), ``kl_per_datum``, ``beta``, ``sparsity``, ``phase``.
+* ``sample_stats`` (dim ``step``, the logged SVI steps, *not* draws): ``objective`` (what SVI
+  maximised; ``attrs["objective"]`` says ``elbo`` or ``surrogate``), ``elbo`` (sampled runs
+  only), ``data_term`` (``E_q log p(D | W) / N``), ``kl`` (nats), ``kl_per_datum``, ``beta``,
+  ``sparsity``, ``phase``.
 * ``observed_data``: each given observed array with at most ``max_observed`` values.
 
 Diagnostics: the draws are independent samples from ``q``, not a Markov chain, so R-hat,
@@ -55,7 +57,7 @@ with warnings.catch_warnings():
     import arviz as az
 
 ENGINE = "h5netcdf"
-HISTORY_STATS = ("elbo", "kl", "kl_per_datum", "beta", "sparsity")
+HISTORY_STATS = ("objective", "kl", "kl_per_datum", "beta", "sparsity")
 
 
 class PosteriorBackend(Protocol):
@@ -150,33 +152,30 @@ def posterior_groups(result: Any, num_samples: int = 200, weights_per_layer: int
     """The groups of :func:`to_inference_data` as plain xarray Datasets (backend-independent)."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    gen = torch.Generator().manual_seed(seed)
-    dists = result.guide.distributions()
-    data_vars: dict[str, tuple[tuple[str, ...], np.ndarray]] = {}
-    coords: dict[str, np.ndarray] = {"chain": np.array([0]), "draw": np.arange(num_samples)}
-    layers_meta = {}
-    for i, layer in enumerate(result.guide.layers):
-        name, s = layer.site_name, slug(layer.site_name)
-        n = layer.latent.numel()
+    layers = list(result.guide.layers)
+    chosen = {}
+    for i, layer in enumerate(layers):
+        name, n = layer.site_name, layer.latent.numel()
         idx = (np.asarray(indices[name], dtype=np.int64) if indices and name in indices
                else choose_indices(n, weights_per_layer, seed + i))
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             raise ValueError(f"indices for {name} must lie in [0, {n})")
-        sel = torch.as_tensor(idx)
-        g = torch.sigmoid(layer.gate_logits.detach().reshape(-1)[sel]).double().cpu()
-        phi = dists[name].phi.reshape(n, -1)[sel].double().cpu()
+        chosen[name] = idx
+    draws = result.guide.draw(num_samples, torch.Generator().manual_seed(seed),
+                              {name: torch.as_tensor(idx) for name, idx in chosen.items()})
+    data_vars: dict[str, tuple[tuple[str, ...], np.ndarray]] = {}
+    coords: dict[str, np.ndarray] = {"chain": np.array([0]), "draw": np.arange(num_samples)}
+    layers_meta = {}
+    for layer in layers:
+        name, s = layer.site_name, slug(layer.site_name)
+        idx, (w, gate, code) = chosen[name], draws[name]
         locs, scales = layer.locs.detach().double().cpu(), layer.scales.detach().double().cpu()
-        gate = torch.bernoulli(g.expand(num_samples, -1), generator=gen)
-        code = (torch.multinomial(phi, num_samples, replacement=True, generator=gen).T if idx.size
-                else torch.zeros(num_samples, 0, dtype=torch.long))
-        eps = torch.randn(num_samples, idx.size, generator=gen, dtype=torch.float64)
-        w = gate * (locs[code] + scales[code] * eps)
         k = locs.numel()
         per_weight, per_level = ("chain", "draw", f"{s}_index"), ("chain", "draw", f"{s}_level")
         coords[f"{s}_index"], coords[f"{s}_level"] = idx, np.arange(k)
-        data_vars[f"w_{s}"] = (per_weight, w.float().numpy()[None])
-        data_vars[f"gate_{s}"] = (per_weight, gate.to(torch.int8).numpy()[None])
-        data_vars[f"code_{s}"] = (per_weight, code.to(torch.int16).numpy()[None])
+        data_vars[f"w_{s}"] = (per_weight, w.float().cpu().numpy()[None])
+        data_vars[f"gate_{s}"] = (per_weight, gate.to(torch.int8).cpu().numpy()[None])
+        data_vars[f"code_{s}"] = (per_weight, code.to(torch.int16).cpu().numpy()[None])
         mix = layer.log_mix().detach().exp().double().cpu()
         for key, values in (("locs", locs), ("scales", scales), ("mix", mix)):
             data_vars[f"{key}_{s}"] = (per_level, np.broadcast_to(values.float().numpy(), (1, num_samples, k)).copy())
@@ -196,13 +195,21 @@ def posterior_groups(result: Any, num_samples: int = 200, weights_per_layer: int
 
 
 def history_dataset(history: Sequence[Mapping[str, Any]], attrs: Mapping[str, str] | None = None) -> xr.Dataset:
-    """The logged SVI records (those with an ``elbo``) on dim ``step``; ``data_term = -nll``."""
-    rows = [r for r in history if "elbo" in r]
-    cols = {key: ("step", np.array([r[key] for r in rows], dtype=np.float64)) for key in HISTORY_STATS}
+    """The logged SVI records (those with an ``objective``) on dim ``step``; ``data_term = -nll``.
+
+    ``objective`` is what SVI maximised, ``(data term - beta KL) / N``; ``attrs["objective"]``
+    says whether that is an ELBO (sampled forward) or a surrogate (``mode="expected"``:
+    ``log p(D | E_q W) - beta KL``, no bound). ``elbo = (data term - KL) / N`` (``beta = 1``)
+    is present only for sampled runs.
+    """
+    rows = [r for r in history if "objective" in r]
+    keys = HISTORY_STATS + (("elbo",) if rows and all("elbo" in r for r in rows) else ())
+    cols = {key: ("step", np.array([r[key] for r in rows], dtype=np.float64)) for key in keys}
     cols["data_term"] = ("step", np.array([-r["nll"] for r in rows], dtype=np.float64))
     cols["phase"] = ("step", np.array([str(r["phase"]) for r in rows], dtype=str))
+    kinds = sorted({str(r.get("objective_kind")) for r in rows})
     return xr.Dataset(cols, coords={"step": np.array([int(r["step"]) for r in rows], dtype=np.int64)},
-                      attrs=dict(attrs or {}))
+                      attrs={**dict(attrs or {}), "objective": ", ".join(kinds)})
 
 
 def to_inference_data(result: Any, num_samples: int = 200, weights_per_layer: int = 32,

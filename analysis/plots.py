@@ -134,12 +134,15 @@ def plot_sparsity_bits(analysis: Mapping[str, Any], target: Target, size: tuple[
 
 def plot_elbo_trace(history: Sequence[Mapping[str, Any]], target: Target, size: tuple[float, float] = (11.0, 6.5),
                     dpi: int = 100) -> None:
-    """ELBO, data term ``E_q log p(D|W) / N`` and KL per datum against the SVI step, phases shaded."""
-    rows = [r for r in history if "elbo" in r]
+    """The objective (the ELBO, or the surrogate of ``mode="expected"``), data term
+    ``E_q log p(D|W) / N`` and KL per datum against the SVI step, phases shaded."""
+    rows = [r for r in history if "objective" in r]
     steps = np.array([r["step"] for r in rows])
     fig = _figure(size, dpi)
     axes = fig.subplots(3, 1, sharex=True)
-    series = [("ELBO / N", [r["elbo"] for r in rows]), ("data term / N", [-r["nll"] for r in rows]),
+    surrogate = any(r.get("objective_kind") == "surrogate" for r in rows)
+    label = "surrogate / N" if surrogate else "ELBO (beta KL) / N"
+    series = [(label, [r["objective"] for r in rows]), ("data term / N", [-r["nll"] for r in rows]),
               ("KL / N", [r["kl_per_datum"] for r in rows])]
     for ax, (label, values) in zip(axes, series):
         for i in range(1, len(rows)):  # the interval ending at a record is shaded by that record's phase
@@ -152,6 +155,23 @@ def plot_elbo_trace(history: Sequence[Mapping[str, Any]], target: Target, size: 
                   linestyle="--", label="beta KL / N")
     axes[-1].legend(fontsize="small")
     axes[-1].set_xlabel("SVI step")
+    _save(fig, target, dpi)
+
+
+def plot_reliability(calibration: Mapping[str, Mapping[str, Any]], target: Target,
+                     size: tuple[float, float] = (6.0, 5.0), dpi: int = 100) -> None:
+    """Reliability diagram: accuracy against mean confidence per confidence bin, one line per
+    predictor (e.g. dense, greedy, averaged), with its ECE in the legend; the diagonal is perfect calibration."""
+    fig = _figure(size, dpi)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    for name, m in calibration.items():
+        pairs = [(c, a) for c, a in zip(m["bins"]["confidence"], m["bins"]["accuracy"]) if c is not None]
+        ax.plot([c for c, _ in pairs], [a for _, a in pairs], marker="o", linewidth=1,
+                label=f"{name} (ECE {m['ece']:.4f}, NLL {m['nll']:.4f})")
+    ax.set_xlabel("confidence (mean max probability in the bin)")
+    ax.set_ylabel("accuracy in the bin")
+    ax.legend(fontsize="small")
     _save(fig, target, dpi)
 
 

@@ -91,7 +91,8 @@ def _figure_html(fig: FigureImage) -> str:
 def report_figures(run: RunFiles, posterior: Any, compare: Sequence[RunFiles] = ()) -> list[FigureImage]:
     """Every figure of the report, in page order."""
     a = run.analysis
-    figs = [FigureImage("fig-elbo", "ELBO, data term and KL per datum over SVI steps (phases shaded)",
+    figs = [FigureImage("fig-elbo", "Objective (the ELBO, or the surrogate of expected mode), data term and KL "
+                                    "per datum over SVI steps (phases shaded)",
                         _png(lambda b: plots.plot_elbo_trace(run.history, b))),
             FigureImage("fig-sparsity-bits", "Per-layer sparsity and bits",
                         _png(lambda b: plots.plot_sparsity_bits(a, b))),
@@ -106,6 +107,9 @@ def report_figures(run: RunFiles, posterior: Any, compare: Sequence[RunFiles] = 
         labels = [f"[{j}]" for j in post[f"{stem}_index"].values]
         figs.append(FigureImage(f"fig-forest-{i}", f"{meta['site']}: posterior draws of sampled weights (flat index)",
                                 _png(lambda b, d=draws, lab=labels, t=meta["site"]: plots.plot_forest(d, lab, b, t))))
+    if "calibration" in run.summary:
+        figs.append(FigureImage("fig-reliability", "Reliability diagram of the test predictions (15 confidence bins)",
+                                _png(lambda b: plots.plot_reliability(run.summary["calibration"], b))))
     if compare:
         runs = [(r.label, r.summary) for r in (run, *compare)]
         figs.append(FigureImage("fig-accuracy-compression", "Test accuracy against compression ratio, per run",
@@ -209,6 +213,18 @@ def _posterior_section(posterior: Any) -> str:
             "<code>az.plot_forest</code>.</p>" + "".join(parts))
 
 
+def _calibration_section(run: RunFiles, by_id: dict[str, str]) -> str:
+    """Test NLL, Brier score and ECE of each predictor, and the reliability diagram (classification runs)."""
+    metrics = run.summary.get("calibration")
+    if not metrics:
+        return ""
+    rows = [(name, m["accuracy"], m["nll"], m["brier"], m["ece"]) for name, m in metrics.items()]
+    return ("<h2>Calibration</h2><p>The greedy network is the headline predictor; the averaged one is "
+            "the posterior predictive over networks drawn from q.</p>"
+            + _table(("predictor", "accuracy", "NLL (nats)", "Brier", "ECE (15 bins)"), rows)
+            + by_id["fig-reliability"])
+
+
 def _compare_table(runs: Sequence[RunFiles]) -> str:
     rows = []
     for r in runs:
@@ -240,6 +256,7 @@ def render_report(run: RunFiles, posterior: Any, compare: Sequence[RunFiles] = (
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = (f"<h1>SQS compression report: {html.escape(run.label)}</h1><p>generated {stamp}</p>"
             + _overview(run)
+            + _calibration_section(run, by_id)
             + "<h2>Training</h2>" + by_id["fig-elbo"]
             + "<h2>Layers: sparsity, inclusion and bits</h2>" + _layer_table(a) + by_id["fig-sparsity-bits"]
             + "<h2>Inclusion probabilities</h2><p>Expected sparsity sum(1-g)/N against the thresholded one "

@@ -74,6 +74,14 @@ class Codebook(NamedTuple):
     comp_window: torch.Tensor | None = None
 
 
+class PosteriorDraw(NamedTuple):
+    """Draws of whole weight tensors from ``q``: the weights, their 0/1 gates ``z`` and level indices ``a``."""
+
+    weight: torch.Tensor
+    gate: torch.Tensor
+    code: torch.Tensor
+
+
 class SpikeGMM(TorchDistribution):
     """Elementwise spike-and-GMM guide distribution (batch shape = the weight's shape).
 
@@ -238,6 +246,33 @@ class SpikeGMM(TorchDistribution):
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         with torch.no_grad():
             return self.rsample(sample_shape)
+
+    @torch.no_grad()
+    def draw(self, num_samples: int, generator: torch.Generator | None = None,
+             indices: torch.Tensor | None = None) -> "PosteriorDraw":
+        """``num_samples`` exact draws from ``q`` as it stands, whatever the training mode:
+        ``z_j ~ Bernoulli(g_j)`` (the fixed 0/1 gate when given), ``a_j ~ Categorical(phi_j)`` and
+        ``w_j = z_j (mu_{a_j} + s_{a_j} eps_j)`` with ``eps_j ~ N(0, 1)``.
+
+        Shapes ``(num_samples,) + S``, or ``(num_samples, len(indices))`` for the flat ``indices``
+        of a subset of the weights. Drawn on the CPU with ``generator`` (seeded: reproducible),
+        returned on the latent weights' device.
+        """
+        select = (lambda t: t.reshape(-1)[indices]) if indices is not None else (lambda t: t)
+        shape = (num_samples,) + tuple(select(self.latent).shape)
+        g = select(self.inclusion.detach()).double().cpu()
+        phi = self.phi.detach().reshape(-1, self.locs.shape[-1])
+        phi = (phi[indices] if indices is not None else phi).double().cpu()
+        gate = torch.bernoulli(g.expand(shape), generator=generator)
+        if phi.shape[0]:
+            code = torch.multinomial(phi, num_samples, replacement=True, generator=generator).T.reshape(shape)
+        else:
+            code = torch.zeros(shape, dtype=torch.long)
+        eps = torch.randn(shape, generator=generator, dtype=torch.float64)
+        locs, scales = self.locs.detach().double().cpu(), self.scales.detach().double().cpu()
+        weight = gate * (locs[code] + scales[code] * eps)
+        device, dtype = self.latent.device, self.latent.dtype
+        return PosteriorDraw(weight.to(device, dtype), gate.to(device, torch.bool), code.to(device))
 
     # --- density -----------------------------------------------------------------------
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:

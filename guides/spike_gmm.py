@@ -12,7 +12,7 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from sqs_pyro.config import SQSConfig
-from sqs_pyro.guides.distributions import Codebook, SpikeGMM
+from sqs_pyro.guides.distributions import Codebook, PosteriorDraw, SpikeGMM
 from sqs_pyro.guides.initialization import initial_codebook, scoped_kthvalues
 from sqs_pyro.guides.kl import spike_gmm_kl
 from sqs_pyro.models.priors import SpikeSlabGMM, kl_weighting
@@ -173,6 +173,15 @@ class SpikeGMMGuide(PyroModule):
         kept = sum(int(layer.kept_mask().sum()) for layer in self.layers)
         total = sum(layer.latent.numel() for layer in self.layers)
         return 1.0 - kept / total
+
+    @torch.no_grad()
+    def draw(self, num_samples: int, generator: torch.Generator | None = None,
+             indices: Mapping[str, torch.Tensor] | None = None) -> dict[str, PosteriorDraw]:
+        """Whole networks drawn from ``q`` as it stands (gates or the frozen mask, codes, slab
+        noise), by site name: :meth:`SpikeGMM.draw` for every layer, in the guide's order, with
+        one generator (``indices`` optionally restricts a layer to a flat subset of its weights)."""
+        return {name: d.draw(num_samples, generator, (indices or {}).get(name))
+                for name, d in self.distributions().items()}
 
     @torch.no_grad()
     def total_kl(self, priors: Mapping[str, SpikeSlabGMM]) -> float:

@@ -83,7 +83,7 @@ def _fake_grid(tmp_path):
     def execute(spec, workload):
         calls.append(spec.key)
         return {"accuracy_greedy": 0.9, "accuracy_averaged": 0.91 if spec.method.kind == "sqs" else None,
-                "accuracy_best": 0.91, "sparsity": spec.config.sparsity, "file_ratio": 10.0}
+                "sparsity": spec.config.sparsity, "file_ratio": 10.0}
 
     def loader(name, g):
         return _tiny_workload()
@@ -146,9 +146,11 @@ def test_execute_run_measures_every_field(tmp_path, method):
     assert record["packed_ratio"] == pytest.approx(record["bytes_fp32"] / record["bytes_packed"])
     assert 0 <= record["accuracy_greedy"] <= 1 and record["train_seconds"] > 0
     assert [l["name"] for l in record["layers"]] == ["0.weight", "2.weight"]
+    assert 0 <= record["ece_greedy"] <= 1 and record["nll_greedy"] > 0 and 0 <= record["brier_greedy"] <= 2
     if method == "sqs":
         assert record["num_averaged"] == 2 and 0 <= record["accuracy_averaged"] <= 1
-        assert record["averaged_file_bytes_est"] == record["file_bytes"] + record["code_stream_bytes"]
+        assert record["averaged_bytes_est"] == record["bytes_fp32"] + n // 8
+        assert 0 <= record["ece_averaged"] <= 1 and record["nll_averaged"] > 0
         assert record["side_bytes"] == 0
     else:
         assert record["accuracy_averaged"] is None and record["side_bytes"] == 4 * (16 + 3)
@@ -159,7 +161,7 @@ def _record(method, seed, greedy, averaged=None, s=0.9):
     return {"workload": "w", "method": method, "kind": kind, "sparsity_target": s, "components": 4, "seed": seed,
             "accuracy_greedy": greedy, "accuracy_averaged": averaged, "num_averaged": 10 if averaged else None,
             "accuracy_dense": 0.99, "sparsity": s + 0.001, "cr_formula": 160.0, "file_ratio": 50.0,
-            "averaged_file_ratio_est": 20.0, "wall_seconds": 10.0}
+            "averaged_ratio_est": 1.0, "wall_seconds": 10.0}
 
 
 def test_summaries_and_effects_report_means_spreads_and_signs():
@@ -170,7 +172,7 @@ def test_summaries_and_effects_report_means_spreads_and_signs():
     assert set(rows) == {"sqs greedy", "sqs averaged M=10", "sqs_equal greedy", "sqs_equal averaged M=10", "dgms"}
     assert rows["sqs greedy"]["accuracy_mean"] == pytest.approx(0.92)
     assert rows["sqs greedy"]["accuracy_sd"] == pytest.approx(0.02 * 2 ** 0.5)
-    assert rows["sqs averaged M=10"]["real_ratio"] == 20.0 and rows["dgms"]["real_ratio"] == 50.0
+    assert rows["sqs averaged M=10"]["real_ratio"] == 1.0 and rows["dgms"]["real_ratio"] == 50.0
     assert rows["dgms"]["seeds"] == [0, 1]
     effects = {e["effect"]: e for e in ablation_effects(records)}
     avg = effects["Bayesian averaging vs greedy (sqs)"]

@@ -12,7 +12,7 @@ from sqs_pyro.analysis.report import read_run, render_report
 from sqs_pyro.cli import main
 from sqs_pyro.cli.compress import build_summary, write_outputs
 from sqs_pyro.config import SQSConfig
-from sqs_pyro.data import accuracy
+from sqs_pyro.data import accuracy, calibration, predictive_probs
 from sqs_pyro.infer import compress
 
 torch.set_num_threads(1)
@@ -24,8 +24,11 @@ def _run(out, windows, planted_outlier_problem):
     net, x, y = planted_outlier_problem()
     result = compress(net, (x, y), SQSConfig(components=4, sparsity=0.5, epochs=2, batch_size=32, windows=windows,
                                              log_every=4), progress=False)
-    summary = build_summary(result, accuracy(net, x, y), accuracy(result.greedy_module(), x, y),
-                            accuracy(result.averaged_module(2), x, y), 1.0)
+    metrics = {"dense": calibration(predictive_probs(net, x), y),
+               "greedy": calibration(predictive_probs(result.greedy_module(), x), y),
+               "averaged": calibration(predictive_probs(result.averaged_module(2), x, outputs="probs"), y)}
+    summary = build_summary(result, metrics, 1.0)
+    assert summary["accuracy_greedy"] == accuracy(result.greedy_module(), x, y)
     write_outputs(out, result, summary)
     return result, summary
 
@@ -53,7 +56,7 @@ def test_compress_outputs_include_analysis_posterior_and_report(runs):
     assert [l["name"] for l in analysis["codebooks"]["layers"]] == ["0.weight", "2.weight"]
     posterior = load_posterior(out / "posterior.nc")
     assert posterior.posterior.sizes["draw"] == 200
-    assert posterior.sample_stats.sizes["step"] == sum("elbo" in r for r in result.history)
+    assert posterior.sample_stats.sizes["step"] == sum("objective" in r for r in result.history)
 
 
 def test_report_embeds_every_figure_and_the_tables(runs):
@@ -62,7 +65,8 @@ def test_report_embeds_every_figure_and_the_tables(runs):
     run = read_run(out)
     rendered, figures = render_report(run, load_posterior(out / "posterior.nc"))
     assert [f.id for f in figures] == ["fig-elbo", "fig-sparsity-bits", "fig-inclusion", "fig-weights-0",
-                                       "fig-weights-1", "fig-forest-0", "fig-forest-1"]
+                                       "fig-weights-1", "fig-forest-0", "fig-forest-1", "fig-reliability"]
+    assert "<h2>Calibration</h2>" in page and f"{summary['calibration']['greedy']['ece']:.4g}" in page
     pngs = _images(page)
     assert len(pngs) == len(figures)
     for fig in figures:
@@ -80,7 +84,7 @@ def test_report_command_compares_runs(runs, capsys):
     assert main(["report", str(out), "--compare", str(other), "--out", str(target)]) == 0
     assert str(target) in capsys.readouterr().out
     page = target.read_text()
-    assert 'id="fig-accuracy-compression"' in page and len(_images(page)) == 8
+    assert 'id="fig-accuracy-compression"' in page and len(_images(page)) == 9  # + the reliability diagram
     assert "Runs compared" in page and ">outlier<" in page and ">none<" in page
 
 

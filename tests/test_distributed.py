@@ -52,8 +52,8 @@ def test_two_gloo_processes_stay_identical_and_match_one_process(tmp_path):
         skeleton.load_state_dict(state)
         accuracies.append(float((skeleton(x).argmax(-1) == y).float().mean()))
     assert abs(accuracies[0] - accuracies[1]) <= 0.001  # within 0.1 point
-    ddp_elbo = [h["elbo"] for h in ranks[0]["history"] if "elbo" in h]
-    one_elbo = [h["elbo"] for h in single["history"] if "elbo" in h]
+    ddp_elbo = [h["objective"] for h in ranks[0]["history"] if "objective" in h]
+    one_elbo = [h["objective"] for h in single["history"] if "objective" in h]
     assert ddp_elbo == pytest.approx(one_elbo, rel=1e-4)
 
 

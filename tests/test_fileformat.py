@@ -487,9 +487,12 @@ def test_cli_evaluate_on_the_mnist_cnn(tmp_path, capsys):
 
 def test_compress_outputs_include_the_file(cnn_result, tmp_path):
     from sqs_pyro.cli.compress import build_summary, write_outputs
+    from sqs_pyro.data import calibration
 
     result, x = cnn_result
-    summary = build_summary(result, 0.9, 0.8, 0.85, 1.0)
+    probs = torch.softmax(result.greedy_module()(x), -1).detach()
+    labels = probs.argmax(-1)
+    summary = build_summary(result, {p: calibration(probs, labels) for p in ("dense", "greedy", "averaged")}, 1.0)
     write_outputs(tmp_path, result, summary)
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written["file"] == "model.sqs"

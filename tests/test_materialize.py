@@ -47,11 +47,18 @@ def test_greedy_forward_equals_hand_computation():
         assert torch.isin(weight[layer.mask], layer.codebook).all()
 
 
-def test_averaged_with_one_member_at_zero_temperature_equals_greedy():
+def test_averaged_predictor_averages_networks_drawn_by_the_guide_sampler():
     result, x = run()
-    greedy = torch.softmax(result.greedy_module()(x), -1)
-    averaged = result.averaged_module(num_members=1, temperature=1e-6)(x)
-    torch.testing.assert_close(averaged, greedy)
+    averaged = result.averaged_module(num_members=3)
+    draws = result.guide.draw(3, torch.Generator().manual_seed(result.config.seed))
+    expected = sum(torch.softmax(torch.func.functional_call(result.greedy_module(), {n: d.weight[m] for n, d in
+                                                                                   draws.items()}, (x,)), -1)
+                   for m in range(3)) / 3
+    torch.testing.assert_close(averaged(x), expected)
+    for layer in result.compressed().layers:  # frozen mask, slab noise around the levels
+        member = averaged.member_weights[0][layer.name]
+        assert torch.equal(member != 0, layer.mask)
+        assert not torch.isin(member[layer.mask], layer.codebook).any()
 
 
 def test_same_seed_same_weights_bit_identical():
@@ -90,8 +97,9 @@ def test_expected_mode_and_windows_run_and_report_measured_sparsity():
     assert 0.5 <= acc["sparsity"] < 1.0
     assert [h["phase"] for h in result.history][0] == "warmup"
     record = result.history[-1]
-    assert {"nll", "kl", "elbo", "beta", "sparsity"} <= set(record)
-    assert record["elbo"] == record["elbo"]  # finite, logged separately from the KL
+    assert {"nll", "kl", "objective", "beta", "sparsity"} <= set(record)
+    assert "elbo" not in record and record["objective_kind"] == "surrogate"  # log p(D | E_q W) - KL is no ELBO
+    assert all(math.isfinite(record[k]) for k in ("nll", "kl", "objective"))
 
 
 def test_cubic_ramp_reaches_the_target_even_with_one_pruning_step():
@@ -102,3 +110,21 @@ def test_cubic_ramp_reaches_the_target_even_with_one_pruning_step():
     many = Schedule(total_steps=20, prune_start=2, prune_end=12, config=SQSConfig(sparsity=0.8))
     assert many.target_sparsity(2) == 0.0 and many.target_sparsity(11) == 0.8
     assert many.target_sparsity(7) == pytest.approx(0.8 * (1 - (1 - 5 / 9) ** 3))
+
+
+def test_calibration_metrics_on_hand_made_predictions():
+    from sqs_pyro.data.metrics import calibration
+
+    probs = torch.tensor([[0.95, 0.05], [0.65, 0.35], [0.25, 0.75], [0.85, 0.15]], dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 0])
+    m = calibration(probs, y, bins=10)
+    assert m["accuracy"] == pytest.approx(0.75)
+    assert m["nll"] == pytest.approx(-(math.log(0.95) + math.log(0.35) + math.log(0.75) + math.log(0.85)) / 4)
+    assert m["brier"] == pytest.approx(2 * (0.0025 + 0.4225 + 0.0625 + 0.0225) / 4)
+    # one example per bin: |acc - conf| = 0.05 (right), 0.65 (wrong), 0.25 (right), 0.15 (right)
+    assert m["ece"] == pytest.approx((0.05 + 0.65 + 0.25 + 0.15) / 4)
+    assert m["bins"]["count"] == [0, 0, 0, 0, 0, 0, 1, 1, 1, 1]
+    assert m["bins"]["accuracy"][6] == 0.0 and m["bins"]["confidence"][9] == pytest.approx(0.95)
+    assert m["bins"]["accuracy"][0] is None
+    perfect = calibration(torch.eye(3)[[0, 1, 2]], torch.tensor([0, 1, 2]))
+    assert perfect["ece"] == 0 and perfect["brier"] == 0 and perfect["nll"] == pytest.approx(0, abs=1e-12)

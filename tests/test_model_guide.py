@@ -65,17 +65,20 @@ def test_fast_elbo_matches_trace_mean_field_elbo_in_loss_and_gradients():
         torch.testing.assert_close(a, b)
 
 
-def test_elbo_is_data_term_minus_kl():
-    """With the expected-weight forward the data term is deterministic: check -loss = E log p - KL."""
+@pytest.mark.parametrize("beta", [1.0, 0.3, 0.0])
+def test_loss_is_data_term_minus_beta_kl(beta):
+    """With the expected-weight forward the data term is deterministic: check -loss = E log p - beta KL."""
     _, model, guide = build(SQSConfig(components=4, mode="expected"))
     guide.set_gate_state(GateState.LEARN)
+    model.kl_weight = guide.kl_weight = beta
     x, y = data()
     loss = SQSMeanFieldELBO()(model, guide)(x, y)
     weights = {n: d.mean for n, d in guide.distributions().items()}
     logits = torch.func.functional_call(model.net, weights, (x,))
     data_term = 64 / 8 * torch.distributions.Categorical(logits=logits).log_prob(y).sum()
     kl = guide.total_kl(model.priors())
-    torch.testing.assert_close(-loss.detach(), data_term.detach() - kl, rtol=1e-5, atol=1e-3)
+    assert kl > 1.0  # the check below tells beta = 0 from beta = 1
+    torch.testing.assert_close(-loss.detach(), data_term.detach() - beta * kl, rtol=1e-5, atol=1e-3)
 
 
 def test_plain_pyro_svi_reduces_the_loss():

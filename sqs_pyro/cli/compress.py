@@ -12,7 +12,7 @@ import torch
 from sqs_pyro.cli.common import config_from_args, non_negative_int, positive_int, write_outputs
 from sqs_pyro.cli.compress_hf import register_options, run_hf
 from sqs_pyro.config import WINDOW_MODES
-from sqs_pyro.data import accuracy, load_mnist, load_mnist_cnn
+from sqs_pyro.data import calibration, load_mnist, load_mnist_cnn, predictive_probs
 from sqs_pyro.errors import SQSInputError
 from sqs_pyro.infer import SQSResult, compress
 from sqs_pyro.infer.checkpoint import CHECKPOINT_NAME
@@ -76,22 +76,23 @@ def run(args: argparse.Namespace) -> int:
                           checkpoint_every=args.checkpoint_every, resume=args.resume, distributed=args.distributed)
     if not ctx.is_main:
         return 0
-    acc_dense = accuracy(net, x_test, y_test)
-    greedy = result.greedy_module()
-    acc_greedy = accuracy(greedy, x_test, y_test)
-    acc_avg = accuracy(result.averaged_module(), x_test, y_test)
-    summary = build_summary(result, acc_dense, acc_greedy, acc_avg, time.perf_counter() - started)
+    predictions = {"dense": predictive_probs(net, x_test), "greedy": predictive_probs(result.greedy_module(), x_test),
+                   "averaged": predictive_probs(result.averaged_module(), x_test, outputs="probs")}
+    metrics = {name: calibration(probs, y_test) for name, probs in predictions.items()}
+    summary = build_summary(result, metrics, time.perf_counter() - started)
     write_outputs(args.out, result, summary)
     print(format_table(summary))
     print(f"results written to {args.out}/")
     return 0
 
 
-def build_summary(result: SQSResult, acc_dense: float, acc_greedy: float, acc_avg: float,
-                  seconds: float) -> dict[str, Any]:
+def build_summary(result: SQSResult, metrics: dict[str, dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """The run's ``summary.json``: test metrics of the ``dense``, ``greedy`` (the headline network)
+    and ``averaged`` predictors (accuracy, NLL, Brier, ECE with reliability bins), size accounting."""
     acc = result.accounting()
     return {
-        "accuracy_dense": acc_dense, "accuracy_greedy": acc_greedy, "accuracy_averaged": acc_avg,
+        "accuracy_dense": metrics["dense"]["accuracy"], "accuracy_greedy": metrics["greedy"]["accuracy"],
+        "accuracy_averaged": metrics["averaged"]["accuracy"], "calibration": metrics,
         "sparsity": acc["sparsity"], "bits": acc["bits"], "cr_formula": acc["cr_formula"],
         "bytes_fp32": acc["bytes_fp32"], "bytes_packed": acc["bytes_packed"],
         "packed_ratio": acc["bytes_fp32"] / acc["bytes_packed"],
@@ -105,6 +106,9 @@ def format_table(s: dict[str, Any]) -> str:
         ("test accuracy, dense", f"{s['accuracy_dense']:.4f}"),
         ("test accuracy, greedy", f"{s['accuracy_greedy']:.4f}"),
         (f"test accuracy, averaged (M={s['config']['num_averaged']})", f"{s['accuracy_averaged']:.4f}"),
+        *[(f"test {m}: dense / greedy / averaged", " / ".join(f"{s['calibration'][p][m]:.4f}"
+                                                              for p in ("dense", "greedy", "averaged")))
+          for m in ("nll", "brier", "ece")],
         ("sparsity (achieved)", f"{s['sparsity']:.4f}"),
         ("bits per kept weight", f"{s['bits']}"),
         ("CR formula 32/((1-s)b)", f"{s['cr_formula']:.1f}x"),

@@ -2,9 +2,8 @@
 
 * :func:`materialize` builds the greedy network: ``w_j = 0`` if pruned, else
   ``mu_{argmax_k phi_jk}``.
-* :class:`AveragedPredictor` averages the predictions of M networks whose codes are drawn
-  from ``phi`` (sharpened by a temperature); the mask is the greedy one. Storing it costs
-  M code streams instead of one (``M * nnz * b`` bits) plus the shared mask and codebook.
+* :class:`AveragedPredictor` averages the predictions of M networks drawn from ``q`` (the
+  posterior predictive; it needs the guide and is not stored in a file).
 """
 from __future__ import annotations
 
@@ -93,35 +92,27 @@ def materialize(guide: SpikeGMMGuide, net: nn.Module, config: dict[str, Any] | N
 
 
 class AveragedPredictor(nn.Module):
-    """Bayesian model averaging over ``M`` networks with codes sampled from ``phi``.
+    """The posterior predictive ``p(y | x, D) ~ (1/M) sum_m p(y | x, W_m)`` with ``W_m ~ q``.
 
-    Each member keeps the greedy mask and codebook; its codes are drawn from
-    ``phi_j^(1/T) / sum phi_j^(1/T)``. ``forward`` returns the mean of the members'
-    softmax probabilities (``output="probs"``) or of their raw outputs (``"mean"``).
-    With ``M = 1`` and ``T -> 0`` it equals the greedy network.
+    Each member is a whole network drawn by :meth:`SpikeGMMGuide.draw
+    <sqs_pyro.guides.SpikeGMMGuide.draw>`: gates (after training: the frozen mask), codes
+    ``a_j ~ phi_j`` and slab noise ``s_{a_j} eps_j``. ``forward`` returns the mean of the
+    members' softmax probabilities (``output="probs"``) or of their raw outputs (``"mean"``).
+    It is not stored in a ``.sqs`` file (members are continuous draws): it needs the guide,
+    and reproduces from the seed.
     """
 
     def __init__(self, guide: SpikeGMMGuide, skeleton: nn.Module, compressed: CompressedNetwork,
-                 num_members: int = 10, temperature: float = 1.0, seed: int = 0, output: str = "probs") -> None:
+                 num_members: int = 10, seed: int = 0, output: str = "probs") -> None:
         super().__init__()
         if output not in ("probs", "mean"):
             raise ValueError(f"output must be 'probs' or 'mean', got {output!r}")
+        if num_members < 1:
+            raise ValueError(f"num_members must be >= 1, got {num_members}")
         self.net = compressed.load_into(copy.deepcopy(skeleton))
         self.output = output
-        gen = torch.Generator().manual_seed(seed)
-        self.member_weights: list[dict[str, torch.Tensor]] = []
-        with torch.no_grad():
-            dists = guide.distributions()
-            for _ in range(num_members):
-                weights = {}
-                for layer in compressed.layers:
-                    log_phi = dists[layer.name].log_phi / temperature
-                    probs = torch.softmax(log_phi, dim=-1).reshape(-1, layer.components).cpu()
-                    codes = torch.multinomial(probs, 1, generator=gen).reshape(layer.shape)
-                    codes = codes.to(layer.codebook.device)
-                    weights[layer.name] = torch.where(layer.mask, layer.codebook[codes],
-                                                      torch.zeros((), dtype=layer.codebook.dtype))
-                self.member_weights.append(weights)
+        draws = guide.draw(num_members, torch.Generator().manual_seed(seed))
+        self.member_weights = [{name: d.weight[m] for name, d in draws.items()} for m in range(num_members)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         total = None

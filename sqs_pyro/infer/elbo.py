@@ -60,9 +60,20 @@ class SQSMeanFieldELBO(TraceMeanField_ELBO):
 
 def log_record(guide: SpikeGMMGuide, step: int, phase: str, loss: float, kl: float, beta: float,
                num_data: int) -> dict[str, float]:
-    """Data term and KL term of the ELBO (both at the parameters the loss was computed at), per example."""
-    data_term = -loss + beta * kl  # loss = -(data_term - beta * KL)
-    return {"step": step, "phase": phase, "elbo": -loss / num_data, "nll": -data_term / num_data,
-            "kl_per_datum": kl / num_data, "kl": kl, "beta": beta, "sparsity": guide.measured_sparsity(),
-            "gate_temperature": float(guide.gate_temperature),
-            "assign_temperature": float(guide.assign_temperature)}
+    """Data term and KL term of the objective (both at the parameters the loss was computed at), per example.
+
+    ``loss = -(data term - beta KL)``. ``objective = -loss / N`` is what SVI maximises: an ELBO
+    (beta-weighted during KL warm-up) when the forward pass samples ``W ~ q``, and a surrogate
+    ``log p(D | E_q W) - beta KL`` (no bound) in ``mode="expected"`` (``objective_kind``). The
+    ELBO itself, ``(data term - KL) / N``, is logged as ``elbo`` for sampled runs only.
+    """
+    data_term = -loss + beta * kl
+    sampled = guide.mode == "sample"
+    record = {"step": step, "phase": phase, "objective": -loss / num_data,
+              "objective_kind": "elbo" if sampled else "surrogate", "nll": -data_term / num_data,
+              "kl_per_datum": kl / num_data, "kl": kl, "beta": beta, "sparsity": guide.measured_sparsity(),
+              "gate_temperature": float(guide.gate_temperature),
+              "assign_temperature": float(guide.assign_temperature)}
+    if sampled:
+        record["elbo"] = (data_term - kl) / num_data
+    return record

@@ -34,12 +34,11 @@ class SQSResult:
         """A plain module of the original architecture with the greedy compressed weights."""
         return self.compressed().load_into(copy.deepcopy(self.skeleton)).eval()
 
-    def averaged_module(self, num_members: int | None = None, temperature: float = 1.0,
-                        output: str = "probs") -> AveragedPredictor:
-        """The Bayesian-averaged predictor over ``num_members`` (default ``config.num_averaged``) samples."""
+    def averaged_module(self, num_members: int | None = None, output: str = "probs") -> AveragedPredictor:
+        """The posterior predictive over ``num_members`` (default ``config.num_averaged``) networks drawn from ``q``."""
         members = num_members or self.config.num_averaged
-        return AveragedPredictor(self.guide, self.skeleton, self.compressed(), members, temperature,
-                                 seed=self.config.seed, output=output).eval()
+        return AveragedPredictor(self.guide, self.skeleton, self.compressed(), members, seed=self.config.seed,
+                                 output=output).eval()
 
     def accounting(self) -> dict[str, Any]:
         return accounting(self.compressed())

@@ -1,0 +1,66 @@
+"""The one posterior sampler: exact draws from q (gates, codes, slab noise) against g, phi and the mean."""
+import math
+
+import torch
+
+from sqs_pyro.guides import Codebook, SpikeGMM
+
+N, K, S = 30, 4, 20_000
+
+
+def layer_q(gate_fixed=None, mode="sample") -> SpikeGMM:
+    g = torch.Generator().manual_seed(0)
+    locs = torch.tensor([-0.6, -0.1, 0.2, 0.7])
+    scales = torch.tensor([0.05, 0.1, 0.08, 0.2])
+    log_mix = torch.log_softmax(torch.randn(K, generator=g), -1)
+    latent = torch.empty(N).uniform_(-0.8, 0.8, generator=g)
+    theta = torch.randn(N, generator=g) * 2
+    return SpikeGMM(theta, latent, Codebook(locs, scales, log_mix), gate_fixed=gate_fixed, tau=0.5, mode=mode)
+
+
+def within(freq: torch.Tensor, p: torch.Tensor, n: int, z: float = 5.0) -> bool:
+    se = (p * (1 - p) / n).sqrt().clamp_min(1.0 / n)
+    return bool(((freq - p).abs() <= z * se).all())
+
+
+def test_gate_and_code_frequencies_match_g_and_phi():
+    q = layer_q(mode="expected")  # the training mode does not change what q is
+    draws = q.draw(S, torch.Generator().manual_seed(1))
+    assert draws.weight.shape == draws.gate.shape == draws.code.shape == (S, N)
+    assert within(draws.gate.double().mean(0), q.inclusion.double(), S)
+    freq = torch.stack([(draws.code == k).double().mean(0) for k in range(K)], -1)
+    assert within(freq, q.phi.double(), S)
+    assert torch.all(draws.weight[~draws.gate] == 0)
+
+
+def test_mean_of_the_draws_is_g_times_phi_dot_mu():
+    q = layer_q()
+    w = q.draw(S, torch.Generator().manual_seed(2)).weight.double()
+    mean = q.inclusion * (q.phi @ q.locs)  # g_j sum_k phi_jk mu_k
+    se = w.std(0) / math.sqrt(S)
+    assert torch.all((w.mean(0) - mean).abs() <= 5 * se + 1e-9)
+    torch.testing.assert_close(mean, q.mean)
+    # slab noise: the kept weights spread around their level with its scale, not at it
+    draws = q.draw(S, torch.Generator().manual_seed(3))
+    kept = draws.gate
+    resid = draws.weight[kept] - q.locs[draws.code[kept]]
+    assert abs(float(resid.pow(2).mean()) - float(q.scales[draws.code[kept]].pow(2).mean())) < 0.05 * 0.0110
+
+
+def test_a_frozen_mask_fixes_the_gates_and_draws_are_seeded():
+    mask = (torch.arange(N) % 3 == 0).float()
+    q = layer_q(gate_fixed=mask)
+    a = q.draw(50, torch.Generator().manual_seed(4))
+    b = q.draw(50, torch.Generator().manual_seed(4))
+    assert torch.equal(a.gate, mask.bool().expand(50, N))
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.code, b.code)
+    sub = q.draw(50, torch.Generator().manual_seed(4), indices=torch.tensor([0, 5, 9]))
+    assert sub.weight.shape == (50, 3)
+
+
+def test_a_sampler_that_ignores_phi_fails_the_frequency_check():
+    """Negative control for the frequency check: uniform codes are not phi."""
+    q = layer_q()
+    codes = torch.randint(0, K, (S, N), generator=torch.Generator().manual_seed(5))
+    freq = torch.stack([(codes == k).double().mean(0) for k in range(K)], -1)
+    assert not within(freq, q.phi.double(), S)
