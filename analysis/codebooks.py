@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from sqs_pyro.analysis.inclusion import pretrained_weights
+from sqs_pyro.compressed.levels import merge_candidates
 
 
 def usage_entropy(counts: np.ndarray) -> float:
@@ -35,23 +36,6 @@ def usage_entropy(counts: np.ndarray) -> float:
         return 0.0
     p = c[c > 0] / total
     return float(-(p * np.log2(p)).sum())
-
-
-def merge_candidates(locs: np.ndarray, scales: np.ndarray, comp_window: np.ndarray,
-                     separation: float = 2.0) -> list[dict[str, Any]]:
-    """Neighbouring levels of one window closer than ``separation`` pooled scales (see module docstring)."""
-    mu, s, win = (np.asarray(a).ravel() for a in (locs, scales, comp_window))
-    pairs = []
-    for w in np.unique(win):
-        comps = np.flatnonzero(win == w)
-        comps = comps[np.argsort(mu[comps], kind="stable")]
-        for k, l in zip(comps[:-1], comps[1:]):
-            pooled = float(np.sqrt((s[k] ** 2 + s[l] ** 2) / 2))
-            gap = float(abs(mu[l] - mu[k]))
-            if gap <= separation * pooled:
-                pairs.append({"components": [int(k), int(l)], "window": int(w), "gap": gap,
-                              "gap_in_scales": gap / pooled})
-    return pairs
 
 
 def codebook_stats(locs: np.ndarray, scales: np.ndarray, mix: np.ndarray, comp_window: np.ndarray,

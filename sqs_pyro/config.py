@@ -36,6 +36,10 @@ class SQSConfig:
     different sparsities); ``"layer"`` within each layer; ``"row"`` within each output row
     (Wanda's comparison group).
 
+    Read-out: ``adaptive_bits`` stores every layer with the levels its posterior uses and tells
+    apart (unused levels dropped, neighbours closer than ``merge_separation`` pooled scales
+    merged), so each layer gets its own ``ceil(log2 K')`` bits.
+
     Schedule (fractions of the total number of steps): ``warmup_fraction`` with gates fixed
     open, then ``prune_fraction`` with a cubic sparsity ramp from ``initial_sparsity`` to
     ``sparsity``, then fine-tuning with the mask frozen.
@@ -76,6 +80,8 @@ class SQSConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     num_averaged: int = 10
+    adaptive_bits: bool = False
+    merge_separation: float = 2.0
     seed: int = 0
     log_every: int = 20
 
@@ -129,6 +135,7 @@ class SQSConfig:
                 except re.error as exc:
                     raise SQSInputError(f"{name} pattern {pattern!r} is not a valid regular expression: {exc}") from exc
         _check(self.num_averaged >= 1, "num_averaged must be >= 1")
+        _check(self.merge_separation >= 0, f"merge_separation must be >= 0, got {self.merge_separation!r}")
         _check(self.log_every >= 1, "log_every must be >= 1")
         _check(0 <= self.seed < 2**32, f"seed must lie in [0, 2**32), got {self.seed!r}")
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from sqs_pyro import SQSConfig
+from sqs_pyro.compressed import CompressedNetwork, materialize
 from sqs_pyro.compressed.accounting import accounting, binary_entropy
 from sqs_pyro.infer import compress
 
@@ -128,3 +129,44 @@ def test_calibration_metrics_on_hand_made_predictions():
     assert m["bins"]["accuracy"][0] is None
     perfect = calibration(torch.eye(3)[[0, 1, 2]], torch.tensor([0, 1, 2]))
     assert perfect["ece"] == 0 and perfect["brier"] == 0 and perfect["nll"] == pytest.approx(0, abs=1e-12)
+
+
+def test_used_levels_drop_unused_and_merge_indistinguishable_levels():
+    from sqs_pyro.compressed import CompressedLayer
+
+    codebook = torch.tensor([-1.0, -0.98, 0.5, 2.0, 0.9])
+    mask = torch.tensor([True, True, True, True, True, False])
+    codes = torch.tensor([0, 0, 1, 2, 4, 3])  # level 3 only under a pruned weight: unused
+    layer = CompressedLayer("w", (6,), mask, codes, codebook, torch.zeros(5, dtype=torch.long))
+    scales = torch.tensor([0.05, 0.05, 0.05, 0.05, 0.05])
+    reduced = layer.used_levels(scales)
+    # -1 and -0.98 are 0.4 pooled scales apart: merged at their usage-weighted mean (2:1)
+    torch.testing.assert_close(reduced.codebook, torch.tensor([-(2 * 1.0 + 0.98) / 3, 0.5, 0.9]))
+    torch.testing.assert_close(reduced.weight(), torch.tensor([-0.9933, -0.9933, -0.9933, 0.5, 0.9, 0.0]),
+                               atol=1e-4, rtol=0)
+    assert accounting(CompressedNetwork([reduced], {}))["layers"][0]["bits"] == 2  # 3 levels: 2 bits, not 3
+    # with no separation nothing merges, only the unused level goes
+    kept = layer.used_levels(scales, separation=0.0)
+    assert kept.components == 4 and torch.equal(kept.weight(), layer.weight())
+    # windows are never merged across
+    windows = CompressedLayer("w", (6,), mask, codes, codebook, torch.tensor([0, 1, 1, 1, 1]))
+    assert windows.used_levels(scales).components == 4
+
+
+def test_adaptive_bits_materialise_fewer_levels_and_round_trip(tmp_path):
+    from sqs_pyro.format import load_compressed, read_header, save_compressed
+
+    result, x = run()
+    plain = result.compressed()
+    adaptive = materialize(result.guide, result.model.net, {"adaptive_bits": True, "merge_separation": 4.0})
+    for a, b in zip(adaptive.layers, plain.layers):
+        assert torch.equal(a.mask, b.mask) and a.components <= b.components
+        assert a.components == int(torch.unique(a.codes[a.mask]).numel())  # every stored level is used
+        assert torch.isin(a.weight()[a.mask], a.codebook).all()
+    size = save_compressed(adaptive, tmp_path / "a.sqs")
+    assert [len(e["windows"]) for e in read_header(tmp_path / "a.sqs")["layers"]] == [l.components for l in
+                                                                                       adaptive.layers]
+    loaded = load_compressed(tmp_path / "a.sqs")
+    for a, b in zip(loaded.layers, adaptive.layers):
+        assert torch.equal(a.weight(), b.weight())
+    assert size <= save_compressed(plain, tmp_path / "p.sqs")

@@ -32,7 +32,8 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-CONFIG_OPTIONS = ("sparsity", "components", "windows", "epochs", "batch_size", "mode", "seed", "num_averaged")
+CONFIG_OPTIONS = ("sparsity", "components", "windows", "epochs", "batch_size", "mode", "seed", "num_averaged",
+                  "adaptive_bits")
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

@@ -37,6 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="sample: reparameterised ELBO (default); expected: the authors' deterministic forward")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--num-averaged", type=int, help="members M of the averaged predictor (default 10)")
+    p.add_argument("--adaptive-bits", action="store_const", const=True,
+                   help="store each layer with the levels its posterior uses and tells apart: unused levels "
+                        "dropped, indistinguishable neighbours merged, ceil(log2 K') bits per layer")
     p.add_argument("--config", type=Path,
                    help="JSON file of SQSConfig fields (options given on the command line win over it)")
     p.add_argument("--train-limit", type=positive_int, help="use only the first N training images (smoke tests)")

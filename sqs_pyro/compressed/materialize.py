@@ -8,12 +8,15 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from sqs_pyro.compressed.levels import merge_candidates
 from sqs_pyro.guides.spike_gmm import SpikeGMMGuide
 
 
@@ -43,6 +46,42 @@ class CompressedLayer:
     def weight(self) -> torch.Tensor:
         """The dense weight tensor ``where(mask, codebook[codes], 0)``."""
         return torch.where(self.mask, self.codebook[self.codes], torch.zeros((), dtype=self.codebook.dtype))
+
+    @torch.no_grad()
+    def used_levels(self, scales: torch.Tensor, separation: float = 2.0) -> "CompressedLayer":
+        """The same layer on the fewest levels its posterior tells apart (its bits follow: ``ceil(log2 K')``).
+
+        Levels that no kept weight uses are dropped. Then, within a window, the closest pair of
+        neighbouring levels with ``|mu_k - mu_l| <= separation * sqrt((s_k^2 + s_l^2) / 2)``
+        (:func:`~sqs_pyro.compressed.levels.merge_candidates`: two Gaussians of that pooled scale
+        the data cannot tell apart) is merged into their usage-weighted mean level, with the
+        pooled scale, until no pair qualifies. At least one level is kept.
+        """
+        counts = torch.bincount(self.codes[self.mask].reshape(-1), minlength=self.components).double().cpu()
+        locs, sc = self.codebook.detach().double().cpu(), scales.detach().double().cpu()
+        win = self.component_windows.cpu()
+        members = [[k] for k in range(self.components) if counts[k] > 0] or [[0]]
+        level = {tuple(m): (float(locs[m[0]]), float(sc[m[0]]), float(counts[m[0]])) for m in members}
+        while True:
+            groups = list(level)
+            mu = np.array([level[g][0] for g in groups])
+            pairs = merge_candidates(mu, np.array([level[g][1] for g in groups]),
+                                     np.array([int(win[g[0]]) for g in groups]), separation)
+            if not pairs:
+                break
+            a, b = (groups[i] for i in min(pairs, key=lambda p: p["gap_in_scales"])["components"])
+            (mu_a, s_a, n_a), (mu_b, s_b, n_b) = level.pop(a), level.pop(b)
+            n = n_a + n_b
+            level[a + b] = ((n_a * mu_a + n_b * mu_b) / max(n, 1e-300), math.sqrt((s_a ** 2 + s_b ** 2) / 2), n)
+        groups = sorted(level, key=lambda g: (int(win[g[0]]), level[g][0]))
+        remap = torch.zeros(self.components, dtype=torch.long)
+        for new, g in enumerate(groups):
+            remap[list(g)] = new
+        codes = torch.where(self.mask, remap.to(self.codes.device)[self.codes], torch.zeros_like(self.codes))
+        codebook = torch.tensor([level[g][0] for g in groups], dtype=self.codebook.dtype, device=self.codebook.device)
+        windows = torch.tensor([int(win[g[0]]) for g in groups], dtype=self.component_windows.dtype,
+                               device=self.component_windows.device)
+        return CompressedLayer(self.name, self.shape, self.mask.clone(), codes, codebook, windows)
 
 
 @dataclass
@@ -74,13 +113,19 @@ def materialize(guide: SpikeGMMGuide, net: nn.Module, config: dict[str, Any] | N
     """The greedy compressed network from a trained guide and the trained dense net.
 
     ``net`` holds the deterministic (uncompressed) tensors; its compressed weights are ignored.
+    With ``config["adaptive_bits"]`` every layer keeps only the levels its posterior uses and
+    tells apart (:meth:`CompressedLayer.used_levels`): mixed precision chosen by the posterior.
     """
+    config = dict(config or {})
     layers = []
     for layer, d in zip(guide.layers, guide.distributions().values()):
         mask = layer.kept_mask()
         codes = torch.where(mask, d.most_probable_level(), torch.zeros((), dtype=torch.long))
-        layers.append(CompressedLayer(layer.site_name, tuple(mask.shape), mask, codes,
-                                      layer.locs.detach().clone(), layer.comp_window.clone()))
+        compressed = CompressedLayer(layer.site_name, tuple(mask.shape), mask, codes,
+                                     layer.locs.detach().clone(), layer.comp_window.clone())
+        if config.get("adaptive_bits"):
+            compressed = compressed.used_levels(layer.scales, config.get("merge_separation", 2.0))
+        layers.append(compressed)
     names = {layer.name for layer in layers}
     clones: dict[tuple, torch.Tensor] = {}  # tied tensors (e.g. embeddings and LM head) stay one tensor
     dense = {}
@@ -88,7 +133,7 @@ def materialize(guide: SpikeGMMGuide, net: nn.Module, config: dict[str, Any] | N
         if k not in names:
             key = (v.data_ptr(), tuple(v.shape), v.stride(), v.dtype)
             dense[k] = clones.setdefault(key, v.detach().clone())
-    return CompressedNetwork(layers, dense, dict(config or {}))
+    return CompressedNetwork(layers, dense, config)
 
 
 class AveragedPredictor(nn.Module):
