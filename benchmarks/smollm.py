@@ -15,6 +15,9 @@ Runs (each in its own process, so that its peak RSS is its own; one JSON line ea
 * ``dense_ft``: dense Adam fine-tuning, same windows, batch and steps, lr = ``lr_dense``;
 * ``magnitude<S>`` / ``kmeans<K>``: no training, only one-shot per-layer magnitude pruning
   or only per-layer K-level k-means quantisation (the damage of each step on its own);
+* ``oneshot_g<G>k<K>e<E>``: no training, dense-and-sparse group-scaled codebooks: fp16 scales
+  per G weights of a row, one K-level codebook per matrix on the scaled values, the E largest
+  weights of each matrix exact; evaluated from its ``.sqs`` file;
 * ``sqs<S>k<K>``: SQS at sparsity S% with K levels on every attention and MLP matrix, with
   the ``--hf`` defaults (:data:`sqs_pyro.cli.compress_hf.HF_DEFAULTS`: one-shot pruning to
   the target from saliencies, gates learning for 20% of the steps, tempered KL); also
@@ -108,6 +111,8 @@ def child(args: argparse.Namespace) -> dict:
         row["perplexity"] = perplexity(net, held)
     elif args.child.startswith(("magnitude", "kmeans")):
         row["perplexity"] = perplexity(one_shot(net, args.child), held)
+    elif args.child.startswith("oneshot"):
+        row.update(group_scaled(args, net, held))
     else:
         sparsity, k = args.child[3:].split("k")
         s_f = int(sparsity) / 100
@@ -156,6 +161,35 @@ def one_shot(net, run: str):
                 new = initial_codebook(values, int(run[6:]), "outlier").quantize(values)
             w.copy_(torch.as_tensor(new, dtype=w.dtype).reshape(w.shape))
     return net
+
+
+def group_scaled(args: argparse.Namespace, net, held: torch.Tensor) -> dict:
+    """``oneshot_g<G>k<K>e<E>``: no training; every attention and MLP matrix on a K-level codebook
+    of its values divided by fp16 group scales (groups of G weights of a row), with the E largest
+    |w| of the matrix kept exact (:mod:`sqs_pyro.compressed.oneshot`). The ``.sqs`` file is
+    written, loaded back into ``LlamaForCausalLM`` and evaluated from the file."""
+    import re
+
+    from sqs_pyro.compressed import accounting
+    from sqs_pyro.compressed.oneshot import quantize_network
+    from sqs_pyro.format.container import save_compressed
+    from sqs_pyro.hf import CausalLM, load_transformers, perplexity
+    from sqs_pyro.models import select_layers, transformer_include
+
+    g, k, e = (int(v) for v in re.fullmatch(r"oneshot_g(\d+)k(\d+)e(\d+)", args.child).groups())
+    t0 = time.perf_counter()
+    network = quantize_network(net, select_layers(net, include=transformer_include("llama")), k, g, e)
+    quantize_seconds = time.perf_counter() - t0
+    acc = accounting(network)
+    path = _run_dir(args) / "model.sqs"
+    file_bytes = save_compressed(network, path, model=net)
+    n = acc["compressed_params"]
+    return {"group_size": g, "components": k, "exact_per_matrix": e, "quantize_seconds": quantize_seconds,
+            "perplexity": perplexity(CausalLM(load_transformers(path)), held), "file_bytes": file_bytes,
+            "bits": acc["bits"], "side_bits_per_weight": 8 * acc["side_bytes"] / n,
+            "exact_bits_per_weight": 8 * 6 * sum(l["exact"] for l in acc["layers"]) / n,
+            "bits_per_weight": acc["bits"] + 8 * acc["side_bytes"] / n, "compressed_params": n,
+            "bytes_fp32": acc["bytes_fp32"]}
 
 
 def sqs_measurements(args: argparse.Namespace, result, held: torch.Tensor) -> dict:

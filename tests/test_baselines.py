@@ -123,7 +123,7 @@ def test_uniform_layer_accounting_and_file_pay_for_scales(tmp_path):
         assert torch.equal(back.dense_state[f"{layer.name}.row_scale"], layer.row_scale)
         assert torch.equal(loaded.mask, layer.mask) and torch.equal(loaded.codes[loaded.mask], layer.codes[layer.mask])
         rebuilt = ChannelScaledLayer(loaded.name, loaded.shape, loaded.mask, loaded.codes, loaded.codebook,
-                                     loaded.component_windows, back.dense_state[f"{layer.name}.row_scale"])
+                                     loaded.component_windows, row_scale=back.dense_state[f"{layer.name}.row_scale"])
         assert torch.equal(rebuilt.weight(), layer.weight())
 
 

@@ -217,7 +217,7 @@ def test_targeted_corruptions_name_the_problem(mlp_file, tmp_path):
         data[:PREAMBLE.size + header_len // 2]: "header length",
         data[:-1]: "truncated: the header describes",
         data + b"\x00": "trailing bytes",
-        data[:8] + struct.pack("<I", 2) + data[12:]: "format version 2 is newer than this reader supports",
+        data[:8] + struct.pack("<I", 3) + data[12:]: "format version 3 is newer than this reader supports",
         data[:8] + struct.pack("<I", 0) + data[12:]: "unknown format version 0",
         bytes(flipped_payload): "payload checksum mismatch",
         bytes(flipped_header): "header checksum mismatch",

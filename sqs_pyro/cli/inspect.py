@@ -38,15 +38,21 @@ def format_inspection(path: Path, header: dict[str, Any], rows: list[dict[str, A
     cls = header["architecture"].get("class", "?") if isinstance(header["architecture"], dict) else "?"
     lines = [f"{path.name}: sqs-pyro format {header['format_version']}, {t['file_bytes']:,} bytes "
              f"(header {t['header_bytes']:,}), checksums OK, architecture {cls}", ""]
-    table = [("layer", "shape", "density", "bits", "codebook", "mask", "codes", "bytes", "bound", "x bound")]
+    table = [("layer", "shape", "density", "bits", "codebook", "mask", "codes", "group", "exact", "side bytes",
+              "bytes", "bound", "x bound")]
     for r in rows:
         ratio = f"{r['bytes'] / r['bound_bytes']:.2f}" if r["bound_bytes"] else "-"
         table.append((r["name"], "x".join(map(str, r["shape"])), f"{r['density']:.4f}", str(r["bits"]),
                       f"K={r['components']} {r['codebook_dtype']} w={r['windows']}", r["mask_coding"],
-                      r["codes_coding"], f"{r['bytes']:,}", f"{r['bound_bytes']:,.0f}", ratio))
+                      r["codes_coding"], str(r["group_size"] or "-"), f"{r['exact']:,}", f"{r['side_bytes']:,}",
+                      f"{r['bytes']:,}", f"{r['bound_bytes']:,.0f}", ratio))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines += ["  ".join(c.ljust(w) if i < 7 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
               for row in table]
+    exact, side = sum(r["exact"] for r in rows), sum(r["side_bytes"] for r in rows)
+    if side:
+        lines += ["", f"side information: {exact:,} exact weights, {side:,} bytes of fp16 scales and exact weights "
+                      f"({8 * side / max(1, sum(r['numel'] for r in rows)):.4f} bits per compressed weight)"]
     bound = f"{t['layer_bytes'] / t['bound_bytes']:.3f}x" if t["bound_bytes"] else "-"
     lines += ["",
               f"compressed layers: {t['layer_bytes']:,} bytes, entropy bound {t['bound_bytes']:,.0f} bytes ({bound})",

@@ -40,17 +40,31 @@ def bits_per_code(layer: CompressedLayer) -> int:
     return max(1, math.ceil(math.log2(layer.components)))
 
 
+SCALE_BYTES = 2  # group scales are stored as float16
+EXACT_BYTES = 6  # an exact weight: a u32 position and a float16 value
+
+
+def side_bytes(layer: CompressedLayer) -> int:
+    """Bytes beyond mask, codes and codebook: fp16 group scales and the exact weights."""
+    scales = 0 if layer.scales is None else SCALE_BYTES * layer.scales.numel()
+    return scales + EXACT_BYTES * layer.num_exact
+
+
 def layer_accounting(layer: CompressedLayer) -> dict[str, Any]:
+    """Sizes of one layer: ``nnz`` codebook weights plus ``exact`` exact ones are kept; side
+    information (group scales, exact weights) is counted in bytes and bits per weight."""
     n, nnz = layer.numel, layer.nnz
-    density = nnz / n
+    density = (nnz + layer.num_exact) / n
     b = bits_per_code(layer)
-    packed = math.ceil(n / 8) + math.ceil(nnz * b / 8) + 4 * layer.components
-    bound_bits = n * binary_entropy(density) + nnz * code_entropy(layer)
+    side = side_bytes(layer)
+    packed = math.ceil(n / 8) + math.ceil(nnz * b / 8) + 4 * layer.components + side
+    bound_bits = n * binary_entropy(nnz / n) + nnz * code_entropy(layer) + 8 * side
     return {
-        "name": layer.name, "shape": list(layer.shape), "numel": n, "nnz": nnz, "density": density,
-        "bits": b, "codes_used": int(torch.unique(layer.codes[layer.mask]).numel()),
+        "name": layer.name, "shape": list(layer.shape), "numel": n, "nnz": nnz, "exact": layer.num_exact,
+        "density": density, "bits": b, "group_size": layer.group_size,
+        "codes_used": int(torch.unique(layer.codes[layer.mask]).numel()),
         "code_entropy_bits": code_entropy(layer), "bytes_fp32": 4 * n, "bytes_packed": packed,
-        "entropy_bound_bytes": bound_bits / 8,
+        "side_bytes": side, "side_bits_per_weight": 8 * side / n, "entropy_bound_bytes": bound_bits / 8,
     }
 
 
@@ -65,7 +79,7 @@ def accounting(compressed: CompressedNetwork) -> dict[str, Any]:
     """Measured sparsity, bits, CR formula and byte counts of a materialised network."""
     layers = [layer_accounting(layer) for layer in compressed.layers]
     n = sum(l["numel"] for l in layers)
-    nnz = sum(l["nnz"] for l in layers)
+    nnz = sum(l["nnz"] + l["exact"] for l in layers)
     sparsity = 1.0 - nnz / n
     bits = max(l["bits"] for l in layers)
     other = dense_params(compressed.dense_state)
@@ -78,5 +92,6 @@ def accounting(compressed: CompressedNetwork) -> dict[str, Any]:
         "cr_formula": (32.0 / ((1.0 - sparsity) * bits)) if nnz else float("inf"),
         "bytes_fp32": 4 * (n + other),
         "bytes_packed": sum(l["bytes_packed"] for l in layers) + 4 * other,
+        "side_bytes": sum(l["side_bytes"] for l in layers),
         "entropy_bound_bytes": sum(l["entropy_bound_bytes"] for l in layers),
     }

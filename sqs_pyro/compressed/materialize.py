@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,21 @@ from sqs_pyro.guides.spike_gmm import SpikeGMMGuide
 
 @dataclass
 class CompressedLayer:
-    """A compressed weight tensor: sparsity mask, code of each kept weight, and the codebook."""
+    r"""A compressed weight tensor: sparsity mask, code of each kept weight and the codebook;
+    optionally group scales and a few exact weights (dense-and-sparse).
+
+    Viewing the weight as ``R = shape[0]`` rows of ``C = numel / R`` values, the weight is
+
+    .. math::
+
+        w_{rc} = \begin{cases} e_{rc} & (r, c) \in E \text{ (exact weights)} \\
+                 \sigma_{r, \lfloor c / G \rfloor}\, \mu_{a_{rc}} & \text{kept by the mask} \\
+                 0 & \text{otherwise} \end{cases}
+
+    with one scale per group of ``G = group_size`` consecutive weights of a row (``scales`` of
+    shape ``(R, ceil(C / G))``; ``group_size = 0``: no scales, ``sigma = 1``). Exact weights
+    (``exact_index``: sorted flat positions, ``exact_values``) lie outside the mask.
+    """
 
     name: str
     shape: tuple[int, ...]
@@ -30,6 +45,10 @@ class CompressedLayer:
     codes: torch.Tensor  # int64, shape (0 where pruned)
     codebook: torch.Tensor  # (K,) float
     component_windows: torch.Tensor  # (K,) int64: window of each level
+    group_size: int = 0
+    scales: torch.Tensor | None = None  # (R, ceil(C / G)) when group_size > 0
+    exact_index: torch.Tensor | None = None  # (n,) int64, sorted flat positions outside the mask
+    exact_values: torch.Tensor | None = None  # (n,) float
 
     @property
     def numel(self) -> int:
@@ -40,12 +59,33 @@ class CompressedLayer:
         return int(self.mask.sum())
 
     @property
+    def num_exact(self) -> int:
+        return 0 if self.exact_index is None else self.exact_index.numel()
+
+    @property
     def components(self) -> int:
         return self.codebook.numel()
 
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    def group_scale(self) -> torch.Tensor:
+        """``sigma`` broadcast to every weight (shape ``shape``); ones without group scales."""
+        if self.scales is None:
+            return torch.ones(self.shape, dtype=self.codebook.dtype, device=self.codebook.device)
+        cols = self.numel // self.rows
+        full = self.scales.to(self.codebook.dtype).repeat_interleave(self.group_size, dim=1)[:, :cols]
+        return full.reshape(self.shape)
+
     def weight(self) -> torch.Tensor:
-        """The dense weight tensor ``where(mask, codebook[codes], 0)``."""
-        return torch.where(self.mask, self.codebook[self.codes], torch.zeros((), dtype=self.codebook.dtype))
+        """The dense weight tensor (see the class docstring)."""
+        w = torch.where(self.mask, self.codebook[self.codes], torch.zeros((), dtype=self.codebook.dtype))
+        if self.scales is not None:
+            w = w * self.group_scale()
+        if self.num_exact:
+            w = w.reshape(-1).index_put((self.exact_index,), self.exact_values.to(w.dtype)).reshape(self.shape)
+        return w
 
     @torch.no_grad()
     def used_levels(self, scales: torch.Tensor, separation: float = 2.0) -> "CompressedLayer":
@@ -81,7 +121,8 @@ class CompressedLayer:
         codebook = torch.tensor([level[g][0] for g in groups], dtype=self.codebook.dtype, device=self.codebook.device)
         windows = torch.tensor([int(win[g[0]]) for g in groups], dtype=self.component_windows.dtype,
                                device=self.component_windows.device)
-        return CompressedLayer(self.name, self.shape, self.mask.clone(), codes, codebook, windows)
+        return dataclasses.replace(self, mask=self.mask.clone(), codes=codes, codebook=codebook,
+                                   component_windows=windows)
 
 
 @dataclass
@@ -126,14 +167,19 @@ def materialize(guide: SpikeGMMGuide, net: nn.Module, config: dict[str, Any] | N
         if config.get("adaptive_bits"):
             compressed = compressed.used_levels(layer.scales, config.get("merge_separation", 2.0))
         layers.append(compressed)
-    names = {layer.name for layer in layers}
-    clones: dict[tuple, torch.Tensor] = {}  # tied tensors (e.g. embeddings and LM head) stay one tensor
+    return CompressedNetwork(layers, uncompressed_state(net, {layer.name for layer in layers}), config)
+
+
+def uncompressed_state(net: nn.Module, compressed: set[str]) -> dict[str, torch.Tensor]:
+    """Copies of every state-dict tensor of ``net`` not in ``compressed``; tied tensors (e.g.
+    embeddings and an LM head) stay one tensor."""
+    clones: dict[tuple, torch.Tensor] = {}
     dense = {}
     for k, v in net.state_dict().items():
-        if k not in names:
+        if k not in compressed:
             key = (v.data_ptr(), tuple(v.shape), v.stride(), v.dtype)
             dense[k] = clones.setdefault(key, v.detach().clone())
-    return CompressedNetwork(layers, dense, config)
+    return dense
 
 
 class AveragedPredictor(nn.Module):

@@ -67,7 +67,7 @@ from sqs_pyro.errors import CompressedFileError, SQSInputError
 from sqs_pyro.compressed.materialize import CompressedLayer, CompressedNetwork
 
 MAGIC = b"\x89SQS\r\n\x1a\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written only when a layer has group scales or exact weights; otherwise 1
 PREAMBLE = struct.Struct("<8sII32s")
 MAX_HEADER_BYTES = 1 << 24
 MAX_COMPONENTS = 1 << coding.MAX_WIDTH
@@ -115,10 +115,44 @@ def _numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
 
 
-def _content_crc(mask: np.ndarray, kept_codes: np.ndarray, codebook: bytes) -> int:
+def _content_crc(mask: np.ndarray, kept_codes: np.ndarray, codebook: bytes, *side: bytes) -> int:
     crc = zlib.crc32(coding.pack_bits(mask))
     crc = zlib.crc32(np.ascontiguousarray(kept_codes, dtype="<u2").tobytes(), crc)
-    return zlib.crc32(codebook, crc)
+    crc = zlib.crc32(codebook, crc)
+    for part in side:
+        crc = zlib.crc32(part, crc)
+    return crc
+
+
+def _groups(shape: tuple[int, ...], group_size: int) -> tuple[int, int]:
+    """``(R, ceil(C / G))``: the shape of a layer's group scales (rows of ``C = numel / R`` values)."""
+    rows = shape[0] if shape else 1
+    cols = _numel(shape) // rows if rows else 0
+    return rows, -(-cols // group_size)
+
+
+def _side_segments(layer: CompressedLayer, mask: np.ndarray) -> tuple[dict[str, Any], list[bytes]]:
+    """Header keys and segments of a layer's group scales (fp16) and exact weights (u32 positions, fp16 values)."""
+    keys, parts = {}, []
+    if layer.group_size:
+        expected = _groups(tuple(layer.shape), layer.group_size)
+        if layer.scales is None or tuple(layer.scales.shape) != expected or layer.scales.dtype != torch.float16:
+            raise SQSInputError(f"layer {layer.name}: group size {layer.group_size} needs float16 scales of shape "
+                                f"{expected}")
+        keys["group_size"] = int(layer.group_size)
+        parts.append(tensor_bytes(layer.scales))
+    if layer.num_exact:
+        index = layer.exact_index.detach().cpu().numpy().astype(np.int64)
+        if (layer.exact_values is None or layer.exact_values.dtype != torch.float16
+                or layer.exact_values.shape != layer.exact_index.shape):
+            raise SQSInputError(f"layer {layer.name}: exact weights need one float16 value per position")
+        if (np.any(np.diff(index) <= 0) or index[0] < 0 or index[-1] >= min(mask.size, 1 << 32)
+                or mask[index].any()):
+            raise SQSInputError(f"layer {layer.name}: exact positions must be increasing, below 2^32 and the "
+                                "numel, and outside the mask")
+        keys["exact"] = int(index.size)
+        parts += [index.astype("<u4").tobytes(), tensor_bytes(layer.exact_values)]
+    return keys, parts
 
 
 def _entropy_bound_bits(numel: int, kept_codes: np.ndarray, components: int) -> float:
@@ -149,15 +183,16 @@ def _encode_layer(layer: CompressedLayer, codebook_dtype: str | None) -> tuple[d
     codebook = tensor_bytes(layer.codebook.detach().to(DTYPES[stored_dtype][0]))
     mask_stream = coding.encode_mask(mask)
     code_stream = coding.encode_codes(kept, components)
+    side_keys, side = _side_segments(layer, mask)
     entry = {
         "name": layer.name, "shape": list(shape), "dtype": weight_dtype, "nnz": int(kept.size),
         "codebook_dtype": stored_dtype, "windows": windows,
         "mask": {"coding": mask_stream.coding, "bytes": len(mask_stream.data), **mask_stream.params},
-        "codes": {"coding": code_stream.coding, "bytes": len(code_stream.data)},
-        "crc32": _content_crc(mask, kept, codebook),
-        "bound_bits": round(_entropy_bound_bits(mask.size, kept, components), 1),
+        "codes": {"coding": code_stream.coding, "bytes": len(code_stream.data)}, **side_keys,
+        "crc32": _content_crc(mask, kept, codebook, *side),
+        "bound_bits": round(_entropy_bound_bits(mask.size, kept, components) + 8 * sum(map(len, side)), 1),
     }
-    return entry, [codebook, mask_stream.data, code_stream.data]
+    return entry, [codebook, mask_stream.data, code_stream.data, *side]
 
 
 def _json_safe(value: Any) -> Any:
@@ -222,8 +257,9 @@ def encode_file(network: CompressedNetwork, codebook_dtype: str | None = None,
         segments.append(data)
         stored[id(tensor)] = name
     payload = b"".join(segments)
+    version = FORMAT_VERSION if any("group_size" in e or "exact" in e for e in layers) else 1
     header = {
-        "format": "sqs-pyro", "format_version": FORMAT_VERSION,
+        "format": "sqs-pyro", "format_version": version,
         "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest(),
         "architecture": _json_safe(architecture or {}), "config": _json_safe(network.config),
         "accounting": _totals(layers, network.dense_state), "layers": layers, "tensors": tensors,
@@ -231,7 +267,7 @@ def encode_file(network: CompressedNetwork, codebook_dtype: str | None = None,
     text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     if len(text) > MAX_HEADER_BYTES:
         raise SQSInputError(f"the header would take {len(text)} bytes, more than {MAX_HEADER_BYTES}")
-    return PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(text), hashlib.sha256(text).digest()) + text + payload
+    return PREAMBLE.pack(MAGIC, version, len(text), hashlib.sha256(text).digest()) + text + payload
 
 
 def save_compressed(obj: Any, path: str | os.PathLike, *, codebook_dtype: str | None = None,
@@ -276,11 +312,19 @@ class _Layer:
     mask: dict[str, Any]
     codes: dict[str, Any]
     crc32: int
+    group_size: int = 0
+    exact: int = 0
 
     @property
-    def segments(self) -> tuple[int, int, int]:
+    def segments(self) -> tuple[int, ...]:
+        """Byte lengths: codebook, mask, codes, then the scales and the exact positions and values if present."""
         itemsize = np.dtype(DTYPES[self.codebook_dtype][1]).itemsize
-        return len(self.windows) * itemsize, self.mask["bytes"], self.codes["bytes"]
+        parts = (len(self.windows) * itemsize, self.mask["bytes"], self.codes["bytes"])
+        if self.group_size:
+            parts += (2 * math.prod(_groups(self.shape, self.group_size)),)
+        if self.exact:
+            parts += (4 * self.exact, 2 * self.exact)
+        return parts
 
 
 def _fail(where: str, message: str) -> CompressedFileError:
@@ -351,7 +395,13 @@ def _parse_layer(value: Any, where: str) -> _Layer:
         name=_str(obj, "name", where), shape=shape, dtype=_str(obj, "dtype", where, FLOAT_DTYPES),
         nnz=_int(obj, "nnz", where, _numel(shape)), codebook_dtype=_str(obj, "codebook_dtype", where, FLOAT_DTYPES),
         windows=tuple(windows), mask=_stream(obj, "mask", where, coding.MASK_CODINGS),
-        codes=_stream(obj, "codes", where, coding.CODE_CODINGS), crc32=_int(obj, "crc32", where, 0xFFFFFFFF))
+        codes=_stream(obj, "codes", where, coding.CODE_CODINGS), crc32=_int(obj, "crc32", where, 0xFFFFFFFF),
+        group_size=_int(obj, "group_size", where, 1 << 40) if "group_size" in obj else 0,
+        exact=_int(obj, "exact", where, _numel(shape)) if "exact" in obj else 0)
+    if "group_size" in obj and (layer.group_size < 1 or not shape):
+        raise _fail(f"{where}.group_size", "must be >= 1, on a tensor with at least one dimension")
+    if layer.nnz + layer.exact > _numel(shape):
+        raise _fail(f"{where}.exact", "and nnz exceed the layer's size")
     return layer
 
 
@@ -478,43 +528,59 @@ def _check_skeleton(parsed: _Parsed, model: nn.Module) -> None:
 @dataclass(frozen=True)
 class _Decoded:
     """One decoded compressed layer: its flat mask, the positions and codes of its kept
-    weights, and its codebook in the weight's dtype."""
+    weights, its codebook in the weight's dtype, and its group scales and exact weights."""
 
     entry: _Layer
     mask: np.ndarray
     positions: np.ndarray
     kept: np.ndarray
     codebook: torch.Tensor
+    scales: torch.Tensor | None = None
+    exact_index: torch.Tensor | None = None
+    exact_values: torch.Tensor | None = None
 
     def layer(self) -> CompressedLayer:
         codes = np.zeros(self.mask.size, dtype=np.int64)
         codes[self.positions] = self.kept
         return CompressedLayer(self.entry.name, self.entry.shape, torch.from_numpy(self.mask).reshape(self.entry.shape),
                                torch.from_numpy(codes).reshape(self.entry.shape), self.codebook,
-                               torch.tensor(self.entry.windows, dtype=torch.int64))
+                               torch.tensor(self.entry.windows, dtype=torch.int64), self.entry.group_size,
+                               self.scales, self.exact_index, self.exact_values)
 
     def weight(self) -> torch.Tensor:
-        """``where(mask, codebook[codes], 0)``, computed on the kept weights only."""
+        """The layer's weight; without scales or exact weights, computed on the kept weights only."""
+        if self.scales is not None or self.exact_index is not None:
+            return self.layer().weight()
         weight = torch.zeros(self.mask.size, dtype=self.codebook.dtype)
         weight[torch.from_numpy(self.positions)] = self.codebook[torch.from_numpy(self.kept)]
         return weight.reshape(self.entry.shape)
 
 
 def _decode_layer(entry: _Layer, payload: memoryview, offset: int) -> _Decoded:
-    cb_len, mask_len, codes_len = entry.segments
-    codebook_raw = payload[offset:offset + cb_len]
-    mask_raw = payload[offset + cb_len:offset + cb_len + mask_len]
-    codes_raw = payload[offset + cb_len + mask_len:offset + cb_len + mask_len + codes_len]
+    parts, start = [], offset
+    for length in entry.segments:
+        parts.append(payload[start:start + length])
+        start += length
+    codebook_raw, mask_raw, codes_raw, *side = parts
     components = len(entry.windows)
     try:
         mask = coding.decode_mask(entry.mask["coding"], entry.mask, mask_raw, _numel(entry.shape), entry.nnz)
         kept = coding.decode_codes(entry.codes["coding"], codes_raw, entry.nnz, components)
     except CompressedFileError as exc:
         raise CompressedFileError(f"layer {entry.name}: {exc}") from None
-    if _content_crc(mask, kept, codebook_raw) != entry.crc32:
-        raise CompressedFileError(f"layer {entry.name}: CRC mismatch of the decoded mask, codes and codebook")
+    if _content_crc(mask, kept, codebook_raw, *side) != entry.crc32:
+        raise CompressedFileError(f"layer {entry.name}: CRC mismatch of the decoded mask, codes, codebook and side data")
     codebook = tensor_from_bytes(codebook_raw, entry.codebook_dtype, (components,)).to(DTYPES[entry.dtype][0])
-    return _Decoded(entry, mask, np.flatnonzero(mask), kept, codebook)
+    scales = exact_index = exact_values = None
+    if entry.group_size:
+        scales = tensor_from_bytes(side.pop(0), "float16", _groups(entry.shape, entry.group_size))
+    if entry.exact:
+        index = np.frombuffer(side[0], dtype="<u4").astype(np.int64)
+        if np.any(np.diff(index) <= 0) or index[-1] >= mask.size or mask[index].any():
+            raise CompressedFileError(f"layer {entry.name}: exact positions must be increasing, inside the layer "
+                                      "and outside the mask")
+        exact_index, exact_values = torch.from_numpy(index), tensor_from_bytes(side[1], "float16", (entry.exact,))
+    return _Decoded(entry, mask, np.flatnonzero(mask), kept, codebook, scales, exact_index, exact_values)
 
 
 def _decode(path: str | os.PathLike, model: nn.Module | None,
@@ -568,19 +634,23 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None, *,
 
 
 def layer_table(header: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per compressed layer of a (checked) header: shape, density, bits, codebook, codings,
-    bytes in the file (codebook + mask + codes), fp32 bytes and the entropy lower bound in bytes."""
+    """Per compressed layer of a (checked) header: shape, density (codebook and exact weights),
+    bits, codebook, codings, group size, exact weights, side bytes (fp16 scales, exact weights),
+    bytes in the file (codebook + mask + codes + side), fp32 bytes and the entropy lower bound in bytes."""
     rows = []
     for entry in header["layers"]:
         numel = _numel(entry["shape"])
         components = len(entry["windows"])
         itemsize = np.dtype(DTYPES[entry["codebook_dtype"]][1]).itemsize
+        group_size, exact = entry.get("group_size", 0), entry.get("exact", 0)
+        side = (2 * math.prod(_groups(tuple(entry["shape"]), group_size)) if group_size else 0) + 6 * exact
         rows.append({
             "name": entry["name"], "shape": entry["shape"], "numel": numel, "nnz": entry["nnz"],
-            "density": entry["nnz"] / numel if numel else 0.0, "bits": coding.code_width(components),
+            "density": (entry["nnz"] + exact) / numel if numel else 0.0, "bits": coding.code_width(components),
             "components": components, "windows": len(set(entry["windows"])), "codebook_dtype": entry["codebook_dtype"],
             "mask_coding": entry["mask"]["coding"], "codes_coding": entry["codes"]["coding"],
-            "bytes": components * itemsize + entry["mask"]["bytes"] + entry["codes"]["bytes"],
+            "group_size": group_size, "exact": exact, "side_bytes": side,
+            "bytes": components * itemsize + entry["mask"]["bytes"] + entry["codes"]["bytes"] + side,
             "bytes_fp32": 4 * numel, "bound_bytes": entry["bound_bits"] / 8,
         })
     return rows

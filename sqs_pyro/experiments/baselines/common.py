@@ -73,22 +73,24 @@ class BaselineResult:
         return baseline_accounting(self.network)
 
 
-def side_bytes(layer: CompressedLayer) -> int:
-    """Bytes a layer stores beyond mask, codes and codebook (e.g. per-channel scales)."""
+def row_scale_bytes(layer: CompressedLayer) -> int:
+    """Bytes of a uniform-quantisation layer's fp32 per-channel scales (0 for other layers)."""
     scale = getattr(layer, "row_scale", None)
     return 4 * scale.numel() if scale is not None else 0
 
 
 def baseline_accounting(network: CompressedNetwork) -> dict[str, Any]:
-    """:func:`sqs_pyro.compressed.accounting.accounting` plus every layer's side information, in bytes."""
+    """:func:`sqs_pyro.compressed.accounting.accounting` plus the per-channel scales of the
+    uniform baseline's layers, in bytes."""
     acc = accounting(network)
     extra = 0
     for entry, layer in zip(acc["layers"], network.layers):
-        entry["side_bytes"] = side_bytes(layer)
-        entry["bytes_packed"] += entry["side_bytes"]
-        extra += entry["side_bytes"]
+        scales = row_scale_bytes(layer)
+        entry["side_bytes"] += scales
+        entry["bytes_packed"] += scales
+        extra += scales
     acc["bytes_packed"] += extra
-    acc["side_bytes"] = extra
+    acc["side_bytes"] += extra
     return acc
 
 

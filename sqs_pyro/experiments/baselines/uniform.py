@@ -21,7 +21,7 @@ model of this baseline.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -41,7 +41,7 @@ METHOD = "magnitude_uniform"
 class ChannelScaledLayer(CompressedLayer):
     """A compressed layer whose weight is ``codebook[codes] * row_scale[row]`` where kept."""
 
-    row_scale: torch.Tensor  # (shape[0],) float
+    row_scale: torch.Tensor = field(kw_only=True)  # (shape[0],) float
 
     def weight(self) -> torch.Tensor:
         scale = self.row_scale.reshape(-1, *([1] * (len(self.shape) - 1)))
@@ -106,7 +106,7 @@ class UniformCompressor(MagnitudePruner):
             mask = self.mask[name].clone()
             codes = torch.where(mask, quantize_codes(w, self.scales[name], k), 0)
             out.append(ChannelScaledLayer(name, tuple(w.shape), mask, codes, uniform_grid(k, w.dtype),
-                                          torch.zeros(k, dtype=torch.long), self.scales[name].clone()))
+                                          torch.zeros(k, dtype=torch.long), row_scale=self.scales[name].clone()))
         return out
 
 

@@ -1,0 +1,81 @@
+r"""One-shot (no training) dense-and-sparse, group-scaled codebook quantisation of a weight tensor.
+
+For a weight viewed as ``R`` rows of ``C`` values:
+
+1. **exact weights**: the ``n`` largest scores (default ``|w|``; e.g. Wanda's ``|w| ||x||``)
+   are kept exactly (fp16, a position and a value each): the "super weights" that a shared
+   level would destroy;
+2. **group scales**: ``sigma_{r,g} = max |w|`` over the other weights of group ``g`` (``G``
+   consecutive weights of row ``r``), rounded to fp16;
+3. **codebook on the normalised values** ``u = w / sigma`` in ``[-1, 1]``: K levels by 1-D
+   k-means (:func:`~sqs_pyro.guides.kmeans.kmeans_1d`: exact on up to ``max_points`` bins,
+   then Lloyd polishing), each weight coded by its nearest level.
+
+The result is a :class:`~sqs_pyro.compressed.materialize.CompressedLayer` with
+``w = sigma mu_a`` (no pruning), whose scales and exact weights the ``.sqs`` file stores and
+the accounting counts. It is also what the SQS guide starts from when group scales are used:
+the spike-and-GMM posterior lives on ``u``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from sqs_pyro.compressed.materialize import CompressedLayer, CompressedNetwork, uncompressed_state
+from sqs_pyro.guides.kmeans import kmeans_1d
+from sqs_pyro.models.selection import CompressedSite
+
+
+def group_absmax(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``max |w|`` per group of ``group_size`` consecutive weights of each row, as float16
+    (shape ``(R, ceil(C / G))``; all-zero groups get the smallest normal fp16 value)."""
+    rows = weight.shape[0] if weight.dim() else 1
+    flat = weight.detach().reshape(rows, -1).abs().float()
+    cols = flat.shape[1]
+    groups = math.ceil(cols / group_size)
+    padded = torch.nn.functional.pad(flat, (0, groups * group_size - cols))
+    scale = padded.reshape(rows, groups, group_size).amax(-1)
+    return scale.clamp_min(torch.finfo(torch.float16).tiny).to(torch.float16)
+
+
+@torch.no_grad()
+def quantize_layer(name: str, weight: torch.Tensor, components: int, group_size: int, exact: int = 0,
+                   scores: torch.Tensor | None = None) -> CompressedLayer:
+    """The dense-and-sparse group-scaled layer of ``weight`` (see the module docstring);
+    ``group_size = 0`` gives one codebook over the raw weights (no scales)."""
+    w = weight.detach().float().cpu()
+    flat = w.reshape(-1)
+    exact = min(exact, flat.numel() - 1)
+    index = values = None
+    mask = torch.ones(flat.numel(), dtype=torch.bool)
+    if exact > 0:
+        s = (flat.abs() if scores is None else scores.detach().float().cpu().reshape(-1))
+        index = torch.sort(torch.topk(s, exact).indices).values
+        values = flat[index].to(torch.float16)
+        mask[index] = False
+    rest = torch.where(mask, flat, torch.zeros(())).reshape(w.shape)
+    layer = CompressedLayer(name, tuple(w.shape), mask.reshape(w.shape), torch.zeros(w.shape, dtype=torch.long),
+                            torch.zeros(components), torch.zeros(components, dtype=torch.long), group_size,
+                            group_absmax(rest, group_size) if group_size else None, index, values)
+    u = (rest / layer.group_scale()).reshape(-1)[mask]
+    centres = np.sort(kmeans_1d(u.double().numpy(), components))
+    codebook = torch.as_tensor(np.concatenate([centres, np.repeat(centres[-1:], components - centres.size)]),
+                               dtype=torch.float32)
+    codes = torch.zeros(flat.numel(), dtype=torch.long)
+    codes[mask] = torch.bucketize(u, (codebook[1:] + codebook[:-1]) / 2)  # nearest level of sorted levels
+    layer.codes, layer.codebook = codes.reshape(w.shape), codebook.to(weight.dtype)
+    return layer
+
+
+@torch.no_grad()
+def quantize_network(net: nn.Module, sites: list[CompressedSite], components: int, group_size: int,
+                     exact: int = 0, scores: dict[str, torch.Tensor] | None = None) -> CompressedNetwork:
+    """:func:`quantize_layer` for every selected weight of ``net``; the other tensors as they are
+    (a tied tensor stays one tensor)."""
+    layers = [quantize_layer(s.name, net.get_parameter(s.name), components, group_size, exact,
+                             (scores or {}).get(s.name)) for s in sites]
+    config = {"method": "oneshot", "components": components, "group_size": group_size, "exact": exact}
+    return CompressedNetwork(layers, uncompressed_state(net, {s.name for s in sites}), config)
