@@ -20,6 +20,14 @@ def _offline() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def _is_package(name: str) -> bool:
+    """Whether ``name`` is an installed package (names that are not module names are not)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None:
@@ -57,7 +65,7 @@ def resolve_model_path(path: str | os.PathLike) -> tuple[Path, str | None]:
     """``(folder, gguf_file)`` of a model given as a transformers folder (with ``config.json``),
     a folder holding exactly one ``.gguf`` file, a ``.gguf`` file, or an installed package name."""
     p = Path(path)
-    if not p.exists() and importlib.util.find_spec(str(path).replace("-", "_")) is not None:
+    if not p.exists() and _is_package(str(path).replace("-", "_")):
         p = _package_dir(str(path).replace("-", "_"))
     if p.is_file() and p.suffix == ".gguf":
         return p.parent, p.name
