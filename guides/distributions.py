@@ -10,8 +10,11 @@ r"""The mean-field spike-and-GMM variational distribution of one weight tensor.
   components of ``x_j``'s window; computed in log space.
 * ``rsample`` draws ``z_j ~ RelaxedBernoulli(g_j, t_g)`` and ``a_j ~ RelaxedOneHot(phi_j, t_a)``,
   both straight-through (hard 0/1 values forward, relaxed gradients backward), and returns
-  ``w_j = z_j * (mu_{a_j} + s_{a_j} eps_j)``. In ``"expected"`` mode it returns the
-  deterministic ``g_j * sum_k phi_jk mu_k`` (the SQS authors' forward pass).
+  ``w_j = z_j * (mu_{a_j} + s_{a_j} eps_j)``: an exact draw from ``q`` (``mode="sample"``).
+  In ``"hard"`` mode the gate is drawn the same way but the assignment is the mode
+  ``argmax_k phi_jk`` with a straight-through gradient to ``x_j``; in ``"expected"`` mode it
+  returns the deterministic ``g_j * sum_k phi_jk mu_k`` (the SQS authors' forward pass). Both
+  make the data term a surrogate, not an ELBO term.
 
 Densities are with respect to ``delta_0 + Lebesgue`` (as for the prior).
 """
@@ -207,11 +210,21 @@ class SpikeGMM(TorchDistribution):
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)
+        if self.sampling == "hard":
+            return self._hard_rsample(shape)
         if self.fused:
             return self._fused_rsample(shape)
         if self.sampling == "expected":
             return self.mean.expand(shape)
         return self._sample_gate(shape) * self._sample_value(shape)
+
+    def _hard_rsample(self, shape: torch.Size) -> torch.Tensor:
+        """``z_j (mu_{k_j} + x_j - stop_grad(x_j))`` with ``k_j = argmax_k phi_jk``: the greedy level
+        forward (the posterior mode of the assignment), a straight-through (identity) gradient to the
+        latent weight ``x_j``, each level ``mu_k`` the summed gradient of its weights; the gate
+        ``z_j`` a straight-through relaxed Bernoulli draw (or the fixed mask)."""
+        value = self.locs[self.most_probable_level()] + (self.latent - self.latent.detach())
+        return (self._sample_gate(shape) * value).expand(shape)
 
     def _fused_rsample(self, shape: torch.Size) -> torch.Tensor:
         """:meth:`rsample` in one kernel pass; for a single draw with ``kl_prior`` set, also the KL bound

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 from sqs_pyro.errors import SQSInputError
 
 WINDOW_MODES = ("none", "equal", "outlier")
-SAMPLING_MODES = ("sample", "expected")
+SAMPLING_MODES = ("sample", "expected", "hard")
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,10 @@ GRID = {
 def _tiny_workload() -> Workload:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(160, 10, generator=g)
+    x = torch.randn(192, 10, generator=g)
     y = (x @ torch.randn(10, 3, generator=g)).argmax(-1)
     net = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
-    return Workload("tiny", net, (x[:128], y[:128]), (x[128:], y[128:]))
+    return Workload("tiny", net, (x[:128], y[:128]), (x[128:160], y[128:160]), (x[160:], y[160:]))
 
 
 def test_grid_expansion_counts_overrides_and_keys(tmp_path):
@@ -147,6 +147,7 @@ def test_execute_run_measures_every_field(tmp_path, method):
     assert 0 <= record["accuracy_greedy"] <= 1 and record["train_seconds"] > 0
     assert [l["name"] for l in record["layers"]] == ["0.weight", "2.weight"]
     assert 0 <= record["ece_greedy"] <= 1 and record["nll_greedy"] > 0 and 0 <= record["brier_greedy"] <= 2
+    assert 0 <= record["accuracy_val_greedy"] <= 1  # the validation split is measured beside the test set
     if method == "sqs":
         assert record["num_averaged"] == 2 and 0 <= record["accuracy_averaged"] <= 1
         assert record["averaged_bytes_est"] == record["bytes_fp32"] + n // 8

@@ -33,8 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=float, help="training epochs (default 3)")
     p.add_argument("--batch-size", type=int,
                    help="minibatch size (default 256); with --distributed the global batch, split over the ranks")
-    p.add_argument("--mode", choices=("sample", "expected"),
-                   help="sample: reparameterised ELBO (default); expected: the authors' deterministic forward")
+    p.add_argument("--mode", choices=("sample", "expected", "hard"),
+                   help="sample: exact draws from q (the ELBO); hard: sampled gates, the most probable level, "
+                        "straight-through to the latent weights; expected: the authors' deterministic forward")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--num-averaged", type=int, help="members M of the averaged predictor (default 10)")
     p.add_argument("--adaptive-bits", action="store_const", const=True,

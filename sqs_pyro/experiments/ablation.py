@@ -249,11 +249,14 @@ def execute_run(spec: RunSpec, workload: Workload) -> dict[str, Any]:
     train_seconds = time.perf_counter() - started
     compressed = result.compressed()
     t0 = time.perf_counter()
-    x_test, y_test = workload.test
-    greedy = calibration(predictive_probs(result.greedy_module(), x_test, batch_size=256), y_test)
     members = spec.config.num_averaged
-    averaged = (calibration(predictive_probs(result.averaged_module(members), x_test, 256, "probs"), y_test)
-                if spec.method.kind == SQS else None)
+    predictors = {"greedy": (result.greedy_module(), "logits")}
+    if spec.method.kind == SQS:
+        predictors["averaged"] = (result.averaged_module(members), "probs")
+    metrics = {(name, split): calibration(predictive_probs(module, data[0], 256, outputs), data[1])
+               for name, (module, outputs) in predictors.items()
+               for split, data in (("val", workload.val), ("test", workload.test))}
+    greedy, averaged = metrics[("greedy", "test")], metrics.get(("averaged", "test"))
     eval_seconds = time.perf_counter() - t0
     acc = baseline_accounting(compressed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -262,6 +265,8 @@ def execute_run(spec: RunSpec, workload: Workload) -> dict[str, Any]:
         code_bytes = sum(layer["codes"]["bytes"] for layer in read_header(path)["layers"])
     record: dict[str, Any] = {
         "accuracy_greedy": greedy["accuracy"], "accuracy_averaged": averaged["accuracy"] if averaged else None,
+        "accuracy_val_greedy": metrics[("greedy", "val")]["accuracy"],
+        "accuracy_val_averaged": metrics[("averaged", "val")]["accuracy"] if averaged else None,
         **{f"{m}_greedy": greedy[m] for m in ("nll", "brier", "ece")},
         **{f"{m}_averaged": averaged[m] if averaged else None for m in ("nll", "brier", "ece")},
         "num_averaged": members if averaged else None,
@@ -339,16 +344,17 @@ def run_grid(grid: Grid, execute: Callable[[RunSpec, Workload], dict[str, Any]] 
 # ------------------------------------------------------------------ summaries
 
 
-def variants(record: Mapping[str, Any]) -> Iterable[tuple[str, float, float]]:
-    """``(label, accuracy, real ratio)`` rows of one record: SQS runs give a greedy row (the
-    headline network, its file) and a posterior-predictive row (ratio: the fp32 model plus a mask
-    bit per weight, as it needs the variational parameters, not a file)."""
+def variants(record: Mapping[str, Any]) -> Iterable[tuple[str, float, float, float | None]]:
+    """``(label, test accuracy, real ratio, validation accuracy)`` rows of one record: SQS runs give
+    a greedy row (the headline network, its file) and a posterior-predictive row (ratio: the fp32
+    model plus a mask bit per weight, as it needs the variational parameters, not a file)."""
     if record["kind"] == SQS:
-        yield f"{record['method']} greedy", record["accuracy_greedy"], record["file_ratio"]
+        yield (f"{record['method']} greedy", record["accuracy_greedy"], record["file_ratio"],
+               record.get("accuracy_val_greedy"))
         yield (f"{record['method']} averaged M={record['num_averaged']}", record["accuracy_averaged"],
-               record["averaged_ratio_est"])
+               record["averaged_ratio_est"], record.get("accuracy_val_averaged"))
     else:
-        yield record["method"], record["accuracy_greedy"], record["file_ratio"]
+        yield record["method"], record["accuracy_greedy"], record["file_ratio"], record.get("accuracy_val_greedy")
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -357,34 +363,38 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Rows per (workload, method variant, target sparsity, K): means and spreads over seeds."""
-    groups: dict[tuple, list[tuple[Mapping[str, Any], float, float]]] = {}
+    groups: dict[tuple, list[tuple[Mapping[str, Any], float, float, float | None]]] = {}
     for r in records:
-        for label, acc, ratio in variants(r):
-            groups.setdefault((r["workload"], label, r["sparsity_target"], r["components"]), []).append((r, acc, ratio))
+        for label, acc, ratio, val in variants(r):
+            groups.setdefault((r["workload"], label, r["sparsity_target"], r["components"]), []).append(
+                (r, acc, ratio, val))
     rows = []
     for (workload, label, target, k), items in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3], kv[0][1])):
-        accs = [a for _, a, _ in items]
-        acc_mean, acc_sd = _mean_sd(accs)
+        acc_mean, acc_sd = _mean_sd([a for _, a, _, _ in items])
+        vals = [v for *_, v in items if v is not None]
         rows.append({
             "workload": workload, "method": label, "sparsity_target": target, "components": k,
-            "seeds": sorted(r["seed"] for r, _, _ in items),
-            "sparsity": statistics.fmean(r["sparsity"] for r, _, _ in items),
-            "cr_formula": statistics.fmean(r["cr_formula"] for r, _, _ in items),
-            "real_ratio": statistics.fmean(q for _, _, q in items),
+            "seeds": sorted(r["seed"] for r, *_ in items),
+            "sparsity": statistics.fmean(r["sparsity"] for r, *_ in items),
+            "cr_formula": statistics.fmean(r["cr_formula"] for r, *_ in items),
+            "real_ratio": statistics.fmean(q for _, _, q, _ in items),
             "accuracy_mean": acc_mean, "accuracy_sd": acc_sd,
+            "accuracy_val_mean": statistics.fmean(vals) if vals else None,
             "accuracy_dense": items[0][0]["accuracy_dense"],
-            "wall_seconds": statistics.fmean(r["wall_seconds"] for r, _, _ in items),
+            "wall_seconds": statistics.fmean(r["wall_seconds"] for r, *_ in items),
         })
     return rows
 
 
 def format_table(rows: Iterable[Mapping[str, Any]]) -> str:
     """A Markdown table of :func:`summarize` rows."""
-    lines = ["| workload | method | target s | achieved s | K | CR formula | real file ratio | accuracy (mean ± sd, n) | wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| workload | method | target s | achieved s | K | CR formula | real file ratio | val accuracy | "
+             "test accuracy (mean ± sd, n) | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        val = f"{r['accuracy_val_mean']:.4f}" if r.get("accuracy_val_mean") is not None else "-"
         lines.append(f"| {r['workload']} | {r['method']} | {r['sparsity_target']:g} | {r['sparsity']:.4f} | "
-                     f"{r['components']} | {r['cr_formula']:.1f}x | {r['real_ratio']:.1f}x | "
+                     f"{r['components']} | {r['cr_formula']:.1f}x | {r['real_ratio']:.1f}x | {val} | "
                      f"{r['accuracy_mean']:.4f} ± {r['accuracy_sd']:.4f} ({len(r['seeds'])}) | {r['wall_seconds']:.0f} |")
     return "\n".join(lines)
 

@@ -59,11 +59,13 @@ class LeNet5(nn.Module):
 
 @dataclass(frozen=True)
 class Workload:
-    """A trained network, its training data and its test data."""
+    """A trained network, its training data, a validation split carved out of the training data
+    (for choosing settings) and its test data (for reporting only)."""
 
     name: str
     net: nn.Module
     train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
     test: tuple[torch.Tensor, torch.Tensor]
 
 
@@ -109,11 +111,13 @@ def reference_net(name: str, cache_dir: str | os.PathLike, epochs: int = 4, seed
 def load_workload(name: str, cache_dir: str | os.PathLike, train_limit: int | None = None,
                   test_limit: int | None = None, reference_epochs: int = 4, seed: int = 0,
                   data_dir: str | os.PathLike | None = None) -> Workload:
-    """Workload ``name`` with the first ``train_limit`` training and ``test_limit`` test examples."""
+    """Workload ``name`` with the first ``train_limit`` training and ``test_limit`` validation and test
+    examples (MNIST: the pickle's 10k validation images, split off its 60k training images)."""
     if name == "minilm_reviews":
         return _minilm_reviews(cache_dir, data_dir, train_limit, test_limit, reference_epochs, seed)
     net = reference_net(name, cache_dir, reference_epochs, seed)
-    return Workload(name, net, load_mnist("train", train_limit), load_mnist("test", test_limit))
+    return Workload(name, net, load_mnist("train", train_limit), load_mnist("val", test_limit),
+                    load_mnist("test", test_limit))
 
 
 def _minilm_reviews(cache_dir, data_dir, train_limit: int | None, test_limit: int | None, epochs: int,
@@ -126,7 +130,9 @@ def _minilm_reviews(cache_dir, data_dir, train_limit: int | None, test_limit: in
     tokenizer, encoder = load_minilm()
     x = encode_sentences(tokenizer, [sentences[i] for i in order], max_length=48)
     y = labels[order]
-    train = (x[:-REVIEWS_TEST][:train_limit], y[:-REVIEWS_TEST][:train_limit])
+    held = slice(-2 * REVIEWS_TEST, -REVIEWS_TEST)  # validation: the 2,000 sentences before the test set
+    train = (x[:-2 * REVIEWS_TEST][:train_limit], y[:-2 * REVIEWS_TEST][:train_limit])
+    val = (x[held][:test_limit], y[held][:test_limit])
     test = (x[-REVIEWS_TEST:][:test_limit], y[-REVIEWS_TEST:][:test_limit])
     torch.manual_seed(seed)
     net = SentenceClassifier(encoder, 2)
@@ -136,7 +142,7 @@ def _minilm_reviews(cache_dir, data_dir, train_limit: int | None, test_limit: in
     else:
         fine_tune(net, *train, epochs, 32, 5e-5, seed, nn.functional.cross_entropy)
         _atomic_save(net.state_dict(), path)
-    return Workload("minilm_reviews", net.eval(), train, test)
+    return Workload("minilm_reviews", net.eval(), train, val, test)
 
 
 def dense_accuracy(workload: Workload) -> float:

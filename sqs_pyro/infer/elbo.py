@@ -63,9 +63,11 @@ def log_record(guide: SpikeGMMGuide, step: int, phase: str, loss: float, kl: flo
     """Data term and KL term of the objective (both at the parameters the loss was computed at), per example.
 
     ``loss = -(data term - beta KL)``. ``objective = -loss / N`` is what SVI maximises: an ELBO
-    (beta-weighted during KL warm-up) when the forward pass samples ``W ~ q``, and a surrogate
-    ``log p(D | E_q W) - beta KL`` (no bound) in ``mode="expected"`` (``objective_kind``). The
-    ELBO itself, ``(data term - KL) / N``, is logged as ``elbo`` for sampled runs only.
+    (beta-weighted during KL warm-up) when the forward pass samples ``W ~ q``
+    (``mode="sample"``), and a surrogate without a bound otherwise (``objective_kind``):
+    ``log p(D | E_q W) - beta KL`` in ``mode="expected"``, ``E_z log p(D | z * mu_argmax) -
+    beta KL`` in ``mode="hard"``. The ELBO itself, ``(data term - KL) / N``, is logged as
+    ``elbo`` for sampled runs only.
     """
     data_term = -loss + beta * kl
     sampled = guide.mode == "sample"
