@@ -1,10 +1,12 @@
 """``sqs-pyro export FILE --hf OUT_DIR``: a plain transformers folder that loads without sqs-pyro
 and gives the outputs of ``load_transformers(FILE)``; ``--force``; bad input refused up front."""
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,18 +21,11 @@ from sqs_pyro.models import transformer_include
 
 transformers = pytest.importorskip("transformers", reason="transformers not installed")
 safetensors_torch = pytest.importorskip("safetensors.torch", reason="safetensors not installed")
-WORDS = [f"w{i}" for i in range(30)]
+_spec = importlib.util.spec_from_file_location("tiny_tokenizer", Path(__file__).with_name("tiny_tokenizer.py"))
+tiny_tokenizer = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tiny_tokenizer)
+WORDS, _tokenizer = tiny_tokenizer.WORDS, tiny_tokenizer.word_tokenizer
 SENTENCE = "w1 w2 w3 w4 w5 w6 w7 w8 w9"
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"[UNK]": 0, "[PAD]": 1, "[CLS]": 2, "[SEP]": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                                cls_token="[CLS]", sep_token="[SEP]")
 
 
 def _hf_config(family: str) -> SQSConfig:

@@ -1,7 +1,9 @@
 """``sqs-pyro compress --hf``: tiny transformers folders (model + tokenizer) end to end, and
 the pieces behind it (model paths, data files, quantile bins)."""
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,17 +15,10 @@ from sqs_pyro.data.text import labelled_sentences
 from sqs_pyro.hf import load_transformers, perplexity, resolve_model_path, text_windows
 
 transformers = pytest.importorskip("transformers", reason="transformers not installed")
-WORDS = [f"w{i}" for i in range(30)]
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"[UNK]": 0, "[PAD]": 1, "[CLS]": 2, "[SEP]": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                                cls_token="[CLS]", sep_token="[SEP]")
+_spec = importlib.util.spec_from_file_location("tiny_tokenizer", Path(__file__).with_name("tiny_tokenizer.py"))
+tiny_tokenizer = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tiny_tokenizer)
+WORDS, _tokenizer = tiny_tokenizer.WORDS, tiny_tokenizer.word_tokenizer
 
 
 def _llama_folder(path):

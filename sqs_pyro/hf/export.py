@@ -3,14 +3,13 @@
 for generative models, optionally the tokenizer) that ``transformers`` loads without sqs-pyro."""
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from sqs_pyro.errors import SQSInputError
-from sqs_pyro.format.atomic import FILE_MODE
+from sqs_pyro.format.atomic import FILE_MODE, fsync_folder
 from sqs_pyro.format.container import read_header
 from sqs_pyro.hf.loading import load_transformers, resolve_model_path
 
@@ -107,9 +106,4 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
         raise
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
-    with contextlib.suppress(OSError):  # folders cannot be opened for fsync on every platform
-        dir_fd = os.open(out_dir.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    fsync_folder(out_dir.parent)
