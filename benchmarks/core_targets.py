@@ -1,10 +1,14 @@
-"""Issue-2 targets on the pretrained ccexam MNIST CNN: accuracy drop at 75%/K=16 and 95%/K=4.
+"""Core targets on the pretrained ccexam MNIST CNN (issue 13): 75%/K=16 >= 0.9895,
+95%/K=4 >= 0.9855 and 98%/K=4 >= 0.970, greedy network, default budget (3 epochs).
 
-    python benchmarks/core_targets.py                 # both settings, README numbers
+    python benchmarks/core_targets.py                 # the three settings, README numbers
     python benchmarks/core_targets.py --epochs 1 --train-limit 5000   # quicker look
 
-Prints one table (dense / greedy / averaged test accuracy, achieved sparsity, bits, CR
-formula, packed-bytes ratio, wall time) and writes benchmarks/results/core_targets.json.
+The headline is the greedy network (fixed before testing); the averaged predictor and the
+validation accuracy (10k validation images split off the training set, which chose the
+defaults) are reported beside it. Prints one table (dense / greedy / averaged accuracy,
+achieved sparsity, bits, CR formula, packed-bytes ratio, wall time) and writes
+benchmarks/results/core_targets.json.
 """
 import argparse
 import json
@@ -17,9 +21,10 @@ from sqs_pyro import SQSConfig
 from sqs_pyro.data import accuracy, load_mnist, load_mnist_cnn
 from sqs_pyro.infer import compress
 
-SETTINGS = [  # (sparsity, K, allowed accuracy drop in points)
-    (0.75, 16, 0.1),
-    (0.95, 4, 0.5),
+SETTINGS = [  # (sparsity, K, greedy test accuracy target)
+    (0.75, 16, 0.9895),
+    (0.95, 4, 0.9855),
+    (0.98, 4, 0.970),
 ]
 
 
@@ -36,30 +41,31 @@ def main() -> None:
     net = load_mnist_cnn()
     x, y = load_mnist("train", args.train_limit)
     x_test, y_test = load_mnist("test")
+    x_val, y_val = load_mnist("val")
     dense = accuracy(net, x_test, y_test)
     rows = []
-    for sparsity, k, allowed in SETTINGS:
+    for sparsity, k, target in SETTINGS:
         config = SQSConfig(sparsity=sparsity, components=k, epochs=args.epochs, batch_size=args.batch_size,
                            seed=args.seed)
         start = time.perf_counter()
         result = compress(net, (x, y), config, progress=False)
+        seconds = time.perf_counter() - start
         greedy = accuracy(result.greedy_module(), x_test, y_test)
         averaged = accuracy(result.averaged_module(), x_test, y_test)
         acc = result.accounting()
-        best = max(greedy, averaged)
         rows.append({"sparsity_target": sparsity, "K": k, "accuracy_dense": dense, "accuracy_greedy": greedy,
-                     "accuracy_averaged": averaged, "drop_points": 100 * (dense - best),
-                     "allowed_drop_points": allowed, "met": 100 * (dense - best) <= allowed,
+                     "accuracy_averaged": averaged, "accuracy_val_greedy": accuracy(result.greedy_module(), x_val, y_val),
+                     "drop_points": 100 * (dense - greedy), "target": target, "met": greedy >= target,
                      "sparsity": acc["sparsity"], "bits": acc["bits"], "cr_formula": acc["cr_formula"],
                      "packed_ratio": acc["bytes_fp32"] / acc["bytes_packed"],
-                     "seconds": time.perf_counter() - start, "epochs": args.epochs,
+                     "seconds": seconds, "epochs": args.epochs, "mode": config.mode,
                      "train_examples": len(x)})
     print(f"dense test accuracy {dense:.4f}")
-    print("target     K  sparsity  bits  CR-formula  packed  greedy  averaged  drop(pt)  met  seconds")
+    print("s     K  sparsity  bits  CR-formula  packed  val greedy  greedy  averaged  target  met  train s")
     for r in rows:
-        print(f"{r['sparsity_target']:.2f}  {r['K']:4d}  {r['sparsity']:8.4f}  {r['bits']:4d}  {r['cr_formula']:9.1f}x"
-              f"  {r['packed_ratio']:5.1f}x  {r['accuracy_greedy']:.4f}  {r['accuracy_averaged']:.4f}"
-              f"  {r['drop_points']:8.2f}  {'yes' if r['met'] else 'NO':>3}  {r['seconds']:7.0f}")
+        print(f"{r['sparsity_target']:.2f}  {r['K']:2d}  {r['sparsity']:8.4f}  {r['bits']:4d}  {r['cr_formula']:9.1f}x"
+              f"  {r['packed_ratio']:5.1f}x  {r['accuracy_val_greedy']:10.4f}  {r['accuracy_greedy']:.4f}"
+              f"  {r['accuracy_averaged']:.4f}    {r['target']:.4f}  {'yes' if r['met'] else 'NO':>3}  {r['seconds']:7.0f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2))
 

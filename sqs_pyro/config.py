@@ -58,7 +58,7 @@ class SQSConfig:
     slab_scales: tuple[float, ...] = (3.0,)
     kl_weight: float = 1.0
     kl_warmup_fraction: float = 0.2
-    mode: str = "sample"
+    mode: str = "hard"
     responsibility_temperature: float = 1.0
     gate_temperature: tuple[float, float] = (1.0, 0.05)
     assign_temperature: tuple[float, float] = (1.0, 0.05)
@@ -71,7 +71,7 @@ class SQSConfig:
     batch_size: int = 128
     warmup_fraction: float = 0.1
     prune_fraction: float = 0.3
-    lr_weights: float = 1e-3
+    lr_weights: float = 1e-2
     lr_codebook: float = 1e-3
     lr_gates: float = 1e-2
     lr_dense: float = 1e-3

@@ -21,7 +21,7 @@ def result():
     x = torch.randn(256, 8)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
     return compress(net, (x, y), SQSConfig(components=4, sparsity=0.5, epochs=2, batch_size=32, windows="outlier",
-                                           log_every=3), progress=False)
+                                           log_every=3, mode="sample"), progress=False)
 
 
 @pytest.fixture(scope="module")

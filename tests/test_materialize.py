@@ -92,6 +92,14 @@ def test_accounting_matches_hand_counts():
     assert acc["layers"][0]["entropy_bound_bytes"] == bound
 
 
+@pytest.mark.parametrize("mode", ["hard", "sample"])
+def test_objective_is_called_an_elbo_only_for_exact_draws(mode):
+    result, _ = run(mode=mode)
+    record = [h for h in result.history if "objective" in h][-1]
+    assert record["objective_kind"] == ("elbo" if mode == "sample" else "surrogate")
+    assert ("elbo" in record) == (mode == "sample")
+
+
 def test_expected_mode_and_windows_run_and_report_measured_sparsity():
     result, _ = run(mode="expected", windows="equal", equal_windows=2)
     acc = result.accounting()

@@ -64,3 +64,18 @@ def test_a_sampler_that_ignores_phi_fails_the_frequency_check():
     codes = torch.randint(0, K, (S, N), generator=torch.Generator().manual_seed(5))
     freq = torch.stack([(codes == k).double().mean(0) for k in range(K)], -1)
     assert not within(freq, q.phi.double(), S)
+
+
+def test_hard_mode_forward_is_the_greedy_level_with_a_straight_through_gradient():
+    mask = (torch.arange(N) % 2 == 0).float()
+    q = layer_q(gate_fixed=mask, mode="hard")
+    q.latent.requires_grad_(True)
+    q.locs.requires_grad_(True)
+    w = q.rsample()
+    level = q.log_phi.argmax(-1)
+    torch.testing.assert_close(w.detach(), mask * q.locs.detach()[level])  # the greedy network's weights
+    upstream = torch.randn(N, generator=torch.Generator().manual_seed(6))
+    d_latent, d_locs = torch.autograd.grad((w * upstream).sum(), [q.latent, q.locs])
+    torch.testing.assert_close(d_latent, mask * upstream)  # identity through the kept weights
+    expected = torch.zeros(K).index_add_(0, level, mask * upstream)  # each level: its weights' gradients
+    torch.testing.assert_close(d_locs, expected)

@@ -53,6 +53,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "sqs_noprior": (SQS, {"kl_weight": 0.0}),
     "sqs_equal": (SQS, {"windows": "equal"}),
     "sqs_nowindows": (SQS, {"windows": "none"}),
+    "sqs_sampled": (SQS, {"mode": "sample", "lr_weights": 1e-3}),  # the exact-ELBO forward, its own tuned rate
     **{kind: (kind, {}) for kind in BASELINE_KINDS},
 }
 GRID_KEYS = {"output", "cache_dir", "workloads", "methods", "sparsity", "components", "seeds", "config",
@@ -404,6 +405,8 @@ EFFECTS = (  # (name, method A, accuracy field of A, method B, accuracy field of
     ("outlier-aware vs equal-count windows (greedy)", "sqs", "accuracy_greedy", "sqs_equal", "accuracy_greedy"),
     ("outlier-aware vs no windows (greedy)", "sqs", "accuracy_greedy", "sqs_nowindows", "accuracy_greedy"),
     ("spike-and-slab prior vs no prior KL (greedy)", "sqs", "accuracy_greedy", "sqs_noprior", "accuracy_greedy"),
+    ("hard straight-through vs sampled assignment (greedy)", "sqs", "accuracy_greedy", "sqs_sampled",
+     "accuracy_greedy"),
 )
 
 
