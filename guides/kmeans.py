@@ -9,6 +9,7 @@ full data polish the centres. No randomness is involved.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 def _segment_dp(counts: np.ndarray, sums: np.ndarray, sqsums: np.ndarray, k: int) -> np.ndarray:
@@ -87,3 +88,13 @@ def gmm_from_centres(values: np.ndarray, centres: np.ndarray, keep_extremes: boo
     floor = valid.min() if valid.size else max((x[-1] - x[0]) * 1e-3, 1e-6)
     scales = np.where(np.isfinite(scales) & (scales > 0), scales, floor)
     return locs, weights, scales
+
+
+def kmeans_codebook(values: torch.Tensor, components: int) -> torch.Tensor:
+    """Exact 1-D k-means centres of ``values``, sorted; with fewer distinct values than
+    ``components`` the largest centre is repeated (unused levels), and all zeros if empty."""
+    if values.numel() == 0:
+        return values.new_zeros(components)
+    centres = torch.as_tensor(kmeans_1d(values.detach().cpu().double().numpy(), components),
+                              dtype=values.dtype, device=values.device)
+    return torch.cat([centres, centres[-1:].expand(components - centres.numel())])

@@ -8,7 +8,8 @@ from torch import nn
 from sqs_pyro.experiments.baselines import (BASELINES, ChannelScaledLayer, baseline_accounting, compress_dgms,
                                 compress_magnitude_kmeans, compress_magnitude_uniform, file_network,
                                 magnitude_masks)
-from sqs_pyro.experiments.baselines.deep_compression import kmeans_codebook, nearest_codes
+from sqs_pyro.experiments.baselines.deep_compression import nearest_codes
+from sqs_pyro.guides.kmeans import kmeans_codebook
 from sqs_pyro.experiments.baselines.dgms import GMMLayer, init_mixture
 from sqs_pyro.experiments.baselines.uniform import dequantize, quantize_codes, row_scales, uniform_grid
 from sqs_pyro.config import SQSConfig

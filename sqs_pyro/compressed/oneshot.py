@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import nn
 
 from sqs_pyro.compressed.materialize import CompressedLayer, CompressedNetwork, uncompressed_state
-from sqs_pyro.guides.kmeans import kmeans_1d
+from sqs_pyro.guides.kmeans import kmeans_codebook
 from sqs_pyro.models.selection import CompressedSite
 
 
@@ -61,9 +60,7 @@ def quantize_layer(name: str, weight: torch.Tensor, components: int, group_size:
                             torch.zeros(components), torch.zeros(components, dtype=torch.long), group_size,
                             group_absmax(rest, group_size) if group_size else None, index, values)
     u = (rest / layer.group_scale()).reshape(-1)[mask]
-    centres = np.sort(kmeans_1d(u.double().numpy(), components))
-    codebook = torch.as_tensor(np.concatenate([centres, np.repeat(centres[-1:], components - centres.size)]),
-                               dtype=torch.float32)
+    codebook = kmeans_codebook(u, components)
     codes = torch.zeros(flat.numel(), dtype=torch.long)
     codes[mask] = torch.bucketize(u, (codebook[1:] + codebook[:-1]) / 2)  # nearest level of sorted levels
     layer.codes, layer.codebook = codes.reshape(w.shape), codebook.to(weight.dtype)

@@ -21,7 +21,7 @@ from torch import nn
 from sqs_pyro.experiments.baselines.common import BaselineResult, fit
 from sqs_pyro.experiments.baselines.magnitude import MagnitudePruner
 from sqs_pyro.config import SQSConfig
-from sqs_pyro.guides.kmeans import kmeans_1d
+from sqs_pyro.guides.kmeans import kmeans_codebook
 from sqs_pyro.compressed.materialize import CompressedLayer
 from sqs_pyro.models.selection import CompressedSite
 from sqs_pyro.infer.schedules import FINETUNE
@@ -32,16 +32,6 @@ METHOD = "magnitude_kmeans"
 def nearest_codes(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Index of the nearest codebook entry for every value (same shape as ``values``)."""
     return (values.unsqueeze(-1) - codebook).abs().argmin(-1)
-
-
-def kmeans_codebook(values: torch.Tensor, components: int) -> torch.Tensor:
-    """Exact 1-D k-means centres of ``values``, sorted; with fewer distinct values than
-    ``components`` the largest centre is repeated (unused levels), and all zeros if empty."""
-    if values.numel() == 0:
-        return values.new_zeros(components)
-    centres = torch.as_tensor(kmeans_1d(values.detach().cpu().double().numpy(), components),
-                              dtype=values.dtype, device=values.device)
-    return torch.cat([centres, centres[-1:].expand(components - centres.numel())])
 
 
 class KMeansCompressor(MagnitudePruner):
