@@ -21,26 +21,25 @@ registered with ``torch.distributions.kl_divergence`` so that Pyro's
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch.distributions import register_kl
 
 from sqs_pyro.guides.distributions import SpikeGMM
 from sqs_pyro.guides.gaussian_kl import component_kl, gaussian_kl, gaussian_vs_mixture_kl_bound
-from sqs_pyro.models.priors import SpikeSlabGMM
+from sqs_pyro.models.priors import SpikeSlabGMM, log_inclusion
 
 __all__ = ["bernoulli_kl", "component_kl", "gaussian_kl", "gaussian_vs_mixture_kl_bound", "spike_gmm_kl"]
 
 
-def bernoulli_kl(q: SpikeGMM, inclusion: float) -> torch.Tensor:
-    """``KL(Bern(g) || Bern(lam))`` per weight, stable for ``g`` near 0 or 1."""
+def bernoulli_kl(q: SpikeGMM, inclusion: float | torch.Tensor) -> torch.Tensor:
+    """``KL(Bern(g) || Bern(lam))`` per weight, stable for ``g`` near 0 or 1 (``lam`` a number, or a
+    tensor when the prior is learned)."""
     g = q.inclusion
+    log_lam, log_not_lam = log_inclusion(inclusion)
     if q.gate_fixed is not None:
-        return (torch.special.xlogy(g, g) - g * math.log(inclusion)
-                + torch.special.xlogy(1 - g, 1 - g) - (1 - g) * math.log1p(-inclusion))
+        return (torch.special.xlogy(g, g) - g * log_lam + torch.special.xlogy(1 - g, 1 - g) - (1 - g) * log_not_lam)
     log_g, log_not_g = q.log_inclusion()
-    return g * (log_g - math.log(inclusion)) + (1 - g) * (log_not_g - math.log1p(-inclusion))
+    return g * (log_g - log_lam) + (1 - g) * (log_not_g - log_not_lam)
 
 
 @register_kl(SpikeGMM, SpikeSlabGMM)

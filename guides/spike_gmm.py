@@ -12,6 +12,7 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from sqs_pyro.config import SQSConfig
+from sqs_pyro.guides.allocation import lamp_sparsities
 from sqs_pyro.guides.distributions import Codebook, PosteriorDraw, SpikeGMM
 from sqs_pyro.guides.initialization import initial_codebook, scoped_kthvalues
 from sqs_pyro.guides.kl import spike_gmm_kl
@@ -124,7 +125,10 @@ class SpikeGMMGuide(PyroModule):
         super().__init__()
         self.sites = list(sites)
         self.config = config
-        offsets = _gate_offsets(net, self.sites, scores, config.sparsity, config.prune_scope)
+        #: per-layer target sparsities (``prune_scope="lamp"``: LAMP budgets of the pretrained weights)
+        self.layer_sparsity = (lamp_sparsities([net.get_parameter(s.name) for s in self.sites], config.sparsity)
+                               if config.prune_scope == "lamp" else None)
+        offsets = _gate_offsets(net, self.sites, scores, config.sparsity, config.prune_scope, self.layer_sparsity)
         self.layers = PyroModule[nn.ModuleList](
             [LayerPosterior(site, net.get_parameter(site.name), config, offsets[site.name]) for site in self.sites])
         self.kl_weight = float(config.kl_weight)
@@ -151,11 +155,18 @@ class SpikeGMMGuide(PyroModule):
     def prune_to_quantile(self, sparsity: float, pruned_logit: float, scope: str = "global") -> None:
         """Reset the inclusion logits at or below the ``sparsity`` quantile to at most ``pruned_logit``
         (they may recover); the quantile is taken over all compressed weights (``scope="global"``),
-        within each layer (``"layer"``) or within each output row (``"row"``)."""
+        within each layer (``"layer"``), within each output row (``"row"``) or within each layer
+        at its share ``s_l * sparsity / s`` of its LAMP budget ``s_l`` (``"lamp"``)."""
         if sparsity <= 0:
             return
         logits = [layer.gate_logits for layer in self.layers]
-        thresholds = scoped_kthvalues(logits, scope, lambda n: min(n, math.ceil(sparsity * n - 1e-9)))
+        if scope == "lamp":
+            if self.layer_sparsity is None:
+                raise ValueError("prune scope 'lamp' needs a guide built with prune_scope='lamp'")
+            shares = [s_l * sparsity / self.config.sparsity for s_l in self.layer_sparsity]
+            thresholds = [_kthvalue(t, share) for t, share in zip(logits, shares)]
+        else:
+            thresholds = scoped_kthvalues(logits, scope, lambda n: min(n, math.ceil(sparsity * n - 1e-9)))
         for gate_logits, threshold in zip(logits, thresholds):
             if threshold is not None:
                 below = gate_logits <= threshold
@@ -198,11 +209,18 @@ class SpikeGMMGuide(PyroModule):
         return samples
 
 
+def _kthvalue(values: torch.Tensor, sparsity: float) -> torch.Tensor | None:
+    """The ``ceil(sparsity n)``-th smallest of a tensor's ``n`` values (``None`` when that rank is 0)."""
+    return scoped_kthvalues([values], "layer", lambda n: min(n, math.ceil(sparsity * n - 1e-9)))[0]
+
+
 def _gate_offsets(net: nn.Module, sites: Sequence[CompressedSite], scores: dict[str, torch.Tensor] | None,
-                  sparsity: float, scope: str = "global") -> dict[str, torch.Tensor]:
+                  sparsity: float, scope: str = "global", layer_sparsity: Sequence[float] | None = None
+                  ) -> dict[str, torch.Tensor]:
     """``clip(log(score / ref), -3, 3)`` per weight; ``ref`` is the score at the target-sparsity
     quantile over all compressed weights (``scope="global"``), within the weight's layer
-    (``"layer"``) or within its output row (``"row"``).
+    (``"layer"``), within its output row (``"row"``) or within its layer at the layer's own
+    target ``layer_sparsity`` (``"lamp"``).
 
     Weights above the reference (kept at the target by their score) start at or above
     ``gate_init``, with distinct logits; ties from the clip occur only far below it, among
@@ -211,6 +229,10 @@ def _gate_offsets(net: nn.Module, sites: Sequence[CompressedSite], scores: dict[
     if scores is None:
         scores = {s.name: net.get_parameter(s.name).detach().abs() for s in sites}
     q = sparsity if sparsity > 0 else 0.5
-    refs = scoped_kthvalues([scores[s.name] for s in sites], scope, lambda n: max(1, math.ceil(q * n)))
+    if scope == "lamp":
+        refs = [_kthvalue(scores[s.name], s_l if sparsity > 0 else q) for s, s_l in zip(sites, layer_sparsity)]
+        refs = [ref if ref is not None else scores[s.name].min() for s, ref in zip(sites, refs)]
+    else:
+        refs = scoped_kthvalues([scores[s.name] for s in sites], scope, lambda n: max(1, math.ceil(q * n)))
     return {s.name: torch.log(scores[s.name] / ref.clamp_min(1e-30) + 1e-30).clamp(-3.0, 3.0)
             for s, ref in zip(sites, refs)}

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pyro
 import torch
@@ -11,7 +11,7 @@ from torch import nn
 from torch.func import functional_call
 
 from sqs_pyro.config import SQSConfig
-from sqs_pyro.models.priors import SpikeSlabGMM, kl_weighting
+from sqs_pyro.models.priors import EmpiricalBayesPrior, SpikeSlabGMM, kl_weighting
 from sqs_pyro.models.selection import CompressedSite
 
 
@@ -23,6 +23,11 @@ class SQSModel(PyroModule):
     parameters of ``net`` stay deterministic (``nn.Parameter``; trainable unless frozen).
     ``kl_weight`` (beta) scales the weight sites, so the ELBO is
     ``E_q[log p(D|W)] - beta * KL(q || p)``.
+
+    The prior is the configured one (``prior_inclusion``, ``slab_*``) or, with
+    ``config.empirical_bayes``, one :class:`~sqs_pyro.models.priors.EmpiricalBayesPrior` per
+    site (``hyperpriors``, aligned with ``sites``) whose hyper-parameters are set from the
+    guide by :meth:`update_hyperpriors` (variational EM).
     """
 
     def __init__(self, net: nn.Module, sites: Sequence[CompressedSite], config: SQSConfig,
@@ -35,8 +40,26 @@ class SQSModel(PyroModule):
         self.config = config
         self.likelihood = likelihood
         self.kl_weight = float(config.kl_weight)
+        self.hyperpriors = None
+        if config.empirical_bayes:
+            buffers = [self.net.get_buffer(site.name) for site in self.sites]
+            self.hyperpriors = nn.ModuleList([EmpiricalBayesPrior(config.components, b.dtype, b.device)
+                                              for b in buffers])
+
+    @torch.no_grad()
+    def update_hyperpriors(self, posteriors: Mapping[str, Any]) -> None:
+        """Empirical Bayes M-step (:meth:`EmpiricalBayesPrior.maximise`) of every site, from its
+        posterior by site name (``inclusion``, ``most_probable_level()``, ``locs``, ``scales``: a
+        :class:`~sqs_pyro.guides.distributions.SpikeGMM`)."""
+        if self.hyperpriors is None:
+            raise ValueError("this model's prior is fixed (config.empirical_bayes is False)")
+        for site, hyper in zip(self.sites, self.hyperpriors):
+            q = posteriors[site.name]
+            hyper.maximise(q.inclusion, q.most_probable_level(), q.locs, q.scales)
 
     def prior(self, site: CompressedSite) -> SpikeSlabGMM:
+        if self.hyperpriors is not None:
+            return self.hyperpriors[self.sites.index(site)].distribution(site.shape)
         ref = self.net.get_buffer(site.name)
         return SpikeSlabGMM.from_config(self.config, site.shape, dtype=ref.dtype, device=ref.device)
 

@@ -14,15 +14,24 @@ import math
 import torch
 from pyro import poutine
 from pyro.distributions import TorchDistribution
+from torch import nn
 from torch.distributions import constraints
+
+
+def log_inclusion(lam: float | torch.Tensor) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+    """``(log lam, log(1 - lam))`` of an inclusion probability (a number or a tensor)."""
+    if isinstance(lam, torch.Tensor):
+        return torch.log(lam), torch.log1p(-lam)
+    return math.log(lam), math.log1p(-lam)
 
 
 class SpikeSlabGMM(TorchDistribution):
     """Elementwise spike-and-slab prior whose slab is a Gaussian mixture.
 
-    ``inclusion`` is the prior inclusion probability :math:`\\lambda`; ``slab_weights``,
-    ``slab_locs`` and ``slab_scales`` (1-D, length M) define the slab mixture. The
-    distribution is scalar-valued with the given ``batch_shape`` (one element per weight).
+    ``inclusion`` is the prior inclusion probability :math:`\\lambda` (a number, or a 0-d
+    tensor when it is learned); ``slab_weights``, ``slab_locs`` and ``slab_scales`` (1-D,
+    length M) define the slab mixture. The distribution is scalar-valued with the given
+    ``batch_shape`` (one element per weight).
     """
 
     arg_constraints: dict = {}
@@ -31,14 +40,14 @@ class SpikeSlabGMM(TorchDistribution):
 
     def __init__(
         self,
-        inclusion: float,
+        inclusion: float | torch.Tensor,
         slab_weights: torch.Tensor,
         slab_locs: torch.Tensor,
         slab_scales: torch.Tensor,
         batch_shape: torch.Size | tuple[int, ...] = torch.Size(),
         validate_args: bool | None = None,
     ) -> None:
-        self.inclusion = float(inclusion)
+        self.inclusion = inclusion if isinstance(inclusion, torch.Tensor) else float(inclusion)
         self.slab_weights = slab_weights
         self.slab_locs = slab_locs
         self.slab_scales = slab_scales
@@ -54,6 +63,10 @@ class SpikeSlabGMM(TorchDistribution):
     def expand(self, batch_shape, _instance=None) -> "SpikeSlabGMM":
         return SpikeSlabGMM(self.inclusion, self.slab_weights, self.slab_locs, self.slab_scales, batch_shape)
 
+    def log_inclusion(self) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+        """``(log lam, log(1 - lam))``, differentiable when ``lam`` is a tensor."""
+        return log_inclusion(self.inclusion)
+
     def slab_log_prob(self, value: torch.Tensor) -> torch.Tensor:
         """log of the slab mixture density at ``value``."""
         v = value.unsqueeze(-1)
@@ -62,9 +75,9 @@ class SpikeSlabGMM(TorchDistribution):
         return torch.logsumexp(comp + torch.log(self.slab_weights), dim=-1)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        slab = math.log(self.inclusion) + self.slab_log_prob(value)
-        spike = torch.full_like(slab, math.log1p(-self.inclusion))
-        return torch.where(value == 0, spike, slab)
+        log_lam, log_not_lam = self.log_inclusion()
+        slab = log_lam + self.slab_log_prob(value)
+        return torch.where(value == 0, torch.zeros_like(slab) + log_not_lam, slab)
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)
@@ -86,6 +99,48 @@ class SpikeSlabGMM(TorchDistribution):
         second = (self.slab_weights * (self.slab_scales ** 2 + self.slab_locs ** 2)).sum()
         m = self.inclusion * (self.slab_weights * self.slab_locs).sum()
         return (self.inclusion * second - m ** 2).expand(self.batch_shape)
+
+
+class EmpiricalBayesPrior(nn.Module):
+    r"""The hyper-parameters of one site's :class:`SpikeSlabGMM`, set by empirical Bayes.
+
+    Buffers ``inclusion`` (lam) and a K-component slab (``slab_weights`` a, ``slab_locs`` m,
+    ``slab_scales`` s). :meth:`maximise` is the M-step of variational EM: given the guide's
+    gates ``g_j``, level assignments ``k_j`` and codebook ``N(mu_k, s_k^2)``, it sets
+
+        lam = mean_j g_j,    a_k = sum_j g_j [k_j = k] / sum_j g_j,    N(m_k, s_k^2) = N(mu_k, s_k^2),
+
+    which maximises the ELBO's ``-KL`` bound in ``lam`` exactly and in the slab up to the
+    overlap of the levels. The KL per weight is then the code length of the compressed
+    network: ``KL_Bern(g_j || lam)`` for the mask plus ``-log a_k`` per kept weight for its level
+    (soft weight sharing, Ullrich et al., 2017, with the slab tied to the codebook).
+    """
+
+    def __init__(self, components: int, dtype: torch.dtype = torch.float32, device=None) -> None:
+        super().__init__()
+        full = lambda value, *shape: torch.full(shape, value, dtype=dtype, device=device)  # noqa: E731
+        self.register_buffer("inclusion", full(0.5))
+        self.register_buffer("slab_weights", full(1.0 / components, components))
+        self.register_buffer("slab_locs", full(0.0, components))
+        self.register_buffer("slab_scales", full(1.0, components))
+
+    @torch.no_grad()
+    def maximise(self, gates: torch.Tensor, levels: torch.Tensor, locs: torch.Tensor, scales: torch.Tensor,
+                 floor: float = 1e-4) -> None:
+        """The M-step above; ``gates`` and ``levels`` per weight, ``locs``/``scales`` per level.
+        Probabilities are kept in ``[floor, 1 - floor]`` so every code length stays finite."""
+        g = gates.detach().reshape(-1).to(self.inclusion.dtype)
+        self.inclusion.fill_(float(g.mean().clamp(floor, 1.0 - floor)))
+        usage = torch.zeros_like(self.slab_weights).index_add_(0, levels.reshape(-1), g)
+        usage = usage / usage.sum() if float(usage.sum()) > 0 else torch.ones_like(usage)
+        usage = usage.clamp_min(floor)
+        self.slab_weights.copy_(usage / usage.sum())
+        self.slab_locs.copy_(locs.detach())
+        self.slab_scales.copy_(scales.detach())
+
+    def distribution(self, batch_shape: torch.Size | tuple[int, ...] = ()) -> SpikeSlabGMM:
+        """The prior with the current hyper-parameters."""
+        return SpikeSlabGMM(self.inclusion, self.slab_weights, self.slab_locs, self.slab_scales, batch_shape)
 
 
 def kl_weighting(beta: float):

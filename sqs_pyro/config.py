@@ -12,6 +12,7 @@ from sqs_pyro.errors import SQSInputError
 
 WINDOW_MODES = ("none", "equal", "outlier")
 SAMPLING_MODES = ("sample", "expected", "hard")
+PRUNE_SCOPES = ("global", "layer", "row", "lamp")
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,11 @@ class SQSConfig:
 
     Prior: ``p(w) = (1 - prior_inclusion) delta_0 + prior_inclusion * sum_m a_m N(m_m, s_m^2)``
     with the slab mixture given by ``slab_weights`` / ``slab_locs`` / ``slab_scales``
-    (default: one component ``N(0, 3^2)``, the paper's setting).
+    (default: one component ``N(0, 3^2)``, the paper's setting). With ``empirical_bayes`` the
+    prior's inclusion and a K-component slab are set per layer by variational EM instead
+    (after every step, the values that maximise the ELBO given the guide: the mean inclusion,
+    and the codebook with the levels' usage as mixing weights), so the KL is the code length
+    of the compressed network.
 
     Guide: ``q(w_j) = (1 - g_j) delta_0 + g_j sum_k phi_jk N(mu_k, s_k^2)`` with ``K =
     components`` levels per layer, split over windows by ``windows``; the initial codebooks
@@ -34,7 +39,8 @@ class SQSConfig:
     layers (``"activation"``, Wanda). ``prune_scope="global"`` takes that quantile, and the
     pruning threshold on the inclusion logits, over all compressed weights (layers get
     different sparsities); ``"layer"`` within each layer; ``"row"`` within each output row
-    (Wanda's comparison group).
+    (Wanda's comparison group); ``"lamp"`` within each layer at a per-layer sparsity fixed from
+    the pretrained weights' LAMP scores (:mod:`sqs_pyro.guides.allocation`).
 
     Read-out: ``adaptive_bits`` stores every layer with the levels its posterior uses and tells
     apart (unused levels dropped, neighbours closer than ``merge_separation`` pooled scales
@@ -56,6 +62,7 @@ class SQSConfig:
     slab_weights: tuple[float, ...] = (1.0,)
     slab_locs: tuple[float, ...] = (0.0,)
     slab_scales: tuple[float, ...] = (3.0,)
+    empirical_bayes: bool = False
     kl_weight: float = 1.0
     kl_warmup_fraction: float = 0.2
     mode: str = "hard"
@@ -64,7 +71,7 @@ class SQSConfig:
     assign_temperature: tuple[float, float] = (1.0, 0.05)
     gate_init: float = 3.0
     gate_score: str = "saliency"
-    prune_scope: str = "global"
+    prune_scope: str = "lamp"
     saliency_batches: int = 8
     pruned_logit: float = -6.0
     epochs: float = 3.0
@@ -107,8 +114,7 @@ class SQSConfig:
         _check(all(s > 0 for s in self.slab_scales), f"slab_scales must be > 0, got {self.slab_scales!r}")
         _check(self.kl_weight >= 0, f"kl_weight must be >= 0, got {self.kl_weight!r}")
         _check(self.mode in SAMPLING_MODES, f"mode must be one of {SAMPLING_MODES}, got {self.mode!r}")
-        _check(self.prune_scope in ("global", "layer", "row"),
-               f"prune_scope must be 'global', 'layer' or 'row', got {self.prune_scope!r}")
+        _check(self.prune_scope in PRUNE_SCOPES, f"prune_scope must be one of {PRUNE_SCOPES}, got {self.prune_scope!r}")
         _check(self.gate_score in ("saliency", "magnitude", "activation"),
                f"gate_score must be 'saliency', 'magnitude' or 'activation', got {self.gate_score!r}")
         _check(self.saliency_batches >= 1, "saliency_batches must be >= 1")

@@ -158,6 +158,8 @@ def compress(
                 batches = saliency_batches(dataset, config.batch_size, config.saliency_batches, config.seed, device)
                 scores = gate_scores(net, sites, batches, task, config.gate_score)
             guide = SpikeGMMGuide(net, sites, config, scores)
+            if config.empirical_bayes:
+                model.update_hyperpriors(guide.distributions())
             result = SQSResult(config, copy.deepcopy(net), model, guide)
             trainer = Trainer(result, schedule, dataset, task, ctx, device, started)
             if saved is not None:

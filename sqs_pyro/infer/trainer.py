@@ -144,6 +144,8 @@ class Trainer:
             self.optimizer.step()
             if phase == PRUNE:
                 guide.prune_to_quantile(schedule.target_sparsity(step), config.pruned_logit, config.prune_scope)
+            if self.result.model.hyperpriors is not None:  # empirical Bayes: the M-step
+                self.result.model.update_hyperpriors(guide.distributions())
             if logging:
                 record = log_record(guide, step, phase, self.ctx.mean(loss), kl, beta, self.num_data)
                 self.result.history.append(record)
