@@ -45,11 +45,13 @@ def target_check(rows: Iterable[Mapping[str, Any]], records: Iterable[Mapping[st
     the best baseline larger than the larger of the two standard deviations (each baseline at its
     setting with the better validation accuracy, when the grid tries several); every SQS ablation
     >= ``magnitude_kmeans`` - 3 points (no collapse); ``sqs`` >= ``sqs_noprior``; SQS wall time
-    per run <= 2x ``magnitude_kmeans``."""
-    wall = {}
+    per run <= 2x ``magnitude_kmeans`` (whole run: training and every evaluation, SQS's
+    posterior-predictive ensemble included; and training alone)."""
+    wall, train = {}, {}
     for r in records:
-        wall.setdefault((r["workload"], r["components"], r["sparsity_target"], r["method"]), []).append(
-            r["wall_seconds"])
+        key = (r["workload"], r["components"], r["sparsity_target"], r["method"])
+        wall.setdefault(key, []).append(r["wall_seconds"])
+        train.setdefault(key, []).append(r["train_seconds"])
     out = []
     for (workload, k, s), methods in sorted(_cells(rows).items()):
         sqs = methods.get("sqs greedy")
@@ -66,10 +68,12 @@ def target_check(rows: Iterable[Mapping[str, Any]], records: Iterable[Mapping[st
         ablations = {m.split(" ")[0]: r["accuracy_mean"] for m, r in methods.items()
                      if m.startswith("sqs_") and m.endswith("greedy")}
         noprior = ablations.get("sqs_noprior")
-        ratio = None
+        ratio = train_ratio = None
         if kmeans is not None and (workload, k, s, "magnitude_kmeans") in wall:
-            ratio = (sum(wall[(workload, k, s, "sqs")]) / len(wall[(workload, k, s, "sqs")])
-                     / (sum(wall[(workload, k, s, "magnitude_kmeans")]) / len(wall[(workload, k, s, "magnitude_kmeans")])))
+            mean = lambda times: sum(times) / len(times)  # noqa: E731
+            sqs_key, kmeans_key = (workload, k, s, "sqs"), (workload, k, s, "magnitude_kmeans")
+            ratio = mean(wall[sqs_key]) / mean(wall[kmeans_key])
+            train_ratio = mean(train[sqs_key]) / mean(train[kmeans_key])
         out.append({
             "workload": workload, "components": k, "sparsity": s, "sqs": sqs["accuracy_mean"],
             "best_baseline": best["method"], "best": best["accuracy_mean"], "lead_points": 100 * lead,
@@ -79,22 +83,23 @@ def target_check(rows: Iterable[Mapping[str, Any]], records: Iterable[Mapping[st
             "no_collapse": (all(a >= kmeans["accuracy_mean"] - 0.03 for a in ablations.values())
                             if kmeans is not None and ablations else None),
             "prior_helps": sqs["accuracy_mean"] >= noprior if noprior is not None else None,
-            "wall_ratio": ratio})
+            "wall_ratio": ratio, "train_ratio": train_ratio})
     return out
 
 
 def format_targets(checks: list[Mapping[str, Any]]) -> str:
     mark = lambda v: "-" if v is None else ("yes" if v else "NO")  # noqa: E731
     lines = ["| workload | K | s | SQS greedy | best baseline | lead (pt) | >= all | clear lead (s>=0.95) | "
-             "worst ablation | no collapse | sqs >= noprior | wall / kmeans |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "worst ablation | no collapse | sqs >= noprior | wall / kmeans | train / kmeans |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in checks:
         worst = f"{c['worst_ablation'][0]} {c['worst_ablation'][1]:.4f}" if c["worst_ablation"] else "-"
         ratio = f"{c['wall_ratio']:.2f}x" if c["wall_ratio"] is not None else "-"
+        train_ratio = f"{c['train_ratio']:.2f}x" if c.get("train_ratio") is not None else "-"
         lines.append(f"| {c['workload']} | {c['components']} | {c['sparsity']:g} | {c['sqs']:.4f} | "
                      f"{c['best_baseline']} {c['best']:.4f} | {c['lead_points']:+.2f} | {mark(c['at_least'])} | "
                      f"{mark(c['clear_lead'])} | {worst} | {mark(c['no_collapse'])} | {mark(c['prior_helps'])} | "
-                     f"{ratio} |")
+                     f"{ratio} | {train_ratio} |")
     prior = [c["prior_helps"] for c in checks if c["prior_helps"] is not None]
     lines.append("")
     lines.append(f"SQS >= every baseline in {sum(c['at_least'] for c in checks)} of {len(checks)} cells; "

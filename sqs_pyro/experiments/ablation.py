@@ -51,6 +51,7 @@ BASELINE_KINDS = ("magnitude_kmeans", "magnitude_uniform", "dgms")
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "sqs": (SQS, {}),
     "sqs_noprior": (SQS, {"kl_weight": 0.0}),
+    "sqs_eb": (SQS, {"empirical_bayes": True}),  # the prior learned by variational EM (the KL = code length)
     "sqs_equal": (SQS, {"windows": "equal"}),
     "sqs_nowindows": (SQS, {"windows": "none"}),
     "sqs_sampled": (SQS, {"mode": "sample", "lr_weights": 1e-3}),  # the exact-ELBO forward, its own tuned rate
@@ -405,6 +406,7 @@ EFFECTS = (  # (name, method A, accuracy field of A, method B, accuracy field of
     ("outlier-aware vs equal-count windows (greedy)", "sqs", "accuracy_greedy", "sqs_equal", "accuracy_greedy"),
     ("outlier-aware vs no windows (greedy)", "sqs", "accuracy_greedy", "sqs_nowindows", "accuracy_greedy"),
     ("spike-and-slab prior vs no prior KL (greedy)", "sqs", "accuracy_greedy", "sqs_noprior", "accuracy_greedy"),
+    ("empirical-Bayes prior vs the fixed prior (greedy)", "sqs_eb", "accuracy_greedy", "sqs", "accuracy_greedy"),
     ("hard straight-through vs sampled assignment (greedy)", "sqs", "accuracy_greedy", "sqs_sampled",
      "accuracy_greedy"),
 )
