@@ -53,7 +53,8 @@ class LayerPosterior(PyroModule):
         offset = torch.zeros_like(w) if gate_offset is None else gate_offset.to(w)
         fit = (offset >= 0).reshape(-1).cpu().numpy() if config.codebook_fit == "kept" else None
         init = initial_codebook(w.reshape(-1).double().cpu().numpy(), config.components, config.windows,
-                                config.equal_windows, config.iqr_factor, fit=fit)
+                                config.equal_windows, config.iqr_factor, fit=fit,
+                                forced_extremes=config.forced_extremes)
         as_t = lambda a: torch.as_tensor(a, dtype=w.dtype, device=w.device)  # noqa: E731
         self.gate_logits = nn.Parameter(config.gate_init + offset)
         self.latent = nn.Parameter(w.clone())

@@ -30,7 +30,9 @@ class SQSConfig:
     Guide: ``q(w_j) = (1 - g_j) delta_0 + g_j sum_k phi_jk N(mu_k, s_k^2)`` with ``K =
     components`` levels per layer, split over windows by ``windows``; the initial codebooks
     are fitted to the weights magnitude pruning would keep at ``sparsity``
-    (``codebook_fit="kept"``) or to all weights (``"all"``, the SQS authors' choice).
+    (``codebook_fit="kept"``) or to all weights (``"all"``, the SQS authors' choice), by plain
+    k-means or, with ``forced_extremes`` (the authors' choice), with each window's outermost
+    levels moved onto its extreme values (outlier-aware windows never force them).
 
     Gates start at ``gate_init + clip(log(score / ref), -3, 3)``, ``ref`` the score at the
     target-sparsity quantile, with the score a
@@ -58,6 +60,7 @@ class SQSConfig:
     codebook_fit: str = "kept"
     equal_windows: int = 2
     iqr_factor: float = 5.0
+    forced_extremes: bool = False
     prior_inclusion: float = 0.01
     slab_weights: tuple[float, ...] = (1.0,)
     slab_locs: tuple[float, ...] = (0.0,)
