@@ -115,7 +115,9 @@ class SpikeGMMGuide(PyroModule):
 
     Built from the pretrained weights: k-means codebooks per window, latent weights at their
     pretrained values, gate logits ``gate_init + clip(log(score_j / ref), -3, 3)`` with
-    ``ref`` the score at the target-sparsity quantile over all compressed weights; ``scores`` (e.g. a first-order saliency,
+    ``ref`` the score at the target-sparsity quantile of the weight's comparison group
+    (``config.prune_scope``; with ``"lamp"`` its layer at the layer's LAMP budget,
+    :attr:`layer_sparsity`); ``scores`` (e.g. a first-order saliency,
     :func:`~sqs_pyro.guides.gate_scores.first_order_saliency`) default to ``|w_j|``. The
     driver sets the temperatures, ``kl_weight`` and the gate states; a user's own SVI script
     can use it as it is.
