@@ -17,7 +17,14 @@ Runs (each in its own process, so that its peak RSS is its own; one JSON line ea
   or only per-layer K-level k-means quantisation (the damage of each step on its own);
 * ``oneshot_g<G>k<K>e<E>``: no training, dense-and-sparse group-scaled codebooks: fp16 scales
   per G weights of a row, one K-level codebook per matrix on the scaled values, the E largest
-  weights of each matrix exact; evaluated from its ``.sqs`` file;
+  weights of each matrix exact; evaluated from its ``.sqs`` file. With the suffix ``h``
+  (``oneshot_g64k16e16h``): the exact weights are the E largest ``|w| ||x||`` and every matrix
+  is coded with GPTQ error feedback (:mod:`sqs_pyro.compressed.error_feedback`) under the input
+  second moments of ``--calib`` calibration windows: the first windows of the seeded training
+  pick, the same windows as the anchors' calibration in ``lm_anchors.py`` (the dense model's
+  moments are cached in ``runs/smollm/``). Further suffixes: ``a`` activation order (static
+  group scales), ``s`` searched group scales (``oneshot_g64k16e16has``: both, the defaults of
+  ``sqs-pyro quantize``);
 * ``sqs<S>k<K>``: SQS at sparsity S% with K levels on every attention and MLP matrix, with
   the ``--hf`` defaults (:data:`sqs_pyro.cli.compress_hf.HF_DEFAULTS`: one-shot pruning to
   the target from saliencies, gates learning for 20% of the steps, tempered KL); also
@@ -51,19 +58,29 @@ def run_settings(args: argparse.Namespace) -> dict:
                                           "lr_codebook", "lr_dense", "kl_weight", "prune_scope", "mode", "gate_score", "bins")}
 
 
-def run_key(name: str, settings: dict) -> str:
+def run_key(name: str, settings: dict, calib: int) -> str:
+    """The run's name and a hash of its settings (and of ``--calib`` for calibrated one-shot runs)."""
+    if name.startswith("oneshot") and name.endswith("h"):
+        settings = {**settings, "calib": calib}
     return f"{name}/" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def load_data(args: argparse.Namespace, tokenizer):
+    """Training windows (a seeded pick), held-out windows (*Persuasion*; with ``--validation`` the next
+    ``--eval-windows`` windows of the seeded order of the training novels, used by no run) and the
+    number of training windows available."""
     from sqs_pyro.hf import token_windows
     from sqs_pyro.data.text import austen_novels
 
     books = austen_novels(args.austen)
     train = torch.cat([token_windows(tokenizer, text, args.seq_len) for name, text in books.items() if name != HELD_OUT])
-    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:args.steps * args.batch_size]
-    held = token_windows(tokenizer, books[HELD_OUT], args.seq_len)[:args.eval_windows]
-    return train[pick], held, len(train)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
+    used = args.steps * args.batch_size
+    if args.validation:
+        held = train[order[used:used + args.eval_windows]]
+    else:
+        held = token_windows(tokenizer, books[HELD_OUT], args.seq_len)[:args.eval_windows]
+    return train[order[:used]], held, len(train)
 
 
 def binned_perplexity(result, held: torch.Tensor, bins: int) -> float:
@@ -112,7 +129,7 @@ def child(args: argparse.Namespace) -> dict:
     elif args.child.startswith(("magnitude", "kmeans")):
         row["perplexity"] = perplexity(one_shot(net, args.child), held)
     elif args.child.startswith("oneshot"):
-        row.update(group_scaled(args, net, held))
+        row.update(group_scaled(args, net, held, train[:args.calib, :-1]))
     else:
         sparsity, k = args.child[3:].split("k")
         s_f = int(sparsity) / 100
@@ -163,7 +180,7 @@ def one_shot(net, run: str):
     return net
 
 
-def group_scaled(args: argparse.Namespace, net, held: torch.Tensor) -> dict:
+def group_scaled(args: argparse.Namespace, net, held: torch.Tensor, calib: torch.Tensor) -> dict:
     """``oneshot_g<G>k<K>e<E>``: no training; every attention and MLP matrix on a K-level codebook
     of its values divided by fp16 group scales (groups of G weights of a row), with the E largest
     |w| of the matrix kept exact (:mod:`sqs_pyro.compressed.oneshot`). The ``.sqs`` file is
@@ -171,20 +188,35 @@ def group_scaled(args: argparse.Namespace, net, held: torch.Tensor) -> dict:
     import re
 
     from sqs_pyro.compressed import accounting
+    from sqs_pyro.compressed.error_feedback import SHRINK_GRID, input_hessians
     from sqs_pyro.compressed.oneshot import quantize_network
     from sqs_pyro.format.container import save_compressed
     from sqs_pyro.hf import CausalLM, load_transformers, perplexity
     from sqs_pyro.models import select_layers, transformer_include
 
-    g, k, e = (int(v) for v in re.fullmatch(r"oneshot_g(\d+)k(\d+)e(\d+)", args.child).groups())
+    g, k, e, feedback, act_order, search = re.fullmatch(r"oneshot_g(\d+)k(\d+)e(\d+)(h?)(a?)(s?)", args.child).groups()
+    g, k, e = int(g), int(k), int(e)
+    sites = select_layers(net, include=transformer_include("llama"))
     t0 = time.perf_counter()
-    network = quantize_network(net, select_layers(net, include=transformer_include("llama")), k, g, e)
+    hessians = scores = None
+    if feedback:
+        cache = HERE.parent / "runs" / "smollm" / f"hessians_calib{len(calib)}_seed{args.seed}.pt"
+        if cache.exists():  # the dense model's input moments: the same for every calibrated run
+            hessians = torch.load(cache)
+        else:
+            hessians = input_hessians(net, sites, calib.split(8))
+            torch.save(hessians, cache)
+        scores = {s.name: net.get_parameter(s.name).detach().abs() * hessians[s.name].diagonal().sqrt()
+                  for s in sites}
+    shrink = SHRINK_GRID if search else (1.0,)
+    network = quantize_network(net, sites, k, g, e, scores, hessians, act_order=bool(act_order), shrink=shrink)
     quantize_seconds = time.perf_counter() - t0
     acc = accounting(network)
     path = _run_dir(args) / "model.sqs"
     file_bytes = save_compressed(network, path, model=net)
     n = acc["compressed_params"]
     return {"group_size": g, "components": k, "exact_per_matrix": e, "quantize_seconds": quantize_seconds,
+            "calib_windows": len(calib) if feedback else 0,
             "perplexity": perplexity(CausalLM(load_transformers(path)), held), "file_bytes": file_bytes,
             "bits": acc["bits"], "side_bits_per_weight": 8 * acc["side_bytes"] / n,
             "exact_bits_per_weight": 8 * 6 * sum(l["exact"] for l in acc["layers"]) / n,
@@ -251,14 +283,19 @@ def main() -> None:
     parser.add_argument("--mode", choices=("expected", "sample"), default="expected")
     parser.add_argument("--gate-score", choices=("saliency", "activation", "magnitude"), default="saliency")
     parser.add_argument("--bins", type=int, default=32)
+    parser.add_argument("--calib", type=int, default=128, help="calibration windows of the 'h' one-shot runs")
+    parser.add_argument("--validation", action="store_true",
+                        help="evaluate on validation windows of the training novels (results/smollm_validation.jsonl)")
     parser.add_argument("--outlier-runs", nargs="*", default=["sqs50k16"],
                         help="runs that also write the tail-outlier report of every matrix")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "smollm.jsonl")
+    parser.add_argument("--out", type=Path, help="results file (default results/smollm.jsonl, or "
+                        "results/smollm_validation.jsonl with --validation)")
     parser.add_argument("--report", action="store_true", help="only print the table of the finished runs")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.out = args.out or HERE / "results" / ("smollm_validation.jsonl" if args.validation else "smollm.jsonl")
     if args.report:
         print(report(args.out))
         from sqs_pyro.analysis.outliers import pooled_report
@@ -268,7 +305,7 @@ def main() -> None:
         return
     settings = run_settings(args)
     if args.child:
-        row = {"key": run_key(args.child, settings), **settings, **child(args)}
+        row = {"key": run_key(args.child, settings, args.calib), **settings, **child(args)}
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row, indent=1))
@@ -276,7 +313,7 @@ def main() -> None:
     done = {json.loads(line)["key"] for line in args.out.read_text().splitlines() if line.strip()} \
         if args.out.exists() else set()
     for name in args.runs:
-        if run_key(name, settings) in done:
+        if run_key(name, settings, args.calib) in done:
             print(f"{name}: already in {args.out}")
             continue
         print(f"{name}: running", flush=True)

@@ -7,10 +7,10 @@ import argparse
 import sys
 from typing import Sequence
 
-from sqs_pyro.cli import ablate, compress, evaluate, export, inspect, report
+from sqs_pyro.cli import ablate, compress, evaluate, export, inspect, quantize, report
 from sqs_pyro.errors import CompressedFileError, SQSDivergenceError, SQSInputError
 
-COMMANDS = (compress, inspect, evaluate, export, report, ablate)
+COMMANDS = (compress, quantize, inspect, evaluate, export, report, ablate)
 
 
 def build_parser() -> argparse.ArgumentParser:

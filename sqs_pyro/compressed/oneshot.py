@@ -19,10 +19,12 @@ the spike-and-GMM posterior lives on ``u``.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import nn
 
+from sqs_pyro.compressed.error_feedback import SHRINK_GRID, feedback_quantize
 from sqs_pyro.compressed.materialize import CompressedLayer, CompressedNetwork, uncompressed_state
 from sqs_pyro.guides.kmeans import kmeans_codebook
 from sqs_pyro.models.selection import CompressedSite
@@ -69,10 +71,23 @@ def quantize_layer(name: str, weight: torch.Tensor, components: int, group_size:
 
 @torch.no_grad()
 def quantize_network(net: nn.Module, sites: list[CompressedSite], components: int, group_size: int,
-                     exact: int = 0, scores: dict[str, torch.Tensor] | None = None) -> CompressedNetwork:
+                     exact: int = 0, scores: dict[str, torch.Tensor] | None = None,
+                     hessians: dict[str, torch.Tensor] | None = None, act_order: bool = True,
+                     shrink: Sequence[float] = SHRINK_GRID, exact_fraction: float = 0.0) -> CompressedNetwork:
     """:func:`quantize_layer` for every selected weight of ``net``; the other tensors as they are
-    (a tied tensor stays one tensor)."""
-    layers = [quantize_layer(s.name, net.get_parameter(s.name), components, group_size, exact,
-                             (scores or {}).get(s.name)) for s in sites]
-    config = {"method": "oneshot", "components": components, "group_size": group_size, "exact": exact}
+    (a tied tensor stays one tensor). Each matrix keeps ``exact + round(exact_fraction numel)``
+    exact weights. A weight with an input second moment in ``hessians``
+    (:func:`~sqs_pyro.compressed.error_feedback.input_hessians`) is then re-coded by
+    :func:`~sqs_pyro.compressed.error_feedback.feedback_quantize` (GPTQ error feedback, with its
+    ``act_order`` and scale ``shrink`` options)."""
+    layers = []
+    for s in sites:
+        weight = net.get_parameter(s.name)
+        budget = exact + round(exact_fraction * weight.numel())
+        layer = quantize_layer(s.name, weight, components, group_size, budget, (scores or {}).get(s.name))
+        if hessians and s.name in hessians:
+            layer = feedback_quantize(layer, weight, hessians[s.name], act_order=act_order, shrink=shrink)
+        layers.append(layer)
+    config = {"method": "oneshot", "components": components, "group_size": group_size, "exact": exact,
+              "exact_fraction": exact_fraction, "error_feedback": bool(hessians), "act_order": act_order, "shrink": list(shrink)}
     return CompressedNetwork(layers, uncompressed_state(net, {s.name for s in sites}), config)

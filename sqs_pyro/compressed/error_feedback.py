@@ -1,0 +1,176 @@
+r"""Hessian-aware one-shot quantisation: GPTQ error feedback onto a dense-and-sparse, group-scaled codebook.
+
+A Linear layer's output error for a quantised weight ``Q`` on calibration inputs ``X`` is
+
+.. math::
+
+    \| X W^\top - X Q^\top \|_F^2 = \operatorname{tr}\big((W - Q) H (W - Q)^\top\big),
+    \qquad H = X^\top X / n .
+
+Quantising the input columns one at a time (Frantar et al., 2023, "GPTQ"), the error of column
+``c``, ``e = (w_c - q_c) / U_{cc}``, is pushed onto the columns not yet quantised,
+``w_{c'} \leftarrow w_{c'} - e\, U_{c c'}`` (``U``: upper Cholesky factor of ``H^{-1}``), which
+minimises the quadratic error given the columns fixed so far. Here every column is coded on the
+layer's own K-level codebook of normalised values (:func:`~sqs_pyro.compressed.oneshot.quantize_layer`
+chooses the codebook and the exact weights), with a group's fp16 scale set from its error-fed
+values when the quantiser reaches the group, and the exact weights stored with their error-fed
+values (zero error). With ``H = I`` nothing is fed forward and the result is the plain
+nearest-level coding.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from sqs_pyro.compressed.materialize import CompressedLayer
+from sqs_pyro.models.selection import CompressedSite
+
+# Candidate factors of a group's max |w| for its scale (chosen per group by weighted coding error).
+SHRINK_GRID = tuple(x / 40 for x in range(28, 45))  # 0.7, 0.725, ..., 1.1
+
+
+@torch.no_grad()
+def input_hessians(net: nn.Module, sites: Sequence[CompressedSite], batches: Iterable[torch.Tensor]
+                   ) -> dict[str, torch.Tensor]:
+    r"""``H = X^T X / n`` of the inputs of every selected Linear weight, over all tokens / examples
+    of ``batches`` (each passed as ``net(x)``; collected with forward pre-hooks, float64 sums of
+    float32 batch products)."""
+    modules = {s.name: net.get_submodule(s.name.rsplit(".", 1)[0]) for s in sites if s.layer_type == "linear"}
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def record(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            sums[name] = sums.get(name, 0) + (x.T @ x).double()
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in modules.items()]
+    try:
+        for x in batches:
+            net(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if not counts:
+        raise ValueError("input_hessians: no selected Linear layer saw an input")
+    return {name: (sums[name] / counts[name]).float() for name in sums}
+
+
+def _inverse_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of ``(H + damp mean(diag H) I)^{-1}`` (dead inputs get ``H_cc = 1``),
+    and the mask of dead inputs."""
+    h = hessian.double().clone()
+    dead = torch.diagonal(h) <= 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damp * torch.diagonal(h).mean())
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(inverse, upper=True).float(), dead
+
+
+def _nearest(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest of the sorted ``levels`` for every value."""
+    return torch.bucketize(values.contiguous(), (levels[1:] + levels[:-1]) / 2)
+
+
+def group_scales(values: torch.Tensor, excluded: torch.Tensor, levels: torch.Tensor,
+                 importance: torch.Tensor | None = None, shrink: Sequence[float] = (1.0,)) -> torch.Tensor:
+    r"""fp16 scale of each row of ``values`` (``(R, G)``, one group per row): ``alpha max |w|`` over the
+    members not ``excluded``, with ``alpha`` the factor of ``shrink`` that minimises the importance-weighted
+    coding error ``sum_j h_j (w_j - sigma mu_{a(w_j / sigma)})^2`` on ``levels`` (the first factor on ties)."""
+    members = values.masked_fill(excluded, 0.0)
+    peak = members.abs().amax(1)
+    weight = torch.ones(values.shape[1]) if importance is None else importance
+    best = best_err = None
+    for alpha in shrink:
+        scale = (alpha * peak).clamp_min(torch.finfo(torch.float16).tiny).half()
+        err = ((members - scale.float()[:, None] * levels[_nearest(members / scale.float()[:, None], levels)]) ** 2
+               * weight).masked_fill(excluded, 0.0).sum(1)
+        if best is None:
+            best, best_err = scale, err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, scale, best), torch.where(better, err, best_err)
+    return best
+
+
+@torch.no_grad()
+def feedback_quantize(layer: CompressedLayer, weight: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01,
+                      block: int = 128, act_order: bool = True, shrink: Sequence[float] = SHRINK_GRID
+                      ) -> CompressedLayer:
+    """Re-code ``layer`` (its codebook and exact positions kept) by GPTQ error feedback under the
+    input second moment ``hessian`` (``C x C`` for a ``(R, C)`` weight); see the module docstring.
+
+    ``act_order``: quantise the columns in decreasing ``H_cc`` (the most active inputs first, while
+    the most columns are left to absorb their errors); the group scales are then fixed up front from
+    the weights as given ("static groups"), else set from the error-fed values when a group starts.
+    ``shrink``: candidate factors of a group's ``max |w|`` (:func:`group_scales`, ``H_cc`` as importance).
+    Both defaults were chosen on validation text (SmolLM2, docs/results.md). Returns ``layer`` with new codes, group scales and exact values."""
+    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"feedback_quantize needs a (R, C) weight and a (C, C) hessian, got "
+                         f"{tuple(weight.shape)} and {tuple(hessian.shape)}")
+    rows, cols = weight.shape
+    g = layer.group_size or 0
+    order = torch.argsort(torch.diagonal(hessian), descending=True, stable=True) if act_order else torch.arange(cols)
+    factor, dead = _inverse_factor(hessian[order][:, order], damp)
+    w = weight.detach().float().cpu()[:, order].clone()
+    w[:, dead] = 0.0
+    importance = torch.diagonal(hessian).float()[order]
+    levels = layer.codebook.float()
+    exact_given = torch.zeros(rows * cols, dtype=torch.bool)
+    if layer.num_exact:
+        exact_given[layer.exact_index] = True
+    exact_given = exact_given.reshape(rows, cols)
+    exact = exact_given[:, order]
+    groups = math.ceil(cols / g) if g else 1
+    scales = torch.empty(rows, groups, dtype=torch.float16)
+    group_of = order // g if g else torch.zeros(cols, dtype=torch.long)
+    static = act_order and g
+    if static:
+        original = weight.detach().float().cpu()
+        for k in range(groups):
+            cut = slice(k * g, (k + 1) * g)
+            scales[:, k] = group_scales(original[:, cut], exact_given[:, cut], levels,
+                                        torch.diagonal(hessian).float()[cut], shrink)
+    elif g:
+        block = g * max(1, math.ceil(block / g))  # a group never straddles two blocks
+    codes = torch.zeros(rows, cols, dtype=torch.long)
+    coded = torch.zeros(rows, cols)
+    scale = torch.ones(rows)
+    for start in range(0, cols, block):
+        stop = min(start + block, cols)
+        part = w[:, start:stop].clone()
+        errors = torch.zeros_like(part)
+        for j in range(stop - start):
+            c = start + j
+            if static:
+                scale = scales[:, group_of[c]].float()
+            elif g and c % g == 0:
+                scales[:, c // g] = group_scales(part[:, j:j + g], exact[:, c:c + g], levels, importance[c:c + g], shrink)
+                scale = scales[:, c // g].float()
+            column = part[:, j]
+            code = _nearest(column / scale, levels)
+            q = torch.where(exact[:, c], column.half().float(), scale * levels[code])
+            codes[:, c], coded[:, c] = code, q
+            err = (column - q) / factor[c, c]
+            part[:, j:] -= err[:, None] * factor[c, c:stop][None, :]
+            errors[:, j] = err
+        w[:, stop:] -= errors @ factor[start:stop, stop:]
+    codes, coded = _unpermute(codes, order), _unpermute(coded, order)
+    layer.codes = torch.where(layer.mask, codes, 0).to(layer.codes.device)
+    if g:
+        layer.scales = scales
+    if layer.num_exact:
+        layer.exact_values = coded.reshape(-1)[layer.exact_index].half()
+    return layer
+
+
+def _unpermute(columns: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The columns of a matrix whose column ``j`` is original column ``order[j]``, back in their original order."""
+    out = torch.empty_like(columns)
+    out[:, order] = columns
+    return out

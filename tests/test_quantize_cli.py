@@ -1,0 +1,78 @@
+"""``sqs-pyro quantize --hf``: one-shot group-scaled codebooks on a tiny Llama folder, end to end."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from sqs_pyro.cli import main
+from sqs_pyro.format import load_compressed
+from sqs_pyro.hf import load_transformers, perplexity, text_windows
+
+transformers = pytest.importorskip("transformers", reason="transformers not installed")
+_spec = importlib.util.spec_from_file_location("tiny_tokenizer", Path(__file__).with_name("tiny_tokenizer.py"))
+tiny_tokenizer = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path / "model")
+    tiny_tokenizer.word_tokenizer().save_pretrained(path / "model")
+    words = tiny_tokenizer.WORDS
+    gen = torch.Generator().manual_seed(0)
+    for name, lines in (("train.txt", 60), ("eval.txt", 20)):
+        starts = torch.randint(0, 30, (lines,), generator=gen).tolist()
+        (path / name).write_text("\n".join(" ".join(words[(s + i) % 30] for i in range(12)) for s in starts))
+    return path
+
+
+def test_quantize_with_calibration_writes_a_loadable_file_with_its_perplexity(folder, tmp_path, capsys):
+    out = tmp_path / "q"
+    rc = main(["quantize", "--hf", str(folder / "model"), "--out", str(out), "-K", "4", "--group-size", "8",
+               "--exact-outliers", "2", "--data", str(folder / "train.txt"), "--calib-windows", "16",
+               "--eval-data", str(folder / "eval.txt"), "--seq-len", "8"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["error_feedback"] and summary["exact_weights"] == 14 * 2 and summary["bits"] == 2
+    assert summary["calib_windows"] == 16
+    network = load_compressed(out / "model.sqs")
+    q = next(layer for layer in network.layers if layer.name.endswith("layers.0.self_attn.q_proj.weight"))
+    assert q.group_size == 8 and q.scales.shape == (16, 2) and q.num_exact == 2 and q.components == 4
+    loaded = load_transformers(out / "model.sqs")
+    torch.testing.assert_close(loaded.model.layers[0].self_attn.q_proj.weight, q.weight())
+
+    class Wrapped(torch.nn.Module):
+        def forward(self, ids):
+            return loaded(input_ids=ids).logits
+
+    held = text_windows(tiny_tokenizer.word_tokenizer(), [folder / "eval.txt"], 8)
+    assert math.isclose(perplexity(Wrapped(), held), summary["perplexity"], rel_tol=1e-5)
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_exact_fraction_and_no_calibration(folder, tmp_path):
+    out = tmp_path / "q"
+    assert main(["quantize", "--hf", str(folder / "model"), "--out", str(out), "-K", "4", "--group-size", "0",
+                 "--exact-outliers", "0.01"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert not summary["error_feedback"] and "perplexity" not in summary
+    sizes = [layer.numel for layer in load_compressed(out / "model.sqs").layers]
+    assert summary["exact_weights"] == sum(round(0.01 * n) for n in sizes)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--exact-outliers", "2.5"], "exact-outliers"),
+    (["--natural-order"], "need --data"),
+    (["-K", "1"], "components"),
+])
+def test_bad_input_exits_2_before_any_work(folder, tmp_path, capsys, options, message):
+    out = tmp_path / "q"
+    assert main(["quantize", "--hf", str(folder / "model"), "--out", str(out), *options]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
