@@ -51,6 +51,10 @@ class SQSConfig:
     Schedule (fractions of the total number of steps): ``warmup_fraction`` with gates fixed
     open, then ``prune_fraction`` with a cubic sparsity ramp from ``initial_sparsity`` to
     ``sparsity``, then fine-tuning with the mask frozen.
+
+    Rates: Adam with ``lr_weights`` on the latent weights; with ``lr_weights_relative > 0``
+    instead ``lr_weights_relative * RMS(w_l)`` per layer (a step the same fraction of every
+    layer's weight scale), then ``lr_codebook``, ``lr_gates`` and ``lr_dense``.
     """
 
     components: int = 16
@@ -82,6 +86,7 @@ class SQSConfig:
     warmup_fraction: float = 0.1
     prune_fraction: float = 0.3
     lr_weights: float = 1e-2
+    lr_weights_relative: float = 0.0
     lr_codebook: float = 1e-3
     lr_gates: float = 1e-2
     lr_dense: float = 1e-3
@@ -131,7 +136,7 @@ class SQSConfig:
             _check(0.0 <= getattr(self, name) <= 1.0, f"{name} must lie in [0, 1]")
         _check(self.warmup_fraction + self.prune_fraction <= 1.0,
                "warmup_fraction + prune_fraction must be <= 1")
-        for name in ("lr_weights", "lr_codebook", "lr_gates", "lr_dense"):
+        for name in ("lr_weights", "lr_weights_relative", "lr_codebook", "lr_gates", "lr_dense"):
             _check(getattr(self, name) >= 0 and math.isfinite(getattr(self, name)), f"{name} must be >= 0")
         _check(all(t in ("linear", "conv", "conv1d_hf", "embedding") for t in self.include_types),
                "include_types entries must be 'linear', 'conv', 'conv1d_hf' or 'embedding', "

@@ -27,15 +27,21 @@ from sqs_pyro.models.network import SQSModel
 
 
 def param_groups(model: SQSModel, guide: SpikeGMMGuide, config: SQSConfig) -> list[dict[str, Any]]:
-    """Adam groups: gate logits, latent weights, codebooks, and the dense (uncompressed) tensors."""
-    gates, latent, codebook = [], [], []
-    for layer in guide.layers:
-        gates.append(layer.gate_logits)
-        latent.append(layer.latent)
-        codebook += [layer.locs, layer.scale_raw, layer.mix_logits]
+    """Adam groups: gate logits, latent weights, codebooks, and the dense (uncompressed) tensors.
+
+    With ``lr_weights_relative > 0`` every layer's latent weights form their own group with
+    ``lr = lr_weights_relative * RMS(w_l)`` of the weights the guide starts from, so that an Adam
+    step (about ``lr`` per weight) is the same fraction of every layer's scale."""
+    gates = [layer.gate_logits for layer in guide.layers]
+    codebook = [p for layer in guide.layers for p in (layer.locs, layer.scale_raw, layer.mix_logits)]
+    if config.lr_weights_relative > 0:
+        latent = [{"params": [layer.latent], "name": f"latent:{layer.site_name}",
+                   "lr": config.lr_weights_relative * float(layer.latent.detach().pow(2).mean().sqrt())}
+                  for layer in guide.layers]
+    else:
+        latent = [{"params": [layer.latent for layer in guide.layers], "lr": config.lr_weights, "name": "latent"}]
     dense = [p for p in model.net.parameters() if p.requires_grad]
-    groups = [{"params": gates, "lr": config.lr_gates, "name": "gates"},
-              {"params": latent, "lr": config.lr_weights, "name": "latent"},
+    groups = [{"params": gates, "lr": config.lr_gates, "name": "gates"}, *latent,
               {"params": codebook, "lr": config.lr_codebook, "name": "codebook"}]
     if dense:
         groups.append({"params": dense, "lr": config.lr_dense, "name": "dense"})
