@@ -68,15 +68,21 @@ def allocate_levels(groups: list[np.ndarray], total: int) -> list[int]:
     levels = [1] * len(groups)
     distinct = [len(np.unique(g)) for g in groups]
     sse = [kmeans_sse(g, 1) for g in groups]
-    gains = [sse[i] - kmeans_sse(g, 2) if distinct[i] > 1 else -1.0 for i, g in enumerate(groups)]
+    next_sse = [kmeans_sse(g, 2) if distinct[i] > 1 else 0.0 for i, g in enumerate(groups)]
+    gains = [sse[i] - next_sse[i] if distinct[i] > 1 else -1.0 for i in range(len(groups))]
     for _ in range(total - len(groups)):
         best = int(np.argmax(gains))
         if gains[best] < 0:  # every group already has a level per distinct value
             best = int(np.argmax([g.size for g in groups]))
         levels[best] += 1
-        sse[best] = kmeans_sse(groups[best], levels[best])
-        gains[best] = (sse[best] - kmeans_sse(groups[best], levels[best] + 1)
-                       if levels[best] < distinct[best] else -1.0)
+        # the SSE at the new count is the one its gain was computed from (computed once: the
+        # exact k-means of a large group is the cost of the whole plan)
+        sse[best] = next_sse[best] if levels[best] <= distinct[best] else kmeans_sse(groups[best], levels[best])
+        if levels[best] < distinct[best]:
+            next_sse[best] = kmeans_sse(groups[best], levels[best] + 1)
+            gains[best] = sse[best] - next_sse[best]
+        else:
+            gains[best] = -1.0
     return levels
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from sqs_pyro.guides import iqr_fences, kmeans_1d, plan_windows
 from sqs_pyro.guides.kmeans import gmm_from_centres
+from sqs_pyro.guides.windows import allocate_levels, kmeans_sse
 
 
 def brute_force_sse(x, k):
@@ -73,3 +74,26 @@ def test_no_window_mode_and_no_outliers():
     x = np.random.default_rng(4).uniform(-1, 1, 100)
     assert plan_windows(x, 4, "none").levels == (4,)
     assert plan_windows(x, 4, "outlier").levels == (4,)  # uniform data has no IQR outliers
+
+
+def _naive_allocation(groups, total):
+    """The greedy split recomputing every k-means SSE it compares (the reference)."""
+    levels = [1] * len(groups)
+    distinct = [len(np.unique(g)) for g in groups]
+    for _ in range(total - len(groups)):
+        gains = [kmeans_sse(g, k) - kmeans_sse(g, k + 1) if k < d else -1.0 for g, k, d in zip(groups, levels, distinct)]
+        best = int(np.argmax(gains))
+        if gains[best] < 0:
+            best = int(np.argmax([g.size for g in groups]))
+        levels[best] += 1
+    return levels
+
+
+def test_level_allocation_equals_the_naive_greedy_that_recomputes_every_sse():
+    rng = np.random.default_rng(0)
+    for trial in range(25):
+        groups = [np.sort(rng.standard_t(3, size=int(rng.integers(1, 400)))) for _ in range(int(rng.integers(1, 4)))]
+        if trial % 5 == 0:
+            groups.append(np.array([1.0, 1.0, 2.0]))  # fewer distinct values than levels it may get
+        total = int(rng.integers(len(groups), 20))
+        assert allocate_levels(groups, total) == _naive_allocation(groups, total)
