@@ -109,7 +109,8 @@ def feedback_quantize(layer: CompressedLayer, weight: torch.Tensor, hessian: tor
     the most columns are left to absorb their errors); the group scales are then fixed up front from
     the weights as given ("static groups"), else set from the error-fed values when a group starts.
     ``shrink``: candidate factors of a group's ``max |w|`` (:func:`group_scales`, ``H_cc`` as importance).
-    Both defaults were chosen on validation text (SmolLM2, docs/results.md). Returns ``layer`` with new codes, group scales and exact values."""
+    Both defaults were chosen on validation text (SmolLM2, docs/results.md). Returns ``layer``
+    with new codes, group scales and exact values."""
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"feedback_quantize needs a (R, C) weight and a (C, C) hessian, got "
                          f"{tuple(weight.shape)} and {tuple(hessian.shape)}")
@@ -129,7 +130,7 @@ def feedback_quantize(layer: CompressedLayer, weight: torch.Tensor, hessian: tor
     groups = math.ceil(cols / g) if g else 1
     scales = torch.empty(rows, groups, dtype=torch.float16)
     group_of = order // g if g else torch.zeros(cols, dtype=torch.long)
-    static = act_order and g
+    static = bool(act_order and g)
     if static:
         original = weight.detach().float().cpu()
         for k in range(groups):
