@@ -1,4 +1,4 @@
-"""Latent-weight rates relative to each layer's weight scale (``lr_weights_relative``)."""
+"""Latent-weight rates relative to each layer's weight scale (``lr_weights_relative``), capped by ``lr_weights``."""
 import torch
 from torch import nn
 
@@ -17,37 +17,51 @@ def scaled_net() -> nn.Module:
     return net
 
 
-def test_relative_rates_are_the_layer_rms_times_the_factor_and_absolute_stays_one_group():
+def latent_rates(config: SQSConfig) -> dict[str, float]:
     net = scaled_net()
-    rms = [float(net[i].weight.detach().pow(2).mean().sqrt()) for i in (0, 2)]
-    config = SQSConfig(components=4, lr_weights_relative=0.05)
     sites = select_layers(net)
     groups = param_groups(SQSModel(net, sites, config, CategoricalLikelihood(10)), SpikeGMMGuide(net, sites, config),
                           config)
-    latent = {g["name"]: g["lr"] for g in groups if g["name"].startswith("latent")}
-    assert list(latent) == ["latent:0.weight", "latent:2.weight"]
-    assert [round(v, 9) for v in latent.values()] == [round(0.05 * r, 9) for r in rms]
-    absolute = SQSConfig(components=4)
-    groups = param_groups(SQSModel(net, sites, absolute, CategoricalLikelihood(10)),
-                          SpikeGMMGuide(net, sites, absolute), absolute)
-    assert [(g["name"], g["lr"]) for g in groups if g["name"].startswith("latent")] == [("latent", 1e-2)]
+    return {g["name"]: g["lr"] for g in groups if g["name"].startswith("latent")}
+
+
+def test_relative_rates_are_the_layer_rms_times_the_factor_capped_by_lr_weights():
+    net = scaled_net()
+    rms = [float(net[i].weight.detach().pow(2).mean().sqrt()) for i in (0, 2)]
+    rates = latent_rates(SQSConfig(components=4, lr_weights=1.0, lr_weights_relative=0.05))
+    assert list(rates) == ["latent:0.weight", "latent:2.weight"]
+    assert [round(v, 9) for v in rates.values()] == [round(0.05 * r, 9) for r in rms]
+    cap = 0.05 * (rms[0] + rms[1]) / 2  # between the two: caps the large-scale layer only
+    rates = latent_rates(SQSConfig(components=4, lr_weights=cap, lr_weights_relative=0.05))
+    assert [round(v, 9) for v in rates.values()] == [round(cap, 9), round(0.05 * rms[1], 9)]
+    assert latent_rates(SQSConfig(components=4, lr_weights_relative=0.0)) == {"latent": 1e-2}
+
+
+X = torch.randn(64, 6, generator=torch.Generator().manual_seed(1))
+Y = torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(2))
+ONE_STEP = dict(components=4, sparsity=0.0, epochs=1.0, batch_size=64, warmup_fraction=1.0, prune_fraction=0.0)
 
 
 def test_a_training_step_moves_each_layer_by_the_same_fraction_of_its_scale():
     """Adam's first step is lr * sign(grad) per weight: relative rates make it a fixed fraction of the
     layer's RMS, absolute rates a fixed size (10x the fraction on the 10x smaller layer; negative control)."""
-    x = torch.randn(64, 6, generator=torch.Generator().manual_seed(1))
-    y = torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(2))
 
     def moved_fraction(config: SQSConfig) -> list[float]:
         net = scaled_net()
         before = [net[i].weight.detach().clone() for i in (0, 2)]
-        result = compress(net, (x, y), config)
+        result = compress(net, (X, Y), config)
         return [float((layer.latent.detach() - w).abs().max() / w.pow(2).mean().sqrt())
                 for layer, w in zip(result.guide.layers, before)]
 
-    base = dict(components=4, sparsity=0.0, epochs=1.0, batch_size=64, warmup_fraction=1.0, prune_fraction=0.0)
-    relative = moved_fraction(SQSConfig(**base, lr_weights_relative=0.05))
-    absolute = moved_fraction(SQSConfig(**base))
+    relative = moved_fraction(SQSConfig(**ONE_STEP, lr_weights=1.0, lr_weights_relative=0.05))
+    absolute = moved_fraction(SQSConfig(**ONE_STEP, lr_weights_relative=0.0))
     assert abs(relative[0] / relative[1] - 1) < 0.2
     assert absolute[1] / absolute[0] > 5
+
+
+def test_when_every_layer_is_capped_the_run_is_the_absolute_rate_run_bit_for_bit():
+    config = dict(ONE_STEP, epochs=3.0, batch_size=16, warmup_fraction=0.3, prune_fraction=0.3, sparsity=0.5)
+    capped = compress(scaled_net(), (X, Y), SQSConfig(**config, lr_weights=1e-4, lr_weights_relative=0.5))
+    plain = compress(scaled_net(), (X, Y), SQSConfig(**config, lr_weights=1e-4, lr_weights_relative=0.0))
+    for a, b in zip(capped.guide.layers, plain.guide.layers):
+        assert torch.equal(a.latent, b.latent) and torch.equal(a.gate_logits, b.gate_logits)

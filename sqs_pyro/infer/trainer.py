@@ -30,13 +30,13 @@ def param_groups(model: SQSModel, guide: SpikeGMMGuide, config: SQSConfig) -> li
     """Adam groups: gate logits, latent weights, codebooks, and the dense (uncompressed) tensors.
 
     With ``lr_weights_relative > 0`` every layer's latent weights form their own group with
-    ``lr = lr_weights_relative * RMS(w_l)`` of the weights the guide starts from, so that an Adam
-    step (about ``lr`` per weight) is the same fraction of every layer's scale."""
+    ``lr = min(lr_weights, lr_weights_relative * RMS(w_l))`` (``w_l``: the weights the guide starts
+    from): an Adam step (about ``lr`` per weight) is at most that fraction of the layer's scale."""
     gates = [layer.gate_logits for layer in guide.layers]
     codebook = [p for layer in guide.layers for p in (layer.locs, layer.scale_raw, layer.mix_logits)]
     if config.lr_weights_relative > 0:
         latent = [{"params": [layer.latent], "name": f"latent:{layer.site_name}",
-                   "lr": config.lr_weights_relative * float(layer.latent.detach().pow(2).mean().sqrt())}
+                   "lr": min(config.lr_weights, config.lr_weights_relative * float(layer.latent.detach().pow(2).mean().sqrt()))}
                   for layer in guide.layers]
     else:
         latent = [{"params": [layer.latent for layer in guide.layers], "lr": config.lr_weights, "name": "latent"}]
