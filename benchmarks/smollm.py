@@ -188,7 +188,7 @@ def group_scaled(args: argparse.Namespace, net, held: torch.Tensor, calib: torch
     import re
 
     from sqs_pyro.compressed import accounting
-    from sqs_pyro.compressed.error_feedback import SHRINK_GRID, input_hessians
+    from sqs_pyro.compressed.error_feedback import SHRINK_GRID, hessian_scores, input_hessians
     from sqs_pyro.compressed.oneshot import quantize_network
     from sqs_pyro.format.container import save_compressed
     from sqs_pyro.hf import CausalLM, load_transformers, perplexity
@@ -206,8 +206,7 @@ def group_scaled(args: argparse.Namespace, net, held: torch.Tensor, calib: torch
         else:
             hessians = input_hessians(net, sites, calib.split(8))
             torch.save(hessians, cache)
-        scores = {s.name: net.get_parameter(s.name).detach().abs() * hessians[s.name].diagonal().sqrt()
-                  for s in sites}
+        scores = hessian_scores(net, sites, hessians)
     shrink = SHRINK_GRID if search else (1.0,)
     network = quantize_network(net, sites, k, g, e, scores, hessians, act_order=bool(act_order), shrink=shrink)
     quantize_seconds = time.perf_counter() - t0

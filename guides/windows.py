@@ -67,20 +67,19 @@ def allocate_levels(groups: list[np.ndarray], total: int) -> list[int]:
     """Greedy split of ``total`` levels over groups (>= 1 each) maximising the k-means SSE drop."""
     levels = [1] * len(groups)
     distinct = [len(np.unique(g)) for g in groups]
-    sse = [kmeans_sse(g, 1) for g in groups]
-    next_sse = [kmeans_sse(g, 2) if distinct[i] > 1 else 0.0 for i, g in enumerate(groups)]
-    gains = [sse[i] - next_sse[i] if distinct[i] > 1 else -1.0 for i in range(len(groups))]
+    # next_sse[i]: the SSE of group i with one more level; each k-means is computed once (the
+    # exact k-means of a large group is the cost of the whole plan)
+    next_sse = [kmeans_sse(g, 2) if d > 1 else 0.0 for g, d in zip(groups, distinct)]
+    gains = [kmeans_sse(g, 1) - n if d > 1 else -1.0 for g, d, n in zip(groups, distinct, next_sse)]
     for _ in range(total - len(groups)):
         best = int(np.argmax(gains))
         if gains[best] < 0:  # every group already has a level per distinct value
             best = int(np.argmax([g.size for g in groups]))
         levels[best] += 1
-        # the SSE at the new count is the one its gain was computed from (computed once: the
-        # exact k-means of a large group is the cost of the whole plan)
-        sse[best] = next_sse[best] if levels[best] <= distinct[best] else kmeans_sse(groups[best], levels[best])
-        if levels[best] < distinct[best]:
+        if levels[best] < distinct[best]:  # chosen by its gain: next_sse was its SSE at this count
+            sse = next_sse[best]
             next_sse[best] = kmeans_sse(groups[best], levels[best] + 1)
-            gains[best] = sse[best] - next_sse[best]
+            gains[best] = sse - next_sse[best]
         else:
             gains[best] = -1.0
     return levels

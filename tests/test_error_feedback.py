@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from sqs_pyro.compressed.error_feedback import feedback_quantize, group_scales, input_hessians
+from sqs_pyro.compressed.error_feedback import feedback_quantize, group_scales, hessian_scores, input_hessians
 from sqs_pyro.compressed.oneshot import quantize_layer, quantize_network
 from sqs_pyro.format import load_compressed, save_compressed
 from sqs_pyro.models import select_layers
@@ -27,6 +27,9 @@ def test_input_hessians_closed_form():
     torch.testing.assert_close(h["0.weight"], x.T @ x / 11, rtol=1e-5, atol=1e-6)
     hidden = torch.tanh(net[0](x)).detach()
     torch.testing.assert_close(h["2.weight"], hidden.T @ hidden / 11, rtol=1e-5, atol=1e-6)
+    scores = hessian_scores(net, select_layers(net), h)  # Wanda's |W_ij| ||x_j||
+    torch.testing.assert_close(scores["0.weight"], net[0].weight.detach().abs() * x.pow(2).mean(0).sqrt(),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_identity_hessian_is_plain_nearest_level_coding():

@@ -18,7 +18,7 @@ import torch
 from sqs_pyro import hf
 from sqs_pyro.cli.common import non_negative_int, positive_int
 from sqs_pyro.compressed import accounting
-from sqs_pyro.compressed.error_feedback import SHRINK_GRID, input_hessians
+from sqs_pyro.compressed.error_feedback import SHRINK_GRID, hessian_scores, input_hessians
 from sqs_pyro.compressed.oneshot import quantize_network
 from sqs_pyro.errors import SQSInputError
 from sqs_pyro.format import save_compressed
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     hessians = scores = None
     if calib is not None:
         hessians = input_hessians(net, sites, calib.split(8))
-        scores = {s.name: net.get_parameter(s.name).detach().abs() * hessians[s.name].diagonal().sqrt() for s in sites}
+        scores = hessian_scores(net, sites, hessians)
     count, fraction = (0, args.exact_outliers) if args.exact_outliers < 1 else (int(args.exact_outliers), 0.0)
     network = quantize_network(net, sites, args.components, args.group_size, count, scores, hessians,
                                act_order=not args.natural_order, shrink=(1.0,) if args.absmax_scales else SHRINK_GRID,

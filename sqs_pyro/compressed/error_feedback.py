@@ -61,6 +61,14 @@ def input_hessians(net: nn.Module, sites: Sequence[CompressedSite], batches: Ite
     return {name: (sums[name] / counts[name]).float() for name in sums}
 
 
+def hessian_scores(net: nn.Module, sites: Sequence[CompressedSite], hessians: dict[str, torch.Tensor]
+                   ) -> dict[str, torch.Tensor]:
+    r"""Activation-aware scores ``|W_ij| sqrt(H_jj) = |W_ij| ||x_j||`` (Wanda's, from the input second
+    moments of :func:`input_hessians`) of every selected weight that has one: the exact-weight ranking."""
+    return {s.name: net.get_parameter(s.name).detach().abs() * hessians[s.name].diagonal().sqrt()
+            for s in sites if s.name in hessians}
+
+
 def _inverse_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper Cholesky factor of ``(H + damp mean(diag H) I)^{-1}`` (dead inputs get ``H_cc = 1``),
     and the mask of dead inputs."""
@@ -120,7 +128,8 @@ def feedback_quantize(layer: CompressedLayer, weight: torch.Tensor, hessian: tor
     factor, dead = _inverse_factor(hessian[order][:, order], damp)
     w = weight.detach().float().cpu()[:, order].clone()
     w[:, dead] = 0.0
-    importance = torch.diagonal(hessian).float()[order]
+    energy = torch.diagonal(hessian).float()
+    importance = energy[order]
     levels = layer.codebook.float()
     exact_given = torch.zeros(rows * cols, dtype=torch.bool)
     if layer.num_exact:
@@ -135,8 +144,7 @@ def feedback_quantize(layer: CompressedLayer, weight: torch.Tensor, hessian: tor
         original = weight.detach().float().cpu()
         for k in range(groups):
             cut = slice(k * g, (k + 1) * g)
-            scales[:, k] = group_scales(original[:, cut], exact_given[:, cut], levels,
-                                        torch.diagonal(hessian).float()[cut], shrink)
+            scales[:, k] = group_scales(original[:, cut], exact_given[:, cut], levels, energy[cut], shrink)
     elif g:
         block = g * max(1, math.ceil(block / g))  # a group never straddles two blocks
     codes = torch.zeros(rows, cols, dtype=torch.long)

@@ -26,6 +26,10 @@ from sqs_pyro.infer.schedules import FINETUNE, PRUNE, Schedule
 from sqs_pyro.models.network import SQSModel
 
 
+def _rms(t: torch.Tensor) -> float:
+    return float(t.detach().pow(2).mean().sqrt())
+
+
 def param_groups(model: SQSModel, guide: SpikeGMMGuide, config: SQSConfig) -> list[dict[str, Any]]:
     """Adam groups: gate logits, latent weights, codebooks, and the dense (uncompressed) tensors.
 
@@ -36,7 +40,7 @@ def param_groups(model: SQSModel, guide: SpikeGMMGuide, config: SQSConfig) -> li
     codebook = [p for layer in guide.layers for p in (layer.locs, layer.scale_raw, layer.mix_logits)]
     if config.lr_weights_relative > 0:
         latent = [{"params": [layer.latent], "name": f"latent:{layer.site_name}",
-                   "lr": min(config.lr_weights, config.lr_weights_relative * float(layer.latent.detach().pow(2).mean().sqrt()))}
+                   "lr": min(config.lr_weights, config.lr_weights_relative * _rms(layer.latent))}
                   for layer in guide.layers]
     else:
         latent = [{"params": [layer.latent for layer in guide.layers], "lr": config.lr_weights, "name": "latent"}]
