@@ -25,7 +25,9 @@ Runs (each in its own process, so that its peak RSS is its own; one JSON line ea
   moments are cached in ``runs/smollm/``). Further suffixes: ``a`` activation order (static
   group scales), ``s`` searched group scales (``oneshot_g64k16e16has``: both, the defaults of
   ``sqs-pyro quantize``);
-* ``sqs<S>k<K>``: SQS at sparsity S% with K levels on every attention and MLP matrix, with
+* ``sqs<S>k<K>[g<G>][p]``: SQS at sparsity S% with K levels on every attention and MLP matrix
+  (``g<G>``: group scales per G weights of a row, the posterior on the normalised weights;
+  ``p``: pooled-scale responsibilities), with
   the ``--hf`` defaults (:data:`sqs_pyro.cli.compress_hf.HF_DEFAULTS`: one-shot pruning to
   the target from saliencies, gates learning for 20% of the steps, tempered KL); also
   the perplexity with quantile-binned assignments (``--bins`` per window) instead of
@@ -41,6 +43,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -131,9 +134,11 @@ def child(args: argparse.Namespace) -> dict:
     elif args.child.startswith("oneshot"):
         row.update(group_scaled(args, net, held, train[:args.calib, :-1]))
     else:
-        sparsity, k = args.child[3:].split("k")
+        sparsity, k, group, pooled = re.fullmatch(r"sqs(\d+)k(\d+)(?:g(\d+))?(p?)", args.child).groups()
         s_f = int(sparsity) / 100
         config = SQSConfig.from_dict({**HF_DEFAULTS, "sparsity": s_f, "initial_sparsity": s_f, "components": int(k),
+                                      "group_size": int(group or 0),
+                                      "responsibility_scale": "pooled" if pooled else "own",
                                       "epochs": 1.0, "batch_size": args.batch_size, "seed": args.seed,
                                       "include": transformer_include("llama"), "lr_weights": args.lr_weights,
                                       "lr_codebook": args.lr_codebook, "lr_dense": args.lr_dense,

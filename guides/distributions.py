@@ -97,6 +97,8 @@ class SpikeGMM(TorchDistribution):
             fused kernels, :meth:`rsample` then computes the KL bound in the same pass and
             :func:`~sqs_pyro.guides.kl.spike_gmm_kl` reuses it for an equal prior.
         tau: responsibility sharpening temperature.
+        pooled: responsibilities with the pooled scale ``sqrt(mean_k s_k^2)`` in place of each
+            ``s_k`` (the nearest level up to ``log pi_k``); the levels keep their own scales.
         gate_temperature, assign_temperature: Concrete temperatures for sampling.
         mode: ``"sample"`` or ``"expected"``.
     """
@@ -107,7 +109,7 @@ class SpikeGMM(TorchDistribution):
 
     def __init__(self, gate_logits: torch.Tensor, latent: torch.Tensor, codebook: "Codebook",
                  gate_fixed: torch.Tensor | None = None, tau: float = 1.0, gate_temperature: float = 0.5,
-                 assign_temperature: float = 0.5, mode: str = "sample", kl_prior=None) -> None:
+                 assign_temperature: float = 0.5, mode: str = "sample", kl_prior=None, pooled: bool = False) -> None:
         self.gate_logits = gate_logits
         self.latent = latent
         self.codebook = codebook
@@ -120,6 +122,7 @@ class SpikeGMM(TorchDistribution):
         self.assign_temperature = float(assign_temperature)
         self.sampling = mode
         self.kl_prior = kl_prior
+        self.pooled = pooled
         self.fused_kl: torch.Tensor | None = None
         super().__init__(latent.shape, torch.Size(), validate_args=False)
 
@@ -127,8 +130,10 @@ class SpikeGMM(TorchDistribution):
     @lazy_property
     def codebook_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(c, a)`` with ``c_k = (log pi_k - log s_k) / tau`` and ``a_k = 1 / (s_k sqrt(tau))``, so that
-        the responsibility logits are ``c_k - z_jk^2 / 2`` with ``z_jk = (x_j - mu_k) a_k``."""
-        return (self.log_mix - torch.log(self.scales)) / self.tau, 1.0 / (self.scales * math.sqrt(self.tau))
+        the responsibility logits are ``c_k - z_jk^2 / 2`` with ``z_jk = (x_j - mu_k) a_k`` (``s_k`` the
+        pooled scale for every ``k`` when ``pooled``)."""
+        s = self.scales.pow(2).mean().sqrt().expand_as(self.scales) if self.pooled else self.scales
+        return (self.log_mix - torch.log(s)) / self.tau, 1.0 / (s * math.sqrt(self.tau))
 
     @lazy_property
     def fused(self) -> bool:

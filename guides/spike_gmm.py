@@ -16,6 +16,7 @@ from sqs_pyro.guides.allocation import lamp_sparsities
 from sqs_pyro.guides.distributions import Codebook, PosteriorDraw, SpikeGMM
 from sqs_pyro.guides.initialization import initial_codebook, scoped_kthvalues
 from sqs_pyro.guides.kl import spike_gmm_kl
+from sqs_pyro.models.group_scales import normalise
 from sqs_pyro.models.priors import SpikeSlabGMM, kl_weighting
 from sqs_pyro.models.selection import CompressedSite
 
@@ -96,14 +97,14 @@ class LayerPosterior(PyroModule):
         return torch.sigmoid(self.gate_logits.detach()) > 0.5
 
     def distribution(self, tau: float, gate_temperature: float, assign_temperature: float,
-                     mode: str, kl_prior: SpikeSlabGMM | None = None) -> SpikeGMM:
+                     mode: str, kl_prior: SpikeSlabGMM | None = None, pooled: bool = False) -> SpikeGMM:
         gate_fixed = None
         if self.state == GateState.OPEN:
             gate_fixed = torch.ones_like(self.latent)
         elif self.state == GateState.FROZEN:
             gate_fixed = self.mask.to(self.latent.dtype)
         return SpikeGMM(self.gate_logits, self.latent, self.codebook(), gate_fixed, tau, gate_temperature,
-                        assign_temperature, mode, kl_prior)
+                        assign_temperature, mode, kl_prior, pooled)
 
     def codebook(self) -> Codebook:
         """The current codebook (levels, scales, per-window log mixing weights, windows)."""
@@ -120,7 +121,9 @@ class SpikeGMMGuide(PyroModule):
     :attr:`layer_sparsity`); ``scores`` (e.g. a first-order saliency,
     :func:`~sqs_pyro.guides.gate_scores.first_order_saliency`) default to ``|w_j|``. The
     driver sets the temperatures, ``kl_weight`` and the gate states; a user's own SVI script
-    can use it as it is.
+    can use it as it is. With ``config.group_size > 0`` it is a posterior over the normalised
+    weights ``u = w / sigma`` (the model's sites; :mod:`sqs_pyro.models.group_scales`), and the
+    gates still start from the scores of the weights themselves.
     """
 
     def __init__(self, net: nn.Module, sites: Sequence[CompressedSite], config: SQSConfig,
@@ -133,11 +136,16 @@ class SpikeGMMGuide(PyroModule):
                                if config.prune_scope == "lamp" else None)
         offsets = _gate_offsets(net, self.sites, scores, config.sparsity, config.prune_scope, self.layer_sparsity)
         self.layers = PyroModule[nn.ModuleList](
-            [LayerPosterior(site, net.get_parameter(site.name), config, offsets[site.name]) for site in self.sites])
+            [LayerPosterior(site, self._start(net.get_parameter(site.name)), config, offsets[site.name])
+             for site in self.sites])
         self.kl_weight = float(config.kl_weight)
         self.mode = config.mode
         self.register_buffer("gate_temperature", torch.tensor(config.gate_temperature[0]))
         self.register_buffer("assign_temperature", torch.tensor(config.assign_temperature[0]))
+
+    def _start(self, weight: torch.Tensor) -> torch.Tensor:
+        """The values ``q`` lives on: the weights, or with group scales ``u = w / sigma``."""
+        return normalise(weight.detach(), self.config.group_size)[0] if self.config.group_size else weight
 
     def distributions(self) -> dict[str, SpikeGMM]:
         """The current variational distribution of every compressed tensor, by site name.
@@ -147,7 +155,8 @@ class SpikeGMMGuide(PyroModule):
         tg, ta = float(self.gate_temperature), float(self.assign_temperature)
         tau = self.config.responsibility_temperature
         return {layer.site_name: layer.distribution(tau, tg, ta, self.mode, SpikeSlabGMM.from_config(
-                    self.config, layer.latent.shape, dtype=layer.latent.dtype, device=layer.latent.device))
+                    self.config, layer.latent.shape, dtype=layer.latent.dtype, device=layer.latent.device),
+                    self.config.responsibility_scale == "pooled")
                 for layer in self.layers}
 
     def set_gate_state(self, state: GateState) -> None:

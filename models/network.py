@@ -11,6 +11,7 @@ from torch import nn
 from torch.func import functional_call
 
 from sqs_pyro.config import SQSConfig
+from sqs_pyro.models.group_scales import apply_group_scales, group_absmax
 from sqs_pyro.models.priors import EmpiricalBayesPrior, SpikeSlabGMM, kl_weighting
 from sqs_pyro.models.selection import CompressedSite
 
@@ -28,11 +29,21 @@ class SQSModel(PyroModule):
     ``config.empirical_bayes``, one :class:`~sqs_pyro.models.priors.EmpiricalBayesPrior` per
     site (``hyperpriors``, aligned with ``sites``) whose hyper-parameters are set from the
     guide by :meth:`update_hyperpriors` (variational EM).
+
+    With ``config.group_size = G > 0`` the sites are the normalised weights ``u`` and the network
+    gets ``w = sigma * u`` (:func:`~sqs_pyro.models.group_scales.apply_group_scales`): the group
+    scales are deterministic parameters (``log sigma``, starting at ``max |w|`` per group of the
+    pretrained weights), used rounded to fp16 as the file stores them (straight-through).
     """
 
     def __init__(self, net: nn.Module, sites: Sequence[CompressedSite], config: SQSConfig,
                  likelihood: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]) -> None:
         super().__init__()
+        self.group_size = config.group_size
+        #: log sigma per site (shape ``(R, ceil(C / G))``), learned; ``None`` without group scales
+        self.log_group_scales = nn.ParameterList(
+            [nn.Parameter(torch.log(group_absmax(net.get_parameter(s.name), self.group_size)
+                                    .to(net.get_parameter(s.name).dtype))) for s in sites]) if self.group_size else None
         self.net = copy.deepcopy(net)
         for site in sites:
             _weight_to_placeholder(self.net, site)
@@ -57,6 +68,13 @@ class SQSModel(PyroModule):
             q = posteriors[site.name]
             hyper.maximise(q.inclusion, q.most_probable_level(), q.locs, q.scales)
 
+    def group_scales(self) -> dict[str, torch.Tensor]:
+        """The fp16 group scales ``sigma`` of every site, by name (shape ``(R, ceil(C / G))``;
+        empty without group scales)."""
+        if not self.group_size:
+            return {}
+        return {site.name: torch.exp(p.detach()).to(torch.float16) for site, p in zip(self.sites, self.log_group_scales)}
+
     def prior(self, site: CompressedSite) -> SpikeSlabGMM:
         if self.hyperpriors is not None:
             return self.hyperpriors[self.sites.index(site)].distribution(site.shape)
@@ -71,9 +89,17 @@ class SQSModel(PyroModule):
         """Draw (or, under a replayed guide trace, look up) every compressed weight tensor."""
         weights = {}
         with kl_weighting(self.kl_weight):
-            for site in self.sites:
-                weights[site.name] = pyro.sample(site.name, self.prior(site).to_event(len(site.shape)))
+            for i, site in enumerate(self.sites):
+                u = pyro.sample(site.name, self.prior(site).to_event(len(site.shape)))
+                weights[site.name] = self._scaled(i, u)
         return weights
+
+    def _scaled(self, index: int, u: torch.Tensor) -> torch.Tensor:
+        if not self.group_size:
+            return u
+        sigma = torch.exp(self.log_group_scales[index])
+        sigma = sigma + (sigma.to(torch.float16).to(sigma.dtype) - sigma).detach()  # the file's fp16 values
+        return apply_group_scales(u, sigma, self.group_size)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         out = functional_call(self.net, self.sample_weights(), (x,), strict=False)

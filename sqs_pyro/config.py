@@ -12,6 +12,7 @@ from sqs_pyro.errors import SQSInputError
 
 WINDOW_MODES = ("none", "equal", "outlier")
 SAMPLING_MODES = ("sample", "expected", "hard")
+RESPONSIBILITY_SCALES = ("own", "pooled")
 PRUNE_SCOPES = ("global", "layer", "row", "lamp")
 
 
@@ -33,6 +34,18 @@ class SQSConfig:
     (``codebook_fit="kept"``) or to all weights (``"all"``, the SQS authors' choice), by plain
     k-means or, with ``forced_extremes`` (the authors' choice), with each window's outermost
     levels moved onto its extreme values (outlier-aware windows never force them).
+
+    Group scales: with ``group_size = G > 0`` a weight viewed as rows is ``w = sigma_g u`` with one
+    fp16 scale ``sigma_g`` per group of ``G`` consecutive weights of a row (``G`` at least the
+    row length: one scale per row), starting at ``max |w|`` of the pretrained weights and learned
+    in log space at ``lr_codebook``; prior, guide and codebook live on the normalised values
+    ``u`` (the levels are shared, the scales are stored beside them). ``0``: no scales, one
+    codebook over the raw weights.
+
+    Responsibilities: ``phi_jk`` weighs the levels by ``N(x_j; mu_k, s_k^2)`` with each level's own
+    scale (``responsibility_scale="own"``) or with the layer's pooled ``sqrt(mean_k s_k^2)``
+    (``"pooled"``: the nearest level up to ``log pi_k``; with own scales a latent weight far from
+    every level goes to the widest one, not the nearest).
 
     Gates start at ``gate_init + clip(log(score / ref), -3, 3)``, ``ref`` the score at the
     target-sparsity quantile, with the score a
@@ -66,6 +79,7 @@ class SQSConfig:
     equal_windows: int = 2
     iqr_factor: float = 5.0
     forced_extremes: bool = False
+    group_size: int = 0
     prior_inclusion: float = 0.01
     slab_weights: tuple[float, ...] = (1.0,)
     slab_locs: tuple[float, ...] = (0.0,)
@@ -75,6 +89,7 @@ class SQSConfig:
     kl_warmup_fraction: float = 0.2
     mode: str = "hard"
     responsibility_temperature: float = 1.0
+    responsibility_scale: str = "own"
     gate_temperature: tuple[float, float] = (1.0, 0.05)
     assign_temperature: tuple[float, float] = (1.0, 0.05)
     gate_init: float = 3.0
@@ -112,6 +127,7 @@ class SQSConfig:
                f"codebook_fit must be 'kept' or 'all', got {self.codebook_fit!r}")
         _check(1 <= self.equal_windows <= min(self.components, 127),
                f"equal_windows must lie in [1, min(components, 127)], got {self.equal_windows!r}")
+        _check(self.group_size >= 0, f"group_size must be an integer >= 0, got {self.group_size!r}")
         _check(self.iqr_factor > 0, f"iqr_factor must be > 0, got {self.iqr_factor!r}")
         _check(0.0 < self.prior_inclusion < 1.0,
                f"prior_inclusion must lie in (0, 1), got {self.prior_inclusion!r}")
@@ -128,6 +144,8 @@ class SQSConfig:
                f"gate_score must be 'saliency', 'magnitude' or 'activation', got {self.gate_score!r}")
         _check(self.saliency_batches >= 1, "saliency_batches must be >= 1")
         _check(self.responsibility_temperature > 0, "responsibility_temperature must be > 0")
+        _check(self.responsibility_scale in RESPONSIBILITY_SCALES,
+               f"responsibility_scale must be one of {RESPONSIBILITY_SCALES}, got {self.responsibility_scale!r}")
         for name in ("gate_temperature", "assign_temperature"):
             pair = getattr(self, name)
             _check(len(pair) == 2 and all(t > 0 for t in pair), f"{name} must be two positive numbers")

@@ -5,7 +5,8 @@ from torch import nn
 
 from sqs_pyro.cli import main
 from sqs_pyro.compressed import CompressedLayer, CompressedNetwork, accounting
-from sqs_pyro.compressed.oneshot import group_absmax, quantize_layer, quantize_network
+from sqs_pyro.compressed.oneshot import quantize_layer, quantize_network
+from sqs_pyro.models.group_scales import group_absmax
 from sqs_pyro.errors import CompressedFileError, SQSInputError
 from sqs_pyro.format import load_compressed, read_header, save_compressed
 from sqs_pyro.models import select_layers

@@ -19,6 +19,7 @@ from torch import nn
 
 from sqs_pyro.compressed.levels import merge_candidates
 from sqs_pyro.guides.spike_gmm import SpikeGMMGuide
+from sqs_pyro.models.group_scales import apply_group_scales
 
 
 @dataclass
@@ -72,17 +73,14 @@ class CompressedLayer:
 
     def group_scale(self) -> torch.Tensor:
         """``sigma`` broadcast to every weight (shape ``shape``); ones without group scales."""
-        if self.scales is None:
-            return torch.ones(self.shape, dtype=self.codebook.dtype, device=self.codebook.device)
-        cols = self.numel // self.rows
-        full = self.scales.to(self.codebook.dtype).repeat_interleave(self.group_size, dim=1)[:, :cols]
-        return full.reshape(self.shape)
+        ones = torch.ones(self.shape, dtype=self.codebook.dtype, device=self.codebook.device)
+        return ones if self.scales is None else apply_group_scales(ones, self.scales, self.group_size)
 
     def weight(self) -> torch.Tensor:
         """The dense weight tensor (see the class docstring)."""
         w = torch.where(self.mask, self.codebook[self.codes], torch.zeros((), dtype=self.codebook.dtype))
         if self.scales is not None:
-            w = w * self.group_scale()
+            w = apply_group_scales(w, self.scales, self.group_size)
         if self.num_exact:
             w = w.reshape(-1).index_put((self.exact_index,), self.exact_values.to(w.dtype)).reshape(self.shape)
         return w
@@ -150,20 +148,30 @@ class CompressedNetwork:
 
 
 @torch.no_grad()
-def materialize(guide: SpikeGMMGuide, net: nn.Module, config: dict[str, Any] | None = None) -> CompressedNetwork:
+def materialize(guide: SpikeGMMGuide, net: nn.Module, config: dict[str, Any] | None = None,
+                group_scales: dict[str, torch.Tensor] | None = None) -> CompressedNetwork:
     """The greedy compressed network from a trained guide and the trained dense net.
 
     ``net`` holds the deterministic (uncompressed) tensors; its compressed weights are ignored.
+    A guide over group-normalised weights (``guide.config.group_size > 0``) needs the model's
+    ``group_scales`` (:meth:`SQSModel.group_scales <sqs_pyro.models.SQSModel.group_scales>`),
+    which the layers store beside their codes.
     With ``config["adaptive_bits"]`` every layer keeps only the levels its posterior uses and
     tells apart (:meth:`CompressedLayer.used_levels`): mixed precision chosen by the posterior.
     """
     config = dict(config or {})
+    size = guide.config.group_size
+    missing = [layer.site_name for layer in guide.layers if size and layer.site_name not in (group_scales or {})]
+    if missing:
+        raise ValueError(f"the guide lives on group-normalised weights: pass the model's group_scales "
+                         f"(missing for {missing[:3]})")
     layers = []
     for layer, d in zip(guide.layers, guide.distributions().values()):
         mask = layer.kept_mask()
         codes = torch.where(mask, d.most_probable_level(), torch.zeros((), dtype=torch.long))
         compressed = CompressedLayer(layer.site_name, tuple(mask.shape), mask, codes,
-                                     layer.locs.detach().clone(), layer.comp_window.clone())
+                                     layer.locs.detach().clone(), layer.comp_window.clone(), size,
+                                     group_scales[layer.site_name].to(torch.float16).clone() if size else None)
         if config.get("adaptive_bits"):
             compressed = compressed.used_levels(layer.scales, config.get("merge_separation", 2.0))
         layers.append(compressed)
@@ -182,11 +190,16 @@ def uncompressed_state(net: nn.Module, compressed: set[str]) -> dict[str, torch.
     return dense
 
 
+def _scaled(layer: CompressedLayer, u: torch.Tensor) -> torch.Tensor:
+    """A draw of a layer's (group-normalised) weights in the network's units."""
+    return u if layer.scales is None else apply_group_scales(u, layer.scales, layer.group_size)
+
+
 class AveragedPredictor(nn.Module):
     """The posterior predictive ``p(y | x, D) ~ (1/M) sum_m p(y | x, W_m)`` with ``W_m ~ q``.
 
     Each member is a whole network drawn by :meth:`SpikeGMMGuide.draw
-    <sqs_pyro.guides.SpikeGMMGuide.draw>`: gates (after training: the frozen mask), codes
+    <sqs_pyro.guides.SpikeGMMGuide.draw>` (times the group scales of ``compressed``): gates (after training: the frozen mask), codes
     ``a_j ~ phi_j`` and slab noise ``s_{a_j} eps_j``. ``forward`` returns the mean of the
     members' softmax probabilities (``output="probs"``) or of their raw outputs (``"mean"``).
     It is not stored in a ``.sqs`` file (members are continuous draws): it needs the guide,
@@ -203,7 +216,9 @@ class AveragedPredictor(nn.Module):
         self.net = compressed.load_into(copy.deepcopy(skeleton))
         self.output = output
         draws = guide.draw(num_members, torch.Generator().manual_seed(seed))
-        self.member_weights = [{name: d.weight[m] for name, d in draws.items()} for m in range(num_members)]
+        layers = {layer.name: layer for layer in compressed.layers}
+        self.member_weights = [{name: _scaled(layers[name], d.weight[m]) for name, d in draws.items()}
+                               for m in range(num_members)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         total = None

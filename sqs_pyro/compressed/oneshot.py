@@ -18,7 +18,6 @@ the spike-and-GMM posterior lives on ``u``.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -27,19 +26,8 @@ from torch import nn
 from sqs_pyro.compressed.error_feedback import SHRINK_GRID, feedback_quantize
 from sqs_pyro.compressed.materialize import CompressedLayer, CompressedNetwork, uncompressed_state
 from sqs_pyro.guides.kmeans import kmeans_codebook
+from sqs_pyro.models.group_scales import group_absmax
 from sqs_pyro.models.selection import CompressedSite
-
-
-def group_absmax(weight: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``max |w|`` per group of ``group_size`` consecutive weights of each row, as float16
-    (shape ``(R, ceil(C / G))``; all-zero groups get the smallest normal fp16 value)."""
-    rows = weight.shape[0] if weight.dim() else 1
-    flat = weight.detach().reshape(rows, -1).abs().float()
-    cols = flat.shape[1]
-    groups = math.ceil(cols / group_size)
-    padded = torch.nn.functional.pad(flat, (0, groups * group_size - cols))
-    scale = padded.reshape(rows, groups, group_size).amax(-1)
-    return scale.clamp_min(torch.finfo(torch.float16).tiny).to(torch.float16)
 
 
 @torch.no_grad()

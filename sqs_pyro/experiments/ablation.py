@@ -178,9 +178,15 @@ def load_grid(path: str | os.PathLike) -> Grid:
     return parse_grid(raw, path.parent)
 
 
+# Config fields added after results were recorded: left out of the digest at the value that
+# reproduces those results, so that their keys (and the runs behind them) stay valid.
+_KEY_NEUTRAL = {"group_size": 0, "responsibility_scale": "own"}
+
+
 def run_key(workload: str, method: MethodSpec, config: SQSConfig, grid: Grid) -> str:
     """``workload/method/s=../K=../seed=../digest``: the digest covers every setting of the run."""
-    settings = {"workload": workload, "kind": method.kind, "config": config.to_dict(),
+    values = {k: v for k, v in config.to_dict().items() if k not in _KEY_NEUTRAL or v != _KEY_NEUTRAL[k]}
+    settings = {"workload": workload, "kind": method.kind, "config": values,
                 "train_limit": grid.train_limit, "test_limit": grid.test_limit,
                 "reference_epochs": grid.reference_epochs, "reference_seed": grid.reference_seed}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]

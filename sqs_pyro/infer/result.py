@@ -28,7 +28,7 @@ class SQSResult:
 
     def compressed(self) -> CompressedNetwork:
         """The greedy compressed network (mask, codes, codebooks, other tensors)."""
-        return materialize(self.guide, self.model.net, self.config.to_dict())
+        return materialize(self.guide, self.model.net, self.config.to_dict(), self.model.group_scales())
 
     def greedy_module(self) -> nn.Module:
         """A plain module of the original architecture with the greedy compressed weights."""

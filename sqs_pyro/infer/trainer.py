@@ -31,7 +31,8 @@ def _rms(t: torch.Tensor) -> float:
 
 
 def param_groups(model: SQSModel, guide: SpikeGMMGuide, config: SQSConfig) -> list[dict[str, Any]]:
-    """Adam groups: gate logits, latent weights, codebooks, and the dense (uncompressed) tensors.
+    """Adam groups: gate logits, latent weights, codebooks, the log group scales (at the codebook's
+    rate) and the dense (uncompressed) tensors.
 
     With ``lr_weights_relative > 0`` every layer's latent weights form their own group with
     ``lr = min(lr_weights, lr_weights_relative * RMS(w_l))`` (``w_l``: the weights the guide starts
@@ -47,6 +48,8 @@ def param_groups(model: SQSModel, guide: SpikeGMMGuide, config: SQSConfig) -> li
     dense = [p for p in model.net.parameters() if p.requires_grad]
     groups = [{"params": gates, "lr": config.lr_gates, "name": "gates"}, *latent,
               {"params": codebook, "lr": config.lr_codebook, "name": "codebook"}]
+    if model.log_group_scales is not None:
+        groups.append({"params": list(model.log_group_scales), "lr": config.lr_codebook, "name": "group_scales"})
     if dense:
         groups.append({"params": dense, "lr": config.lr_dense, "name": "dense"})
     return groups

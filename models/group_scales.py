@@ -1,0 +1,50 @@
+r"""Group scales: a weight viewed as ``R`` rows of ``C`` values is ``w_{rc} = sigma_{r, floor(c / G)} u_{rc}``.
+
+One scale per group of ``G`` consecutive weights of a row (``G >= C``: one per row); the
+spike-and-GMM prior and the guide live on the normalised values ``u = w / sigma``. The scales
+are fp16 values (as the ``.sqs`` file stores them) of shape ``(R, ceil(C / G))``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _rows(shape: torch.Size | tuple[int, ...]) -> int:
+    return shape[0] if len(shape) else 1
+
+
+def group_absmax(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``max |w|`` per group of ``group_size`` consecutive weights of each row, as float16
+    (shape ``(R, ceil(C / G))``; all-zero groups get the smallest normal fp16 value)."""
+    rows = _rows(weight.shape)
+    flat = weight.detach().reshape(rows, -1).abs().float()
+    cols = flat.shape[1]
+    group_size = min(group_size, max(cols, 1))
+    groups = math.ceil(cols / group_size)
+    padded = torch.nn.functional.pad(flat, (0, groups * group_size - cols))
+    scale = padded.reshape(rows, groups, group_size).amax(-1)
+    return scale.clamp_min(torch.finfo(torch.float16).tiny).to(torch.float16)
+
+
+def apply_group_scales(values: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``sigma * u``: every value times its group's scale (``values`` of any shape ``(R, ...)``,
+    ``scales`` of shape ``(R, ceil(C / G))``); differentiable in both."""
+    rows = _rows(values.shape)
+    flat = values.reshape(rows, -1)
+    cols = flat.shape[1]
+    s = scales.to(values.dtype)
+    if s.shape[1] == 1:
+        out = flat * s
+    elif cols % group_size == 0:
+        out = flat.reshape(rows, cols // group_size, group_size) * s.unsqueeze(-1)
+    else:
+        out = flat * s.repeat_interleave(group_size, dim=1)[:, :cols]
+    return out.reshape(values.shape)
+
+
+def normalise(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u, sigma)``: the fp16 absmax scales of ``weight``'s groups and ``u = w / sigma`` (in ``[-1, 1]``)."""
+    scales = group_absmax(weight, group_size)
+    return weight / apply_group_scales(torch.ones_like(weight), scales, group_size), scales

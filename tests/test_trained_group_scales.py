@@ -1,0 +1,118 @@
+"""Group scales in the trained path: the model's sites are the normalised weights u and the
+network gets w = sigma * u; a planted per-row-scaled grid is recovered, and the file keeps it."""
+import pytest
+import torch
+from pyro import poutine
+from torch import nn
+
+from sqs_pyro import SQSConfig
+from sqs_pyro.compressed.materialize import materialize
+from sqs_pyro.format import load_compressed, read_header, save_compressed
+from sqs_pyro.guides import SpikeGMMGuide
+from sqs_pyro.infer import compress
+from sqs_pyro.models import CategoricalLikelihood, SQSModel, select_layers
+from sqs_pyro.models.group_scales import apply_group_scales, group_absmax, normalise
+
+
+@pytest.mark.parametrize("shape,group", [((3, 5), 2), ((4, 2, 3), 4), ((3, 6), 3), ((3, 5), 100), ((2, 4), 4)])
+def test_apply_group_scales_closed_form(shape, group):
+    u = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    rows, cols = shape[0], u[0].numel()
+    scales = torch.rand(rows, -(-cols // min(group, cols)), generator=torch.Generator().manual_seed(1)) + 0.5
+    expected = u.reshape(rows, cols).clone()
+    for r in range(rows):
+        for c in range(cols):
+            expected[r, c] *= scales[r, c // group]
+    torch.testing.assert_close(apply_group_scales(u, scales, group), expected.reshape(shape))
+    w = u * 3
+    w_u, sigma = normalise(w, group)
+    assert sigma.shape == scales.shape and sigma.dtype == torch.float16
+    torch.testing.assert_close(apply_group_scales(w_u, sigma, group), w)  # u * sigma = w
+    assert float(w_u.abs().max()) == pytest.approx(1.0, abs=1e-3) and torch.equal(group_absmax(w, group), sigma)
+
+
+def small_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        net[0].weight.mul_(torch.logspace(-2, 1, 8).unsqueeze(1))  # rows over three decades
+    return net
+
+
+def test_model_sites_are_normalised_and_the_network_gets_sigma_u():
+    config = SQSConfig(components=4, group_size=4, windows="none")
+    net = small_net()
+    sites = select_layers(net)
+    model, guide = SQSModel(net, sites, config, CategoricalLikelihood(8)), SpikeGMMGuide(net, sites, config)
+    scales = model.group_scales()
+    assert [tuple(s.shape) for s in scales.values()] == [(8, 3), (3, 2)]
+    for layer, site in zip(guide.layers, sites):  # the guide starts at u = w / sigma, |u| <= 1
+        w = net.get_parameter(site.name).detach()
+        torch.testing.assert_close(apply_group_scales(layer.latent.detach(), scales[site.name], 4), w)
+        assert float(layer.latent.abs().max()) <= 1.0 + 1e-3  # fp16 scales: 1 + 2^-11 at most
+    trace = poutine.trace(guide).get_trace()
+    with poutine.replay(trace=trace):
+        weights = model.sample_weights()
+    for site in sites:
+        u = trace.nodes[site.name]["value"]
+        torch.testing.assert_close(weights[site.name], apply_group_scales(u, scales[site.name], 4))
+        assert not torch.allclose(weights[site.name], u)  # negative control: the scales act
+    with pytest.raises(ValueError, match="group_scales"):
+        materialize(guide, model.net)
+
+
+LEVELS = torch.tensor([-1.0, -0.4, 0.4, 1.0])
+
+
+def planted_rows():
+    """A teacher whose rows are one 4-level grid times scales over three decades: a per-row
+    codebook holds it exactly, one codebook per layer cannot (16 distinct magnitudes, K = 4)."""
+    gen = torch.Generator().manual_seed(0)
+    sigma = torch.logspace(-1.5, 1.5, 6).unsqueeze(1)
+    codes = torch.randint(0, 4, (6, 16), generator=gen)
+    codes[:, 0], codes[:, 1] = 0, 3  # every row reaches +-1
+    w_true = LEVELS[codes] * sigma
+    x = torch.randn(2048, 16, generator=gen)
+    y = x @ w_true.T + 0.02 * torch.randn(2048, 6, generator=gen)
+    student = nn.Linear(16, 6, bias=False)
+    with torch.no_grad():
+        student.weight.copy_(torch.linalg.lstsq(x, y).solution.T)
+    return w_true, student, x, y
+
+
+@pytest.mark.parametrize("group_size,overrides,bound", [
+    (16, {}, 0.015), (16, {"lr_codebook": 0.0}, 0.015), (16, {"responsibility_scale": "own"}, 0.5), (0, {}, 0.3)],
+    ids=["row-scales", "negative-control-scales-not-learned", "negative-control-own-scale-responsibilities",
+         "negative-control-no-scales"])
+def test_planted_per_row_grid_is_recovered_and_survives_the_file(group_size, overrides, bound, tmp_path):
+    w_true, student, x, y = planted_rows()
+    settings = {"responsibility_scale": "pooled", **overrides}
+    config = SQSConfig(components=4, sparsity=0.0, windows="none", group_size=group_size, epochs=8,
+                       batch_size=128, seed=0, **settings)
+    result = compress(student, (x, y), config, task="regression", noise_scale=0.02, progress=False)
+    network = result.compressed()
+    error = float(((network.layers[0].weight() - w_true).abs() / w_true.abs()).max())
+    if group_size and not overrides:
+        assert error < bound  # every weight within 1.5% of its planted value
+        path = tmp_path / "rows.sqs"
+        save_compressed(network, path, model=student)
+        assert read_header(path)["layers"][0]["group_size"] == 16
+        assert torch.equal(load_compressed(path).layers[0].weight(), network.layers[0].weight())
+        members = result.averaged_module(num_members=3).member_weights  # draws in the network's units
+        assert all(float((m["weight"] - w_true).abs().max()) < 0.5 * float(w_true.abs().max()) for m in members)
+    else:
+        # fixed scales keep the noisy start's absmax; with each level's own scale in the responsibilities
+        # a latent weight that leaves its level goes to the widest level, not the nearest; without scales
+        # 16 magnitudes share 4 levels
+        assert error > bound
+
+
+def test_pooled_responsibilities_pick_the_nearest_level():
+    """Levels -1, 0, 1 with scales 0.01, 0.01, 0.05: a latent at 0.3 is nearest to 0, but the
+    widest level (1) has the larger density there; pooled responsibilities pick 0."""
+    from sqs_pyro.guides.distributions import Codebook, SpikeGMM
+    latent = torch.tensor([0.3, -0.9, 0.02])
+    book = Codebook(torch.tensor([-1.0, 0.0, 1.0]), torch.tensor([0.01, 0.01, 0.05]), torch.log(torch.ones(3) / 3))
+    own = SpikeGMM(torch.zeros(3), latent, book).most_probable_level()
+    pooled = SpikeGMM(torch.zeros(3), latent, book, pooled=True).most_probable_level()
+    assert pooled.tolist() == [1, 0, 1] and own.tolist() == [2, 0, 1]
