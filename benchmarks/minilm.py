@@ -9,7 +9,10 @@
    ``--hf`` defaults (``sqs_pyro.cli.compress_hf.HF_DEFAULTS``) and a KL weight of 1e-4;
 3. reports held-out accuracy (dense, greedy, averaged), achieved sparsity, bits, CR formula,
    packed ratio, the mean cosine between compressed and dense sentence embeddings, peak RSS
-   and wall times; writes benchmarks/results/minilm.json.
+   and wall times (and, with ``--val N``, accuracy on N validation sentences carved out
+   between the training and the test ones, for choosing settings); writes ``--out``
+   (benchmarks/results/minilm.json). The fine-tuned network is cached in runs/minilm/
+   (``dense_seconds`` is then the loading time).
 """
 import argparse
 import json
@@ -49,6 +52,11 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kl-weight", type=float, default=1e-4)
+    parser.add_argument("--lr-weights", type=float, default=HF_DEFAULTS["lr_weights"])
+    parser.add_argument("--group-size", type=int, default=0, help="group scales per G weights of a row (0: none)")
+    parser.add_argument("--responsibility-scale", choices=("own", "pooled"), default="own")
+    parser.add_argument("--val", type=int, default=0,
+                        help="also score N validation sentences (after the training ones, before the test ones)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "minilm.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -61,12 +69,22 @@ def main() -> None:
     y_all = labels[order]
     x, y = x_all[:args.train], y_all[:args.train]
     x_test, y_test = x_all[-args.test:], y_all[-args.test:]
+    x_val, y_val = x_all[args.train:args.train + args.val], y_all[args.train:args.train + args.val]
+    if args.train + args.val + args.test > len(x_all):
+        parser.error(f"--train + --val + --test exceed the {len(x_all)} sentences")
 
     net = SentenceClassifier(encoder, 2)
     reset_peak()
     rss_dense = vm("VmRSS")
     start = time.perf_counter()
-    fine_tune(net, x, y, args.epochs, args.batch_size, 5e-5, args.seed, torch.nn.functional.cross_entropy)
+    # the fine-tuned network is cached: it depends only on these settings
+    cache = Path("runs/minilm") / f"dense_ft_train{args.train}_ep{args.epochs}_b{args.batch_size}_l{args.max_length}_s{args.seed}.pt"
+    if cache.exists():
+        net.load_state_dict(torch.load(cache))
+    else:
+        fine_tune(net, x, y, args.epochs, args.batch_size, 5e-5, args.seed, torch.nn.functional.cross_entropy)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(net.state_dict(), cache)
     dense_seconds = time.perf_counter() - start
     peak_dense_ft = vm("VmHWM")
     acc_dense = accuracy(net, x_test, y_test, batch_size=64)
@@ -76,6 +94,8 @@ def main() -> None:
     config = SQSConfig.from_dict({**HF_DEFAULTS, "sparsity": s_f, "initial_sparsity": s_f,
                                   "components": args.components, "windows": args.windows, "epochs": args.epochs,
                                   "batch_size": args.batch_size, "seed": args.seed, "kl_weight": args.kl_weight,
+                                  "lr_weights": args.lr_weights, "group_size": args.group_size,
+                                  "responsibility_scale": args.responsibility_scale,
                                   "include": transformer_include("bert")})
     start = time.perf_counter()
     result = compress(net, (x, y), config, progress=True, checkpoint_dir=Path("runs/minilm"))
@@ -85,10 +105,13 @@ def main() -> None:
     acc = result.accounting()
     row = {
         "train": len(x), "test": len(x_test), "epochs": args.epochs, "sparsity_target": args.sparsity,
-        "K": args.components, "windows": args.windows, "kl_weight": args.kl_weight,
+        "K": args.components, "windows": args.windows, "kl_weight": args.kl_weight, "lr_weights": args.lr_weights,
+        "group_size": args.group_size, "responsibility_scale": args.responsibility_scale, "val": len(x_val),
         "accuracy_dense": acc_dense, "accuracy_greedy": accuracy(greedy, x_test, y_test, batch_size=64),
         "accuracy_averaged": accuracy(result.averaged_module(), x_test, y_test, batch_size=64),
         "cosine_greedy_vs_dense": mean_cosine(net, greedy, x_test),
+        **({"accuracy_val_dense": accuracy(net, x_val, y_val, batch_size=64),
+            "accuracy_val_greedy": accuracy(greedy, x_val, y_val, batch_size=64)} if args.val else {}),
         "sparsity": acc["sparsity"], "bits": acc["bits"], "cr_formula": acc["cr_formula"],
         "compressed_params": acc["compressed_params"], "packed_ratio": acc["bytes_fp32"] / acc["bytes_packed"],
         "dense_seconds": dense_seconds, "sqs_seconds": sqs_seconds,
@@ -97,7 +120,7 @@ def main() -> None:
         "bytes_per_param_sqs": (peak_sqs - rss_dense) / acc["compressed_params"],
     }
     report = outlier_summary(result, max_listed=10)
-    (args.out.parent / "minilm_outliers.json").write_text(json.dumps(report, indent=1, default=float))
+    (args.out.parent / f"{args.out.stem}_outliers.json").write_text(json.dumps(report, indent=1, default=float))
     row["outliers_overall"] = report["overall"]
     print(json.dumps(row, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)

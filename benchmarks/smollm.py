@@ -27,7 +27,8 @@ Runs (each in its own process, so that its peak RSS is its own; one JSON line ea
   ``sqs-pyro quantize``);
 * ``sqs<S>k<K>[g<G>][p]``: SQS at sparsity S% with K levels on every attention and MLP matrix
   (``g<G>``: group scales per G weights of a row, the posterior on the normalised weights;
-  ``p``: pooled-scale responsibilities), with
+  ``p``: pooled-scale responsibilities; ``q``: started from the one-shot ``oneshot_g<G>k<K>e0has``
+  network instead of k-means; at S = 0 the gates stay open, nothing is pruned), with
   the ``--hf`` defaults (:data:`sqs_pyro.cli.compress_hf.HF_DEFAULTS`: one-shot pruning to
   the target from saliencies, gates learning for 20% of the steps, tempered KL); also
   the perplexity with quantile-binned assignments (``--bins`` per window) instead of
@@ -63,7 +64,7 @@ def run_settings(args: argparse.Namespace) -> dict:
 
 def run_key(name: str, settings: dict, calib: int) -> str:
     """The run's name and a hash of its settings (and of ``--calib`` for calibrated one-shot runs)."""
-    if name.startswith("oneshot") and name.endswith("h"):
+    if (name.startswith("oneshot") and name.endswith("h")) or (name.startswith("sqs") and name.endswith("q")):
         settings = {**settings, "calib": calib}
     return f"{name}/" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -134,18 +135,31 @@ def child(args: argparse.Namespace) -> dict:
     elif args.child.startswith("oneshot"):
         row.update(group_scaled(args, net, held, train[:args.calib, :-1]))
     else:
-        sparsity, k, group, pooled = re.fullmatch(r"sqs(\d+)k(\d+)(?:g(\d+))?(p?)", args.child).groups()
+        sparsity, k, group, pooled, start = re.fullmatch(r"sqs(\d+)k(\d+)(?:g(\d+))?(p?)(q?)", args.child).groups()
         s_f = int(sparsity) / 100
         config = SQSConfig.from_dict({**HF_DEFAULTS, "sparsity": s_f, "initial_sparsity": s_f, "components": int(k),
                                       "group_size": int(group or 0),
+                                      # at 0% nothing is pruned: the gates stay open (no gate-learning phase)
+                                      "prune_fraction": HF_DEFAULTS["prune_fraction"] if s_f > 0 else 0.0,
                                       "responsibility_scale": "pooled" if pooled else "own",
                                       "epochs": 1.0, "batch_size": args.batch_size, "seed": args.seed,
                                       "include": transformer_include("llama"), "lr_weights": args.lr_weights,
                                       "lr_codebook": args.lr_codebook, "lr_dense": args.lr_dense,
                                       "kl_weight": args.kl_weight, "prune_scope": args.prune_scope,
                                       "mode": args.mode, "gate_score": args.gate_score})
+        network = None
+        if start:  # the one-shot `oneshot_g<G>k<K>e0has` network: GPTQ error feedback, activation order, searched scales
+            from sqs_pyro.compressed.error_feedback import SHRINK_GRID
+            from sqs_pyro.compressed.oneshot import quantize_network
+
+            sites = select_layers(net, include=transformer_include("llama"))
+            hessians, scores = calibration(args, net, sites, train[:args.calib, :-1])
+            network = quantize_network(net, sites, int(k), int(group), 0, scores, hessians, shrink=SHRINK_GRID)
+            del hessians, scores
+            reset_peak()
+            rss_dense = row["rss_dense_bytes"] = vm("VmRSS")
         # checkpoints on disk, not in memory: the in-memory copy would double the SVI state
-        result = compress(net, (x, y), config, task="lm", progress=True, checkpoint_dir=_run_dir(args))
+        result = compress(net, (x, y), config, task="lm", progress=True, checkpoint_dir=_run_dir(args), start=network)
         row["train_seconds"] = time.perf_counter() - t0
         row["peak_rss_train_bytes"] = vm("VmHWM")
         row["config"] = config.to_dict()
@@ -185,6 +199,21 @@ def one_shot(net, run: str):
     return net
 
 
+def calibration(args: argparse.Namespace, net, sites, calib: torch.Tensor):
+    """The dense model's input second moments on the calibration windows (cached in runs/smollm/:
+    the same for every calibrated run) and the exact-weight scores ``|w| ||x||``."""
+    from sqs_pyro.compressed.error_feedback import hessian_scores, input_hessians
+
+    cache = HERE.parent / "runs" / "smollm" / f"hessians_calib{len(calib)}_seed{args.seed}.pt"
+    if cache.exists():
+        hessians = torch.load(cache)
+    else:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        hessians = input_hessians(net, sites, calib.split(8))
+        torch.save(hessians, cache)
+    return hessians, hessian_scores(net, sites, hessians)
+
+
 def group_scaled(args: argparse.Namespace, net, held: torch.Tensor, calib: torch.Tensor) -> dict:
     """``oneshot_g<G>k<K>e<E>``: no training; every attention and MLP matrix on a K-level codebook
     of its values divided by fp16 group scales (groups of G weights of a row), with the E largest
@@ -193,7 +222,7 @@ def group_scaled(args: argparse.Namespace, net, held: torch.Tensor, calib: torch
     import re
 
     from sqs_pyro.compressed import accounting
-    from sqs_pyro.compressed.error_feedback import SHRINK_GRID, hessian_scores, input_hessians
+    from sqs_pyro.compressed.error_feedback import SHRINK_GRID
     from sqs_pyro.compressed.oneshot import quantize_network
     from sqs_pyro.format.container import save_compressed
     from sqs_pyro.hf import CausalLM, load_transformers, perplexity
@@ -203,15 +232,7 @@ def group_scaled(args: argparse.Namespace, net, held: torch.Tensor, calib: torch
     g, k, e = int(g), int(k), int(e)
     sites = select_layers(net, include=transformer_include("llama"))
     t0 = time.perf_counter()
-    hessians = scores = None
-    if feedback:
-        cache = HERE.parent / "runs" / "smollm" / f"hessians_calib{len(calib)}_seed{args.seed}.pt"
-        if cache.exists():  # the dense model's input moments: the same for every calibrated run
-            hessians = torch.load(cache)
-        else:
-            hessians = input_hessians(net, sites, calib.split(8))
-            torch.save(hessians, cache)
-        scores = hessian_scores(net, sites, hessians)
+    hessians, scores = calibration(args, net, sites, calib) if feedback else (None, None)
     shrink = SHRINK_GRID if search else (1.0,)
     network = quantize_network(net, sites, k, g, e, scores, hessians, act_order=bool(act_order), shrink=shrink)
     quantize_seconds = time.perf_counter() - t0
@@ -284,7 +305,7 @@ def main() -> None:
     parser.add_argument("--lr-dense", type=float, default=2e-5)
     parser.add_argument("--kl-weight", type=float, default=1e-3)
     parser.add_argument("--prune-scope", choices=("layer", "global", "row"), default="layer")
-    parser.add_argument("--mode", choices=("expected", "sample"), default="expected")
+    parser.add_argument("--mode", choices=("expected", "sample", "hard"), default="expected")
     parser.add_argument("--gate-score", choices=("saliency", "activation", "magnitude"), default="saliency")
     parser.add_argument("--bins", type=int, default=32)
     parser.add_argument("--calib", type=int, default=128, help="calibration windows of the 'h' one-shot runs")

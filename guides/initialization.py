@@ -15,7 +15,7 @@ weights are cluster fractions and scales cluster standard deviations
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +40,26 @@ class InitialCodebook:
         dist = np.abs(x[:, None] - self.locs[None, :])
         dist[self.window_ids[:, None] != self.component_windows[None, :]] = np.inf
         return self.locs[dist.argmin(axis=1)]
+
+
+class StartCoding(NamedTuple):
+    """A given coding of one layer to start the guide from (e.g. a one-shot quantised layer, see
+    :func:`sqs_pyro.infer.compress`'s ``start``): the level index of every weight (``codes``,
+    shape of the weight), the K ``levels`` and, with group scales, the fp16 ``scales``
+    (``(R, ceil(C / G))``; ``None`` without)."""
+
+    codes: torch.Tensor
+    levels: torch.Tensor
+    scales: torch.Tensor | None = None
+
+
+def codebook_from_codes(values: np.ndarray, levels: np.ndarray) -> InitialCodebook:
+    """The initial codebook of a given coding's (sorted) ``levels``, one window: mixing weights and
+    scales of the values' nearest-level clusters (:func:`~sqs_pyro.guides.kmeans.gmm_from_centres`),
+    so that a latent weight on a level has that level as its most probable one."""
+    x = np.asarray(values, dtype=np.float64).ravel()
+    locs, mix, scales = gmm_from_centres(x, np.asarray(levels, dtype=np.float64), keep_extremes=False)
+    return InitialCodebook(np.zeros(x.size, dtype=np.int64), np.zeros(locs.size, dtype=np.int64), locs, mix, scales)
 
 
 def magnitude_mask(weights: np.ndarray, keep: int) -> np.ndarray:

@@ -14,9 +14,9 @@ from torch import nn
 from sqs_pyro.config import SQSConfig
 from sqs_pyro.guides.allocation import lamp_sparsities
 from sqs_pyro.guides.distributions import Codebook, PosteriorDraw, SpikeGMM
-from sqs_pyro.guides.initialization import initial_codebook, scoped_kthvalues
+from sqs_pyro.guides.initialization import StartCoding, codebook_from_codes, initial_codebook, scoped_kthvalues
 from sqs_pyro.guides.kl import spike_gmm_kl
-from sqs_pyro.models.group_scales import normalise
+from sqs_pyro.models.group_scales import apply_group_scales, normalise
 from sqs_pyro.models.priors import SpikeSlabGMM, kl_weighting
 from sqs_pyro.models.selection import CompressedSite
 
@@ -40,6 +40,8 @@ def _softplus_inverse(y: torch.Tensor) -> torch.Tensor:
 class LayerPosterior(PyroModule):
     """Variational parameters of one weight tensor.
 
+    Started from the pretrained weight (k-means codebook, latent = weight) or from a given
+    :class:`~sqs_pyro.guides.initialization.StartCoding` (its levels, latent = the coded level).
     Per weight: ``gate_logits`` (theta_j) and ``latent`` (x_j). Per layer: the K-level
     codebook ``locs`` (mu_k), ``scale_raw`` (s_k = softplus + 1e-6) and ``mix_logits``
     (pi_k, softmax within each window). Buffers: ``window_ids`` per weight,
@@ -47,18 +49,22 @@ class LayerPosterior(PyroModule):
     """
 
     def __init__(self, site: CompressedSite, weight: torch.Tensor, config: SQSConfig,
-                 gate_offset: torch.Tensor | None = None) -> None:
+                 gate_offset: torch.Tensor | None = None, start: StartCoding | None = None) -> None:
         super().__init__()
         self.site_name = site.name
         w = weight.detach()
         offset = torch.zeros_like(w) if gate_offset is None else gate_offset.to(w)
         fit = (offset >= 0).reshape(-1).cpu().numpy() if config.codebook_fit == "kept" else None
-        init = initial_codebook(w.reshape(-1).double().cpu().numpy(), config.components, config.windows,
-                                config.equal_windows, config.iqr_factor, fit=fit,
-                                forced_extremes=config.forced_extremes)
+        values = w.reshape(-1).double().cpu().numpy()
+        if start is None:
+            init = initial_codebook(values, config.components, config.windows, config.equal_windows,
+                                    config.iqr_factor, fit=fit, forced_extremes=config.forced_extremes)
+        else:
+            init = codebook_from_codes(values, start.levels.double().cpu().numpy())
         as_t = lambda a: torch.as_tensor(a, dtype=w.dtype, device=w.device)  # noqa: E731
         self.gate_logits = nn.Parameter(config.gate_init + offset)
-        self.latent = nn.Parameter(w.clone())
+        # a given coding starts every latent weight on its level: the greedy network is that coding
+        self.latent = nn.Parameter(w.clone() if start is None else as_t(init.locs)[start.codes.to(w.device)])
         self.locs = nn.Parameter(as_t(init.locs))
         self.scale_raw = nn.Parameter(_softplus_inverse(as_t(init.scales).clamp_min(2 * _SCALE_FLOOR) - _SCALE_FLOOR))
         self.mix_logits = nn.Parameter(torch.log(as_t(init.mix)))
@@ -121,13 +127,14 @@ class SpikeGMMGuide(PyroModule):
     :attr:`layer_sparsity`); ``scores`` (e.g. a first-order saliency,
     :func:`~sqs_pyro.guides.gate_scores.first_order_saliency`) default to ``|w_j|``. The
     driver sets the temperatures, ``kl_weight`` and the gate states; a user's own SVI script
-    can use it as it is. With ``config.group_size > 0`` it is a posterior over the normalised
+    can use it as it is. ``start`` optionally gives a layer's coding to start from
+    (:class:`~sqs_pyro.guides.initialization.StartCoding`, by site name). With ``config.group_size > 0`` it is a posterior over the normalised
     weights ``u = w / sigma`` (the model's sites; :mod:`sqs_pyro.models.group_scales`), and the
     gates still start from the scores of the weights themselves.
     """
 
     def __init__(self, net: nn.Module, sites: Sequence[CompressedSite], config: SQSConfig,
-                 scores: dict[str, torch.Tensor] | None = None) -> None:
+                 scores: dict[str, torch.Tensor] | None = None, start: Mapping[str, StartCoding] | None = None) -> None:
         super().__init__()
         self.sites = list(sites)
         self.config = config
@@ -135,17 +142,24 @@ class SpikeGMMGuide(PyroModule):
         self.layer_sparsity = (lamp_sparsities([net.get_parameter(s.name) for s in self.sites], config.sparsity)
                                if config.prune_scope == "lamp" else None)
         offsets = _gate_offsets(net, self.sites, scores, config.sparsity, config.prune_scope, self.layer_sparsity)
+        start = start or {}
         self.layers = PyroModule[nn.ModuleList](
-            [LayerPosterior(site, self._start(net.get_parameter(site.name)), config, offsets[site.name])
-             for site in self.sites])
+            [LayerPosterior(site, self._start(net.get_parameter(site.name), start.get(site.name)), config,
+                            offsets[site.name], start.get(site.name)) for site in self.sites])
         self.kl_weight = float(config.kl_weight)
         self.mode = config.mode
         self.register_buffer("gate_temperature", torch.tensor(config.gate_temperature[0]))
         self.register_buffer("assign_temperature", torch.tensor(config.assign_temperature[0]))
 
-    def _start(self, weight: torch.Tensor) -> torch.Tensor:
-        """The values ``q`` lives on: the weights, or with group scales ``u = w / sigma``."""
-        return normalise(weight.detach(), self.config.group_size)[0] if self.config.group_size else weight
+    def _start(self, weight: torch.Tensor, start: StartCoding | None) -> torch.Tensor:
+        """The values ``q`` lives on: the weights, or with group scales ``u = w / sigma`` (``sigma``
+        the absmax scales, or those of the given coding)."""
+        size = self.config.group_size
+        if not size:
+            return weight.detach()
+        if start is not None and start.scales is not None:
+            return weight.detach() / apply_group_scales(torch.ones_like(weight.detach()), start.scales, size)
+        return normalise(weight.detach(), size)[0]
 
     def distributions(self) -> dict[str, SpikeGMM]:
         """The current variational distribution of every compressed tensor, by site name.

@@ -33,16 +33,19 @@ class SQSModel(PyroModule):
     With ``config.group_size = G > 0`` the sites are the normalised weights ``u`` and the network
     gets ``w = sigma * u`` (:func:`~sqs_pyro.models.group_scales.apply_group_scales`): the group
     scales are deterministic parameters (``log sigma``, starting at ``max |w|`` per group of the
-    pretrained weights), used rounded to fp16 as the file stores them (straight-through).
+    pretrained weights, or at the given ``group_scales`` by site name), used rounded to fp16 as
+    the file stores them (straight-through).
     """
 
     def __init__(self, net: nn.Module, sites: Sequence[CompressedSite], config: SQSConfig,
-                 likelihood: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]) -> None:
+                 likelihood: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+                 group_scales: Mapping[str, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.group_size = config.group_size
         #: log sigma per site (shape ``(R, ceil(C / G))``), learned; ``None`` without group scales
+        given = group_scales or {}
         self.log_group_scales = nn.ParameterList(
-            [nn.Parameter(torch.log(group_absmax(net.get_parameter(s.name), self.group_size)
+            [nn.Parameter(torch.log(given.get(s.name, group_absmax(net.get_parameter(s.name), self.group_size))
                                     .to(net.get_parameter(s.name).dtype))) for s in sites]) if self.group_size else None
         self.net = copy.deepcopy(net)
         for site in sites:

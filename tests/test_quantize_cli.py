@@ -76,3 +76,28 @@ def test_bad_input_exits_2_before_any_work(folder, tmp_path, capsys, options, me
     out = tmp_path / "q"
     assert main(["quantize", "--hf", str(folder / "model"), "--out", str(out), *options]) == 2
     assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_compress_starts_from_a_quantized_file(folder, tmp_path, capsys):
+    """`quantize` then `compress --start`: with every rate at 0 the trained file is the one-shot
+    file exactly (the guide starts on its codes, levels and scales); without --start it is not."""
+    q = tmp_path / "q"
+    assert main(["quantize", "--hf", str(folder / "model"), "--out", str(q), "-K", "4", "--group-size", "8",
+                 "--exact-outliers", "0", "--data", str(folder / "train.txt"), "--calib-windows", "8",
+                 "--seq-len", "8"]) == 0
+    frozen = {"group_size": 8, "sparsity": 0.0, "initial_sparsity": 0.0, "prune_fraction": 0.0, "lr_weights": 0.0,
+              "lr_codebook": 0.0, "lr_dense": 0.0, "lr_gates": 0.0, "responsibility_scale": "pooled", "mode": "hard"}
+    (tmp_path / "frozen.json").write_text(json.dumps(frozen))
+    common = ["compress", "--hf", str(folder / "model"), "--task", "lm", "--data", str(folder / "train.txt"),
+              "--seq-len", "8", "--batch-size", "8", "--epochs", "1", "-K", "4", "--config", str(tmp_path / "frozen.json"),
+              "--no-progress"]
+    assert main([*common, "--start", str(q / "model.sqs"), "--out", str(tmp_path / "s")]) == 0
+    assert main([*common, "--out", str(tmp_path / "k")]) == 0
+    given, started, kmeans = (load_compressed(p / "model.sqs") for p in (q, tmp_path / "s", tmp_path / "k"))
+    for a, b, c in zip(given.layers, started.layers, kmeans.layers):
+        assert torch.equal(a.weight(), b.weight()) and torch.equal(a.scales, b.scales)
+    assert any(not torch.equal(a.weight(), c.weight()) for a, c in zip(given.layers, kmeans.layers))
+    capsys.readouterr()
+    eight = [("8" if a == "4" else a) for a in common]  # -K 8 against a 4-level file
+    assert main([*eight, "--start", str(q / "model.sqs"), "--out", str(tmp_path / "bad")]) == 2
+    assert "4 levels" in capsys.readouterr().err

@@ -116,3 +116,40 @@ def test_pooled_responsibilities_pick_the_nearest_level():
     own = SpikeGMM(torch.zeros(3), latent, book).most_probable_level()
     pooled = SpikeGMM(torch.zeros(3), latent, book, pooled=True).most_probable_level()
     assert pooled.tolist() == [1, 0, 1] and own.tolist() == [2, 0, 1]
+
+
+def test_a_start_network_is_the_greedy_network_at_step_zero():
+    """The guide started from a given coding (here a one-shot layer with shuffled codes, so
+    not the nearest levels) materialises to exactly that network; the k-means start does not."""
+    from sqs_pyro.compressed.oneshot import quantize_network
+    from sqs_pyro.guides.initialization import StartCoding
+
+    config = SQSConfig(components=4, group_size=4, windows="none", responsibility_scale="pooled")
+    net = small_net()
+    sites = select_layers(net)
+    start = quantize_network(net, sites, components=4, group_size=4)
+    for layer in start.layers:
+        layer.codes = layer.codes.flip(-1)  # a coding no nearest-level rule gives
+    coding = {layer.name: StartCoding(layer.codes, layer.codebook, layer.scales) for layer in start.layers}
+    model = SQSModel(net, sites, config, CategoricalLikelihood(8), {n: c.scales for n, c in coding.items()})
+    guide = SpikeGMMGuide(net, sites, config, start=coding)
+    network = materialize(guide, model.net, group_scales=model.group_scales())
+    for mine, given in zip(network.layers, start.layers):
+        assert torch.equal(mine.weight(), given.weight())
+    fresh = SQSModel(net, sites, config, CategoricalLikelihood(8))
+    plain = materialize(SpikeGMMGuide(net, sites, config), fresh.net, group_scales=fresh.group_scales())
+    assert not torch.equal(plain.layers[0].weight(), start.layers[0].weight())
+
+
+def test_a_start_network_that_does_not_fit_is_refused_before_training():
+    from sqs_pyro.compressed.oneshot import quantize_network
+    from sqs_pyro.errors import SQSInputError
+
+    w_true, student, x, y = planted_rows()
+    start = quantize_network(student, select_layers(student), components=8, group_size=16)
+    config = SQSConfig(components=4, sparsity=0.0, group_size=16, epochs=1, batch_size=128)
+    with pytest.raises(SQSInputError, match="8 levels"):
+        compress(student, (x, y), config, task="regression", progress=False, start=start)
+    start = quantize_network(student, select_layers(student), components=4, group_size=16, exact=1)
+    with pytest.raises(SQSInputError, match="exact weights"):
+        compress(student, (x, y), config, task="regression", progress=False, start=start)

@@ -27,6 +27,7 @@ from sqs_pyro.cli.common import config_from_args, write_outputs
 from sqs_pyro.config import SQSConfig
 from sqs_pyro.data import accuracy, labelled_sentences
 from sqs_pyro.errors import SQSInputError
+from sqs_pyro.format import load_compressed, read_header
 from sqs_pyro.guides.gate_scores import task_loss
 from sqs_pyro.infer import compress
 from sqs_pyro.models import transformer_include
@@ -57,6 +58,9 @@ def register_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-eval-windows", type=int, help="lm: evaluate on the first N held-out windows only")
     g.add_argument("--dense-epochs", type=float, default=0.0,
                    help="fine-tune the model densely for this many epochs before compressing (default 0)")
+    g.add_argument("--start", type=Path, metavar="FILE.sqs",
+                   help="start from this compressed model (e.g. `sqs-pyro quantize` output, unpruned, no exact "
+                        "weights, with the run's K and group_size) instead of k-means codebooks")
     g.add_argument("--include", nargs="+", metavar="REGEX",
                    help="module-path patterns of the layers to compress (default: the family's attention + MLP preset)")
 
@@ -79,6 +83,8 @@ def _check(args: argparse.Namespace) -> None:
         raise SQSInputError("--train-limit / --test-limit are for the MNIST job; trim the --data files instead")
     if args.seq_len < 2 or args.max_length < 2:
         raise SQSInputError("--seq-len and --max-length must be >= 2")
+    if args.start is not None:
+        read_header(args.start)  # a missing or damaged file is refused before the model loads
 
 
 def run_hf(args: argparse.Namespace) -> int:
@@ -105,8 +111,9 @@ def run_hf(args: argparse.Namespace) -> int:
     if args.dense_epochs > 0:
         hf.fine_tune(net, x, y, args.dense_epochs, config.batch_size, config.lr_dense, config.seed, task_loss(args.task))
     dense_metrics = evaluate(net) if evaluate else {}
+    start = load_compressed(args.start) if args.start is not None else None
     result = compress(net, (x, y), config, task=args.task, progress=not args.no_progress, checkpoint_dir=args.out,
-                      checkpoint_every=args.checkpoint_every, resume=args.resume)
+                      checkpoint_every=args.checkpoint_every, resume=args.resume, start=start)
     greedy_metrics = evaluate(result.greedy_module()) if evaluate else {}
     summary = hf_summary(args, result, dense_metrics, greedy_metrics, time.perf_counter() - started, len(x))
     write_outputs(args.out, result, summary)

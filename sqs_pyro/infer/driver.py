@@ -30,9 +30,11 @@ from typing import Any, Callable, Mapping
 import pyro
 from torch import nn
 
+from sqs_pyro.compressed.materialize import CompressedNetwork
 from sqs_pyro.config import SQSConfig
 from sqs_pyro.errors import SQSInputError
 from sqs_pyro.guides.gate_scores import gate_scores
+from sqs_pyro.guides.initialization import StartCoding
 from sqs_pyro.guides.spike_gmm import GateState, SpikeGMMGuide
 from sqs_pyro.infer.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from sqs_pyro.infer.data import TASKS, as_dataset, check_data, saliency_batches
@@ -59,6 +61,30 @@ def check_resumable(state: Mapping[str, Any], config: SQSConfig, task: str, num_
                             f"{task} run on {num_data}")
     if [(n, tuple(shape)) for n, shape in state["sites"]] != [(s.name, s.shape) for s in sites]:
         raise SQSInputError("the checkpoint's compressed layers differ from this network's")
+
+
+def _start_coding(start: CompressedNetwork | None, sites: list[CompressedSite],
+                  config: SQSConfig) -> dict[str, StartCoding]:
+    """The guide's start codings from a compressed network, after checking it fits the run."""
+    if start is None:
+        return {}
+    if not isinstance(start, CompressedNetwork):
+        raise SQSInputError(f"start must be a CompressedNetwork, got {type(start).__name__}")
+    layers = {layer.name: layer for layer in start.layers}
+    if sorted(layers) != sorted(s.name for s in sites):
+        raise SQSInputError(f"start's layers {sorted(layers)[:4]} are not the compressed sites "
+                            f"{sorted(s.name for s in sites)[:4]}")
+    for site in sites:
+        layer = layers[site.name]
+        problem = ("its shape differs" if tuple(layer.shape) != tuple(site.shape) else
+                   f"it has {layer.components} levels, not components={config.components}"
+                   if layer.components != config.components else
+                   f"its group size is {layer.group_size}, not group_size={config.group_size}"
+                   if layer.group_size != config.group_size else
+                   "it is pruned or has exact weights" if layer.nnz != layer.numel or layer.num_exact else "")
+        if problem:
+            raise SQSInputError(f"start layer {site.name} cannot start this run: {problem}")
+    return {name: StartCoding(layer.codes, layer.codebook, layer.scales) for name, layer in layers.items()}
 
 
 def _check_checkpoint_options(checkpoint_dir: str | os.PathLike | None, checkpoint_every: int, resume: bool,
@@ -93,6 +119,7 @@ def compress(
     resume: bool = False,
     distributed: bool = False,
     max_rollbacks: int = 3,
+    start: CompressedNetwork | None = None,
 ) -> SQSResult:
     """Learn the SQS posterior of ``net`` on ``train_data`` and return an :class:`SQSResult`.
 
@@ -116,6 +143,11 @@ def compress(
         max_rollbacks: a non-finite loss or gradient restores the last checkpoint and halves
             the learning rate up to this many times; the next divergence raises
             :class:`~sqs_pyro.errors.SQSDivergenceError`.
+        start: a compressed network of ``net`` to start from, e.g. a one-shot quantised one
+            (:func:`~sqs_pyro.compressed.oneshot.quantize_network`): one unpruned layer without
+            exact weights per compressed site, with ``config.components`` levels and
+            ``config.group_size``. The guide starts on its codes and levels (the greedy network
+            at step 0 is ``start``), the model's group scales at its scales.
 
     Everything a user passes is checked (raising :class:`SQSInputError`) before the guide is
     built or any step runs.
@@ -129,6 +161,7 @@ def compress(
     dataset = as_dataset(train_data)
     sites = select_layers(net, config.include_types, config.include, config.exclude)
     check_data(net, dataset, task)
+    coding = _start_coding(start, sites, config)
     num_data = len(dataset)
     if config.batch_size > num_data:
         raise SQSInputError(f"batch_size {config.batch_size} exceeds the {num_data} training examples")
@@ -152,12 +185,13 @@ def compress(
             likelihood = {"classification": lambda: CategoricalLikelihood(num_data),
                           "lm": lambda: TokenCategoricalLikelihood(num_data),
                           "regression": lambda: GaussianLikelihood(num_data, noise_scale)}[task]()
-            model = SQSModel(net, sites, config, likelihood)
+            model = SQSModel(net, sites, config, likelihood,
+                             {n: c.scales for n, c in coding.items() if c.scales is not None})
             scores = None  # magnitudes
             if config.gate_score != "magnitude":
                 batches = saliency_batches(dataset, config.batch_size, config.saliency_batches, config.seed, device)
                 scores = gate_scores(net, sites, batches, task, config.gate_score)
-            guide = SpikeGMMGuide(net, sites, config, scores)
+            guide = SpikeGMMGuide(net, sites, config, scores, coding)
             if config.empirical_bayes:
                 model.update_hyperpriors(guide.distributions())
             result = SQSResult(config, copy.deepcopy(net), model, guide)
