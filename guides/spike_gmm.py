@@ -16,7 +16,7 @@ from sqs_pyro.guides.allocation import lamp_sparsities
 from sqs_pyro.guides.distributions import Codebook, PosteriorDraw, SpikeGMM
 from sqs_pyro.guides.initialization import StartCoding, codebook_from_codes, initial_codebook, scoped_kthvalues
 from sqs_pyro.guides.kl import spike_gmm_kl
-from sqs_pyro.models.group_scales import apply_group_scales, normalise
+from sqs_pyro.models.group_scales import normalise
 from sqs_pyro.models.priors import SpikeSlabGMM, kl_weighting
 from sqs_pyro.models.selection import CompressedSite
 
@@ -142,10 +142,10 @@ class SpikeGMMGuide(PyroModule):
         self.layer_sparsity = (lamp_sparsities([net.get_parameter(s.name) for s in self.sites], config.sparsity)
                                if config.prune_scope == "lamp" else None)
         offsets = _gate_offsets(net, self.sites, scores, config.sparsity, config.prune_scope, self.layer_sparsity)
-        start = start or {}
+        codings = [(start or {}).get(site.name) for site in self.sites]
         self.layers = PyroModule[nn.ModuleList](
-            [LayerPosterior(site, self._start(net.get_parameter(site.name), start.get(site.name)), config,
-                            offsets[site.name], start.get(site.name)) for site in self.sites])
+            [LayerPosterior(site, self._start(net.get_parameter(site.name), coding), config, offsets[site.name], coding)
+             for site, coding in zip(self.sites, codings)])
         self.kl_weight = float(config.kl_weight)
         self.mode = config.mode
         self.register_buffer("gate_temperature", torch.tensor(config.gate_temperature[0]))
@@ -157,9 +157,7 @@ class SpikeGMMGuide(PyroModule):
         size = self.config.group_size
         if not size:
             return weight.detach()
-        if start is not None and start.scales is not None:
-            return weight.detach() / apply_group_scales(torch.ones_like(weight.detach()), start.scales, size)
-        return normalise(weight.detach(), size)[0]
+        return normalise(weight.detach(), size, None if start is None else start.scales)[0]
 
     def distributions(self) -> dict[str, SpikeGMM]:
         """The current variational distribution of every compressed tensor, by site name.

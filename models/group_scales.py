@@ -44,7 +44,9 @@ def apply_group_scales(values: torch.Tensor, scales: torch.Tensor, group_size: i
     return out.reshape(values.shape)
 
 
-def normalise(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(u, sigma)``: the fp16 absmax scales of ``weight``'s groups and ``u = w / sigma`` (in ``[-1, 1]``)."""
-    scales = group_absmax(weight, group_size)
+def normalise(weight: torch.Tensor, group_size: int,
+              scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u, sigma)``: ``u = w / sigma`` with the given ``scales``, by default the fp16 absmax
+    scales of ``weight``'s groups (then ``u`` lies in ``[-1, 1]``)."""
+    scales = group_absmax(weight, group_size) if scales is None else scales
     return weight / apply_group_scales(torch.ones_like(weight), scales, group_size), scales

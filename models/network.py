@@ -43,10 +43,13 @@ class SQSModel(PyroModule):
         super().__init__()
         self.group_size = config.group_size
         #: log sigma per site (shape ``(R, ceil(C / G))``), learned; ``None`` without group scales
-        given = group_scales or {}
-        self.log_group_scales = nn.ParameterList(
-            [nn.Parameter(torch.log(given.get(s.name, group_absmax(net.get_parameter(s.name), self.group_size))
-                                    .to(net.get_parameter(s.name).dtype))) for s in sites]) if self.group_size else None
+        self.log_group_scales = None
+        if self.group_size:
+            given = group_scales or {}
+            weights = [net.get_parameter(s.name) for s in sites]
+            self.log_group_scales = nn.ParameterList(
+                [nn.Parameter(torch.log((given[s.name] if s.name in given else group_absmax(w, self.group_size)).to(w.dtype)))
+                 for s, w in zip(sites, weights)])
         self.net = copy.deepcopy(net)
         for site in sites:
             _weight_to_placeholder(self.net, site)

@@ -71,16 +71,13 @@ class CompressedLayer:
     def rows(self) -> int:
         return self.shape[0] if self.shape else 1
 
-    def group_scale(self) -> torch.Tensor:
-        """``sigma`` broadcast to every weight (shape ``shape``); ones without group scales."""
-        ones = torch.ones(self.shape, dtype=self.codebook.dtype, device=self.codebook.device)
-        return ones if self.scales is None else apply_group_scales(ones, self.scales, self.group_size)
+    def scaled(self, values: torch.Tensor) -> torch.Tensor:
+        """``sigma * u`` for values ``u`` of this layer's shape (``u`` itself without group scales)."""
+        return values if self.scales is None else apply_group_scales(values, self.scales, self.group_size)
 
     def weight(self) -> torch.Tensor:
         """The dense weight tensor (see the class docstring)."""
-        w = torch.where(self.mask, self.codebook[self.codes], torch.zeros((), dtype=self.codebook.dtype))
-        if self.scales is not None:
-            w = apply_group_scales(w, self.scales, self.group_size)
+        w = self.scaled(torch.where(self.mask, self.codebook[self.codes], torch.zeros((), dtype=self.codebook.dtype)))
         if self.num_exact:
             w = w.reshape(-1).index_put((self.exact_index,), self.exact_values.to(w.dtype)).reshape(self.shape)
         return w
@@ -190,11 +187,6 @@ def uncompressed_state(net: nn.Module, compressed: set[str]) -> dict[str, torch.
     return dense
 
 
-def _scaled(layer: CompressedLayer, u: torch.Tensor) -> torch.Tensor:
-    """A draw of a layer's (group-normalised) weights in the network's units."""
-    return u if layer.scales is None else apply_group_scales(u, layer.scales, layer.group_size)
-
-
 class AveragedPredictor(nn.Module):
     """The posterior predictive ``p(y | x, D) ~ (1/M) sum_m p(y | x, W_m)`` with ``W_m ~ q``.
 
@@ -217,7 +209,7 @@ class AveragedPredictor(nn.Module):
         self.output = output
         draws = guide.draw(num_members, torch.Generator().manual_seed(seed))
         layers = {layer.name: layer for layer in compressed.layers}
-        self.member_weights = [{name: _scaled(layers[name], d.weight[m]) for name, d in draws.items()}
+        self.member_weights = [{name: layers[name].scaled(d.weight[m]) for name, d in draws.items()}
                                for m in range(num_members)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from torch import nn
 from sqs_pyro.compressed.error_feedback import SHRINK_GRID, feedback_quantize
 from sqs_pyro.compressed.materialize import CompressedLayer, CompressedNetwork, uncompressed_state
 from sqs_pyro.guides.kmeans import kmeans_codebook
-from sqs_pyro.models.group_scales import group_absmax
+from sqs_pyro.models.group_scales import normalise
 from sqs_pyro.models.selection import CompressedSite
 
 
@@ -46,10 +46,11 @@ def quantize_layer(name: str, weight: torch.Tensor, components: int, group_size:
         values = flat[index].to(torch.float16)
         mask[index] = False
     rest = torch.where(mask, flat, torch.zeros(())).reshape(w.shape)
+    u, scales = normalise(rest, group_size) if group_size else (rest, None)
     layer = CompressedLayer(name, tuple(w.shape), mask.reshape(w.shape), torch.zeros(w.shape, dtype=torch.long),
                             torch.zeros(components), torch.zeros(components, dtype=torch.long), group_size,
-                            group_absmax(rest, group_size) if group_size else None, index, values)
-    u = (rest / layer.group_scale()).reshape(-1)[mask]
+                            scales, index, values)
+    u = u.reshape(-1)[mask]
     codebook = kmeans_codebook(u, components)
     codes = torch.zeros(flat.numel(), dtype=torch.long)
     codes[mask] = torch.bucketize(u, (codebook[1:] + codebook[:-1]) / 2)  # nearest level of sorted levels

@@ -76,12 +76,13 @@ def _start_coding(start: CompressedNetwork | None, sites: list[CompressedSite],
                             f"{sorted(s.name for s in sites)[:4]}")
     for site in sites:
         layer = layers[site.name]
-        problem = ("its shape differs" if tuple(layer.shape) != tuple(site.shape) else
-                   f"it has {layer.components} levels, not components={config.components}"
-                   if layer.components != config.components else
-                   f"its group size is {layer.group_size}, not group_size={config.group_size}"
-                   if layer.group_size != config.group_size else
-                   "it is pruned or has exact weights" if layer.nnz != layer.numel or layer.num_exact else "")
+        problems = [(tuple(layer.shape) != tuple(site.shape), "its shape differs"),
+                    (layer.components != config.components,
+                     f"it has {layer.components} levels, not components={config.components}"),
+                    (layer.group_size != config.group_size,
+                     f"its group size is {layer.group_size}, not group_size={config.group_size}"),
+                    (layer.nnz != layer.numel or layer.num_exact > 0, "it is pruned or has exact weights")]
+        problem = next((message for bad, message in problems if bad), None)
         if problem:
             raise SQSInputError(f"start layer {site.name} cannot start this run: {problem}")
     return {name: StartCoding(layer.codes, layer.codebook, layer.scales) for name, layer in layers.items()}
