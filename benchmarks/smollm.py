@@ -24,11 +24,12 @@ Runs (each in its own process, so that its peak RSS is its own; one JSON line ea
   pick, the same windows as the anchors' calibration in ``lm_anchors.py`` (the dense model's
   moments are cached in ``runs/smollm/``). Further suffixes: ``a`` activation order (static
   group scales), ``s`` searched group scales (``oneshot_g64k16e16has``: both, the defaults of
-  ``sqs-pyro quantize``);
+  ``sqs-pyro quantize``). A prefix ``s<S>`` (``oneshot_s50g64k16e0has``) also prunes S% of
+  every matrix on the way (SparseGPT's mask, error feedback for the pruned weights too);
 * ``sqs<S>k<K>[g<G>][p]``: SQS at sparsity S% with K levels on every attention and MLP matrix
   (``g<G>``: group scales per G weights of a row, the posterior on the normalised weights;
-  ``p``: pooled-scale responsibilities; ``q``: started from the one-shot ``oneshot_g<G>k<K>e0has``
-  network instead of k-means; at S = 0 the gates stay open, nothing is pruned), with
+  ``p``: pooled-scale responsibilities; ``q``: started from the one-shot ``oneshot_s<S>g<G>k<K>e0has``
+  network instead of k-means, its mask ranking the gates; at S = 0 the gates stay open, nothing is pruned), with
   the ``--hf`` defaults (:data:`sqs_pyro.cli.compress_hf.HF_DEFAULTS`: one-shot pruning to
   the target from saliencies, gates learning for 20% of the steps, tempered KL); also
   the perplexity with quantile-binned assignments (``--bins`` per window) instead of
@@ -148,13 +149,15 @@ def child(args: argparse.Namespace) -> dict:
                                       "kl_weight": args.kl_weight, "prune_scope": args.prune_scope,
                                       "mode": args.mode, "gate_score": args.gate_score})
         network = None
-        if start:  # the one-shot `oneshot_g<G>k<K>e0has` network: GPTQ error feedback, activation order, searched scales
+        if start:  # the one-shot `oneshot_[s<S>]g<G>k<K>e0has` network: GPTQ / SparseGPT error feedback,
+            # activation order, searched scales
             from sqs_pyro.compressed.error_feedback import SHRINK_GRID
             from sqs_pyro.compressed.oneshot import quantize_network
 
             sites = select_layers(net, include=transformer_include("llama"))
             hessians, scores = calibration(args, net, sites, train[:args.calib, :-1])
-            network = quantize_network(net, sites, int(k), int(group), 0, scores, hessians, shrink=SHRINK_GRID)
+            network = quantize_network(net, sites, int(k), int(group), 0, scores, hessians, shrink=SHRINK_GRID,
+                                       sparsity=s_f)
             del hessians, scores
             reset_peak()
             rss_dense = row["rss_dense_bytes"] = vm("VmRSS")
@@ -228,19 +231,22 @@ def group_scaled(args: argparse.Namespace, net, held: torch.Tensor, calib: torch
     from sqs_pyro.hf import CausalLM, load_transformers, perplexity
     from sqs_pyro.models import select_layers, transformer_include
 
-    g, k, e, feedback, act_order, search = re.fullmatch(r"oneshot_g(\d+)k(\d+)e(\d+)(h?)(a?)(s?)", args.child).groups()
-    g, k, e = int(g), int(k), int(e)
+    sparsity, g, k, e, feedback, act_order, search = re.fullmatch(
+        r"oneshot_(?:s(\d+))?g(\d+)k(\d+)e(\d+)(h?)(a?)(s?)", args.child).groups()
+    g, k, e, sparsity = int(g), int(k), int(e), int(sparsity or 0) / 100
     sites = select_layers(net, include=transformer_include("llama"))
     t0 = time.perf_counter()
     hessians, scores = calibration(args, net, sites, calib) if feedback else (None, None)
     shrink = SHRINK_GRID if search else (1.0,)
-    network = quantize_network(net, sites, k, g, e, scores, hessians, act_order=bool(act_order), shrink=shrink)
+    network = quantize_network(net, sites, k, g, e, scores, hessians, act_order=bool(act_order), shrink=shrink,
+                               sparsity=sparsity)
     quantize_seconds = time.perf_counter() - t0
     acc = accounting(network)
     path = _run_dir(args) / "model.sqs"
     file_bytes = save_compressed(network, path, model=net)
     n = acc["compressed_params"]
-    return {"group_size": g, "components": k, "exact_per_matrix": e, "quantize_seconds": quantize_seconds,
+    return {"group_size": g, "components": k, "exact_per_matrix": e, "sparsity": acc["sparsity"],
+            "quantize_seconds": quantize_seconds,
             "calib_windows": len(calib) if feedback else 0,
             "perplexity": perplexity(CausalLM(load_transformers(path)), held), "file_bytes": file_bytes,
             "bits": acc["bits"], "side_bits_per_weight": 8 * acc["side_bytes"] / n,

@@ -45,20 +45,31 @@ class InitialCodebook:
 class StartCoding(NamedTuple):
     """A given coding of one layer to start the guide from (e.g. a one-shot quantised layer, see
     :func:`sqs_pyro.infer.compress`'s ``start``): the level index of every weight (``codes``,
-    shape of the weight), the K ``levels`` and, with group scales, the fp16 ``scales``
-    (``(R, ceil(C / G))``; ``None`` without)."""
+    shape of the weight), the K ``levels``, with group scales the fp16 ``scales``
+    (``(R, ceil(C / G))``; ``None`` without) and, for a pruned coding, the bool ``mask`` of the
+    kept weights (``None``: all kept)."""
 
     codes: torch.Tensor
     levels: torch.Tensor
     scales: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+    def gate_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Gate scores that rank every kept weight above every pruned one and, within each set,
+        follow ``scores`` (non-negative): ``1[kept] + scores / (2 max scores)``."""
+        if self.mask is None:
+            return scores
+        return self.mask.to(scores) + scores / (2 * scores.max().clamp_min(1e-30))
 
 
-def codebook_from_codes(values: np.ndarray, levels: np.ndarray) -> InitialCodebook:
+def codebook_from_codes(values: np.ndarray, levels: np.ndarray, fit: np.ndarray | None = None) -> InitialCodebook:
     """The initial codebook of a given coding's (sorted) ``levels``, one window: mixing weights and
-    scales of the values' nearest-level clusters (:func:`~sqs_pyro.guides.kmeans.gmm_from_centres`),
-    so that a latent weight on a level has that level as its most probable one."""
+    scales of the nearest-level clusters of the values (of those ``fit`` names, bool per value, when
+    given; :func:`~sqs_pyro.guides.kmeans.gmm_from_centres`), so that a latent weight on a level has
+    that level as its most probable one."""
     x = np.asarray(values, dtype=np.float64).ravel()
-    locs, mix, scales = gmm_from_centres(x, np.asarray(levels, dtype=np.float64), keep_extremes=False)
+    kept = x if fit is None else x[np.asarray(fit, dtype=bool).ravel()]
+    locs, mix, scales = gmm_from_centres(kept, np.asarray(levels, dtype=np.float64), keep_extremes=False)
     return InitialCodebook(np.zeros(x.size, dtype=np.int64), np.zeros(locs.size, dtype=np.int64), locs, mix, scales)
 
 

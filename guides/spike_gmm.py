@@ -60,11 +60,13 @@ class LayerPosterior(PyroModule):
             init = initial_codebook(values, config.components, config.windows, config.equal_windows,
                                     config.iqr_factor, fit=fit, forced_extremes=config.forced_extremes)
         else:
-            init = codebook_from_codes(values, start.levels.double().cpu().numpy())
+            kept = None if start.mask is None else start.mask.reshape(-1).cpu().numpy()
+            init = codebook_from_codes(values, start.levels.double().cpu().numpy(), kept)
         as_t = lambda a: torch.as_tensor(a, dtype=w.dtype, device=w.device)  # noqa: E731
         self.gate_logits = nn.Parameter(config.gate_init + offset)
-        # a given coding starts every latent weight on its level: the greedy network is that coding
-        self.latent = nn.Parameter(w.clone() if start is None else as_t(init.locs)[start.codes.to(w.device)])
+        # a given coding starts every kept latent weight on its level: the greedy network is that
+        # coding; a weight it pruned starts at its own value, should its gate reopen
+        self.latent = nn.Parameter(w.clone() if start is None else self._coded(w, as_t(init.locs), start))
         self.locs = nn.Parameter(as_t(init.locs))
         self.scale_raw = nn.Parameter(_softplus_inverse(as_t(init.scales).clamp_min(2 * _SCALE_FLOOR) - _SCALE_FLOOR))
         self.mix_logits = nn.Parameter(torch.log(as_t(init.mix)))
@@ -75,6 +77,11 @@ class LayerPosterior(PyroModule):
         self.register_buffer("comp_window", torch.as_tensor(init.component_windows, device=w.device))
         self.register_buffer("mask", torch.ones_like(w, dtype=torch.bool))
         self.register_buffer("gate_state", torch.tensor(int(GateState.OPEN)))
+
+    @staticmethod
+    def _coded(w: torch.Tensor, levels: torch.Tensor, start: StartCoding) -> torch.Tensor:
+        coded = levels[start.codes.to(w.device)]
+        return coded if start.mask is None else torch.where(start.mask.to(w.device), coded, w)
 
     @property
     def scales(self) -> torch.Tensor:

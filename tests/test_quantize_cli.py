@@ -67,10 +67,31 @@ def test_exact_fraction_and_no_calibration(folder, tmp_path):
     assert summary["exact_weights"] == sum(round(0.01 * n) for n in sizes)
 
 
+def test_sparse_quantize_starts_a_sparse_compress(folder, tmp_path):
+    """`quantize --sparsity 0.5` with calibration prunes half of every matrix; `compress --start` at 50%
+    with every rate at 0 writes that file's network exactly."""
+    q = tmp_path / "q"
+    assert main(["quantize", "--hf", str(folder / "model"), "--out", str(q), "-K", "4", "--group-size", "8",
+                 "--exact-outliers", "0", "--sparsity", "0.5", "--data", str(folder / "train.txt"),
+                 "--calib-windows", "8", "--seq-len", "8"]) == 0
+    assert json.loads((q / "summary.json").read_text())["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    frozen = {"group_size": 8, "sparsity": 0.5, "lr_weights": 0.0, "lr_codebook": 0.0, "lr_dense": 0.0,
+              "lr_gates": 0.0, "responsibility_scale": "pooled", "mode": "hard"}
+    (tmp_path / "frozen.json").write_text(json.dumps(frozen))
+    assert main(["compress", "--hf", str(folder / "model"), "--task", "lm", "--data", str(folder / "train.txt"),
+                 "--seq-len", "8", "--batch-size", "8", "--epochs", "1", "-K", "4", "--config",
+                 str(tmp_path / "frozen.json"), "--no-progress", "--start", str(q / "model.sqs"),
+                 "--out", str(tmp_path / "s")]) == 0
+    given, started = (load_compressed(p / "model.sqs") for p in (q, tmp_path / "s"))
+    for a, b in zip(given.layers, started.layers):
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.weight(), b.weight())
+
+
 @pytest.mark.parametrize("options, message", [
     (["--exact-outliers", "2.5"], "exact-outliers"),
     (["--natural-order"], "need --data"),
     (["-K", "1"], "components"),
+    (["--sparsity", "1.0"], "sparsity"),
 ])
 def test_bad_input_exits_2_before_any_work(folder, tmp_path, capsys, options, message):
     out = tmp_path / "q"

@@ -153,3 +153,28 @@ def test_a_start_network_that_does_not_fit_is_refused_before_training():
     start = quantize_network(student, select_layers(student), components=4, group_size=16, exact=1)
     with pytest.raises(SQSInputError, match="exact weights"):
         compress(student, (x, y), config, task="regression", progress=False, start=start)
+
+
+def test_a_pruned_start_is_the_greedy_network_when_nothing_learns():
+    """A one-shot network pruned to 50% (SparseGPT-style, with error feedback) starts a 50% run:
+    with every rate at 0 the trained network is the start exactly, mask included (its masks rank
+    the gates: all kept weights above all pruned ones). The same run without the start is not."""
+    from sqs_pyro.compressed.error_feedback import input_hessians
+    from sqs_pyro.compressed.oneshot import quantize_network
+
+    w_true, student, x, y = planted_rows()
+    sites = select_layers(student)
+    start = quantize_network(student, sites, components=4, group_size=16,
+                             hessians=input_hessians(student, sites, [x]), sparsity=0.5)
+    assert start.layers[0].nnz == 48
+    frozen = SQSConfig(components=4, sparsity=0.5, initial_sparsity=0.5, warmup_fraction=0.0, group_size=16,
+                       epochs=1, batch_size=256, lr_weights=0.0, lr_codebook=0.0, lr_dense=0.0, lr_gates=0.0,
+                       responsibility_scale="pooled", mode="hard", windows="none")
+    started = compress(student, (x, y), frozen, task="regression", progress=False, start=start).compressed()
+    assert torch.equal(started.layers[0].mask, start.layers[0].mask)
+    assert torch.equal(started.layers[0].weight(), start.layers[0].weight())
+    plain = compress(student, (x, y), frozen, task="regression", progress=False).compressed()
+    assert not torch.equal(plain.layers[0].weight(), start.layers[0].weight())
+    with pytest.raises(Exception, match="pruned and sparsity=0"):
+        compress(student, (x, y), SQSConfig(components=4, sparsity=0.0, group_size=16, epochs=1, batch_size=256),
+                 task="regression", progress=False, start=start)

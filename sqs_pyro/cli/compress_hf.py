@@ -59,8 +59,9 @@ def register_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dense-epochs", type=float, default=0.0,
                    help="fine-tune the model densely for this many epochs before compressing (default 0)")
     g.add_argument("--start", type=Path, metavar="FILE.sqs",
-                   help="start from this compressed model (e.g. `sqs-pyro quantize` output, unpruned, no exact "
-                        "weights, with the run's K and group_size) instead of k-means codebooks")
+                   help="start from this compressed model (e.g. `sqs-pyro quantize --exact-outliers 0` output, with "
+                        "the run's K and group_size; a pruned one needs --sparsity > 0 and ranks the gates) "
+                        "instead of k-means codebooks")
     g.add_argument("--include", nargs="+", metavar="REGEX",
                    help="module-path patterns of the layers to compress (default: the family's attention + MLP preset)")
 

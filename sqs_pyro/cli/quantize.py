@@ -40,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="weights of a row per fp16 scale (64); 0: no scales, one codebook on the raw weights")
     p.add_argument("--exact-outliers", type=float, default=16, metavar="N",
                    help="weights kept exact per matrix: a count, or a fraction of each matrix when below 1 (16)")
+    p.add_argument("--sparsity", type=float, default=0.0,
+                   help="prune this fraction of every matrix too (0): with --data SparseGPT's mask (error feedback), "
+                        "else the smallest |w|; the result can start `compress --start` at that sparsity")
     p.add_argument("--data", type=Path, nargs="+", metavar="FILE", help="calibration text files (error feedback)")
     p.add_argument("--calib-windows", type=positive_int, default=128,
                    help="seeded calibration windows of --seq-len tokens drawn from --data (128)")
@@ -60,6 +63,8 @@ def _check(args: argparse.Namespace) -> None:
         raise SQSInputError("--components must be >= 2")
     if args.exact_outliers < 0 or (args.exact_outliers >= 1 and args.exact_outliers != int(args.exact_outliers)):
         raise SQSInputError("--exact-outliers is a count (an integer >= 0) or a fraction in [0, 1)")
+    if not 0.0 <= args.sparsity < 1.0:
+        raise SQSInputError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     if args.seq_len < 2:
         raise SQSInputError("--seq-len must be >= 2")
     if args.out.exists() and not args.out.is_dir():
@@ -89,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     count, fraction = (0, args.exact_outliers) if args.exact_outliers < 1 else (int(args.exact_outliers), 0.0)
     network = quantize_network(net, sites, args.components, args.group_size, count, scores, hessians,
                                act_order=not args.natural_order, shrink=(1.0,) if args.absmax_scales else SHRINK_GRID,
-                               exact_fraction=fraction)
+                               exact_fraction=fraction, sparsity=args.sparsity)
     seconds = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "model.sqs"
@@ -97,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     acc = accounting(network)
     n = acc["compressed_params"]
     summary = {"hf": str(args.hf), "components": args.components, "group_size": args.group_size,
+               "sparsity": acc["sparsity"],
                "exact_outliers": args.exact_outliers, "calib_windows": 0 if calib is None else len(calib),
                "error_feedback": calib is not None, "act_order": calib is not None and not args.natural_order,
                "scale_search": calib is not None and not args.absmax_scales, "seconds": seconds,

@@ -16,6 +16,11 @@ chooses the codebook and the exact weights), with a group's fp16 scale set from 
 values when the quantiser reaches the group, and the exact weights stored with their error-fed
 values (zero error). With ``H = I`` nothing is fed forward and the result is the plain
 nearest-level coding.
+
+With a target ``sparsity`` the same pass also prunes (Frantar & Alistarh, 2023, "SparseGPT"):
+at the start of each block of columns, the fraction ``sparsity`` of its (non-exact) weights with
+the smallest optimal-brain-surgeon saliency ``w^2 / U_{cc}^2`` (on the error-fed values) is
+coded as zero, and their errors are fed forward like the quantisation errors.
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ def input_hessians(net: nn.Module, sites: Sequence[CompressedSite], batches: Ite
     r"""``H = X^T X / n`` of the inputs of every selected Linear weight, over all tokens / examples
     of ``batches`` (each passed as ``net(x)``; collected with forward pre-hooks, float64 sums of
     float32 batch products)."""
-    modules = {s.name: net.get_submodule(s.name.rsplit(".", 1)[0]) for s in sites if s.layer_type == "linear"}
+    modules = {s.name: net.get_submodule(s.name.rpartition(".")[0]) for s in sites if s.layer_type == "linear"}
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -108,8 +113,8 @@ def group_scales(values: torch.Tensor, excluded: torch.Tensor, levels: torch.Ten
 
 @torch.no_grad()
 def feedback_quantize(layer: CompressedLayer, weight: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01,
-                      block: int = 128, act_order: bool = True, shrink: Sequence[float] = SHRINK_GRID
-                      ) -> CompressedLayer:
+                      block: int = 128, act_order: bool = True, shrink: Sequence[float] = SHRINK_GRID,
+                      sparsity: float = 0.0) -> CompressedLayer:
     """Re-code ``layer`` (its codebook and exact positions kept) by GPTQ error feedback under the
     input second moment ``hessian`` (``C x C`` for a ``(R, C)`` weight); see the module docstring.
 
@@ -117,8 +122,9 @@ def feedback_quantize(layer: CompressedLayer, weight: torch.Tensor, hessian: tor
     the most columns are left to absorb their errors); the group scales are then fixed up front from
     the weights as given ("static groups"), else set from the error-fed values when a group starts.
     ``shrink``: candidate factors of a group's ``max |w|`` (:func:`group_scales`, ``H_cc`` as importance).
-    Both defaults were chosen on validation text (SmolLM2, docs/results.md). Returns ``layer``
-    with new codes, group scales and exact values."""
+    Both defaults were chosen on validation text (SmolLM2, docs/results.md). ``sparsity``: the
+    fraction of each block's weights pruned on the way (see the module docstring). Returns ``layer``
+    with new codes, mask, group scales and exact values."""
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"feedback_quantize needs a (R, C) weight and a (C, C) hessian, got "
                          f"{tuple(weight.shape)} and {tuple(hessian.shape)}")
@@ -149,11 +155,14 @@ def feedback_quantize(layer: CompressedLayer, weight: torch.Tensor, hessian: tor
         block = g * max(1, math.ceil(block / g))  # a group never straddles two blocks
     codes = torch.zeros(rows, cols, dtype=torch.long)
     coded = torch.zeros(rows, cols)
+    pruned = torch.zeros(rows, cols, dtype=torch.bool)
     scale = torch.ones(rows)
     for start in range(0, cols, block):
         stop = min(start + block, cols)
         part = w[:, start:stop].clone()
         errors = torch.zeros_like(part)
+        if sparsity > 0:
+            pruned[:, start:stop] = _obs_prune(part, factor.diagonal()[start:stop], exact[:, start:stop], sparsity)
         for j in range(stop - start):
             c = start + j
             if static:
@@ -164,18 +173,33 @@ def feedback_quantize(layer: CompressedLayer, weight: torch.Tensor, hessian: tor
             column = part[:, j]
             code = _nearest(column / scale, levels)
             q = torch.where(exact[:, c], column.half().float(), scale * levels[code])
+            q = q.masked_fill(pruned[:, c], 0.0)
             codes[:, c], coded[:, c] = code, q
             err = (column - q) / factor[c, c]
             part[:, j:] -= err[:, None] * factor[c, c:stop][None, :]
             errors[:, j] = err
         w[:, stop:] -= errors @ factor[start:stop, stop:]
     codes, coded = _unpermute(codes, order), _unpermute(coded, order)
-    layer.codes = torch.where(layer.mask, codes, 0).to(layer.codes.device)
+    layer.mask = (~exact_given & ~_unpermute(pruned, order)).reshape(layer.shape).to(layer.mask.device)
+    layer.codes = torch.where(layer.mask, codes.reshape(layer.shape), 0).to(layer.codes.device)
     if g:
         layer.scales = scales
     if layer.num_exact:
         layer.exact_values = coded.reshape(-1)[layer.exact_index].half()
     return layer
+
+
+def _obs_prune(part: torch.Tensor, diagonal: torch.Tensor, exact: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """SparseGPT's block mask: the ``round(sparsity n)`` of the ``n`` non-exact weights of ``part``
+    with the smallest saliency ``w^2 / U_cc^2`` (ties to the lower flat position)."""
+    saliency = (part / diagonal[None, :]) ** 2
+    candidates = (~exact).reshape(-1).nonzero().squeeze(1)
+    count = round(sparsity * candidates.numel())
+    pruned = torch.zeros(part.numel(), dtype=torch.bool)
+    if count:
+        order = torch.argsort(saliency.reshape(-1)[candidates], stable=True)
+        pruned[candidates[order[:count]]] = True
+    return pruned.reshape(part.shape)
 
 
 def _unpermute(columns: torch.Tensor, order: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,13 @@ For a weight viewed as ``R`` rows of ``C`` values:
    k-means (:func:`~sqs_pyro.guides.kmeans.kmeans_1d`: exact on up to ``max_points`` bins,
    then Lloyd polishing), each weight coded by its nearest level.
 
+With a target ``sparsity``, the fraction ``sparsity`` of the other weights with the smallest
+scores is pruned and the codebook is fit on the survivors only (with input second moments,
+:func:`~sqs_pyro.compressed.error_feedback.feedback_quantize` then chooses the mask itself,
+SparseGPT-style).
+
 The result is a :class:`~sqs_pyro.compressed.materialize.CompressedLayer` with
-``w = sigma mu_a`` (no pruning), whose scales and exact weights the ``.sqs`` file stores and
+``w = sigma mu_a`` on the kept weights, whose scales and exact weights the ``.sqs`` file stores and
 the accounting counts. It is also what the SQS guide starts from when group scales are used:
 the spike-and-GMM posterior lives on ``u``.
 """
@@ -32,21 +37,26 @@ from sqs_pyro.models.selection import CompressedSite
 
 @torch.no_grad()
 def quantize_layer(name: str, weight: torch.Tensor, components: int, group_size: int, exact: int = 0,
-                   scores: torch.Tensor | None = None) -> CompressedLayer:
+                   scores: torch.Tensor | None = None, sparsity: float = 0.0) -> CompressedLayer:
     """The dense-and-sparse group-scaled layer of ``weight`` (see the module docstring);
     ``group_size = 0`` gives one codebook over the raw weights (no scales)."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     w = weight.detach().float().cpu()
     flat = w.reshape(-1)
     exact = min(exact, flat.numel() - 1)
     index = values = None
     mask = torch.ones(flat.numel(), dtype=torch.bool)
+    s = (flat.abs() if scores is None else scores.detach().float().cpu().reshape(-1))
     if exact > 0:
-        s = (flat.abs() if scores is None else scores.detach().float().cpu().reshape(-1))
         index = torch.sort(torch.topk(s, exact).indices).values
         values = flat[index].to(torch.float16)
         mask[index] = False
     rest = torch.where(mask, flat, torch.zeros(())).reshape(w.shape)
     u, scales = normalise(rest, group_size) if group_size else (rest, None)
+    prune = round(sparsity * int(mask.sum()))
+    if prune:  # the smallest scores among the coded weights
+        mask[torch.argsort(s.masked_fill(~mask, float("inf")), stable=True)[:prune]] = False
     layer = CompressedLayer(name, tuple(w.shape), mask.reshape(w.shape), torch.zeros(w.shape, dtype=torch.long),
                             torch.zeros(components), torch.zeros(components, dtype=torch.long), group_size,
                             scales, index, values)
@@ -62,21 +72,24 @@ def quantize_layer(name: str, weight: torch.Tensor, components: int, group_size:
 def quantize_network(net: nn.Module, sites: list[CompressedSite], components: int, group_size: int,
                      exact: int = 0, scores: dict[str, torch.Tensor] | None = None,
                      hessians: dict[str, torch.Tensor] | None = None, act_order: bool = True,
-                     shrink: Sequence[float] = SHRINK_GRID, exact_fraction: float = 0.0) -> CompressedNetwork:
+                     shrink: Sequence[float] = SHRINK_GRID, exact_fraction: float = 0.0,
+                     sparsity: float = 0.0) -> CompressedNetwork:
     """:func:`quantize_layer` for every selected weight of ``net``; the other tensors as they are
     (a tied tensor stays one tensor). Each matrix keeps ``exact + round(exact_fraction numel)``
     exact weights. A weight with an input second moment in ``hessians``
     (:func:`~sqs_pyro.compressed.error_feedback.input_hessians`) is then re-coded by
     :func:`~sqs_pyro.compressed.error_feedback.feedback_quantize` (GPTQ error feedback, with its
-    ``act_order`` and scale ``shrink`` options)."""
+    ``act_order`` and scale ``shrink`` options; with ``sparsity``, SparseGPT's mask)."""
     layers = []
     for s in sites:
         weight = net.get_parameter(s.name)
         budget = exact + round(exact_fraction * weight.numel())
-        layer = quantize_layer(s.name, weight, components, group_size, budget, (scores or {}).get(s.name))
+        layer = quantize_layer(s.name, weight, components, group_size, budget, (scores or {}).get(s.name), sparsity)
         if hessians and s.name in hessians:
-            layer = feedback_quantize(layer, weight, hessians[s.name], act_order=act_order, shrink=shrink)
+            layer = feedback_quantize(layer, weight, hessians[s.name], act_order=act_order, shrink=shrink,
+                                      sparsity=sparsity)
         layers.append(layer)
     config = {"method": "oneshot", "components": components, "group_size": group_size, "exact": exact,
-              "exact_fraction": exact_fraction, "error_feedback": bool(hessians), "act_order": act_order, "shrink": list(shrink)}
+              "exact_fraction": exact_fraction, "error_feedback": bool(hessians), "act_order": act_order, "shrink": list(shrink),
+              "sparsity": sparsity}
     return CompressedNetwork(layers, uncompressed_state(net, {s.name for s in sites}), config)

@@ -81,11 +81,13 @@ def _start_coding(start: CompressedNetwork | None, sites: list[CompressedSite],
                      f"it has {layer.components} levels, not components={config.components}"),
                     (layer.group_size != config.group_size,
                      f"its group size is {layer.group_size}, not group_size={config.group_size}"),
-                    (layer.nnz != layer.numel or layer.num_exact > 0, "it is pruned or has exact weights")]
+                    (layer.num_exact > 0, "it has exact weights"),
+                    (layer.nnz < layer.numel and config.sparsity == 0, "it is pruned and sparsity=0")]
         problem = next((message for bad, message in problems if bad), None)
         if problem:
             raise SQSInputError(f"start layer {site.name} cannot start this run: {problem}")
-    return {name: StartCoding(layer.codes, layer.codebook, layer.scales) for name, layer in layers.items()}
+    return {name: StartCoding(layer.codes, layer.codebook, layer.scales, None if layer.nnz == layer.numel else layer.mask)
+            for name, layer in layers.items()}
 
 
 def _check_checkpoint_options(checkpoint_dir: str | os.PathLike | None, checkpoint_every: int, resume: bool,
@@ -145,10 +147,12 @@ def compress(
             the learning rate up to this many times; the next divergence raises
             :class:`~sqs_pyro.errors.SQSDivergenceError`.
         start: a compressed network of ``net`` to start from, e.g. a one-shot quantised one
-            (:func:`~sqs_pyro.compressed.oneshot.quantize_network`): one unpruned layer without
-            exact weights per compressed site, with ``config.components`` levels and
+            (:func:`~sqs_pyro.compressed.oneshot.quantize_network`): one layer without exact
+            weights per compressed site, with ``config.components`` levels and
             ``config.group_size``. The guide starts on its codes and levels (the greedy network
-            at step 0 is ``start``), the model's group scales at its scales.
+            at step 0 is ``start`` when its sparsity is ``config.sparsity``), the model's group
+            scales at its scales. A pruned start (``config.sparsity > 0``) ranks the gates: every
+            weight it kept above every weight it pruned, the gate scores within each set.
 
     Everything a user passes is checked (raising :class:`SQSInputError`) before the guide is
     built or any step runs.
@@ -192,6 +196,9 @@ def compress(
             if config.gate_score != "magnitude":
                 batches = saliency_batches(dataset, config.batch_size, config.saliency_batches, config.seed, device)
                 scores = gate_scores(net, sites, batches, task, config.gate_score)
+            if any(c.mask is not None for c in coding.values()):  # a pruned start: its masks rank the gates first
+                base = scores or {s.name: net.get_parameter(s.name).detach().abs() for s in sites}
+                scores = {name: coding[name].gate_scores(score) for name, score in base.items()}
             guide = SpikeGMMGuide(net, sites, config, scores, coding)
             if config.empirical_bayes:
                 model.update_hyperpriors(guide.distributions())
