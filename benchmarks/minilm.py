@@ -10,11 +10,15 @@
 3. reports held-out accuracy (dense, greedy, averaged), achieved sparsity, bits, CR formula,
    packed ratio, the mean cosine between compressed and dense sentence embeddings, peak RSS
    and wall times (and, with ``--val N``, accuracy on N validation sentences carved out
-   between the training and the test ones, for choosing settings); writes ``--out``
+   between the training and the test ones, for choosing settings); with ``--start-oneshot``
+   SQS starts from the one-shot network of ``sqs-pyro quantize``'s method (SparseGPT's mask and
+   GPTQ error feedback under the input second moments of ``--calib`` training sentences, no
+   exact weights), whose accuracy is reported too; writes ``--out``
    (benchmarks/results/minilm.json). The fine-tuned network is cached in runs/minilm/
    (``dense_seconds`` is then the loading time).
 """
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -39,6 +43,19 @@ def mean_cosine(a: SentenceClassifier, b: torch.nn.Module, x: torch.Tensor) -> f
     return float(torch.nn.functional.cosine_similarity(ea, eb, dim=-1).mean())
 
 
+def one_shot_start(net: SentenceClassifier, config: SQSConfig, calib: torch.Tensor):
+    """The one-shot network at ``config``'s sparsity, K and group size: SparseGPT's mask and GPTQ
+    error feedback under the input second moments of ``calib`` (activation order, searched scales)."""
+    from sqs_pyro.compressed.error_feedback import hessian_scores, input_hessians
+    from sqs_pyro.compressed.oneshot import quantize_network
+    from sqs_pyro.models import select_layers
+
+    sites = select_layers(net, config.include_types, config.include, config.exclude)
+    hessians = input_hessians(net, sites, calib.split(32))
+    return quantize_network(net, sites, config.components, config.group_size, 0, hessian_scores(net, sites, hessians),
+                            hessians, sparsity=config.sparsity)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reviews", type=Path, required=True, help="path to vaderSentiment-3.3.2.tar.gz")
@@ -55,6 +72,9 @@ def main() -> None:
     parser.add_argument("--lr-weights", type=float, default=HF_DEFAULTS["lr_weights"])
     parser.add_argument("--group-size", type=int, default=0, help="group scales per G weights of a row (0: none)")
     parser.add_argument("--responsibility-scale", choices=("own", "pooled"), default="own")
+    parser.add_argument("--start-oneshot", action="store_true",
+                        help="start SQS from the one-shot sparse, error-fed network (see above)")
+    parser.add_argument("--calib", type=int, default=512, help="calibration sentences of --start-oneshot")
     parser.add_argument("--val", type=int, default=0,
                         help="also score N validation sentences (after the training ones, before the test ones)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "minilm.json")
@@ -98,7 +118,14 @@ def main() -> None:
                                   "responsibility_scale": args.responsibility_scale,
                                   "include": transformer_include("bert")})
     start = time.perf_counter()
-    result = compress(net, (x, y), config, progress=True, checkpoint_dir=Path("runs/minilm"))
+    oneshot = one_shot_start(net, config, x[:args.calib]) if args.start_oneshot else None
+    oneshot_scores = {}
+    if oneshot is not None:
+        plain = oneshot.load_into(copy.deepcopy(net)).eval()
+        oneshot_scores = {"accuracy_oneshot": accuracy(plain, x_test, y_test, batch_size=64),
+                          **({"accuracy_val_oneshot": accuracy(plain, x_val, y_val, batch_size=64)} if args.val else {})}
+        del plain
+    result = compress(net, (x, y), config, progress=True, checkpoint_dir=Path("runs/minilm"), start=oneshot)
     sqs_seconds = time.perf_counter() - start
     peak_sqs = vm("VmHWM")
     greedy = result.greedy_module()
@@ -107,6 +134,7 @@ def main() -> None:
         "train": len(x), "test": len(x_test), "epochs": args.epochs, "sparsity_target": args.sparsity,
         "K": args.components, "windows": args.windows, "kl_weight": args.kl_weight, "lr_weights": args.lr_weights,
         "group_size": args.group_size, "responsibility_scale": args.responsibility_scale, "val": len(x_val),
+        "start_oneshot": args.start_oneshot, **oneshot_scores,
         "accuracy_dense": acc_dense, "accuracy_greedy": accuracy(greedy, x_test, y_test, batch_size=64),
         "accuracy_averaged": accuracy(result.averaged_module(), x_test, y_test, batch_size=64),
         "cosine_greedy_vs_dense": mean_cosine(net, greedy, x_test),
