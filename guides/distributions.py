@@ -59,6 +59,30 @@ def relaxed_one_hot(log_phi: torch.Tensor, uniforms: torch.Tensor,
     return index, soft - soft.detach()
 
 
+class _GatedLevel(torch.autograd.Function):
+    """``z_j mu_{k_j}`` forward for 0/1 gate values ``z_j``; backward the straight-through gradients of
+    ``z_j (mu_{k_j} + x_j - stop_grad(x_j))``: ``dx_j = z_j g_j``, ``dmu_k = sum_{j: k_j = k} z_j g_j``,
+    ``dz_j = mu_{k_j} g_j``. Saves a byte per weight for the codes (K <= 256) and one for the gate,
+    not the level values."""
+
+    @staticmethod
+    def forward(ctx, latent: torch.Tensor, locs: torch.Tensor, codes: torch.Tensor, gate: torch.Tensor):
+        ctx.save_for_backward(locs, codes.to(torch.uint8) if locs.numel() <= 256 else codes, gate != 0)
+        return gate * locs[codes]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        locs, codes, kept = ctx.saved_tensors
+        gated = grad.masked_fill(~kept, 0.0)
+        if gated.dim() > codes.dim():  # several draws of the gates: the latent's gradient sums them
+            gated = gated.sum(tuple(range(gated.dim() - codes.dim())))
+        flat = codes.reshape(-1).long()
+        dlocs = torch.zeros_like(locs).index_add_(0, flat, gated.reshape(-1)) if ctx.needs_input_grad[1] else None
+        dgate = grad * locs[codes.long()] if ctx.needs_input_grad[3] else None
+        return gated if ctx.needs_input_grad[0] else None, dlocs, None, dgate
+
+
 def normal_log_density(x: torch.Tensor, locs: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``log N(x[..., None]; locs, scales^2)`` broadcast over a trailing component axis."""
     z = (x.unsqueeze(-1) - locs) / scales
@@ -228,8 +252,7 @@ class SpikeGMM(TorchDistribution):
         forward (the posterior mode of the assignment), a straight-through (identity) gradient to the
         latent weight ``x_j``, each level ``mu_k`` the summed gradient of its weights; the gate
         ``z_j`` a straight-through relaxed Bernoulli draw (or the fixed mask)."""
-        value = self.locs[self.most_probable_level()] + (self.latent - self.latent.detach())
-        return (self._sample_gate(shape) * value).expand(shape)
+        return _GatedLevel.apply(self.latent, self.locs, self.most_probable_level(), self._sample_gate(shape))
 
     def _fused_rsample(self, shape: torch.Size) -> torch.Tensor:
         """:meth:`rsample` in one kernel pass; for a single draw with ``kl_prior`` set, also the KL bound

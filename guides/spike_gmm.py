@@ -112,10 +112,11 @@ class LayerPosterior(PyroModule):
     def distribution(self, tau: float, gate_temperature: float, assign_temperature: float,
                      mode: str, kl_prior: SpikeSlabGMM | None = None, pooled: bool = False) -> SpikeGMM:
         gate_fixed = None
-        if self.state == GateState.OPEN:
-            gate_fixed = torch.ones_like(self.latent)
-        elif self.state == GateState.FROZEN:
+        state = self.state
+        if state == GateState.FROZEN and not bool(self.mask.all()):
             gate_fixed = self.mask.to(self.latent.dtype)
+        elif state != GateState.LEARN:  # open, or a mask that keeps all: ones without storage
+            gate_fixed = torch.ones((), dtype=self.latent.dtype, device=self.latent.device).expand_as(self.latent)
         return SpikeGMM(self.gate_logits, self.latent, self.codebook(), gate_fixed, tau, gate_temperature,
                         assign_temperature, mode, kl_prior, pooled)
 

@@ -79,3 +79,23 @@ def test_hard_mode_forward_is_the_greedy_level_with_a_straight_through_gradient(
     torch.testing.assert_close(d_latent, mask * upstream)  # identity through the kept weights
     expected = torch.zeros(K).index_add_(0, level, mask * upstream)  # each level: its weights' gradients
     torch.testing.assert_close(d_locs, expected)
+
+
+def test_hard_mode_with_learned_gates_matches_the_straight_through_formula():
+    """Learned gates, two draws: the forward and every gradient (latent, levels, gate logits) are
+    those of ``z (mu_k + x - stop_grad(x))`` with the same relaxed-Bernoulli gate draws."""
+    q = layer_q(mode="hard")
+    for t in (q.latent, q.locs, q.gate_logits):
+        t.requires_grad_(True)
+    upstream = torch.randn(2, N, generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(8)
+    w = q.rsample((2,))
+    torch.manual_seed(8)
+    gate = q._sample_gate(torch.Size((2, N)))
+    reference = gate * (q.locs[q.log_phi.argmax(-1)] + q.latent - q.latent.detach())
+    torch.testing.assert_close(w, reference)
+    ours = torch.autograd.grad((w * upstream).sum(), [q.latent, q.locs, q.gate_logits])
+    theirs = torch.autograd.grad((reference * upstream).sum(), [q.latent, q.locs, q.gate_logits])
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+    assert ours[2].abs().sum() > 0  # the gates do learn

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import pyro
+import torch
 from torch import nn
 
 from sqs_pyro.compressed.materialize import CompressedNetwork
@@ -88,6 +89,19 @@ def _start_coding(start: CompressedNetwork | None, sites: list[CompressedSite],
             raise SQSInputError(f"start layer {site.name} cannot start this run: {problem}")
     return {name: StartCoding(layer.codes, layer.codebook, layer.scales, None if layer.nnz == layer.numel else layer.mask)
             for name, layer in layers.items()}
+
+
+def _initial_scores(net: nn.Module, sites: list[CompressedSite], dataset: Any, task: str, config: SQSConfig,
+                    coding: dict[str, StartCoding], device: torch.device) -> dict[str, torch.Tensor] | None:
+    """The guide's gate scores (``None``: magnitudes); a pruned start's masks rank them first."""
+    scores = None
+    if config.gate_score != "magnitude":
+        batches = saliency_batches(dataset, config.batch_size, config.saliency_batches, config.seed, device)
+        scores = gate_scores(net, sites, batches, task, config.gate_score)
+    if any(c.mask is not None for c in coding.values()):
+        base = scores or {s.name: net.get_parameter(s.name).detach().abs() for s in sites}
+        scores = {name: coding[name].gate_scores(score) for name, score in base.items()}
+    return scores
 
 
 def _check_checkpoint_options(checkpoint_dir: str | os.PathLike | None, checkpoint_every: int, resume: bool,
@@ -192,17 +206,12 @@ def compress(
                           "regression": lambda: GaussianLikelihood(num_data, noise_scale)}[task]()
             model = SQSModel(net, sites, config, likelihood,
                              {n: c.scales for n, c in coding.items() if c.scales is not None})
-            scores = None  # magnitudes
-            if config.gate_score != "magnitude":
-                batches = saliency_batches(dataset, config.batch_size, config.saliency_batches, config.seed, device)
-                scores = gate_scores(net, sites, batches, task, config.gate_score)
-            if any(c.mask is not None for c in coding.values()):  # a pruned start: its masks rank the gates first
-                base = scores or {s.name: net.get_parameter(s.name).detach().abs() for s in sites}
-                scores = {name: coding[name].gate_scores(score) for name, score in base.items()}
-            guide = SpikeGMMGuide(net, sites, config, scores, coding)
+            # the scores are passed, not kept: a weight-sized tensor per site, needed only here
+            guide = SpikeGMMGuide(net, sites, config, _initial_scores(net, sites, dataset, task, config, coding, device),
+                                  coding)
             if config.empirical_bayes:
                 model.update_hyperpriors(guide.distributions())
-            result = SQSResult(config, copy.deepcopy(net), model, guide)
+            result = SQSResult(config, net, model, guide)  # net: the architecture, never modified
             trainer = Trainer(result, schedule, dataset, task, ctx, device, started)
             if saved is not None:
                 trainer.load_state_dict(saved)

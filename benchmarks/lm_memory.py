@@ -1,0 +1,97 @@
+"""Peak training memory per compressed parameter of a started, group-scaled SQS run (issue 14), on a
+random Llama with SmolLM2-135M's matrix shapes (6 layers instead of 30, a 2,048-token vocabulary),
+so that it runs in a minute here.
+
+    python benchmarks/lm_memory.py                 # 0% and 50% sparsity
+    MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/lm_memory.py   # glibc returns large freed blocks
+
+Per run (own process, so that its peak is its own): the one-shot start network
+(``quantize_network``, no calibration), then ``compress(start=...)`` in hard mode, K=16, G=64, one
+epoch of 64 sequences of 64 tokens, batch 8, checkpoints on disk (as ``benchmarks/smollm.py``).
+Prints and writes (``results/lm_memory.json``) ``(VmHWM - VmRSS before compress) / compressed
+parameters``, and the RSS before training starts and the training peak above it.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from memory import reset_peak, vm
+
+HERE = Path(__file__).parent
+
+
+def child(sparsity: float) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import sqs_pyro.infer.trainer as trainer
+    from sqs_pyro import SQSConfig
+    from sqs_pyro.cli.compress_hf import HF_DEFAULTS
+    from sqs_pyro.compressed.oneshot import quantize_network
+    from sqs_pyro.hf import CausalLM
+    from sqs_pyro.infer import compress
+    from sqs_pyro.models import select_layers, transformer_include
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=2048, hidden_size=576, intermediate_size=1536, num_hidden_layers=6,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=256)
+    net = CausalLM(LlamaForCausalLM(config))
+    ids = torch.randint(0, 2048, (64, 65))
+    include = transformer_include("llama")
+    sites = select_layers(net, include=include)
+    n = sum(net.get_parameter(s.name).numel() for s in sites)
+    start = quantize_network(net, sites, 16, 64, 0, sparsity=sparsity)
+    sqs = SQSConfig.from_dict({**HF_DEFAULTS, "sparsity": sparsity, "initial_sparsity": sparsity, "components": 16,
+                               "group_size": 64, "prune_fraction": HF_DEFAULTS["prune_fraction"] if sparsity else 0.0,
+                               "responsibility_scale": "pooled", "epochs": 1.0, "batch_size": 8, "include": include,
+                               "mode": "hard"})
+    marks = {}
+    train = trainer.Trainer.train
+
+    def measured_train(self, *args, **kwargs):  # the RSS when training starts, then the peak above it
+        marks["rss_before_train"] = vm("VmRSS")
+        reset_peak()
+        return train(self, *args, **kwargs)
+
+    trainer.Trainer.train = measured_train
+    reset_peak()
+    base = vm("VmRSS")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        compress(net, (ids[:, :-1], ids[:, 1:]), sqs, task="lm", progress=False, start=start, checkpoint_dir=folder)
+    peak = vm("VmHWM")
+    return {"sparsity": sparsity, "compressed_params": n, "seconds": time.perf_counter() - t0,
+            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+            "bytes_per_param_before_train": (marks["rss_before_train"] - base) / n,
+            "bytes_per_param_train_peak_above_start": (peak - marks["rss_before_train"]) / n,
+            "bytes_per_param": (max(peak, marks["rss_before_train"]) - base) / n}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.0, 0.5])
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "lm_memory.json")
+    parser.add_argument("--child", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        print(json.dumps(child(args.child)))
+        return
+    rows = []
+    for s in args.sparsity:
+        out = subprocess.run([sys.executable, __file__, "--child", str(s)], capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(f"sparsity {s:.2f}: {r['bytes_per_param']:.1f} bytes / compressed param "
+              f"(before training {r['bytes_per_param_before_train']:.1f}, training peak above that "
+              f"{r['bytes_per_param_train_peak_above_start']:.1f}), {r['seconds']:.0f} s")
+    args.out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
