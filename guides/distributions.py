@@ -83,6 +83,27 @@ class _GatedLevel(torch.autograd.Function):
         return gated if ctx.needs_input_grad[0] else None, dlocs, None, dgate
 
 
+class _RelaxedGate(torch.autograd.Function):
+    """The straight-through relaxed Bernoulli gate ``1[s > 1/2]`` with ``s = sigmoid((theta +
+    logit(U)) / t)``: forward the 0/1 value, backward ``dtheta = g s (1 - s) / t`` (the relaxation's
+    gradient). Saves ``s`` only."""
+
+    @staticmethod
+    def forward(ctx, theta: torch.Tensor, uniforms: torch.Tensor, temperature: float):
+        noisy = (theta + torch.log(uniforms) - torch.log1p(-uniforms)) / temperature
+        soft = torch.sigmoid(noisy.clamp_(_FLOOR, -_FLOOR))
+        ctx.save_for_backward(soft)
+        ctx.temperature = temperature
+        return (soft > 0.5).to(soft.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (soft,) = ctx.saved_tensors
+        dtheta = grad * soft * (1 - soft) / ctx.temperature
+        return dtheta, None, None
+
+
 def normal_log_density(x: torch.Tensor, locs: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``log N(x[..., None]; locs, scales^2)`` broadcast over a trailing component axis."""
     z = (x.unsqueeze(-1) - locs) / scales
@@ -217,11 +238,8 @@ class SpikeGMM(TorchDistribution):
     def _sample_gate(self, shape: torch.Size) -> torch.Tensor:
         if self.gate_fixed is not None:
             return self.gate_fixed.expand(shape)
-        u = torch.rand(shape, dtype=self.latent.dtype, device=self.latent.device).clamp(1e-6, 1 - 1e-6)
-        noisy = (self.gate_logits + torch.log(u) - torch.log1p(-u)) / self.gate_temperature
-        soft = torch.sigmoid(noisy.clamp(_FLOOR, -_FLOOR))
-        hard = (soft > 0.5).to(soft.dtype)
-        return hard + soft - soft.detach()
+        u = torch.rand(shape, dtype=self.latent.dtype, device=self.latent.device).clamp_(1e-6, 1 - 1e-6)
+        return _RelaxedGate.apply(self.gate_logits, u, self.gate_temperature)
 
     def _sample_value(self, shape: torch.Size) -> torch.Tensor:
         """``sum_k a_k (mu_k + s_k eps)`` for a straight-through relaxed one-hot ``a`` drawn from ``phi``."""
@@ -252,7 +270,19 @@ class SpikeGMM(TorchDistribution):
         forward (the posterior mode of the assignment), a straight-through (identity) gradient to the
         latent weight ``x_j``, each level ``mu_k`` the summed gradient of its weights; the gate
         ``z_j`` a straight-through relaxed Bernoulli draw (or the fixed mask)."""
+        if self.fused and self.kl_prior is not None and shape == self.batch_shape:
+            self._fused_kl_only()
         return _GatedLevel.apply(self.latent, self.locs, self.most_probable_level(), self._sample_gate(shape))
+
+    def _fused_kl_only(self) -> None:
+        """The KL bound by the fused kernel (its expected weight unused), kept in :attr:`fused_kl`: no
+        weight-sized tensor is saved for the backward pass but the KL itself."""
+        const, a = self.codebook_terms
+        learned = self.gate_fixed is None
+        _, self.fused_kl = kernels.fused_layer(
+            self.latent, self.gate_logits if learned else None, const, a, self.locs, self.scales,
+            component_kl(self, self.kl_prior), gate_fixed=None if learned else self.gate_fixed,
+            window_ids=self.window_ids, comp_window=self.comp_window, prior_inclusion=self.kl_prior.inclusion)
 
     def _fused_rsample(self, shape: torch.Size) -> torch.Tensor:
         """:meth:`rsample` in one kernel pass; for a single draw with ``kl_prior`` set, also the KL bound

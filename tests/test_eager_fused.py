@@ -87,3 +87,31 @@ def test_sampled_weights_agree_in_distribution(k, monkeypatch):
     exact = distribution(leaves, win, cw, "expected", False, monkeypatch).mean.detach()
     assert float(((means[True] - exact).abs() / se.clamp_min(1e-6) > 4).float().mean()) < 0.01
     torch.testing.assert_close(grads[True], grads[False], rtol=0.1, atol=0.02 * float(grads[False].abs().max()))
+
+
+@pytest.mark.parametrize("k", [4, 16])
+@pytest.mark.parametrize("gates", ["learned", "fixed"])
+def test_hard_mode_kl_and_gradients_agree(k, gates, monkeypatch):
+    """Hard mode takes its KL bound from the fused kernel (nothing weight-sized saved but the KL):
+    the same KL, draws and gradients as the eager code, with learned and with fixed gates."""
+    leaves, win, cw = parameters(k, False)
+    dw, dkl = torch.randn(N, generator=torch.Generator().manual_seed(9)), torch.rand(N)
+    out = {}
+    for fused in (True, False):
+        q = distribution(leaves, win, cw, "hard", fused, monkeypatch)
+        if gates == "fixed":
+            q.gate_fixed = (torch.arange(N) % 3 != 0).float()
+        torch.manual_seed(3)
+        w = q.rsample()
+        assert (q.fused_kl is not None) == fused
+        kl = spike_gmm_kl(q, q.kl_prior)
+        grads = torch.autograd.grad((w * dw).sum() + (kl * dkl).sum(), leaves, allow_unused=True)
+        out[fused] = (w.detach(), kl.detach(), grads)
+    (w1, kl1, g1), (w0, kl0, g0) = out[True], out[False]
+    assert (w1 != w0).float().mean() < 1e-3  # argmax ties at round-off only
+    torch.testing.assert_close(kl1, kl0, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(("x", "theta", "locs", "scales", "mix"), g1, g0):
+        if b is None:
+            assert a is None or not a.any(), name
+            continue
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=1e-4 * float(b.abs().max()), msg=name)
