@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kl-weight", type=float, default=1e-4)
     parser.add_argument("--lr-weights", type=float, default=HF_DEFAULTS["lr_weights"])
+    parser.add_argument("--lr-codebook", type=float, default=HF_DEFAULTS["lr_codebook"])
+    parser.add_argument("--mode", choices=("expected", "sample", "hard"), default=HF_DEFAULTS["mode"])
     parser.add_argument("--group-size", type=int, default=0, help="group scales per G weights of a row (0: none)")
     parser.add_argument("--responsibility-scale", choices=("own", "pooled"), default="own")
     parser.add_argument("--start-oneshot", action="store_true",
@@ -114,7 +116,8 @@ def main() -> None:
     config = SQSConfig.from_dict({**HF_DEFAULTS, "sparsity": s_f, "initial_sparsity": s_f,
                                   "components": args.components, "windows": args.windows, "epochs": args.epochs,
                                   "batch_size": args.batch_size, "seed": args.seed, "kl_weight": args.kl_weight,
-                                  "lr_weights": args.lr_weights, "group_size": args.group_size,
+                                  "lr_weights": args.lr_weights, "lr_codebook": args.lr_codebook,
+                                  "mode": args.mode, "group_size": args.group_size,
                                   "responsibility_scale": args.responsibility_scale,
                                   "include": transformer_include("bert")})
     start = time.perf_counter()
@@ -133,6 +136,7 @@ def main() -> None:
     row = {
         "train": len(x), "test": len(x_test), "epochs": args.epochs, "sparsity_target": args.sparsity,
         "K": args.components, "windows": args.windows, "kl_weight": args.kl_weight, "lr_weights": args.lr_weights,
+        "lr_codebook": args.lr_codebook, "mode": args.mode,
         "group_size": args.group_size, "responsibility_scale": args.responsibility_scale, "val": len(x_val),
         "start_oneshot": args.start_oneshot, **oneshot_scores,
         "accuracy_dense": acc_dense, "accuracy_greedy": accuracy(greedy, x_test, y_test, batch_size=64),
