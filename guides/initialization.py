@@ -54,6 +54,12 @@ class StartCoding(NamedTuple):
     scales: torch.Tensor | None = None
     mask: torch.Tensor | None = None
 
+    def latents(self, values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """The start of the latent weights: each kept one on its coded level of ``levels``, each
+        pruned one at its own (normalised) value in ``values``."""
+        coded = levels[self.codes.to(values.device)]
+        return coded if self.mask is None else torch.where(self.mask.to(values.device), coded, values)
+
     def gate_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """Gate scores that rank every kept weight above every pruned one and, within each set,
         follow ``scores`` (non-negative): ``1[kept] + scores / (2 max scores)``."""

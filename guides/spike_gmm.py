@@ -66,7 +66,7 @@ class LayerPosterior(PyroModule):
         self.gate_logits = nn.Parameter(config.gate_init + offset)
         # a given coding starts every kept latent weight on its level: the greedy network is that
         # coding; a weight it pruned starts at its own value, should its gate reopen
-        self.latent = nn.Parameter(w.clone() if start is None else self._coded(w, as_t(init.locs), start))
+        self.latent = nn.Parameter(w.clone() if start is None else start.latents(w, as_t(init.locs)))
         self.locs = nn.Parameter(as_t(init.locs))
         self.scale_raw = nn.Parameter(_softplus_inverse(as_t(init.scales).clamp_min(2 * _SCALE_FLOOR) - _SCALE_FLOOR))
         self.mix_logits = nn.Parameter(torch.log(as_t(init.mix)))
@@ -77,11 +77,6 @@ class LayerPosterior(PyroModule):
         self.register_buffer("comp_window", torch.as_tensor(init.component_windows, device=w.device))
         self.register_buffer("mask", torch.ones_like(w, dtype=torch.bool))
         self.register_buffer("gate_state", torch.tensor(int(GateState.OPEN)))
-
-    @staticmethod
-    def _coded(w: torch.Tensor, levels: torch.Tensor, start: StartCoding) -> torch.Tensor:
-        coded = levels[start.codes.to(w.device)]
-        return coded if start.mask is None else torch.where(start.mask.to(w.device), coded, w)
 
     @property
     def scales(self) -> torch.Tensor:
