@@ -77,9 +77,10 @@ class _GatedLevel(torch.autograd.Function):
         gated = grad.masked_fill(~kept, 0.0)
         if gated.dim() > codes.dim():  # several draws of the gates: the latent's gradient sums them
             gated = gated.sum(tuple(range(gated.dim() - codes.dim())))
-        flat = codes.reshape(-1).long()
-        dlocs = torch.zeros_like(locs).index_add_(0, flat, gated.reshape(-1)) if ctx.needs_input_grad[1] else None
-        dgate = grad * locs[codes.long()] if ctx.needs_input_grad[3] else None
+        index = codes.long()
+        dlocs = (torch.zeros_like(locs).index_add_(0, index.reshape(-1), gated.reshape(-1))
+                 if ctx.needs_input_grad[1] else None)
+        dgate = grad * locs[index] if ctx.needs_input_grad[3] else None
         return gated if ctx.needs_input_grad[0] else None, dlocs, None, dgate
 
 
@@ -271,18 +272,10 @@ class SpikeGMM(TorchDistribution):
         latent weight ``x_j``, each level ``mu_k`` the summed gradient of its weights; the gate
         ``z_j`` a straight-through relaxed Bernoulli draw (or the fixed mask)."""
         if self.fused and self.kl_prior is not None and shape == self.batch_shape:
-            self._fused_kl_only()
+            # the kernel's pass (expected weight unused) keeps the KL bound in fused_kl and saves
+            # nothing weight-sized for the backward pass but the KL itself
+            self._fused_rsample(shape)
         return _GatedLevel.apply(self.latent, self.locs, self.most_probable_level(), self._sample_gate(shape))
-
-    def _fused_kl_only(self) -> None:
-        """The KL bound by the fused kernel (its expected weight unused), kept in :attr:`fused_kl`: no
-        weight-sized tensor is saved for the backward pass but the KL itself."""
-        const, a = self.codebook_terms
-        learned = self.gate_fixed is None
-        _, self.fused_kl = kernels.fused_layer(
-            self.latent, self.gate_logits if learned else None, const, a, self.locs, self.scales,
-            component_kl(self, self.kl_prior), gate_fixed=None if learned else self.gate_fixed,
-            window_ids=self.window_ids, comp_window=self.comp_window, prior_inclusion=self.kl_prior.inclusion)
 
     def _fused_rsample(self, shape: torch.Size) -> torch.Tensor:
         """:meth:`rsample` in one kernel pass; for a single draw with ``kl_prior`` set, also the KL bound
