@@ -15,6 +15,9 @@ r"""The mean-field spike-and-GMM variational distribution of one weight tensor.
   ``argmax_k phi_jk`` with a straight-through gradient to ``x_j``; in ``"expected"`` mode it
   returns the deterministic ``g_j * sum_k phi_jk mu_k`` (the SQS authors' forward pass). Both
   make the data term a surrogate, not an ELBO term.
+* In ``"hard"`` mode the assignment the forward pass uses is the mode ``k_j``, the
+  zero-temperature limit of ``phi_j``; the KL is taken for that guide (:meth:`SpikeGMM.mode_kl`):
+  ``KL_Bern(g_j || lam) + g_j B_{k_j}``, with no gradient through the responsibilities.
 
 Densities are with respect to ``delta_0 + Lebesgue`` (as for the prior).
 """
@@ -31,6 +34,7 @@ from torch.distributions.utils import lazy_property
 
 from sqs_pyro.guides import kernels
 from sqs_pyro.guides.gaussian_kl import component_kl
+from sqs_pyro.models.priors import log_inclusion
 
 # Logits are shifted so that their maximum is 0 and clipped at _FLOOR before any softmax:
 # exp() of arguments below about -87 is ~25x slower on CPU, and exp(-80) ~ 1e-35 is zero
@@ -103,6 +107,43 @@ class _RelaxedGate(torch.autograd.Function):
         (soft,) = ctx.saved_tensors
         dtheta = grad * soft * (1 - soft) / ctx.temperature
         return dtheta, None, None
+
+
+class _ModeKL(torch.autograd.Function):
+    """Per-weight ``KL_Bern(g_j || lam) + g_j B_{k_j}`` with ``g = sigmoid(theta)`` (or fixed gates, constant
+    in theta): backward ``dtheta_j = g_j (1 - g_j) (theta_j - logit lam + B_{k_j})`` and ``dB_k = sum_{j: k_j =
+    k} g_j``, times the incoming gradient. Saves the logits (a reference), a byte per weight for the codes
+    (K <= 256) and ``B``; ``lam`` is a constant (an empirical-Bayes prior is set by its M-step)."""
+
+    @staticmethod
+    def forward(ctx, costs: torch.Tensor, codes: torch.Tensor, theta: torch.Tensor | None,
+                gate_fixed: torch.Tensor | None, log_lam, log_not_lam):
+        level_cost = costs[codes]
+        if theta is not None:
+            g = torch.sigmoid(theta)
+            bern = g * (F.logsigmoid(theta) - log_lam) + (1 - g) * (F.logsigmoid(-theta) - log_not_lam)
+        else:
+            g = gate_fixed
+            bern = (torch.special.xlogy(g, g) - g * log_lam + torch.special.xlogy(1 - g, 1 - g)
+                    - (1 - g) * log_not_lam)
+        ctx.save_for_backward(costs, codes.to(torch.uint8) if costs.numel() <= 256 else codes,
+                              theta if theta is not None else gate_fixed)
+        ctx.learned = theta is not None
+        ctx.logit_lam = log_lam - log_not_lam
+        return bern + g * level_cost
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        costs, codes, gates = ctx.saved_tensors
+        index = codes.long()
+        g = torch.sigmoid(gates) if ctx.learned else gates
+        dcosts = (torch.zeros_like(costs).index_add_(0, index.reshape(-1), (grad * g).reshape(-1))
+                  if ctx.needs_input_grad[0] else None)
+        dtheta = None
+        if ctx.learned and ctx.needs_input_grad[2]:
+            dtheta = grad * g * (1 - g) * (gates - ctx.logit_lam + costs[index])
+        return dcosts, None, dtheta, None, None, None
 
 
 def normal_log_density(x: torch.Tensor, locs: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -231,6 +272,20 @@ class SpikeGMM(TorchDistribution):
                                       self.comp_window)
         return self.log_phi.argmax(-1)
 
+    @lazy_property
+    def mode_codes(self) -> torch.Tensor:
+        """The assignment of ``"hard"`` mode, ``k_j = argmax_k phi_jk``, computed once per distribution object."""
+        return self.most_probable_level()
+
+    def mode_kl(self, inclusion: float | torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
+        """Per-weight KL of the guide whose assignment is its mode ``k_j`` (``"hard"`` mode):
+        ``KL_Bern(g_j || lam) + g_j B_{k_j}`` with ``B_k`` the per-level bound ``costs``; the
+        responsibilities pass no gradient (only the gates and ``B``, i.e. the levels and their scales, get one)."""
+        log_lam, log_not_lam = log_inclusion(inclusion)
+        learned = self.gate_fixed is None
+        return _ModeKL.apply(costs, self.mode_codes, self.gate_logits if learned else None,
+                             None if learned else self.gate_fixed, log_lam, log_not_lam)
+
     # --- sampling ----------------------------------------------------------------------
     @property
     def mean(self) -> torch.Tensor:
@@ -271,11 +326,7 @@ class SpikeGMM(TorchDistribution):
         forward (the posterior mode of the assignment), a straight-through (identity) gradient to the
         latent weight ``x_j``, each level ``mu_k`` the summed gradient of its weights; the gate
         ``z_j`` a straight-through relaxed Bernoulli draw (or the fixed mask)."""
-        if self.fused and self.kl_prior is not None and shape == self.batch_shape:
-            # the kernel's pass (expected weight unused) keeps the KL bound in fused_kl and saves
-            # nothing weight-sized for the backward pass but the KL itself
-            self._fused_rsample(shape)
-        return _GatedLevel.apply(self.latent, self.locs, self.most_probable_level(), self._sample_gate(shape))
+        return _GatedLevel.apply(self.latent, self.locs, self.mode_codes, self._sample_gate(shape))
 
     def _fused_rsample(self, shape: torch.Size) -> torch.Tensor:
         """:meth:`rsample` in one kernel pass; for a single draw with ``kl_prior`` set, also the KL bound

@@ -15,7 +15,9 @@ Two upper bounds make the second term tractable:
    which is exact for a single-component slab.
 
 So :func:`spike_gmm_kl` returns, per weight,
-``KL_Bern(g_j || lam) + g_j sum_k phi_jk B_k`` with ``B_k`` the bound of (2). It is
+``KL_Bern(g_j || lam) + g_j sum_k phi_jk B_k`` with ``B_k`` the bound of (2); in ``"hard"`` mode,
+whose guide assigns each weight its mode ``k_j`` (``phi`` at zero temperature),
+``KL_Bern(g_j || lam) + g_j B_{k_j}`` (:meth:`~sqs_pyro.guides.distributions.SpikeGMM.mode_kl`). It is
 registered with ``torch.distributions.kl_divergence`` so that Pyro's
 ``TraceMeanField_ELBO`` uses it analytically.
 """
@@ -48,6 +50,8 @@ def spike_gmm_kl(q: SpikeGMM, p: SpikeSlabGMM) -> torch.Tensor:
 
     Reuses the bound that the fused kernels computed with ``q``'s draw when ``p`` equals ``q.kl_prior``.
     """
+    if q.sampling == "hard":
+        return q.mode_kl(p.inclusion, component_kl(q, p))
     fused = q.kl_for(p)
     if fused is not None:
         return fused

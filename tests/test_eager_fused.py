@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sqs_pyro.guides import Codebook, SpikeGMM, kernels
-from sqs_pyro.guides.kl import spike_gmm_kl
+from sqs_pyro.guides.kl import component_kl, spike_gmm_kl
 from sqs_pyro.models import SpikeSlabGMM
 
 N = 4099  # not a multiple of the lane or flush sizes
@@ -91,27 +91,52 @@ def test_sampled_weights_agree_in_distribution(k, monkeypatch):
 
 @pytest.mark.parametrize("k", [4, 16])
 @pytest.mark.parametrize("gates", ["learned", "fixed"])
-def test_hard_mode_kl_and_gradients_agree(k, gates, monkeypatch):
-    """Hard mode takes its KL bound from the fused kernel (nothing weight-sized saved but the KL):
-    the same KL, draws and gradients as the eager code, with learned and with fixed gates."""
+def test_hard_mode_draws_and_mode_kl_agree(k, gates, monkeypatch):
+    """Hard mode's KL is that of the guide whose assignment is its mode ``k_j``: ``KL_Bern(g_j || lam) +
+    g_j B_{k_j}``, against the same formula written with autograd on plain tensors, in value and in
+    every gradient, on the fused and the eager path (learned and fixed gates). The responsibilities pass
+    no gradient: the latent weights get none from the KL (the soft bound of the other modes gives them one)."""
     leaves, win, cw = parameters(k, False)
     dw, dkl = torch.randn(N, generator=torch.Generator().manual_seed(9)), torch.rand(N)
+    fixed = (torch.arange(N) % 3 != 0).float() if gates == "fixed" else None
     out = {}
     for fused in (True, False):
         q = distribution(leaves, win, cw, "hard", fused, monkeypatch)
-        if gates == "fixed":
-            q.gate_fixed = (torch.arange(N) % 3 != 0).float()
+        q.gate_fixed = fixed
         torch.manual_seed(3)
         w = q.rsample()
-        assert (q.fused_kl is not None) == fused
         kl = spike_gmm_kl(q, q.kl_prior)
-        grads = torch.autograd.grad((w * dw).sum() + (kl * dkl).sum(), leaves, allow_unused=True)
-        out[fused] = (w.detach(), kl.detach(), grads)
-    (w1, kl1, g1), (w0, kl0, g0) = out[True], out[False]
-    assert (w1 != w0).float().mean() < 1e-3  # argmax ties at round-off only
+        grads = torch.autograd.grad((w * dw).sum() + (kl * dkl).sum(), leaves, allow_unused=True, retain_graph=True)
+        out[fused] = (w.detach(), kl.detach(), grads, q.mode_codes)
+        # the closed form on plain tensors, at the same codes
+        x, theta, locs, scale_raw, mix_logits = leaves
+        costs = component_kl(q, q.kl_prior)
+        g = torch.sigmoid(theta) if fixed is None else fixed
+        lam = q.kl_prior.inclusion
+        bern = (torch.special.xlogy(g, g) - g * math.log(lam) + torch.special.xlogy(1 - g, 1 - g)
+                - (1 - g) * math.log1p(-lam))
+        eager = bern + g * costs[q.mode_codes]
+        expect = torch.autograd.grad((eager * dkl).sum(), leaves, allow_unused=True, retain_graph=True)
+        kl_grads = torch.autograd.grad((kl * dkl).sum(), leaves, allow_unused=True)
+        torch.testing.assert_close(kl.detach(), eager.detach(), rtol=1e-5, atol=1e-5)
+        for name, a, b in zip(("x", "theta", "locs", "scales", "mix"), kl_grads, expect):
+            if b is None:
+                assert a is None or not a.any(), name
+                continue
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * max(1.0, float(b.abs().max())), msg=name)
+        assert kl_grads[0] is None or not kl_grads[0].any()  # no KL gradient to the latent weights
+    (w1, kl1, g1, c1), (w0, kl0, g0, c0) = out[True], out[False]
+    assert (c1 != c0).float().mean() < 1e-3 and (w1 != w0).float().mean() < 1e-3  # argmax ties at round-off only
     torch.testing.assert_close(kl1, kl0, rtol=1e-5, atol=1e-5)
     for name, a, b in zip(("x", "theta", "locs", "scales", "mix"), g1, g0):
         if b is None:
             assert a is None or not a.any(), name
             continue
         torch.testing.assert_close(a, b, rtol=2e-4, atol=1e-4 * float(b.abs().max()), msg=name)
+    # negative control: the soft bound of the sampled guide at the same parameters is another KL, with a
+    # gradient to the latent weights
+    soft = distribution(leaves, win, cw, "sample", False, monkeypatch)
+    soft.gate_fixed = fixed
+    soft_kl = spike_gmm_kl(soft, soft.kl_prior)
+    assert not torch.allclose(soft_kl.detach(), kl0, rtol=1e-3, atol=1e-4)
+    assert torch.autograd.grad((soft_kl * dkl).sum(), leaves[0])[0].abs().max() > 0
