@@ -48,10 +48,10 @@ class SQSConfig:
     every level goes to the widest one, not the nearest).
 
     Gates start at ``gate_init + clip(log(score / ref), -3, 3)``, ``ref`` the score at the
-    target-sparsity quantile, with the score a
-    first-order saliency ``rms_b(w dL_b/dw)`` over ``saliency_batches`` minibatches
-    (``gate_score="saliency"``), ``|w|`` (``"magnitude"``) or ``|w_ij| ||x_j||`` of Linear
-    layers (``"activation"``, Wanda). ``prune_scope="global"`` takes that quantile, and the
+    target-sparsity quantile, with the score ``|w|`` (``gate_score="magnitude"``, chosen on
+    validation with the mode KL), a first-order saliency ``rms_b(w dL_b/dw)`` over
+    ``saliency_batches`` minibatches (``"saliency"``, the transformer default) or ``|w_ij| ||x_j||``
+    of Linear layers (``"activation"``, Wanda). ``prune_scope="global"`` takes that quantile, and the
     pruning threshold on the inclusion logits, over all compressed weights (layers get
     different sparsities); ``"layer"`` within each layer; ``"row"`` within each output row
     (Wanda's comparison group); ``"lamp"`` within each layer at a per-layer sparsity fixed from
@@ -93,7 +93,7 @@ class SQSConfig:
     gate_temperature: tuple[float, float] = (1.0, 0.05)
     assign_temperature: tuple[float, float] = (1.0, 0.05)
     gate_init: float = 3.0
-    gate_score: str = "saliency"
+    gate_score: str = "magnitude"
     prune_scope: str = "lamp"
     saliency_batches: int = 8
     pruned_logit: float = -6.0

@@ -63,11 +63,13 @@ def test_svi_recovers_support_and_levels_that_the_start_gets_wrong(learning):
     w_true, _, x, y = planted_problem()
     student = wrong_student()
     start = recovery(fit(student, x, y, 0.75, mode="hard", epochs=1, lr_weights=0.0, lr_codebook=0.0,
-                         lr_gates=0.0), w_true)
+                         lr_gates=0.0, gate_score="saliency"), w_true)
     assert start["precision"] < 0.6 and start["level_error"] > 0.3  # the start is wrong
     lrs = ({"lr_weights": 1e-2, "lr_codebook": 1e-2, "lr_gates": 0.1} if learning
            else {"lr_weights": 0.0, "lr_codebook": 0.0, "lr_gates": 0.0})
-    got = recovery(fit(student, x, y, 0.75, mode="hard", gate_init=0.0, **lrs), w_true)
+    # saliency-placed gates (the data's first-order view); from magnitude-placed gates (the image default)
+    # this budget recovers the support (precision 1.0, recall 0.96) but one level stays 0.49 off
+    got = recovery(fit(student, x, y, 0.75, mode="hard", gate_init=0.0, gate_score="saliency", **lrs), w_true)
     passed = got["precision"] >= 0.9 and got["recall"] >= 0.9 and got["level_error"] < 0.25
     assert passed == learning, got
 

@@ -23,7 +23,8 @@ from sqs_pyro.infer import compress
 CONFIG = SQSConfig(components=4, sparsity=0.5, epochs=4, batch_size=32, log_every=5, seed=7,
                    warmup_fraction=0.15, prune_fraction=0.45,  # phase-change checkpoints away from EVAL_EVERY
                    lr_weights=2e-4, lr_codebook=2e-4, lr_dense=2e-4,  # small steps: rank reduction order stays invisible
-                   mode="sample")  # the exact draw: an argmax level (mode="hard") would turn round-off into a flip
+                   mode="sample",  # the exact draw: an argmax level (mode="hard") would turn round-off into a flip
+                   gate_score="saliency")  # gates spread by saliency: no near-ties at the pruning quantile
 EVAL_EVERY = 25
 
 
