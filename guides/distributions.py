@@ -71,8 +71,8 @@ class _GatedLevel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, latent: torch.Tensor, locs: torch.Tensor, codes: torch.Tensor, gate: torch.Tensor):
-        ctx.save_for_backward(locs, codes.to(torch.uint8) if locs.numel() <= 256 else codes, gate != 0)
-        return gate * locs[codes]
+        ctx.save_for_backward(locs, codes, gate != 0)  # codes: uint8 (K <= 256) or int64
+        return gate * locs[codes.long()]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -118,19 +118,18 @@ class _ModeKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, costs: torch.Tensor, codes: torch.Tensor, theta: torch.Tensor | None,
                 gate_fixed: torch.Tensor | None, log_lam, log_not_lam):
-        level_cost = costs[codes]
-        if theta is not None:
-            g = torch.sigmoid(theta)
-            bern = g * (F.logsigmoid(theta) - log_lam) + (1 - g) * (F.logsigmoid(-theta) - log_not_lam)
+        logit_lam = log_lam - log_not_lam
+        out = costs[codes.long()]
+        if theta is not None:  # KL_Bern = g (theta - logit lam) - softplus(theta) - log(1 - lam), in place
+            out.add_(theta).sub_(logit_lam).mul_(torch.sigmoid(theta)).sub_(F.softplus(theta)).sub_(log_not_lam)
         else:
             g = gate_fixed
-            bern = (torch.special.xlogy(g, g) - g * log_lam + torch.special.xlogy(1 - g, 1 - g)
-                    - (1 - g) * log_not_lam)
-        ctx.save_for_backward(costs, codes.to(torch.uint8) if costs.numel() <= 256 else codes,
-                              theta if theta is not None else gate_fixed)
+            out.mul_(g).add_(torch.special.xlogy(g, g) - g * log_lam + torch.special.xlogy(1 - g, 1 - g)
+                             - (1 - g) * log_not_lam)
+        ctx.save_for_backward(costs, codes, theta if theta is not None else gate_fixed)  # codes: uint8 or int64
         ctx.learned = theta is not None
-        ctx.logit_lam = log_lam - log_not_lam
-        return bern + g * level_cost
+        ctx.logit_lam = logit_lam
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -274,8 +273,10 @@ class SpikeGMM(TorchDistribution):
 
     @lazy_property
     def mode_codes(self) -> torch.Tensor:
-        """The assignment of ``"hard"`` mode, ``k_j = argmax_k phi_jk``, computed once per distribution object."""
-        return self.most_probable_level()
+        """The assignment of ``"hard"`` mode, ``k_j = argmax_k phi_jk``, computed once per distribution object;
+        one byte per weight for K <= 256 (the object lives until the backward pass)."""
+        codes = self.most_probable_level()
+        return codes.to(torch.uint8) if self.locs.shape[-1] <= 256 else codes
 
     def mode_kl(self, inclusion: float | torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
         """Per-weight KL of the guide whose assignment is its mode ``k_j`` (``"hard"`` mode):

@@ -7,8 +7,10 @@ fitted to the *fit* values: by default the weights a magnitude criterion would k
 target sparsity, so that no level is spent on weights that will be pruned.
 
 * ``"none"``: one window, all K levels.
-* ``"equal"``: ``n`` equal-count windows over the sorted fit values, K/n levels each
-  (the ablation baseline).
+* ``"equal"``: ``n`` equal-count windows over all the layer's sorted values, K/n levels each
+  (the ablation baseline; the SQS authors' windows). Not over the fit values: when the fit
+  values are the two tails of a magnitude cut, their quantiles fall inside whichever tail is
+  larger, and a window then spans both signs while another has levels of one sign only.
 * ``"outlier"``: weights below ``Q1 - c*IQR`` and above ``Q3 + c*IQR`` (c = ``iqr_factor``,
   fences from all weights) form their own windows; each window gets one level, and the
   remaining levels go, one at a time, to the window whose k-means error (sum of squared
@@ -94,8 +96,9 @@ def plan_windows(values: np.ndarray, components: int, mode: str, equal_windows: 
     if mode == "none":
         return WindowPlan(np.zeros(x.size, dtype=np.int64), (components,))
     if mode == "equal":
+        every = np.sort(x)
         parts = max(1, min(equal_windows, components, fitted.size))
-        cuts = fitted[(np.arange(1, parts) * fitted.size) // parts]
+        cuts = every[(np.arange(1, parts) * every.size) // parts]
         return WindowPlan(np.searchsorted(cuts, x, side="right").astype(np.int64),
                           tuple(_split_levels(components, parts)))
     if mode != "outlier":

@@ -115,7 +115,7 @@ def test_hard_mode_draws_and_mode_kl_agree(k, gates, monkeypatch):
         lam = q.kl_prior.inclusion
         bern = (torch.special.xlogy(g, g) - g * math.log(lam) + torch.special.xlogy(1 - g, 1 - g)
                 - (1 - g) * math.log1p(-lam))
-        eager = bern + g * costs[q.mode_codes]
+        eager = bern + g * costs[q.mode_codes.long()]
         expect = torch.autograd.grad((eager * dkl).sum(), leaves, allow_unused=True, retain_graph=True)
         kl_grads = torch.autograd.grad((kl * dkl).sum(), leaves, allow_unused=True)
         torch.testing.assert_close(kl.detach(), eager.detach(), rtol=1e-5, atol=1e-5)

@@ -70,6 +70,20 @@ def test_equal_windows_are_equal_count_and_ordered():
     assert all(x[plan.window_ids == w].max() <= x[plan.window_ids == w + 1].min() for w in range(3))
 
 
+def test_equal_windows_split_a_layer_by_sign_when_the_kept_tails_are_unequal():
+    """Fit values = the two tails of a magnitude cut, with more negatives kept than positives: two
+    equal-count windows still split the layer at its median (near 0), each window one sign. Cut at
+    the fit values' median (the earlier rule, the negative control) a window spans both signs."""
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.normal(0.0, 0.1, 4000), -rng.uniform(0.3, 0.6, 300), rng.uniform(0.3, 0.6, 200)])
+    fit = np.abs(x) > 0.28
+    plan = plan_windows(x, 4, "equal", equal_windows=2, fit=fit)
+    kept = [x[fit & (plan.window_ids == w)] for w in (0, 1)]
+    assert kept[0].max() < 0 < kept[1].min()
+    cut = np.sort(x[fit])[fit.sum() // 2]  # the fit values' median
+    assert (x[fit] < cut).sum() and (x[fit & (x >= cut)] < 0).any()  # a window that spans both signs
+
+
 def test_no_window_mode_and_no_outliers():
     x = np.random.default_rng(4).uniform(-1, 1, 100)
     assert plan_windows(x, 4, "none").levels == (4,)
