@@ -109,6 +109,12 @@ class _RelaxedGate(torch.autograd.Function):
         return dtheta, None, None
 
 
+def fixed_bernoulli_kl(g: torch.Tensor, log_lam, log_not_lam) -> torch.Tensor:
+    """``KL(Bern(g) || Bern(lam))`` per weight for given inclusions ``g`` (e.g. a fixed 0/1 mask), with
+    ``0 log 0 = 0``; ``log_lam``, ``log_not_lam`` from :func:`~sqs_pyro.models.priors.log_inclusion`."""
+    return torch.special.xlogy(g, g) - g * log_lam + torch.special.xlogy(1 - g, 1 - g) - (1 - g) * log_not_lam
+
+
 class _ModeKL(torch.autograd.Function):
     """Per-weight ``KL_Bern(g_j || lam) + g_j B_{k_j}`` with ``g = sigmoid(theta)`` (or fixed gates, constant
     in theta): backward ``dtheta_j = g_j (1 - g_j) (theta_j - logit lam + B_{k_j})`` and ``dB_k = sum_{j: k_j =
@@ -123,9 +129,7 @@ class _ModeKL(torch.autograd.Function):
         if theta is not None:  # KL_Bern = g (theta - logit lam) - softplus(theta) - log(1 - lam), in place
             out.add_(theta).sub_(logit_lam).mul_(torch.sigmoid(theta)).sub_(F.softplus(theta)).sub_(log_not_lam)
         else:
-            g = gate_fixed
-            out.mul_(g).add_(torch.special.xlogy(g, g) - g * log_lam + torch.special.xlogy(1 - g, 1 - g)
-                             - (1 - g) * log_not_lam)
+            out.mul_(gate_fixed).add_(fixed_bernoulli_kl(gate_fixed, log_lam, log_not_lam))
         ctx.save_for_backward(costs, codes, theta if theta is not None else gate_fixed)  # codes: uint8 or int64
         ctx.learned = theta is not None
         ctx.logit_lam = logit_lam

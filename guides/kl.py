@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch.distributions import register_kl
 
-from sqs_pyro.guides.distributions import SpikeGMM
+from sqs_pyro.guides.distributions import SpikeGMM, fixed_bernoulli_kl
 from sqs_pyro.guides.gaussian_kl import component_kl, gaussian_kl, gaussian_vs_mixture_kl_bound
 from sqs_pyro.models.priors import SpikeSlabGMM, log_inclusion
 
@@ -39,7 +39,7 @@ def bernoulli_kl(q: SpikeGMM, inclusion: float | torch.Tensor) -> torch.Tensor:
     g = q.inclusion
     log_lam, log_not_lam = log_inclusion(inclusion)
     if q.gate_fixed is not None:
-        return (torch.special.xlogy(g, g) - g * log_lam + torch.special.xlogy(1 - g, 1 - g) - (1 - g) * log_not_lam)
+        return fixed_bernoulli_kl(g, log_lam, log_not_lam)
     log_g, log_not_g = q.log_inclusion()
     return g * (log_g - log_lam) + (1 - g) * (log_not_g - log_not_lam)
 

@@ -40,7 +40,8 @@ from sqs_pyro.models import transformer_include
 # pretrained LM's outputs); and a tempered KL: with ~1e5 tokens against ~1e8 weights the
 # untempered prior would swamp the data.
 HF_DEFAULTS = {"epochs": 1.0, "batch_size": 8, "lr_weights": 2e-5, "lr_codebook": 1e-4, "lr_dense": 2e-5,
-               "gate_score": "saliency", "saliency_batches": 2, "warmup_fraction": 0.0, "prune_fraction": 0.2, "prune_scope": "layer",
+               "gate_score": "saliency", "saliency_batches": 2, "warmup_fraction": 0.0, "prune_fraction": 0.2,
+               "prune_scope": "layer",
                "mode": "expected",
                "kl_weight": 1e-3, "log_every": 4}
 
