@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from memory import reset_peak, vm
+from overrides import parse_overrides
 
 from sqs_pyro import SQSConfig
 from sqs_pyro.analysis.outliers import outlier_summary
@@ -80,6 +81,8 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=0,
                         help="also score N validation sentences (after the training ones, before the test ones)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "minilm.json")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="further SQSConfig fields, applied last (e.g. gate_score=magnitude prune_scope=lamp)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -119,7 +122,7 @@ def main() -> None:
                                   "lr_weights": args.lr_weights, "lr_codebook": args.lr_codebook,
                                   "mode": args.mode, "group_size": args.group_size,
                                   "responsibility_scale": args.responsibility_scale,
-                                  "include": transformer_include("bert")})
+                                  "include": transformer_include("bert"), **parse_overrides(args.set)})
     start = time.perf_counter()
     oneshot = one_shot_start(net, config, x[:args.calib]) if args.start_oneshot else None
     oneshot_scores = {}
@@ -138,7 +141,7 @@ def main() -> None:
         "K": args.components, "windows": args.windows, "kl_weight": args.kl_weight, "lr_weights": args.lr_weights,
         "lr_codebook": args.lr_codebook, "mode": args.mode,
         "group_size": args.group_size, "responsibility_scale": args.responsibility_scale, "val": len(x_val),
-        "start_oneshot": args.start_oneshot, **oneshot_scores,
+        "start_oneshot": args.start_oneshot, "overrides": args.set, **oneshot_scores,
         "accuracy_dense": acc_dense, "accuracy_greedy": accuracy(greedy, x_test, y_test, batch_size=64),
         "accuracy_averaged": accuracy(result.averaged_module(), x_test, y_test, batch_size=64),
         "cosine_greedy_vs_dense": mean_cosine(net, greedy, x_test),

@@ -11,12 +11,12 @@ per-layer densities, packed ratio, entropy bound, seconds) and appends it to ``-
 accuracy only with ``--test`` (for reporting a setting already chosen on validation).
 """
 import argparse
-import ast
 import json
 import time
 from pathlib import Path
 
 import torch
+from overrides import parse_overrides
 
 from sqs_pyro import SQSConfig
 from sqs_pyro.data import accuracy, load_mnist, load_mnist_cnn
@@ -33,13 +33,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="SQSConfig fields as key=value (Python literals)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    values = dict(sparsity=0.95, components=4, epochs=3.0, batch_size=256, seed=0)
-    for item in args.overrides:
-        key, _, text = item.partition("=")
-        try:
-            values[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            values[key] = text
+    values = dict(sparsity=0.95, components=4, epochs=3.0, batch_size=256, seed=0, **parse_overrides(args.overrides))
     config = SQSConfig.from_dict(values)
     net = load_mnist_cnn()
     x, y = load_mnist("train", args.train_limit)
