@@ -28,26 +28,6 @@ def group_absmax(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     return scale.clamp_min(torch.finfo(torch.float16).tiny).to(torch.float16)
 
 
-class _ScaleGroups(torch.autograd.Function):
-    """``w = sigma u`` for ``u`` of shape ``(R, n, G)`` and ``sigma > 0`` of shape ``(R, n)``; backward
-    ``du = sigma dw`` and ``dsigma = sum_G u dw = (sum_G w dw) / sigma``. Saves the output ``w``, which
-    the layer's matrix product keeps anyway, instead of ``u``: a weight-sized tensor less per layer."""
-
-    @staticmethod
-    def forward(ctx, u: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        out = u * sigma.unsqueeze(-1)
-        ctx.save_for_backward(out, sigma)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        out, sigma = ctx.saved_tensors
-        du = grad * sigma.unsqueeze(-1) if ctx.needs_input_grad[0] else None
-        dsigma = (grad * out).sum(-1) / sigma if ctx.needs_input_grad[1] else None
-        return du, dsigma
-
-
 def apply_group_scales(values: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
     """``sigma * u``: every value times its group's scale (``values`` of any shape ``(R, ...)``,
     ``scales`` of shape ``(R, ceil(C / G))``); differentiable in both."""
@@ -55,13 +35,10 @@ def apply_group_scales(values: torch.Tensor, scales: torch.Tensor, group_size: i
     flat = values.reshape(rows, -1)
     cols = flat.shape[1]
     s = scales.to(values.dtype)
-    groups = s.shape[1]
-    if cols % groups == 0 and (groups == 1 or cols // groups == group_size):
-        grouped = flat.reshape(rows, groups, cols // groups)
-        if values.requires_grad and s.requires_grad and bool((s > 0).all()):
-            out = _ScaleGroups.apply(grouped, s)
-        else:
-            out = grouped * s.unsqueeze(-1)
+    if s.shape[1] == 1:
+        out = flat * s
+    elif cols % group_size == 0:
+        out = flat.reshape(rows, cols // group_size, group_size) * s.unsqueeze(-1)
     else:
         out = flat * s.repeat_interleave(group_size, dim=1)[:, :cols]
     return out.reshape(values.shape)

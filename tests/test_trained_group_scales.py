@@ -31,30 +31,6 @@ def test_apply_group_scales_closed_form(shape, group):
     assert float(w_u.abs().max()) == pytest.approx(1.0, abs=1e-3) and torch.equal(group_absmax(w, group), sigma)
 
 
-@pytest.mark.parametrize("shape,group", [((3, 8), 4), ((4, 2, 3), 3), ((3, 5), 100), ((3, 5), 2)])
-def test_apply_group_scales_gradients_keep_no_copy_of_u(shape, group):
-    """Gradients in u and sigma equal the closed form dL/du = sigma g, dL/dsigma = sum_group u g; the
-    graph keeps the output w (which the matrix product keeps anyway), not u, except on ragged rows."""
-    gen = torch.Generator().manual_seed(0)
-    u = torch.randn(shape, generator=gen, dtype=torch.float64).requires_grad_()
-    rows, cols = shape[0], u[0].numel()
-    groups = -(-cols // min(group, cols))
-    sigma = (torch.rand(rows, groups, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
-    g = torch.randn(shape, generator=gen, dtype=torch.float64)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        w = apply_group_scales(u, sigma, group)
-    du, dsigma = torch.autograd.grad(w, (u, sigma), g)
-    column_group = torch.arange(cols) // min(group, cols)
-    sigma_per_weight = sigma.detach()[:, column_group]
-    torch.testing.assert_close(du, (sigma_per_weight * g.reshape(rows, cols)).reshape(shape))
-    expected = torch.zeros(rows, groups, dtype=torch.float64).index_add_(
-        1, column_group, (u.detach() * g).reshape(rows, cols))
-    torch.testing.assert_close(dsigma, expected)
-    keeps_u = any(t.untyped_storage().data_ptr() == u.untyped_storage().data_ptr() for t in saved)
-    assert keeps_u == (cols % groups != 0)  # negative control: the ragged path's plain product keeps u
-
-
 def small_net():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
