@@ -54,7 +54,7 @@ def target_check(rows: Iterable[Mapping[str, Any]], records: Iterable[Mapping[st
             continue
         key = (r["workload"], r["components"], r["sparsity_target"], r["method"])
         whole.setdefault(key, []).append(r["wall_seconds"])
-        wall.setdefault(key, []).append(r["wall_seconds"] - r.get("predictive_seconds", 0.0))
+        wall.setdefault(key, []).append(r["wall_seconds"] - r["predictive_seconds"])
         train.setdefault(key, []).append(r["train_seconds"])
     out = []
     for (workload, k, s), methods in sorted(_cells(rows).items()):

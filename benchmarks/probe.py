@@ -33,7 +33,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="SQSConfig fields as key=value (Python literals)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    values = {**dict(sparsity=0.95, components=4, epochs=3.0, batch_size=256, seed=0), **parse_overrides(args.overrides)}
+    defaults = dict(sparsity=0.95, components=4, epochs=3.0, batch_size=256, seed=0)
+    values = {**defaults, **parse_overrides(args.overrides)}
     config = SQSConfig.from_dict(values)
     net = load_mnist_cnn()
     x, y = load_mnist("train", args.train_limit)
