@@ -24,10 +24,17 @@ class _PlateLikelihood:
 
 
 class CategoricalLikelihood(_PlateLikelihood):
-    """``y_i ~ Categorical(logits = f(x_i; W))`` for classifiers (logits of shape ``(B, C)``)."""
+    """``y_i ~ Categorical(logits = f(x_i; W))`` for classifiers (logits of shape ``(B, C)``).
+
+    Targets are class indices ``(B,)`` or target distributions ``t`` of shape ``(B, C)`` (soft
+    labels, e.g. distillation): then the site is the factor ``sum_c t_ic log softmax(f(x_i; W))_c``,
+    the expected log-likelihood of a label drawn from ``t_i`` (equal to the indexed one for one-hot ``t``).
+    """
 
     def __call__(self, logits: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         with self._plate(logits.shape[0]):
+            if y is not None and y.is_floating_point():
+                return pyro.factor("obs", (y * logits.log_softmax(-1)).sum(-1))
             return pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
 
 

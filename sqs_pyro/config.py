@@ -48,7 +48,8 @@ class SQSConfig:
     every level goes to the widest one, not the nearest).
 
     Gates start at ``gate_init + clip(log(score / ref), -3, 3)``, ``ref`` the score at the
-    target-sparsity quantile, with the score ``|w|`` (``gate_score="magnitude"``, chosen on
+    target-sparsity quantile (``gate_init=1``: ``g = 0.73`` at the threshold, chosen on validation
+    with ``warmup_fraction=0``), with the score ``|w|`` (``gate_score="magnitude"``, chosen on
     validation with the mode KL), a first-order saliency ``rms_b(w dL_b/dw)`` over
     ``saliency_batches`` minibatches (``"saliency"``, the transformer default) or ``|w_ij| ||x_j||``
     of Linear layers (``"activation"``, Wanda). ``prune_scope="global"`` takes that quantile, and the
@@ -57,12 +58,18 @@ class SQSConfig:
     (Wanda's comparison group); ``"lamp"`` within each layer at a per-layer sparsity fixed from
     the pretrained weights' LAMP scores (:mod:`sqs_pyro.guides.allocation`).
 
+    Likelihood (classification): with ``distill_weight = lambda > 0`` each training label enters as
+    the target distribution ``t_i = (1 - lambda) onehot(y_i) + lambda softmax(f(x_i; W_0))``, ``W_0``
+    the pretrained network's weights (its predictions computed once, before training), and the
+    data term is ``E_q sum_i sum_c t_ic log p(c | x_i, W)``: the expected log-likelihood of a label
+    drawn from ``t_i`` (distillation at temperature 1, Hinton et al. 2015). ``0``: the labels alone.
+
     Read-out: ``adaptive_bits`` stores every layer with the levels its posterior uses and tells
     apart (unused levels dropped, neighbours closer than ``merge_separation`` pooled scales
     merged), so each layer gets its own ``ceil(log2 K')`` bits.
 
     Schedule (fractions of the total number of steps): ``warmup_fraction`` with gates fixed
-    open, then ``prune_fraction`` with a cubic sparsity ramp from ``initial_sparsity`` to
+    open (default ``0``: the gates learn from the first step), then ``prune_fraction`` with a cubic sparsity ramp from ``initial_sparsity`` to
     ``sparsity``, then fine-tuning with the mask frozen.
 
     Rates: Adam with ``min(lr_weights, lr_weights_relative * RMS(w_l))`` on the latent weights
@@ -87,19 +94,20 @@ class SQSConfig:
     empirical_bayes: bool = False
     kl_weight: float = 1.0
     kl_warmup_fraction: float = 0.2
+    distill_weight: float = 0.0
     mode: str = "hard"
     responsibility_temperature: float = 1.0
     responsibility_scale: str = "own"
     gate_temperature: tuple[float, float] = (1.0, 0.05)
     assign_temperature: tuple[float, float] = (1.0, 0.05)
-    gate_init: float = 3.0
+    gate_init: float = 1.0
     gate_score: str = "magnitude"
     prune_scope: str = "lamp"
     saliency_batches: int = 8
     pruned_logit: float = -6.0
     epochs: float = 3.0
     batch_size: int = 128
-    warmup_fraction: float = 0.1
+    warmup_fraction: float = 0.0
     prune_fraction: float = 0.3
     lr_weights: float = 1e-2
     lr_weights_relative: float = 0.08
@@ -138,6 +146,7 @@ class SQSConfig:
                f"slab_weights must be positive and sum to 1, got {self.slab_weights!r}")
         _check(all(s > 0 for s in self.slab_scales), f"slab_scales must be > 0, got {self.slab_scales!r}")
         _check(self.kl_weight >= 0, f"kl_weight must be >= 0, got {self.kl_weight!r}")
+        _check(0.0 <= self.distill_weight <= 1.0, f"distill_weight must lie in [0, 1], got {self.distill_weight!r}")
         _check(self.mode in SAMPLING_MODES, f"mode must be one of {SAMPLING_MODES}, got {self.mode!r}")
         _check(self.prune_scope in PRUNE_SCOPES, f"prune_scope must be one of {PRUNE_SCOPES}, got {self.prune_scope!r}")
         _check(self.gate_score in ("saliency", "magnitude", "activation"),

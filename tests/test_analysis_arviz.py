@@ -57,7 +57,7 @@ def test_groups_variables_and_shapes(result, labels):
     assert stats.attrs["objective"] == "elbo"
     np.testing.assert_allclose(stats["data_term"].values, [-r["nll"] for r in rows])
     np.testing.assert_allclose(stats["kl"].values, [r["kl"] for r in rows])
-    assert stats["phase"].values[0] == "warmup" and stats["phase"].values[-1] == "finetune"
+    assert stats["phase"].values.tolist() == [r["phase"] for r in rows] and stats["phase"].values[-1] == "finetune"
     assert list(data.observed_data.data_vars) == ["y"]  # x has 400 values > max_observed
     np.testing.assert_array_equal(data.observed_data["y"].values, labels.numpy())
 

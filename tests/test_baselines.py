@@ -29,7 +29,8 @@ def _data(n: int = 192) -> tuple[torch.Tensor, torch.Tensor]:
     return x, (x @ teacher).argmax(-1)
 
 
-CONFIG = SQSConfig(sparsity=0.8, components=4, epochs=2.0, batch_size=32, seed=0, log_every=1)
+CONFIG = SQSConfig(sparsity=0.8, components=4, epochs=2.0, batch_size=32, seed=0, log_every=1,
+                   warmup_fraction=0.1)  # the baselines' recipe (BASELINE_RECIPE): a dense warm-up phase
 
 
 def test_magnitude_masks_keep_exactly_the_largest_magnitudes():

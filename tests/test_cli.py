@@ -28,7 +28,8 @@ def test_compress_writes_measured_summary(tmp_path, capsys):
     assert summary["accuracy_dense"] > 0.95 and summary["accuracy_greedy"] > 0.5
     assert summary["bytes_packed"] < summary["bytes_fp32"] / 10
     assert "CR formula" in capsys.readouterr().out
-    assert json.loads((out / "history.json").read_text())[0]["phase"] == "warmup"
+    history = json.loads((out / "history.json").read_text())
+    assert history[0]["phase"] == "prune" and history[-1]["phase"] == "finetune"  # gates learn from step 0
 
 
 def test_compress_rejects_bad_arguments(tmp_path, capsys):

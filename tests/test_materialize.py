@@ -104,7 +104,7 @@ def test_expected_mode_and_windows_run_and_report_measured_sparsity():
     result, _ = run(mode="expected", windows="equal", equal_windows=2)
     acc = result.accounting()
     assert 0.5 <= acc["sparsity"] < 1.0
-    assert [h["phase"] for h in result.history][0] == "warmup"
+    assert [h["phase"] for h in result.history][0] == "prune"  # gates learn from step 0 (warmup_fraction=0)
     record = result.history[-1]
     assert {"nll", "kl", "objective", "beta", "sparsity"} <= set(record)
     assert "elbo" not in record and record["objective_kind"] == "surrogate"  # log p(D | E_q W) - KL is no ELBO

@@ -72,6 +72,23 @@ def check_data(net: nn.Module, dataset: Dataset, task: str) -> None:
         raise SQSInputError("regression targets contain NaN or Inf")
 
 
+@torch.no_grad()
+def distillation_targets(net: nn.Module, dataset: Dataset, weight: float, batch_size: int = 256) -> TensorDataset:
+    """The dataset with each label ``y_i`` replaced by ``(1 - weight) onehot(y_i) + weight softmax(net(x_i))``
+    (``net`` in eval mode, its training mode restored), for :class:`CategoricalLikelihood`'s soft targets."""
+    tensors = getattr(dataset, "tensors", None)
+    if tensors is None:
+        raise SQSInputError("distill_weight > 0 needs the train data as (inputs, labels) tensors")
+    x, y = tensors
+    training = net.training
+    try:
+        probs = torch.cat([net.eval()(x[i:i + batch_size]).softmax(-1) for i in range(0, len(x), batch_size)])
+    finally:
+        net.train(training)
+    onehot = torch.nn.functional.one_hot(y, probs.shape[-1]).to(probs.dtype)
+    return TensorDataset(x, (1.0 - weight) * onehot + weight * probs)
+
+
 def epoch_permutation(num_data: int, seed: int, epoch: int) -> torch.Tensor:
     """The order of the training examples in ``epoch``: a function of ``(seed, epoch)`` alone,
     so a resumed run rebuilds its position in the data without replaying it."""

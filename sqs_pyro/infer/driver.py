@@ -38,7 +38,7 @@ from sqs_pyro.guides.gate_scores import gate_scores
 from sqs_pyro.guides.initialization import StartCoding
 from sqs_pyro.guides.spike_gmm import GateState, SpikeGMMGuide
 from sqs_pyro.infer.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from sqs_pyro.infer.data import TASKS, as_dataset, check_data, saliency_batches
+from sqs_pyro.infer.data import TASKS, as_dataset, check_data, distillation_targets, saliency_batches
 from sqs_pyro.infer.distributed import distributed_context
 from sqs_pyro.infer.result import SQSResult
 from sqs_pyro.infer.schedules import Schedule
@@ -180,6 +180,10 @@ def compress(
     dataset = as_dataset(train_data)
     sites = select_layers(net, config.include_types, config.include, config.exclude)
     check_data(net, dataset, task)
+    if config.distill_weight > 0:
+        if task != "classification":
+            raise SQSInputError(f"distill_weight applies to classification, not to a {task} task")
+        dataset = distillation_targets(net, dataset, config.distill_weight)
     coding = _start_coding(start, sites, config)
     num_data = len(dataset)
     if config.batch_size > num_data:
