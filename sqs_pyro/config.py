@@ -69,8 +69,9 @@ class SQSConfig:
     merged), so each layer gets its own ``ceil(log2 K')`` bits.
 
     Schedule (fractions of the total number of steps): ``warmup_fraction`` with gates fixed
-    open (default ``0``: the gates learn from the first step), then ``prune_fraction`` with a cubic sparsity ramp from ``initial_sparsity`` to
-    ``sparsity``, then fine-tuning with the mask frozen.
+    open (default ``0``: the gates learn from the first step), then ``prune_fraction`` with a
+    cubic sparsity ramp from ``initial_sparsity`` to ``sparsity``, then fine-tuning with the mask
+    frozen.
 
     Rates: Adam with ``min(lr_weights, lr_weights_relative * RMS(w_l))`` on the latent weights
     of layer ``l`` (a step never more than that fraction of the layer's weight scale; ``0``: plain

@@ -54,6 +54,20 @@ def test_grid_expansion_counts_overrides_and_keys(tmp_path):
     assert runs[0].key.startswith("mnist_cnn/sqs/s=0.5/K=4/seed=0/")
 
 
+def test_baselines_keep_their_recipe_and_keys_ignore_what_they_never_read(tmp_path):
+    base = {**GRID, "methods": ["sqs", "magnitude_kmeans"], "seeds": [0]}
+    runs = expand_grid(parse_grid(base, tmp_path))
+    one = {r.method.name: r for r in runs}
+    assert one["magnitude_kmeans"].config.warmup_fraction == 0.1  # the recipe, under the grid's config
+    assert one["sqs"].config.warmup_fraction == 0.0 and one["sqs"].config.gate_init == 1.0  # SQS's defaults
+    pinned = expand_grid(parse_grid({**base, "config": {**GRID["config"], "warmup_fraction": 0.2}}, tmp_path))
+    assert {r.config.warmup_fraction for r in pinned} == {0.2}  # a grid's config wins over the recipe
+    regated = expand_grid(parse_grid({**base, "config": {**GRID["config"], "gate_init": 2.0}}, tmp_path))
+    same = {r.key for r in regated} & {r.key for r in runs}
+    assert same and all("/magnitude_kmeans/" in key for key in same)  # a baseline never reads gate_init
+    assert len(same) == len(regated) // 2  # control: every SQS key changes
+
+
 def test_grid_file_yaml_and_json_are_equivalent(tmp_path):
     (tmp_path / "g.yaml").write_text(yaml.safe_dump(GRID))
     (tmp_path / "g.json").write_text(json.dumps(GRID))
