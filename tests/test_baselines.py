@@ -13,6 +13,7 @@ from sqs_pyro.guides.kmeans import kmeans_codebook
 from sqs_pyro.experiments.baselines.dgms import GMMLayer, init_mixture
 from sqs_pyro.experiments.baselines.uniform import dequantize, quantize_codes, row_scales, uniform_grid
 from sqs_pyro.config import SQSConfig
+from sqs_pyro.experiments.ablation import BASELINE_RECIPE
 from sqs_pyro.format.container import load_compressed, save_compressed
 from sqs_pyro.infer.schedules import Schedule
 
@@ -30,7 +31,7 @@ def _data(n: int = 192) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 CONFIG = SQSConfig(sparsity=0.8, components=4, epochs=2.0, batch_size=32, seed=0, log_every=1,
-                   warmup_fraction=0.1)  # the baselines' recipe (BASELINE_RECIPE): a dense warm-up phase
+                   **BASELINE_RECIPE)  # the baselines' recipe: a dense warm-up phase
 
 
 def test_magnitude_masks_keep_exactly_the_largest_magnitudes():

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
+from sqs_pyro.data.metrics import predictive_probs
 from sqs_pyro.errors import SQSInputError
 
 TASKS = ("classification", "regression", "lm")
@@ -72,7 +73,6 @@ def check_data(net: nn.Module, dataset: Dataset, task: str) -> None:
         raise SQSInputError("regression targets contain NaN or Inf")
 
 
-@torch.no_grad()
 def distillation_targets(net: nn.Module, dataset: Dataset, weight: float, batch_size: int = 256) -> TensorDataset:
     """The dataset with each label ``y_i`` replaced by ``(1 - weight) onehot(y_i) + weight softmax(net(x_i))``
     (``net`` in eval mode, its training mode restored), for :class:`CategoricalLikelihood`'s soft targets."""
@@ -82,7 +82,7 @@ def distillation_targets(net: nn.Module, dataset: Dataset, weight: float, batch_
     x, y = tensors
     training = net.training
     try:
-        probs = torch.cat([net.eval()(x[i:i + batch_size]).softmax(-1) for i in range(0, len(x), batch_size)])
+        probs = predictive_probs(net, x, batch_size).to(next(net.parameters()).dtype)
     finally:
         net.train(training)
     onehot = torch.nn.functional.one_hot(y, probs.shape[-1]).to(probs.dtype)

@@ -179,15 +179,15 @@ def compress(
     path = _check_checkpoint_options(checkpoint_dir, checkpoint_every, resume, max_rollbacks)
     dataset = as_dataset(train_data)
     sites = select_layers(net, config.include_types, config.include, config.exclude)
+    if config.distill_weight > 0 and task != "classification":
+        raise SQSInputError(f"distill_weight applies to classification, not to a {task} task")
     check_data(net, dataset, task)
-    if config.distill_weight > 0:
-        if task != "classification":
-            raise SQSInputError(f"distill_weight applies to classification, not to a {task} task")
-        dataset = distillation_targets(net, dataset, config.distill_weight)
     coding = _start_coding(start, sites, config)
     num_data = len(dataset)
     if config.batch_size > num_data:
         raise SQSInputError(f"batch_size {config.batch_size} exceeds the {num_data} training examples")
+    if config.distill_weight > 0:  # the teacher's pass, once every input is checked
+        dataset = distillation_targets(net, dataset, config.distill_weight)
 
     started = time.perf_counter()
     with distributed_context(distributed) as ctx:
