@@ -2,14 +2,19 @@
 random Llama with SmolLM2-135M's matrix shapes (6 layers instead of 30, a 2,048-token vocabulary),
 so that it runs in a minute here.
 
-    python benchmarks/lm_memory.py                 # 0% and 50% sparsity
-    MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/lm_memory.py   # glibc returns large freed blocks
+    python benchmarks/lm_memory.py                         # 0% and 50% sparsity
+    python benchmarks/lm_memory.py --return-freed-memory   # freed large tensors go back to the system
+
+``--return-freed-memory`` calls :func:`sqs_pyro.infer.allocator.return_freed_memory` first (as
+``sqs-pyro compress --hf --return-freed-memory``): the peak is then the live tensors', not glibc's
+heap high-water mark.
 
 Per run (own process, so that its peak is its own): the one-shot start network
 (``quantize_network``, no calibration), then ``compress(start=...)`` in hard mode, K=16, G=64, one
 epoch of 64 sequences of 64 tokens, batch 8, checkpoints on disk (as ``benchmarks/smollm.py``).
-Prints and writes (``results/lm_memory.json``) ``(VmHWM - VmRSS before compress) / compressed
-parameters``, and the RSS before training starts and the training peak above it.
+Prints and writes (``results/lm_memory.json``, or ``results/lm_memory_returned.json``) ``(VmHWM -
+VmRSS before compress) / compressed parameters``, the RSS before training starts and the training peak
+above it, and the seconds (in all and in training).
 """
 import argparse
 import json
@@ -26,7 +31,7 @@ from memory import reset_peak, vm
 HERE = Path(__file__).parent
 
 
-def child(sparsity: float) -> dict:
+def child(sparsity: float, return_freed: bool) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import sqs_pyro.infer.trainer as trainer
@@ -35,8 +40,10 @@ def child(sparsity: float) -> dict:
     from sqs_pyro.compressed.oneshot import quantize_network
     from sqs_pyro.hf import CausalLM
     from sqs_pyro.infer import compress
+    from sqs_pyro.infer.allocator import return_freed_memory
     from sqs_pyro.models import select_layers, transformer_include
 
+    returned = return_freed_memory() if return_freed else False
     torch.set_num_threads(1)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=2048, hidden_size=576, intermediate_size=1536, num_hidden_layers=6,
@@ -57,7 +64,10 @@ def child(sparsity: float) -> dict:
     def measured_train(self, *args, **kwargs):  # the RSS when training starts, then the peak above it
         marks["rss_before_train"] = vm("VmRSS")
         reset_peak()
-        return train(self, *args, **kwargs)
+        t = time.perf_counter()
+        out = train(self, *args, **kwargs)
+        marks["train_seconds"] = time.perf_counter() - t
+        return out
 
     trainer.Trainer.train = measured_train
     reset_peak()
@@ -67,7 +77,8 @@ def child(sparsity: float) -> dict:
         compress(net, (ids[:, :-1], ids[:, 1:]), sqs, task="lm", progress=False, start=start, checkpoint_dir=folder)
     peak = vm("VmHWM")
     return {"sparsity": sparsity, "compressed_params": n, "seconds": time.perf_counter() - t0,
-            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+            "train_seconds": marks["train_seconds"],
+            "return_freed_memory": returned, "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
             "bytes_per_param_before_train": (marks["rss_before_train"] - base) / n,
             "bytes_per_param_train_peak_above_start": (peak - marks["rss_before_train"]) / n,
             "bytes_per_param": (max(peak, marks["rss_before_train"]) - base) / n}
@@ -76,20 +87,26 @@ def child(sparsity: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.0, 0.5])
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "lm_memory.json")
+    parser.add_argument("--out", type=Path, help="results file (default results/lm_memory.json, or "
+                        "results/lm_memory_returned.json with --return-freed-memory)")
+    parser.add_argument("--return-freed-memory", action="store_true",
+                        help="call sqs_pyro.infer.allocator.return_freed_memory() first")
     parser.add_argument("--child", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.out = args.out or HERE / "results" / ("lm_memory_returned.json" if args.return_freed_memory else "lm_memory.json")
     if args.child is not None:
-        print(json.dumps(child(args.child)))
+        print(json.dumps(child(args.child, args.return_freed_memory)))
         return
     rows = []
     for s in args.sparsity:
-        out = subprocess.run([sys.executable, __file__, "--child", str(s)], capture_output=True, text=True, check=True)
+        flags = ["--return-freed-memory"] if args.return_freed_memory else []
+        out = subprocess.run([sys.executable, __file__, "--child", str(s), *flags], capture_output=True, text=True,
+                             check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = rows[-1]
         print(f"sparsity {s:.2f}: {r['bytes_per_param']:.1f} bytes / compressed param "
               f"(before training {r['bytes_per_param_before_train']:.1f}, training peak above that "
-              f"{r['bytes_per_param_train_peak_above_start']:.1f}), {r['seconds']:.0f} s")
+              f"{r['bytes_per_param_train_peak_above_start']:.1f}), {r['seconds']:.0f} s ({r['train_seconds']:.0f} s training)")
     args.out.write_text(json.dumps(rows, indent=1))
 
 

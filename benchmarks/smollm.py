@@ -113,7 +113,10 @@ def child(args: argparse.Namespace) -> dict:
     from sqs_pyro.models import select_layers, transformer_include
     from sqs_pyro.guides.gate_scores import task_loss
     from sqs_pyro.infer import compress
+    from sqs_pyro.infer.allocator import return_freed_memory
 
+    if args.return_freed_memory:  # as `sqs-pyro compress --hf --return-freed-memory`
+        return_freed_memory()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     tokenizer, lm = load_smollm()
@@ -123,7 +126,8 @@ def child(args: argparse.Namespace) -> dict:
     reset_peak()  # loading de-quantises the GGUF through temporaries: not part of training
     rss_dense = vm("VmRSS")
     row = {"run": args.child, "train_windows": len(train), "train_tokens": int(y.numel()),
-           "available_windows": available, "eval_tokens": int(held[:, 1:].numel()), "rss_dense_bytes": rss_dense}
+           "available_windows": available, "eval_tokens": int(held[:, 1:].numel()), "rss_dense_bytes": rss_dense,
+           "return_freed_memory": args.return_freed_memory}
     t0 = time.perf_counter()
     if args.child == "dense":
         row["perplexity"] = perplexity(net, held)
@@ -321,6 +325,8 @@ def main() -> None:
                         help="runs that also write the tail-outlier report of every matrix")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--return-freed-memory", action="store_true",
+                        help="return freed large tensors to the system (sqs_pyro.infer.allocator): lower peak, slower")
     parser.add_argument("--out", type=Path, help="results file (default results/smollm.jsonl, or "
                         "results/smollm_validation.jsonl with --validation)")
     parser.add_argument("--report", action="store_true", help="only print the table of the finished runs")

@@ -71,7 +71,7 @@ class _GatedLevel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, latent: torch.Tensor, locs: torch.Tensor, codes: torch.Tensor, gate: torch.Tensor):
-        ctx.save_for_backward(locs, codes, gate != 0)  # codes: uint8 (K <= 256) or int64
+        ctx.save_for_backward(locs, codes, gate if gate.dtype == torch.bool else gate != 0)  # codes: uint8 or int64
         return gate * locs[codes.long()]
 
     @staticmethod
@@ -88,23 +88,51 @@ class _GatedLevel(torch.autograd.Function):
         return gated if ctx.needs_input_grad[0] else None, dlocs, None, dgate
 
 
+def _generator_state(device: torch.device) -> torch.Tensor | None:
+    """The default generator's state on ``device`` (CPU or CUDA; ``None`` elsewhere)."""
+    if device.type == "cpu":
+        return torch.get_rng_state()
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return None
+
+
+def _gate_uniforms(theta: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return torch.rand(shape, dtype=theta.dtype, device=theta.device).clamp_(1e-6, 1 - 1e-6)
+
+
+def _relaxed_gate(theta: torch.Tensor, uniforms: torch.Tensor, temperature: float) -> torch.Tensor:
+    noisy = (theta + torch.log(uniforms) - torch.log1p(-uniforms)) / temperature
+    return torch.sigmoid(noisy.clamp_(_FLOOR, -_FLOOR))
+
+
 class _RelaxedGate(torch.autograd.Function):
     """The straight-through relaxed Bernoulli gate ``1[s > 1/2]`` with ``s = sigmoid((theta +
-    logit(U)) / t)``: forward the 0/1 value, backward ``dtheta = g s (1 - s) / t`` (the relaxation's
-    gradient). Saves ``s`` only."""
+    logit(U)) / t)``, ``U`` uniform draws of ``shape``: forward the 0/1 value, backward ``dtheta = g s (1 - s) / t``
+    (the relaxation's gradient). Saves nothing weight-sized on CPU and CUDA: the backward pass draws the
+    same ``U`` again from the generator state the forward pass started from (elsewhere it saves ``s``)."""
 
     @staticmethod
-    def forward(ctx, theta: torch.Tensor, uniforms: torch.Tensor, temperature: float):
-        noisy = (theta + torch.log(uniforms) - torch.log1p(-uniforms)) / temperature
-        soft = torch.sigmoid(noisy.clamp_(_FLOOR, -_FLOOR))
-        ctx.save_for_backward(soft)
-        ctx.temperature = temperature
+    def forward(ctx, theta: torch.Tensor, shape: torch.Size, temperature: float):
+        ctx.rng, ctx.shape, ctx.temperature = _generator_state(theta.device), shape, temperature
+        soft = _relaxed_gate(theta, _gate_uniforms(theta, shape), temperature)
+        ctx.save_for_backward(soft if ctx.rng is None else theta)
         return (soft > 0.5).to(soft.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        (soft,) = ctx.saved_tensors
+        (saved,) = ctx.saved_tensors
+        if ctx.rng is None:
+            soft = saved
+        else:
+            cuda = saved.device.type == "cuda"
+            with torch.random.fork_rng(devices=[saved.device] if cuda else []):
+                if cuda:
+                    torch.cuda.set_rng_state(ctx.rng, saved.device)
+                else:
+                    torch.set_rng_state(ctx.rng)
+                soft = _relaxed_gate(saved, _gate_uniforms(saved, ctx.shape), ctx.temperature)
         dtheta = grad * soft * (1 - soft) / ctx.temperature
         return dtheta, None, None
 
@@ -129,7 +157,7 @@ class _ModeKL(torch.autograd.Function):
         if theta is not None:  # KL_Bern = g (theta - logit lam) - softplus(theta) - log(1 - lam), in place
             out.add_(theta).sub_(logit_lam).mul_(torch.sigmoid(theta)).sub_(F.softplus(theta)).sub_(log_not_lam)
         else:
-            out.mul_(gate_fixed).add_(fixed_bernoulli_kl(gate_fixed, log_lam, log_not_lam))
+            out.mul_(gate_fixed).add_(fixed_bernoulli_kl(gate_fixed.to(out.dtype), log_lam, log_not_lam))
         ctx.save_for_backward(costs, codes, theta if theta is not None else gate_fixed)  # codes: uint8 or int64
         ctx.learned = theta is not None
         ctx.logit_lam = logit_lam
@@ -182,7 +210,8 @@ class SpikeGMM(TorchDistribution):
         gate_logits: ``theta`` of the inclusion probabilities, shape S.
         latent: the latent full-precision weights ``x``, shape S.
         codebook: the layer's :class:`Codebook` (levels, scales, mixing weights, windows).
-        gate_fixed: optional fixed 0/1 inclusion (shape S) replacing the learned gates.
+        gate_fixed: optional fixed 0/1 inclusion (shape S, float or bool: a bool mask is kept as it is, one
+            byte per weight) replacing the learned gates.
         kl_prior: optional prior that ``kl_divergence(q, p)`` will be taken against; with the
             fused kernels, :meth:`rsample` then computes the KL bound in the same pass and
             :func:`~sqs_pyro.guides.kl.spike_gmm_kl` reuses it for an equal prior.
@@ -250,13 +279,13 @@ class SpikeGMM(TorchDistribution):
     def inclusion(self) -> torch.Tensor:
         """``g_j``: the probability that weight j is kept."""
         if self.gate_fixed is not None:
-            return self.gate_fixed
+            return self.gate_fixed.to(self.latent.dtype)
         return torch.sigmoid(self.gate_logits)
 
     def log_inclusion(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log g, log(1 - g))``, computed stably from the logits."""
         if self.gate_fixed is not None:
-            g = self.gate_fixed
+            g = self.inclusion
             return torch.log(g), torch.log1p(-g)
         return F.logsigmoid(self.gate_logits), F.logsigmoid(-self.gate_logits)
 
@@ -299,8 +328,7 @@ class SpikeGMM(TorchDistribution):
     def _sample_gate(self, shape: torch.Size) -> torch.Tensor:
         if self.gate_fixed is not None:
             return self.gate_fixed.expand(shape)
-        u = torch.rand(shape, dtype=self.latent.dtype, device=self.latent.device).clamp_(1e-6, 1 - 1e-6)
-        return _RelaxedGate.apply(self.gate_logits, u, self.gate_temperature)
+        return _RelaxedGate.apply(self.gate_logits, shape, self.gate_temperature)
 
     def _sample_value(self, shape: torch.Size) -> torch.Tensor:
         """``sum_k a_k (mu_k + s_k eps)`` for a straight-through relaxed one-hot ``a`` drawn from ``phi``."""
@@ -344,7 +372,7 @@ class SpikeGMM(TorchDistribution):
         learned = self.gate_fixed is None
         w, kl = kernels.fused_layer(
             self.latent, self.gate_logits if learned else None, const, a, self.locs, self.scales,
-            component_kl(self, self.kl_prior) if with_kl else None, gate_fixed=None if learned else self.gate_fixed,
+            component_kl(self, self.kl_prior) if with_kl else None, gate_fixed=None if learned else self.inclusion,
             eps=eps, window_ids=self.window_ids, comp_window=self.comp_window,
             assign_temperature=self.assign_temperature, gate_temperature=self.gate_temperature,
             prior_inclusion=self.kl_prior.inclusion if with_kl else 0.5)

@@ -109,7 +109,7 @@ class LayerPosterior(PyroModule):
         gate_fixed = None
         state = self.state
         if state == GateState.FROZEN and not bool(self.mask.all()):
-            gate_fixed = self.mask.to(self.latent.dtype)
+            gate_fixed = self.mask  # bool: the forward and the KL keep a reference, no float copy
         elif state != GateState.LEARN:  # open, or a mask that keeps all: ones without storage
             gate_fixed = torch.ones((), dtype=self.latent.dtype, device=self.latent.device).expand_as(self.latent)
         return SpikeGMM(self.gate_logits, self.latent, self.codebook(), gate_fixed, tau, gate_temperature,

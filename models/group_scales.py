@@ -6,7 +6,9 @@ are fp16 values (as the ``.sqs`` file stores them) of shape ``(R, ceil(C / G))``
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator, Sequence
 
 import torch
 
@@ -50,3 +52,32 @@ def normalise(weight: torch.Tensor, group_size: int,
     scales of ``weight``'s groups (then ``u`` lies in ``[-1, 1]``)."""
     scales = group_absmax(weight, group_size) if scales is None else scales
     return weight / apply_group_scales(torch.ones_like(weight), scales, group_size), scales
+
+
+@contextlib.contextmanager
+def recomputed_products(products: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]) -> Iterator[None]:
+    """Saved-tensor hooks under which autograd saves a scaled weight ``w = sigma * u`` (or a view of it) as
+    the recipe ``(u, sigma)`` and recomputes it when the backward pass asks for it.
+
+    ``products``: ``(w, u, sigma, G)`` with ``w = apply_group_scales(u, sigma, G)``. The product's own
+    gradient saves ``u`` and ``sigma`` anyway, so a matrix product that saves ``w`` for its input's
+    gradient no longer holds a second weight-sized tensor (4 bytes per weight) until the backward pass;
+    the recomputation repeats the forward's elementwise product, so the values are the same bits.
+    """
+    recipes = {w.untyped_storage().data_ptr(): (u, sigma, g) for w, u, sigma, g in products}
+
+    def pack(t: torch.Tensor):
+        recipe = recipes.get(t.untyped_storage().data_ptr()) if t.layout == torch.strided else None
+        if recipe is None or t.dtype != recipe[0].dtype:
+            return t
+        return recipe, t.size(), t.stride(), t.storage_offset()
+
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        (u, sigma, g), size, stride, offset = packed
+        with torch.no_grad():
+            return apply_group_scales(u.detach(), sigma.detach(), g).as_strided(size, stride, offset)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield

@@ -11,7 +11,7 @@ from torch import nn
 from torch.func import functional_call
 
 from sqs_pyro.config import SQSConfig
-from sqs_pyro.models.group_scales import apply_group_scales, group_absmax
+from sqs_pyro.models.group_scales import apply_group_scales, group_absmax, recomputed_products
 from sqs_pyro.models.priors import EmpiricalBayesPrior, SpikeSlabGMM, kl_weighting
 from sqs_pyro.models.selection import CompressedSite
 
@@ -93,22 +93,27 @@ class SQSModel(PyroModule):
 
     def sample_weights(self) -> dict[str, torch.Tensor]:
         """Draw (or, under a replayed guide trace, look up) every compressed weight tensor."""
-        weights = {}
+        return {name: w for name, (w, _, _) in self._sample_sites().items()}
+
+    def _sample_sites(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """``(w, u, sigma)`` per site: the drawn ``u`` and, with group scales, ``w = sigma * u`` (else ``w = u``)."""
+        sites = {}
         with kl_weighting(self.kl_weight):
             for i, site in enumerate(self.sites):
                 u = pyro.sample(site.name, self.prior(site).to_event(len(site.shape)))
-                weights[site.name] = self._scaled(i, u)
-        return weights
-
-    def _scaled(self, index: int, u: torch.Tensor) -> torch.Tensor:
-        if not self.group_size:
-            return u
-        sigma = torch.exp(self.log_group_scales[index])
-        sigma = sigma + (sigma.to(torch.float16).to(sigma.dtype) - sigma).detach()  # the file's fp16 values
-        return apply_group_scales(u, sigma, self.group_size)
+                if not self.group_size:
+                    sites[site.name] = (u, u, None)
+                    continue
+                sigma = torch.exp(self.log_group_scales[i])
+                sigma = sigma + (sigma.to(torch.float16).to(sigma.dtype) - sigma).detach()  # the file's fp16 values
+                sites[site.name] = (apply_group_scales(u, sigma, self.group_size), u, sigma)
+        return sites
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        out = functional_call(self.net, self.sample_weights(), (x,), strict=False)
+        sites = self._sample_sites()
+        products = [(w, u, sigma, self.group_size) for w, u, sigma in sites.values() if sigma is not None]
+        with recomputed_products(products):  # the network's matrix products save u, not sigma * u
+            out = functional_call(self.net, {name: w for name, (w, _, _) in sites.items()}, (x,), strict=False)
         return self.likelihood(out, y)
 
 

@@ -177,3 +177,22 @@ def test_persistent_divergence_stops_after_three_rollbacks_with_checkpoint_intac
         compress(net, (x, y), worker.CONFIG, progress=False, checkpoint_dir=tmp_path, checkpoint_every=10,
                  resume=True)
     assert os.stat(tmp_path / CHECKPOINT_NAME).st_mtime_ns == before
+
+
+def test_the_gates_moments_are_dropped_once_the_mask_is_frozen(tmp_path, monkeypatch):
+    """After the mask freezes the gate logits never step again, so Adam's moments for them (8 bytes per weight)
+    go; before that they are there (the control), and the other parameters keep theirs."""
+    import sqs_pyro.infer.trainer as trainer
+
+    states = {}
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda state, path: states.setdefault(state["step"], state))
+    net, x, y = worker.tiny_problem()
+    compress(net, (x, y), worker.CONFIG, progress=False, checkpoint_dir=tmp_path, checkpoint_every=20)
+    # 64 steps; pruning runs over [10, 39): the gates learn there and are frozen from step 39 on
+    for step, frozen in ((20, False), (39, False), (40, True), (64, True)):
+        optimizer = states[step]["optimizer"]
+        gates = optimizer["param_groups"][0]
+        assert gates["name"] == "gates"
+        assert all((i in optimizer["state"]) != frozen for i in gates["params"])
+        others = [i for group in optimizer["param_groups"][1:] for i in group["params"]]
+        assert all(i in optimizer["state"] for i in others)

@@ -99,3 +99,46 @@ def test_hard_mode_with_learned_gates_matches_the_straight_through_formula():
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b)
     assert ours[2].abs().sum() > 0  # the gates do learn
+
+
+def test_learned_gates_replay_their_uniforms_in_the_backward_pass():
+    """The gate's backward pass draws its uniforms again: ``dtheta = dz s (1 - s) / t`` with ``s`` from the
+    forward's own ``U`` (closed form), the caller's random stream is left as if nothing had been drawn again, and
+    nothing weight-sized is saved (the logits are a reference)."""
+    q = layer_q(mode="hard")
+    q.gate_logits.requires_grad_(True)
+    upstream = torch.randn(N, generator=torch.Generator().manual_seed(9))
+    torch.manual_seed(10)
+    u = torch.rand(N).clamp_(1e-6, 1 - 1e-6)
+    after_draw = torch.rand(3)
+    s = torch.sigmoid((q.gate_logits.detach() + u.log() - (-u).log1p()) / q.gate_temperature)
+    torch.manual_seed(10)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        z = q._sample_gate(torch.Size((N,)))
+    torch.testing.assert_close(z, (s > 0.5).float())
+    (d_theta,) = torch.autograd.grad((z * upstream).sum(), [q.gate_logits])
+    torch.testing.assert_close(d_theta, upstream * s * (1 - s) / q.gate_temperature)
+    torch.testing.assert_close(torch.rand(3), after_draw)  # the backward's redraw did not move the stream
+    assert all(t is q.gate_logits for t in saved)
+    torch.manual_seed(11)  # negative control: other uniforms, another gradient
+    (other,) = torch.autograd.grad((q._sample_gate(torch.Size((N,))) * upstream).sum(), [q.gate_logits])
+    assert not torch.allclose(other, d_theta)
+
+
+def test_a_bool_mask_gives_the_float_masks_draws_kl_and_gradients():
+    """A frozen mask passed as bool (one byte per weight, no float copy) is the float mask's guide."""
+    mask = torch.arange(N) % 3 != 0
+    results = []
+    for gates in (mask, mask.float()):
+        q = layer_q(gate_fixed=gates, mode="hard")
+        q.latent.requires_grad_(True)
+        q.locs.requires_grad_(True)
+        costs = torch.linspace(0.5, 2.0, K, requires_grad=True)
+        w = q.rsample()
+        kl = q.mode_kl(0.3, costs)
+        loss = (w * torch.arange(N)).sum() + kl.sum()
+        results.append((w, kl, *torch.autograd.grad(loss, [q.latent, q.locs, costs]), q.inclusion, q.mean))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+    assert results[0][0].dtype == torch.float32 and bool((results[0][0][~mask] == 0).all())

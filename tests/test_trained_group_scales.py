@@ -11,7 +11,7 @@ from sqs_pyro.format import load_compressed, read_header, save_compressed
 from sqs_pyro.guides import SpikeGMMGuide
 from sqs_pyro.infer import compress
 from sqs_pyro.models import CategoricalLikelihood, SQSModel, select_layers
-from sqs_pyro.models.group_scales import apply_group_scales, group_absmax, normalise
+from sqs_pyro.models.group_scales import apply_group_scales, group_absmax, normalise, recomputed_products
 
 
 @pytest.mark.parametrize("shape,group", [((3, 5), 2), ((4, 2, 3), 4), ((3, 6), 3), ((3, 5), 100), ((2, 4), 4)])
@@ -185,3 +185,25 @@ def test_a_pruned_start_is_the_greedy_network_when_nothing_learns():
     with pytest.raises(Exception, match="pruned and sparsity=0"):
         compress(student, (x, y), SQSConfig(components=4, sparsity=0.0, group_size=16, epochs=1, batch_size=256),
                  task="regression", progress=False, start=start)
+
+
+def test_matrix_products_save_the_recipe_not_the_scaled_weight():
+    """Under ``recomputed_products`` a linear layer's saved weight is recomputed from ``(u, sigma)``: the same
+    output and gradients (bit for bit), and the tensor the backward pass gets is not the forward's ``sigma * u``
+    (negative control: without the hooks it is)."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(6, 10, generator=g).requires_grad_(True)
+    log_sigma = torch.randn(6, 3, generator=g).mul_(0.1).requires_grad_(True)
+    x = torch.randn(5, 10, generator=g).requires_grad_(True)
+    runs = []
+    for recompute in (True, False):
+        sigma = torch.exp(log_sigma)
+        w = apply_group_scales(u, sigma, 4)
+        with recomputed_products([(w, u, sigma, 4)] if recompute else []):
+            y = torch.nn.functional.linear(x, w)
+        saved = y.grad_fn._saved_mat2 if hasattr(y.grad_fn, "_saved_mat2") else y.grad_fn._saved_self
+        shares = saved.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+        runs.append((shares, y, *torch.autograd.grad((y * y).sum(), [u, log_sigma, x])))
+    assert not runs[0][0] and runs[1][0]
+    for a, b in zip(runs[0][1:], runs[1][1:]):
+        assert torch.equal(a, b)
