@@ -53,7 +53,7 @@ def main() -> None:
             print(f"step {step:4d}  -ELBO {loss:12.1f}")
     guide.freeze_mask()
 
-    compressed = materialize(guide, model.net)
+    compressed = materialize(guide, model.net, group_scales=model.group_scales())  # one fp16 scale per row
     greedy = compressed.load_into(load_mnist_cnn())
     kept = sum(layer.nnz for layer in compressed.layers) / sum(layer.numel for layer in compressed.layers)
     print(f"dense accuracy {accuracy(net, x_test, y_test):.4f}  greedy accuracy "

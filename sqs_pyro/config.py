@@ -14,6 +14,7 @@ WINDOW_MODES = ("none", "equal", "outlier")
 SAMPLING_MODES = ("sample", "expected", "hard")
 RESPONSIBILITY_SCALES = ("own", "pooled")
 PRUNE_SCOPES = ("global", "layer", "row", "lamp")
+ROW_GROUP = 1 << 30  # a group_size at least any row's length: one scale per row (per output channel)
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ class SQSConfig:
     row length: one scale per row), starting at ``max |w|`` of the pretrained weights and learned
     in log space at ``lr_codebook``; prior, guide and codebook live on the normalised values
     ``u`` (the levels are shared, the scales are stored beside them). ``0``: no scales, one
-    codebook over the raw weights.
+    codebook over the raw weights. Default ``ROW_GROUP``: one scale per row (output channel),
+    chosen on validation on the image networks; the transformer presets set their own.
 
     Responsibilities: ``phi_jk`` weighs the levels by ``N(x_j; mu_k, s_k^2)`` with each level's own
     scale (``responsibility_scale="own"``) or with the layer's pooled ``sqrt(mean_k s_k^2)``
@@ -87,7 +89,7 @@ class SQSConfig:
     equal_windows: int = 2
     iqr_factor: float = 5.0
     forced_extremes: bool = False
-    group_size: int = 0
+    group_size: int = ROW_GROUP
     prior_inclusion: float = 0.01
     slab_weights: tuple[float, ...] = (1.0,)
     slab_locs: tuple[float, ...] = (0.0,)

@@ -166,7 +166,7 @@ def test_execute_run_measures_every_field(tmp_path, method):
         assert record["num_averaged"] == 2 and 0 <= record["accuracy_averaged"] <= 1
         assert record["averaged_bytes_est"] == record["bytes_fp32"] + n // 8
         assert 0 <= record["ece_averaged"] <= 1 and record["nll_averaged"] > 0
-        assert record["side_bytes"] == 0
+        assert record["side_bytes"] == 2 * (16 + 3)  # one fp16 scale per row (the default group_size)
     else:
         assert record["accuracy_averaged"] is None and record["side_bytes"] == 4 * (16 + 3)
 

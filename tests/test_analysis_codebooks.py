@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def result(planted_outlier_problem):
     net, x, y = planted_outlier_problem()
-    return compress(net, (x, y), SQSConfig(components=8, sparsity=0.5, epochs=2, batch_size=32, windows="outlier"),
+    return compress(net, (x, y), SQSConfig(group_size=0, components=8, sparsity=0.5, epochs=2, batch_size=32, windows="outlier"),
                     progress=False)
 
 

@@ -86,7 +86,7 @@ def test_window_ablation_with_and_without_outlier_windows():
 
 def test_summary_of_a_trained_result_finds_planted_outliers(planted_outlier_problem):
     net, x, y = planted_outlier_problem()  # tails at flat indices 0, 1, 2
-    result = compress(net, (x, y), SQSConfig(components=8, sparsity=0.5, epochs=2, batch_size=32,
+    result = compress(net, (x, y), SQSConfig(group_size=0, components=8, sparsity=0.5, epochs=2, batch_size=32,
                                              windows="outlier"), progress=False)
     s = outlier_summary(result)
     l0 = s["layers"][0]

@@ -50,7 +50,7 @@ def run(labels, weight):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
     x = torch.randn(256, 6)
-    config = SQSConfig(components=4, sparsity=0.5, epochs=2.0, batch_size=64, distill_weight=weight)
+    config = SQSConfig(group_size=0, components=4, sparsity=0.5, epochs=2.0, batch_size=64, distill_weight=weight)
     return compress(net, (x, labels(x)), config, progress=False).compressed()
 
 
@@ -75,10 +75,10 @@ class _Pairs(Dataset):
 
 def test_distillation_needs_classification_tensors():
     net = nn.Linear(6, 3)
-    config = SQSConfig(components=4, epochs=1.0, batch_size=4, distill_weight=0.5)
+    config = SQSConfig(group_size=0, components=4, epochs=1.0, batch_size=4, distill_weight=0.5)
     with pytest.raises(SQSInputError, match="classification"):
         compress(net, (torch.randn(8, 6), torch.randn(8, 3)), config, task="regression", progress=False)
     with pytest.raises(SQSInputError, match="tensors"):
         compress(net, _Pairs(), config, progress=False)
     with pytest.raises(SQSInputError, match="distill_weight"):
-        SQSConfig(distill_weight=1.5)
+        SQSConfig(group_size=0, distill_weight=1.5)

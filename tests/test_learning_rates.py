@@ -28,13 +28,13 @@ def latent_rates(config: SQSConfig) -> dict[str, float]:
 def test_relative_rates_are_the_layer_rms_times_the_factor_capped_by_lr_weights():
     net = scaled_net()
     rms = [float(net[i].weight.detach().pow(2).mean().sqrt()) for i in (0, 2)]
-    rates = latent_rates(SQSConfig(components=4, lr_weights=1.0, lr_weights_relative=0.05))
+    rates = latent_rates(SQSConfig(group_size=0, components=4, lr_weights=1.0, lr_weights_relative=0.05))
     assert list(rates) == ["latent:0.weight", "latent:2.weight"]
     assert [round(v, 9) for v in rates.values()] == [round(0.05 * r, 9) for r in rms]
     cap = 0.05 * (rms[0] + rms[1]) / 2  # between the two: caps the large-scale layer only
-    rates = latent_rates(SQSConfig(components=4, lr_weights=cap, lr_weights_relative=0.05))
+    rates = latent_rates(SQSConfig(group_size=0, components=4, lr_weights=cap, lr_weights_relative=0.05))
     assert [round(v, 9) for v in rates.values()] == [round(cap, 9), round(0.05 * rms[1], 9)]
-    assert latent_rates(SQSConfig(components=4, lr_weights_relative=0.0)) == {"latent": 1e-2}
+    assert latent_rates(SQSConfig(group_size=0, components=4, lr_weights_relative=0.0)) == {"latent": 1e-2}
 
 
 X = torch.randn(64, 6, generator=torch.Generator().manual_seed(1))
@@ -53,15 +53,15 @@ def test_a_training_step_moves_each_layer_by_the_same_fraction_of_its_scale():
         return [float((layer.latent.detach() - w).abs().max() / w.pow(2).mean().sqrt())
                 for layer, w in zip(result.guide.layers, before)]
 
-    relative = moved_fraction(SQSConfig(**ONE_STEP, lr_weights=1.0, lr_weights_relative=0.05))
-    absolute = moved_fraction(SQSConfig(**ONE_STEP, lr_weights_relative=0.0))
+    relative = moved_fraction(SQSConfig(group_size=0, **ONE_STEP, lr_weights=1.0, lr_weights_relative=0.05))
+    absolute = moved_fraction(SQSConfig(group_size=0, **ONE_STEP, lr_weights_relative=0.0))
     assert abs(relative[0] / relative[1] - 1) < 0.2
     assert absolute[1] / absolute[0] > 5
 
 
 def test_when_every_layer_is_capped_the_run_is_the_absolute_rate_run_bit_for_bit():
     config = dict(ONE_STEP, epochs=3.0, batch_size=16, warmup_fraction=0.3, prune_fraction=0.3, sparsity=0.5)
-    capped = compress(scaled_net(), (X, Y), SQSConfig(**config, lr_weights=1e-4, lr_weights_relative=0.5))
-    plain = compress(scaled_net(), (X, Y), SQSConfig(**config, lr_weights=1e-4, lr_weights_relative=0.0))
+    capped = compress(scaled_net(), (X, Y), SQSConfig(group_size=0, **config, lr_weights=1e-4, lr_weights_relative=0.5))
+    plain = compress(scaled_net(), (X, Y), SQSConfig(group_size=0, **config, lr_weights=1e-4, lr_weights_relative=0.0))
     for a, b in zip(capped.guide.layers, plain.guide.layers):
         assert torch.equal(a.latent, b.latent) and torch.equal(a.gate_logits, b.gate_logits)

@@ -22,7 +22,7 @@ def tiny_problem(seed=0):
 
 def run(seed=0, **kw):
     net, x, y = tiny_problem()
-    config = SQSConfig(components=4, sparsity=0.5, epochs=3, batch_size=32, seed=seed, **kw)
+    config = SQSConfig(group_size=0, components=4, sparsity=0.5, epochs=3, batch_size=32, seed=seed, **kw)
     return compress(net, (x, y), config, progress=False), x
 
 
@@ -114,9 +114,9 @@ def test_expected_mode_and_windows_run_and_report_measured_sparsity():
 def test_cubic_ramp_reaches_the_target_even_with_one_pruning_step():
     from sqs_pyro.infer.schedules import Schedule
 
-    one = Schedule(total_steps=4, prune_start=1, prune_end=2, config=SQSConfig(sparsity=0.8))
+    one = Schedule(total_steps=4, prune_start=1, prune_end=2, config=SQSConfig(group_size=0, sparsity=0.8))
     assert one.target_sparsity(1) == 0.8
-    many = Schedule(total_steps=20, prune_start=2, prune_end=12, config=SQSConfig(sparsity=0.8))
+    many = Schedule(total_steps=20, prune_start=2, prune_end=12, config=SQSConfig(group_size=0, sparsity=0.8))
     assert many.target_sparsity(2) == 0.0 and many.target_sparsity(11) == 0.8
     assert many.target_sparsity(7) == pytest.approx(0.8 * (1 - (1 - 5 / 9) ** 3))
 

@@ -19,7 +19,7 @@ def small_net():
                          nn.Linear(4 * 4, 3))
 
 
-def build(config=SQSConfig(components=4, windows="outlier")):
+def build(config=SQSConfig(group_size=0, components=4, windows="outlier")):
     net = small_net()
     sites = select_layers(net)
     return net, SQSModel(net, sites, config, CategoricalLikelihood(64)), SpikeGMMGuide(net, sites, config)
@@ -71,7 +71,7 @@ def test_fast_elbo_matches_trace_mean_field_elbo_in_loss_and_gradients():
 @pytest.mark.parametrize("beta", [1.0, 0.3, 0.0])
 def test_loss_is_data_term_minus_beta_kl(beta):
     """With the expected-weight forward the data term is deterministic: check -loss = E log p - beta KL."""
-    _, model, guide = build(SQSConfig(components=4, mode="expected"))
+    _, model, guide = build(SQSConfig(group_size=0, components=4, mode="expected"))
     guide.set_gate_state(GateState.LEARN)
     model.kl_weight = guide.kl_weight = beta
     x, y = data()
@@ -105,7 +105,7 @@ def test_layer_scope_prunes_every_layer_to_the_target():
         net[2].weight.mul_(50.0)  # a global threshold would prune the small first layer far more
     sites = select_layers(net)
     for scope, expected in (("layer", (0.6, 0.6)), ("row", (0.6, 0.6)), ("global", None)):
-        config = SQSConfig(components=4, sparsity=0.6, prune_scope=scope)
+        config = SQSConfig(group_size=0, components=4, sparsity=0.6, prune_scope=scope)
         guide = SpikeGMMGuide(net, sites, config)
         guide.set_gate_state(GateState.LEARN)
         guide.prune_to_quantile(0.6, config.pruned_logit, scope)

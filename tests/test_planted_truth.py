@@ -32,7 +32,7 @@ def planted_problem():
 
 def fit(student, x, y, sparsity, **overrides):
     settings = {"epochs": 12, "lr_weights": 3e-3, "lr_codebook": 3e-3, **overrides}
-    config = SQSConfig(components=4, sparsity=sparsity, windows="none", batch_size=128, seed=0, **settings)
+    config = SQSConfig(group_size=0, components=4, sparsity=sparsity, windows="none", batch_size=128, seed=0, **settings)
     result = compress(student, (x, y), config, task="regression", noise_scale=0.1, progress=False)
     return result.compressed().layers[0]
 

@@ -40,10 +40,11 @@ from sqs_pyro.models import transformer_include
 # deterministic expected forward (sampled levels and slab noise on every weight wreck a
 # pretrained LM's outputs); and a tempered KL: with ~1e5 tokens against ~1e8 weights the
 # untempered prior would swamp the data. The gates start as sure as they were validated here
-# (gate_init 3; the image default of 1 was chosen on the image networks only).
+# (gate_init 3; the image default of 1 was chosen on the image networks only), and the weights have no
+# group scales unless asked for (the image default of one per row was chosen on the image networks only).
 HF_DEFAULTS = {"epochs": 1.0, "batch_size": 8, "lr_weights": 2e-5, "lr_codebook": 1e-4, "lr_dense": 2e-5,
                "gate_score": "saliency", "saliency_batches": 2, "warmup_fraction": 0.0, "prune_fraction": 0.2,
-               "gate_init": 3.0,
+               "gate_init": 3.0, "group_size": 0,
                "prune_scope": "layer",
                "mode": "expected",
                "kl_weight": 1e-3, "log_every": 4}

@@ -186,14 +186,13 @@ def load_grid(path: str | os.PathLike) -> Grid:
 _KEY_NEUTRAL = {"group_size": 0, "responsibility_scale": "own", "distill_weight": 0.0}
 # Fields a baseline never reads (SQS's gates), held in a baseline's key at the values its recorded runs
 # were keyed with: a change of SQS's defaults keeps the baselines' rows.
-_BASELINE_KEY_PINNED = {"gate_init": 3.0}
+_BASELINE_KEY_PINNED = {"gate_init": 3.0, "group_size": 0}
 
 
 def run_key(workload: str, method: MethodSpec, config: SQSConfig, grid: Grid) -> str:
     """``workload/method/s=../K=../seed=../digest``: the digest covers every setting of the run."""
-    values = {k: v for k, v in config.to_dict().items() if k not in _KEY_NEUTRAL or v != _KEY_NEUTRAL[k]}
-    if method.kind != SQS:
-        values.update(_BASELINE_KEY_PINNED)
+    values = {**config.to_dict(), **(_BASELINE_KEY_PINNED if method.kind != SQS else {})}
+    values = {k: v for k, v in values.items() if k not in _KEY_NEUTRAL or v != _KEY_NEUTRAL[k]}
     settings = {"workload": workload, "kind": method.kind, "config": values,
                 "train_limit": grid.train_limit, "test_limit": grid.test_limit,
                 "reference_epochs": grid.reference_epochs, "reference_seed": grid.reference_seed}
