@@ -70,6 +70,12 @@ def test_file_round_trip_is_exact_and_inspect_shows_the_side_data(tmp_path, caps
     out = capsys.readouterr().out
     assert "exact" in out and "group" in out
     assert size == path.stat().st_size
+    rows = quantize_network(net, select_layers(net), components=16, group_size=1 << 30, exact=0)
+    save_compressed(rows, tmp_path / "rows.sqs", model=net)
+    assert main(["inspect", str(tmp_path / "rows.sqs")]) == 0
+    table = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("0.weight", "2.weight"))]
+    assert [line[9] for line in table] == ["row", "row"]  # one scale per output row, shown as such
+    assert [line[9] for line in (l.split() for l in out.splitlines() if l.startswith("0.weight"))] == ["16"]
 
 
 def test_bad_side_data_is_refused(tmp_path):

@@ -33,6 +33,14 @@ def totals(header: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]
     }
 
 
+def _group_label(row: dict[str, Any]) -> str:
+    """The group size, ``row`` when a group covers its row (one scale per output row), ``-`` without scales."""
+    g, shape = row["group_size"], row["shape"]
+    if not g:
+        return "-"
+    return "row" if shape and g >= row["numel"] // max(shape[0], 1) else str(g)
+
+
 def format_inspection(path: Path, header: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     t = totals(header, rows)
     cls = header["architecture"].get("class", "?") if isinstance(header["architecture"], dict) else "?"
@@ -44,7 +52,7 @@ def format_inspection(path: Path, header: dict[str, Any], rows: list[dict[str, A
         ratio = f"{r['bytes'] / r['bound_bytes']:.2f}" if r["bound_bytes"] else "-"
         table.append((r["name"], "x".join(map(str, r["shape"])), f"{r['density']:.4f}", str(r["bits"]),
                       f"K={r['components']} {r['codebook_dtype']} w={r['windows']}", r["mask_coding"],
-                      r["codes_coding"], str(r["group_size"] or "-"), f"{r['exact']:,}", f"{r['side_bytes']:,}",
+                      r["codes_coding"], _group_label(r), f"{r['exact']:,}", f"{r['side_bytes']:,}",
                       f"{r['bytes']:,}", f"{r['bound_bytes']:,.0f}", ratio))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines += ["  ".join(c.ljust(w) if i < 7 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
