@@ -179,8 +179,8 @@ class Trainer:
             guide.set_gate_state(GateState.LEARN)
         if step == schedule.prune_end and phase == FINETUNE:
             guide.freeze_mask()
-            for theta in self.optimizer.param_groups[0]["params"]:  # the gates never step again: drop their moments
-                self.optimizer.state.pop(theta, None)
+            for layer in guide.layers:  # the gate logits never step again: drop their Adam moments
+                self.optimizer.state.pop(layer.gate_logits, None)
             self.result.evaluate(eval_fn, step, "prune_end")
         beta = schedule.kl_weight(step)
         model.kl_weight = guide.kl_weight = beta
