@@ -4,6 +4,8 @@ so that it runs in a minute here.
 
     python benchmarks/lm_memory.py                         # 0% and 50% sparsity
     python benchmarks/lm_memory.py --return-freed-memory   # freed large tensors go back to the system
+    python benchmarks/lm_memory.py --return-freed-memory --sparsity 0.5 --prune-fraction 0 --out F
+                                                           # 50% keeping the start's mask: no gate learning
 
 ``--return-freed-memory`` calls :func:`sqs_pyro.infer.allocator.return_freed_memory` first (as
 ``sqs-pyro compress --hf --return-freed-memory``): the peak is then the live tensors', not glibc's
@@ -32,7 +34,7 @@ from memory import reset_peak, vm
 HERE = Path(__file__).parent
 
 
-def child(sparsity: float, return_freed: bool) -> dict:
+def child(sparsity: float, return_freed: bool, prune_fraction: float) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import sqs_pyro.infer.trainer as trainer
@@ -56,7 +58,7 @@ def child(sparsity: float, return_freed: bool) -> dict:
     n = sum(net.get_parameter(s.name).numel() for s in sites)
     start = quantize_network(net, sites, 16, 64, 0, sparsity=sparsity)
     sqs = SQSConfig.from_dict({**HF_DEFAULTS, "sparsity": sparsity, "initial_sparsity": sparsity, "components": 16,
-                               "group_size": 64, "prune_fraction": HF_DEFAULTS["prune_fraction"] if sparsity else 0.0,
+                               "group_size": 64, "prune_fraction": prune_fraction if sparsity else 0.0,
                                "responsibility_scale": "pooled", "epochs": 1.0, "batch_size": 8, "include": include,
                                "mode": "hard"})
     marks = {}
@@ -87,7 +89,7 @@ def child(sparsity: float, return_freed: bool) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         compress(net, (ids[:, :-1], ids[:, 1:]), sqs, task="lm", progress=False, start=start, checkpoint_dir=folder)
     peak = max([vm("VmHWM"), *step_peaks])
-    return {"sparsity": sparsity, "compressed_params": n, "seconds": time.perf_counter() - t0,
+    return {"sparsity": sparsity, "prune_fraction": sqs.prune_fraction, "compressed_params": n, "seconds": time.perf_counter() - t0,
             "train_seconds": marks["train_seconds"],
             "return_freed_memory": returned, "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
             "bytes_per_param_before_train": (marks["rss_before_train"] - base) / n,
@@ -103,15 +105,18 @@ def main() -> None:
                         "results/lm_memory_returned.json with --return-freed-memory)")
     parser.add_argument("--return-freed-memory", action="store_true",
                         help="call sqs_pyro.infer.allocator.return_freed_memory() first")
+    parser.add_argument("--prune-fraction", type=float, default=0.2,
+                        help="gate-learning share of the steps (the --hf default 0.2); 0 keeps the start's mask")
     parser.add_argument("--child", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.out = args.out or HERE / "results" / ("lm_memory_returned.json" if args.return_freed_memory else "lm_memory.json")
     if args.child is not None:
-        print(json.dumps(child(args.child, args.return_freed_memory)))
+        print(json.dumps(child(args.child, args.return_freed_memory, args.prune_fraction)))
         return
     rows = []
     for s in args.sparsity:
         flags = ["--return-freed-memory"] if args.return_freed_memory else []
+        flags += ["--prune-fraction", str(args.prune_fraction)]
         out = subprocess.run([sys.executable, __file__, "--child", str(s), *flags], capture_output=True, text=True,
                              check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -29,7 +29,8 @@ Runs (each in its own process, so that its peak RSS is its own; one JSON line ea
 * ``sqs<S>k<K>[g<G>][p]``: SQS at sparsity S% with K levels on every attention and MLP matrix
   (``g<G>``: group scales per G weights of a row, the posterior on the normalised weights;
   ``p``: pooled-scale responsibilities; ``q``: started from the one-shot ``oneshot_s<S>g<G>k<K>e0has``
-  network instead of k-means, its mask ranking the gates; at S = 0 the gates stay open, nothing is pruned), with
+  network instead of k-means, its mask ranking the gates, or with ``--prune-fraction 0`` kept from the first
+  step; at S = 0 the gates stay open, nothing is pruned), with
   the ``--hf`` defaults (:data:`sqs_pyro.cli.compress_hf.HF_DEFAULTS`: one-shot pruning to
   the target from saliencies, gates learning for 20% of the steps, tempered KL); also
   the perplexity with quantile-binned assignments (``--bins`` per window) instead of
@@ -54,13 +55,19 @@ from pathlib import Path
 import torch
 from memory import reset_peak, vm
 
+from sqs_pyro.cli.compress_hf import HF_DEFAULTS
+
 HERE = Path(__file__).parent
 HELD_OUT = "persuasion"
 
 
 def run_settings(args: argparse.Namespace) -> dict:
-    return {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "eval_windows", "seed", "lr_weights",
-                                          "lr_codebook", "lr_dense", "kl_weight", "prune_scope", "mode", "gate_score", "bins")}
+    """The settings a run's key hashes (``prune_fraction`` only when not the ``--hf`` default, so that
+    earlier runs keep their keys)."""
+    settings = {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "eval_windows", "seed", "lr_weights",
+                                              "lr_codebook", "lr_dense", "kl_weight", "prune_scope", "mode",
+                                              "gate_score", "bins")}
+    return settings if args.prune_fraction == HF_DEFAULTS["prune_fraction"] else {**settings, "prune_fraction": args.prune_fraction}
 
 
 def run_key(name: str, settings: dict, calib: int) -> str:
@@ -108,7 +115,6 @@ def binned_perplexity(result, held: torch.Tensor, bins: int) -> float:
 
 def child(args: argparse.Namespace) -> dict:
     from sqs_pyro import SQSConfig
-    from sqs_pyro.cli.compress_hf import HF_DEFAULTS
     from sqs_pyro.hf import CausalLM, fine_tune, load_smollm, perplexity
     from sqs_pyro.models import select_layers, transformer_include
     from sqs_pyro.guides.gate_scores import task_loss
@@ -145,7 +151,7 @@ def child(args: argparse.Namespace) -> dict:
         config = SQSConfig.from_dict({**HF_DEFAULTS, "sparsity": s_f, "initial_sparsity": s_f, "components": int(k),
                                       "group_size": int(group or 0),
                                       # at 0% nothing is pruned: the gates stay open (no gate-learning phase)
-                                      "prune_fraction": HF_DEFAULTS["prune_fraction"] if s_f > 0 else 0.0,
+                                      "prune_fraction": args.prune_fraction if s_f > 0 else 0.0,
                                       "responsibility_scale": "pooled" if pooled else "own",
                                       "epochs": 1.0, "batch_size": args.batch_size, "seed": args.seed,
                                       "include": transformer_include("llama"), "lr_weights": args.lr_weights,
@@ -315,6 +321,8 @@ def main() -> None:
     parser.add_argument("--lr-dense", type=float, default=2e-5)
     parser.add_argument("--kl-weight", type=float, default=1e-3)
     parser.add_argument("--prune-scope", choices=("layer", "global", "row"), default="layer")
+    parser.add_argument("--prune-fraction", type=float, default=HF_DEFAULTS["prune_fraction"],
+                        help="gate-learning share of the steps; 0 with a started (q) run keeps the start's mask")
     parser.add_argument("--mode", choices=("expected", "sample", "hard"), default="expected")
     parser.add_argument("--gate-score", choices=("saliency", "activation", "magnitude"), default="saliency")
     parser.add_argument("--bins", type=int, default=32)

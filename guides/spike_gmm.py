@@ -45,7 +45,8 @@ class LayerPosterior(PyroModule):
     Per weight: ``gate_logits`` (theta_j) and ``latent`` (x_j). Per layer: the K-level
     codebook ``locs`` (mu_k), ``scale_raw`` (s_k = softplus + 1e-6) and ``mix_logits``
     (pi_k, softmax within each window). Buffers: ``window_ids`` per weight,
-    ``comp_window`` per level, the frozen ``mask`` and ``gate_state`` (open/learn/frozen).
+    ``comp_window`` per level, the ``mask`` (a pruned start's, else all ones, until a freeze sets it)
+    and ``gate_state`` (open/learn/frozen).
     """
 
     def __init__(self, site: CompressedSite, weight: torch.Tensor, config: SQSConfig,
@@ -75,7 +76,9 @@ class LayerPosterior(PyroModule):
         self.register_buffer("window_ids", torch.as_tensor(init.window_ids, dtype=torch.int8, device=w.device)
                              .reshape(w.shape) if multi else None)
         self.register_buffer("comp_window", torch.as_tensor(init.component_windows, device=w.device))
-        self.register_buffer("mask", torch.ones_like(w, dtype=torch.bool))
+        # the mask a freeze from open gates keeps: a pruned start's, else every weight
+        self.register_buffer("mask", torch.ones_like(w, dtype=torch.bool) if start is None or start.mask is None
+                             else start.mask.to(device=w.device, dtype=torch.bool).reshape(w.shape).clone())
         self.register_buffer("gate_state", torch.tensor(int(GateState.OPEN)))
 
     @property
@@ -201,9 +204,11 @@ class SpikeGMMGuide(PyroModule):
 
     @torch.no_grad()
     def freeze_mask(self) -> None:
-        """Fix the mask at ``g_j > 0.5`` and stop the gates from learning."""
+        """Fix the mask at ``g_j > 0.5`` and stop the gates from learning. Gates that never learned
+        (still open) leave the mask the guide started with: a pruned start's, else every weight."""
         for layer in self.layers:
-            layer.mask.copy_(layer.kept_mask())
+            if layer.state != GateState.OPEN:
+                layer.mask.copy_(layer.kept_mask())
         self.set_gate_state(GateState.FROZEN)
 
     def measured_sparsity(self) -> float:

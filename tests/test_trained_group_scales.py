@@ -187,6 +187,42 @@ def test_a_pruned_start_is_the_greedy_network_when_nothing_learns():
                  task="regression", progress=False, start=start)
 
 
+def test_a_run_without_pruning_steps_keeps_its_pruned_starts_mask(tmp_path, monkeypatch):
+    """``prune_fraction=0`` with a start pruned to the target: the mask is the start's from step 0 (while the
+    codes, levels and scales train) and the gate logits never get Adam moments. Controls: a frozen mask from
+    open gates without a start would keep every weight, so the run is refused without a start, and with a start
+    at another sparsity."""
+    import sqs_pyro.infer.trainer as trainer
+    from sqs_pyro.compressed.error_feedback import input_hessians
+    from sqs_pyro.compressed.oneshot import quantize_network
+
+    states = {}
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda state, path: states.setdefault(state["step"], state))
+    _, student, x, y = planted_rows()
+    sites = select_layers(student)
+    start = quantize_network(student, sites, components=4, group_size=16,
+                             hessians=input_hessians(student, sites, [x]), sparsity=0.5)
+    config = SQSConfig(components=4, sparsity=0.5, initial_sparsity=0.5, warmup_fraction=0.0, prune_fraction=0.0,
+                       group_size=16, epochs=2, batch_size=256, responsibility_scale="pooled", mode="hard",
+                       windows="none", lr_weights=1e-3)
+    result = compress(student, (x, y), config, task="regression", progress=False, start=start,
+                      checkpoint_dir=tmp_path, checkpoint_every=4)
+    trained = result.compressed()
+    assert torch.equal(trained.layers[0].mask, start.layers[0].mask)
+    assert not torch.equal(trained.layers[0].weight(), start.layers[0].weight())  # the rest did train
+    assert result.guide.layers[0].state == 2  # frozen
+    for step in (4, 16):
+        optimizer = states[step]["optimizer"]
+        gates = next(g for g in optimizer["param_groups"] if g["name"] == "gates")
+        assert not any(i in optimizer["state"] for i in gates["params"])
+        assert len(optimizer["state"]) > 0
+    with pytest.raises(Exception, match="no pruning steps"):
+        compress(student, (x, y), config, task="regression", progress=False)
+    with pytest.raises(Exception, match="sparsity 0.5000 is not sparsity=0.75"):
+        compress(student, (x, y), config.replace(sparsity=0.75, initial_sparsity=0.75), task="regression",
+                 progress=False, start=start)
+
+
 def test_matrix_products_save_the_recipe_not_the_scaled_weight():
     """Under ``recomputed_products`` a linear layer's saved weight is recomputed from ``(u, sigma)``: the same
     output and gradients (bit for bit), and the tensor the backward pass gets is not the forward's ``sigma * u``

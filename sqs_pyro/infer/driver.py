@@ -91,6 +91,17 @@ def _start_coding(start: CompressedNetwork | None, sites: list[CompressedSite],
             for name, layer in layers.items()}
 
 
+def _check_start_mask(start: CompressedNetwork | None, sparsity: float) -> None:
+    """A run without pruning steps keeps its start's mask: one must be given, at ``sparsity``."""
+    if start is None:
+        raise SQSInputError("the schedule has no pruning steps; increase epochs or prune_fraction (or start from "
+                            "a network pruned to the target sparsity, whose mask the run then keeps)")
+    kept = sum(layer.nnz for layer in start.layers) / sum(layer.numel for layer in start.layers)
+    if abs((1.0 - kept) - sparsity) > 5e-3:
+        raise SQSInputError(f"the schedule has no pruning steps, so the run keeps its start's mask, whose sparsity "
+                            f"{1.0 - kept:.4f} is not sparsity={sparsity}; increase epochs or prune_fraction")
+
+
 def _initial_scores(net: nn.Module, sites: list[CompressedSite], dataset: Any, task: str, config: SQSConfig,
                     coding: dict[str, StartCoding], device: torch.device) -> dict[str, torch.Tensor] | None:
     """The guide's gate scores (``None``: magnitudes); a pruned start's masks rank them first."""
@@ -166,7 +177,9 @@ def compress(
             ``config.group_size``. The guide starts on its codes and levels (the greedy network
             at step 0 is ``start`` when its sparsity is ``config.sparsity``), the model's group
             scales at its scales. A pruned start (``config.sparsity > 0``) ranks the gates: every
-            weight it kept above every weight it pruned, the gate scores within each set.
+            weight it kept above every weight it pruned, the gate scores within each set. A
+            schedule without pruning steps (``prune_fraction=0``) keeps a pruned start's mask from
+            the first step: the gates never learn, so they cost no optimiser state.
 
     Everything a user passes is checked (raising :class:`SQSInputError`) before the guide is
     built or any step runs.
@@ -196,7 +209,7 @@ def compress(
                                 f"{ctx.world_size} processes")
         schedule = Schedule.from_config(config, num_data // config.batch_size)
         if config.sparsity > 0 and schedule.prune_end == schedule.prune_start:
-            raise SQSInputError("the schedule has no pruning steps; increase epochs or prune_fraction")
+            _check_start_mask(start, config.sparsity)
         saved = load_checkpoint(path) if resume else None
         if saved is not None:
             check_resumable(saved, config, task, num_data, sites)
