@@ -6,6 +6,7 @@ so that it runs in a minute here.
     python benchmarks/lm_memory.py --return-freed-memory   # freed large tensors go back to the system
     python benchmarks/lm_memory.py --return-freed-memory --sparsity 0.5 --prune-fraction 0 --out F
                                                            # 50% keeping the start's mask: no gate learning
+    python benchmarks/lm_memory.py --vocab 49152 --tokens 128 ... # SmolLM2's vocabulary and smollm.py's windows
 
 ``--return-freed-memory`` calls :func:`sqs_pyro.infer.allocator.return_freed_memory` first (as
 ``sqs-pyro compress --hf --return-freed-memory``): the peak is then the live tensors', not glibc's
@@ -34,7 +35,7 @@ from memory import reset_peak, vm
 HERE = Path(__file__).parent
 
 
-def child(sparsity: float, return_freed: bool, prune_fraction: float) -> dict:
+def child(sparsity: float, return_freed: bool, prune_fraction: float, vocab: int, tokens: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import sqs_pyro.infer.trainer as trainer
@@ -49,10 +50,10 @@ def child(sparsity: float, return_freed: bool, prune_fraction: float) -> dict:
     returned = return_freed_memory() if return_freed else False
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=2048, hidden_size=576, intermediate_size=1536, num_hidden_layers=6,
+    config = LlamaConfig(vocab_size=vocab, hidden_size=576, intermediate_size=1536, num_hidden_layers=6,
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=256)
     net = CausalLM(LlamaForCausalLM(config))
-    ids = torch.randint(0, 2048, (64, 65))
+    ids = torch.randint(0, vocab, (64, tokens + 1))
     include = transformer_include("llama")
     sites = select_layers(net, include=include)
     n = sum(net.get_parameter(s.name).numel() for s in sites)
@@ -89,7 +90,7 @@ def child(sparsity: float, return_freed: bool, prune_fraction: float) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         compress(net, (ids[:, :-1], ids[:, 1:]), sqs, task="lm", progress=False, start=start, checkpoint_dir=folder)
     peak = max([vm("VmHWM"), *step_peaks])
-    return {"sparsity": sparsity, "prune_fraction": sqs.prune_fraction, "compressed_params": n, "seconds": time.perf_counter() - t0,
+    return {"sparsity": sparsity, "prune_fraction": sqs.prune_fraction, "vocab": vocab, "tokens": tokens, "compressed_params": n, "seconds": time.perf_counter() - t0,
             "train_seconds": marks["train_seconds"],
             "return_freed_memory": returned, "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
             "bytes_per_param_before_train": (marks["rss_before_train"] - base) / n,
@@ -107,16 +108,18 @@ def main() -> None:
                         help="call sqs_pyro.infer.allocator.return_freed_memory() first")
     parser.add_argument("--prune-fraction", type=float, default=0.2,
                         help="gate-learning share of the steps (the --hf default 0.2); 0 keeps the start's mask")
+    parser.add_argument("--vocab", type=int, default=2048, help="vocabulary size (SmolLM2's: 49152)")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per sequence (benchmarks/smollm.py: 128)")
     parser.add_argument("--child", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.out = args.out or HERE / "results" / ("lm_memory_returned.json" if args.return_freed_memory else "lm_memory.json")
     if args.child is not None:
-        print(json.dumps(child(args.child, args.return_freed_memory, args.prune_fraction)))
+        print(json.dumps(child(args.child, args.return_freed_memory, args.prune_fraction, args.vocab, args.tokens)))
         return
     rows = []
     for s in args.sparsity:
         flags = ["--return-freed-memory"] if args.return_freed_memory else []
-        flags += ["--prune-fraction", str(args.prune_fraction)]
+        flags += ["--prune-fraction", str(args.prune_fraction), "--vocab", str(args.vocab), "--tokens", str(args.tokens)]
         out = subprocess.run([sys.executable, __file__, "--child", str(s), *flags], capture_output=True, text=True,
                              check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))

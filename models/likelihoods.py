@@ -9,6 +9,7 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
+from torch.distributions import constraints
 
 from sqs_pyro.errors import SQSInputError
 
@@ -65,4 +66,56 @@ class TokenCategoricalLikelihood(_PlateLikelihood):
 
     def __call__(self, logits: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         with self._plate(logits.shape[0]):
-            return pyro.sample("obs", dist.Categorical(logits=logits).to_event(1), obs=y)
+            return pyro.sample("obs", TokenCategorical(logits).to_event(1), obs=y)
+
+
+class TokenCategorical(dist.TorchDistribution):
+    """``Categorical(logits)`` over the last dimension for large vocabularies: ``log_prob`` is
+    ``logits[y] - logsumexp(logits)`` computed in row chunks, keeping only a reference to the logits
+    for the backward pass (``Categorical`` stores a normalised copy, and its backward makes several
+    more), so a language model's step holds the logits and their gradient, nothing else vocabulary-sized."""
+
+    arg_constraints = {"logits": constraints.independent(constraints.real, 1)}
+
+    def __init__(self, logits: torch.Tensor, validate_args: bool | None = None) -> None:
+        self.logits = logits
+        super().__init__(logits.shape[:-1], validate_args=validate_args)
+
+    @constraints.dependent_property(is_discrete=True, event_dim=0)
+    def support(self) -> constraints.Constraint:
+        return constraints.integer_interval(0, self.logits.shape[-1] - 1)
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        return dist.Categorical(logits=self.logits).sample(sample_shape)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return _TokenLogLikelihood.apply(self.logits, value)
+
+
+_ROWS = 256  # rows of logits per chunk: 256 x V floats at a time beside the logits
+
+
+class _TokenLogLikelihood(torch.autograd.Function):
+    """``log softmax(logits)[y]`` per row; the gradient ``(onehot(y) - softmax(logits)) g`` is formed
+    chunk by chunk from the saved logits and row log-normalisers."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        flat, idx = logits.reshape(-1, logits.shape[-1]), y.reshape(-1, 1).long()
+        lse = torch.cat([torch.logsumexp(flat[i:i + _ROWS], -1) for i in range(0, flat.shape[0], _ROWS)])
+        ctx.save_for_backward(logits, idx, lse)
+        return (flat.gather(1, idx).squeeze(1) - lse).reshape(y.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, idx, lse = ctx.saved_tensors
+        flat, g = logits.reshape(-1, logits.shape[-1]), grad.reshape(-1, 1)
+        out = torch.empty_like(flat)
+        for i in range(0, flat.shape[0], _ROWS):
+            rows = slice(i, i + _ROWS)
+            torch.sub(flat[rows], lse[rows].unsqueeze(1), out=out[rows])
+            out[rows].exp_().mul_(-g[rows])
+        out.scatter_add_(1, idx, g)
+        return out.reshape(logits.shape), None

@@ -55,6 +55,37 @@ def test_token_likelihood_scales_by_sequences():
     torch.testing.assert_close(tr.nodes["obs"]["log_prob_sum"], expected)  # already scaled by N/B
 
 
+def test_token_categorical_matches_categorical_and_saves_no_vocabulary_sized_copy():
+    """Log-probabilities and their gradients equal ``Categorical``'s (in float64, over more rows than one
+    chunk); the backward pass keeps the logits themselves and nothing else vocabulary-sized (negative
+    control: ``Categorical`` keeps such a copy)."""
+    from sqs_pyro.models.likelihoods import TokenCategorical
+
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(3, 200, 11, generator=g, dtype=torch.float64)).requires_grad_(True)
+    y, weights = torch.randint(0, 11, (3, 200), generator=g), torch.randn(3, 200, generator=g, dtype=torch.float64)
+    grads, copies = [], []
+    for make in (TokenCategorical, lambda t: torch.distributions.Categorical(logits=t)):
+        saved = []
+
+        def pack(t):
+            saved.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            lp = make(logits).log_prob(y)
+        grads.append(torch.autograd.grad((lp * weights).sum(), logits)[0])
+        copies.append(sum(t.numel() >= logits.numel() and t.untyped_storage().data_ptr()
+                          != logits.untyped_storage().data_ptr() for t in saved))
+        if len(grads) == 1:
+            mine = lp.detach()
+    torch.testing.assert_close(mine, torch.distributions.Categorical(logits=logits).log_prob(y).detach())
+    torch.testing.assert_close(grads[0], grads[1])
+    assert copies[0] == 0 and copies[1] >= 1
+    assert torch.autograd.gradcheck(lambda t: TokenCategorical(t).log_prob(y[:1, :4]), (logits[:1, :4].detach()
+                                    .clone().requires_grad_(True),))
+
+
 def test_perplexity_of_uniform_predictions_is_the_vocabulary_size():
     class Uniform(nn.Module):
         def forward(self, ids):
