@@ -7,6 +7,7 @@ so that it runs in a minute here.
     python benchmarks/lm_memory.py --return-freed-memory --sparsity 0.5 --prune-fraction 0 --out F
                                                            # 50% keeping the start's mask: no gate learning
     python benchmarks/lm_memory.py --vocab 49152 --tokens 128 ... # SmolLM2's vocabulary and smollm.py's windows
+    python benchmarks/lm_memory.py --checkpoint-blocks ...     # layers recomputed in the backward pass
 
 ``--return-freed-memory`` calls :func:`sqs_pyro.infer.allocator.return_freed_memory` first (as
 ``sqs-pyro compress --hf --return-freed-memory``): the peak is then the live tensors', not glibc's
@@ -35,7 +36,8 @@ from memory import reset_peak, vm
 HERE = Path(__file__).parent
 
 
-def child(sparsity: float, return_freed: bool, prune_fraction: float, vocab: int, tokens: int) -> dict:
+def child(sparsity: float, return_freed: bool, prune_fraction: float, vocab: int, tokens: int,
+          checkpoint_blocks: bool) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import sqs_pyro.infer.trainer as trainer
@@ -88,9 +90,11 @@ def child(sparsity: float, return_freed: bool, prune_fraction: float, vocab: int
     base = vm("VmRSS")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
-        compress(net, (ids[:, :-1], ids[:, 1:]), sqs, task="lm", progress=False, start=start, checkpoint_dir=folder)
+        compress(net, (ids[:, :-1], ids[:, 1:]), sqs, task="lm", progress=False, start=start, checkpoint_dir=folder,
+                 checkpoint_blocks=checkpoint_blocks)
     peak = max([vm("VmHWM"), *step_peaks])
-    return {"sparsity": sparsity, "prune_fraction": sqs.prune_fraction, "vocab": vocab, "tokens": tokens, "compressed_params": n, "seconds": time.perf_counter() - t0,
+    return {"sparsity": sparsity, "prune_fraction": sqs.prune_fraction, "vocab": vocab, "tokens": tokens,
+            "checkpoint_blocks": checkpoint_blocks, "compressed_params": n, "seconds": time.perf_counter() - t0,
             "train_seconds": marks["train_seconds"],
             "return_freed_memory": returned, "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
             "bytes_per_param_before_train": (marks["rss_before_train"] - base) / n,
@@ -110,15 +114,19 @@ def main() -> None:
                         help="gate-learning share of the steps (the --hf default 0.2); 0 keeps the start's mask")
     parser.add_argument("--vocab", type=int, default=2048, help="vocabulary size (SmolLM2's: 49152)")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per sequence (benchmarks/smollm.py: 128)")
+    parser.add_argument("--checkpoint-blocks", action="store_true",
+                        help="compress(checkpoint_blocks=True): each layer runs again in the backward pass")
     parser.add_argument("--child", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.out = args.out or HERE / "results" / ("lm_memory_returned.json" if args.return_freed_memory else "lm_memory.json")
     if args.child is not None:
-        print(json.dumps(child(args.child, args.return_freed_memory, args.prune_fraction, args.vocab, args.tokens)))
+        print(json.dumps(child(args.child, args.return_freed_memory, args.prune_fraction, args.vocab, args.tokens,
+                               args.checkpoint_blocks)))
         return
     rows = []
     for s in args.sparsity:
         flags = ["--return-freed-memory"] if args.return_freed_memory else []
+        flags += ["--checkpoint-blocks"] if args.checkpoint_blocks else []
         flags += ["--prune-fraction", str(args.prune_fraction), "--vocab", str(args.vocab), "--tokens", str(args.tokens)]
         out = subprocess.run([sys.executable, __file__, "--child", str(s), *flags], capture_output=True, text=True,
                              check=True)

@@ -54,6 +54,34 @@ def normalise(weight: torch.Tensor, group_size: int,
     return weight / apply_group_scales(torch.ones_like(weight), scales, group_size), scales
 
 
+#: ``(u, sigma, G)``: how a scaled weight ``w = sigma * u`` is made again
+Recipe = tuple[torch.Tensor, torch.Tensor, int]
+
+
+def product_recipes(products: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]) -> dict[int, Recipe]:
+    """The recipe of every scaled weight ``w`` of ``products`` (``(w, u, sigma, G)``), keyed by ``w``'s storage."""
+    return {w.untyped_storage().data_ptr(): (u, sigma, g) for w, u, sigma, g in products}
+
+
+def remember(t: torch.Tensor, recipes: dict[int, Recipe]) -> torch.Tensor | tuple:
+    """``t`` itself, or, if ``t`` is one of the scaled weights of ``recipes`` or a view of it, its recipe and view."""
+    recipe = recipes.get(t.untyped_storage().data_ptr()) if t.layout == torch.strided else None
+    if recipe is None or t.dtype != recipe[0].dtype:
+        return t
+    return recipe, t.size(), t.stride(), t.storage_offset()
+
+
+def recall(kept: torch.Tensor | tuple) -> torch.Tensor:
+    """The tensor :func:`remember` kept: ``sigma * u`` made again outside autograd (the forward's elementwise
+    product: the same bits), viewed as it was."""
+    if isinstance(kept, torch.Tensor):
+        return kept
+    (u, sigma, g), size, stride, offset = kept
+    with torch.no_grad():
+        w = apply_group_scales(u.detach(), sigma.detach(), g)
+    return w if (w.size(), w.stride(), w.storage_offset()) == (size, stride, offset) else w.as_strided(size, stride, offset)
+
+
 @contextlib.contextmanager
 def recomputed_products(products: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]) -> Iterator[None]:
     """Saved-tensor hooks under which autograd saves a scaled weight ``w = sigma * u`` (or a view of it) as
@@ -64,20 +92,6 @@ def recomputed_products(products: Sequence[tuple[torch.Tensor, torch.Tensor, tor
     gradient no longer holds a second weight-sized tensor (4 bytes per weight) until the backward pass;
     the recomputation repeats the forward's elementwise product, so the values are the same bits.
     """
-    recipes = {w.untyped_storage().data_ptr(): (u, sigma, g) for w, u, sigma, g in products}
-
-    def pack(t: torch.Tensor):
-        recipe = recipes.get(t.untyped_storage().data_ptr()) if t.layout == torch.strided else None
-        if recipe is None or t.dtype != recipe[0].dtype:
-            return t
-        return recipe, t.size(), t.stride(), t.storage_offset()
-
-    def unpack(packed):
-        if isinstance(packed, torch.Tensor):
-            return packed
-        (u, sigma, g), size, stride, offset = packed
-        with torch.no_grad():
-            return apply_group_scales(u.detach(), sigma.detach(), g).as_strided(size, stride, offset)
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+    recipes = product_recipes(products)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: remember(t, recipes), recall):
         yield

@@ -11,6 +11,7 @@ from torch import nn
 from torch.func import functional_call
 
 from sqs_pyro.config import SQSConfig
+from sqs_pyro.models.block_checkpoints import checkpointed_blocks
 from sqs_pyro.models.group_scales import apply_group_scales, group_absmax, recomputed_products
 from sqs_pyro.models.priors import EmpiricalBayesPrior, SpikeSlabGMM, kl_weighting
 from sqs_pyro.models.selection import CompressedSite
@@ -35,11 +36,14 @@ class SQSModel(PyroModule):
     scales are deterministic parameters (``log sigma``, starting at ``max |w|`` per group of the
     pretrained weights, or at the given ``group_scales`` by site name), used rounded to fp16 as
     the file stores them (straight-through).
+
+    ``blocks`` names modules of ``net`` (e.g. :func:`~sqs_pyro.models.block_checkpoints.repeated_blocks`)
+    that keep only their inputs for the backward pass and run again in it (same values and gradients).
     """
 
     def __init__(self, net: nn.Module, sites: Sequence[CompressedSite], config: SQSConfig,
                  likelihood: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
-                 group_scales: Mapping[str, torch.Tensor] | None = None) -> None:
+                 group_scales: Mapping[str, torch.Tensor] | None = None, blocks: Sequence[str] = ()) -> None:
         super().__init__()
         self.group_size = config.group_size
         #: log sigma per site (shape ``(R, ceil(C / G))``), learned; ``None`` without group scales
@@ -54,6 +58,7 @@ class SQSModel(PyroModule):
         for site in sites:
             _weight_to_placeholder(self.net, site)
         self.sites = list(sites)
+        self.blocks = list(blocks)
         self.config = config
         self.likelihood = likelihood
         self.kl_weight = float(config.kl_weight)
@@ -112,7 +117,9 @@ class SQSModel(PyroModule):
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         sites = self._sample_sites()
         products = [(w, u, sigma, self.group_size) for w, u, sigma in sites.values() if sigma is not None]
-        with recomputed_products(products):  # the network's matrix products save u, not sigma * u
+        blocks = [self.net.get_submodule(name) for name in self.blocks]
+        # the network's matrix products save u, not sigma * u; checkpointed blocks save their inputs only
+        with recomputed_products(products), checkpointed_blocks(blocks, products):
             out = functional_call(self.net, {name: w for name, (w, _, _) in sites.items()}, (x,), strict=False)
         return self.likelihood(out, y)
 

@@ -72,6 +72,9 @@ def register_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--return-freed-memory", action="store_true",
                    help="return freed large tensors to the system at once (glibc): a lower memory peak for a slower "
                         "run (about 15 bytes per weight less and 1.8x the time on benchmarks/lm_memory.py)")
+    g.add_argument("--checkpoint-blocks", action="store_true",
+                   help="keep only each transformer layer's inputs for the backward pass and run the layer again "
+                        "there: the same result for less memory and a second forward pass of the layers")
 
 
 def hf_config(args: argparse.Namespace, model_type: str) -> SQSConfig:
@@ -124,7 +127,8 @@ def run_hf(args: argparse.Namespace) -> int:
     dense_metrics = evaluate(net) if evaluate else {}
     start = load_compressed(args.start) if args.start is not None else None
     result = compress(net, (x, y), config, task=args.task, progress=not args.no_progress, checkpoint_dir=args.out,
-                      checkpoint_every=args.checkpoint_every, resume=args.resume, start=start)
+                      checkpoint_every=args.checkpoint_every, resume=args.resume, start=start,
+                      checkpoint_blocks=args.checkpoint_blocks)
     greedy_metrics = evaluate(result.greedy_module()) if evaluate else {}
     summary = hf_summary(args, result, dense_metrics, greedy_metrics, time.perf_counter() - started, len(x))
     write_outputs(args.out, result, summary)

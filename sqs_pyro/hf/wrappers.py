@@ -39,14 +39,14 @@ class SentenceClassifier(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """Next-token logits of a causal language model."""
+    """Next-token logits of a causal language model (no key-value cache: every call reads whole windows)."""
 
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()
         self.lm = lm
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lm(input_ids=ids).logits
+        return self.lm(input_ids=ids, use_cache=False).logits
 
 
 def fine_tune(net: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: float, batch_size: int, lr: float,

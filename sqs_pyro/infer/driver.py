@@ -43,6 +43,7 @@ from sqs_pyro.infer.distributed import distributed_context
 from sqs_pyro.infer.result import SQSResult
 from sqs_pyro.infer.schedules import Schedule
 from sqs_pyro.infer.trainer import Trainer
+from sqs_pyro.models.block_checkpoints import repeated_blocks
 from sqs_pyro.models.likelihoods import CategoricalLikelihood, GaussianLikelihood, TokenCategoricalLikelihood
 from sqs_pyro.models.network import SQSModel
 from sqs_pyro.models.selection import CompressedSite, select_layers
@@ -148,6 +149,7 @@ def compress(
     distributed: bool = False,
     max_rollbacks: int = 3,
     start: CompressedNetwork | None = None,
+    checkpoint_blocks: bool = False,
 ) -> SQSResult:
     """Learn the SQS posterior of ``net`` on ``train_data`` and return an :class:`SQSResult`.
 
@@ -180,6 +182,9 @@ def compress(
             weight it kept above every weight it pruned, the gate scores within each set. A
             schedule without pruning steps (``prune_fraction=0``) keeps a pruned start's mask from
             the first step: the gates never learn, so they cost no optimiser state.
+        checkpoint_blocks: recompute the network's repeated blocks (the members of its
+            ``nn.ModuleList`` objects: a transformer's layers) in the backward pass instead of keeping
+            their activations; the same loss and gradients for a second forward pass of the blocks.
 
     Everything a user passes is checked (raising :class:`SQSInputError`) before the guide is
     built or any step runs.
@@ -196,6 +201,10 @@ def compress(
         raise SQSInputError(f"distill_weight applies to classification, not to a {task} task")
     check_data(net, dataset, task)
     coding = _start_coding(start, sites, config)
+    blocks = repeated_blocks(net) if checkpoint_blocks else []
+    if checkpoint_blocks and not blocks:
+        raise SQSInputError("checkpoint_blocks needs repeated blocks (members of an nn.ModuleList, such as a "
+                            f"transformer's layers); {type(net).__name__} has none")
     num_data = len(dataset)
     if config.batch_size > num_data:
         raise SQSInputError(f"batch_size {config.batch_size} exceeds the {num_data} training examples")
@@ -222,7 +231,7 @@ def compress(
                           "lm": lambda: TokenCategoricalLikelihood(num_data),
                           "regression": lambda: GaussianLikelihood(num_data, noise_scale)}[task]()
             model = SQSModel(net, sites, config, likelihood,
-                             {n: c.scales for n, c in coding.items() if c.scales is not None})
+                             {n: c.scales for n, c in coding.items() if c.scales is not None}, blocks)
             # the scores are passed, not kept: a weight-sized tensor per site, needed only here
             guide = SpikeGMMGuide(net, sites, config, _initial_scores(net, sites, dataset, task, config, coding, device),
                                   coding)
