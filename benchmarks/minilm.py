@@ -15,7 +15,8 @@
    GPTQ error feedback under the input second moments of ``--calib`` training sentences, no
    exact weights), whose accuracy is reported too; writes ``--out``
    (benchmarks/results/minilm.json). The fine-tuned network is cached in runs/minilm/
-   (``dense_seconds`` is then the loading time).
+   (``dense_seconds`` is then the loading time). ``--checkpoint-blocks``: SQS recomputes each
+   encoder layer in the backward pass (``compress(checkpoint_blocks=True)``; the same result).
 """
 import argparse
 import copy
@@ -81,6 +82,8 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=0,
                         help="also score N validation sentences (after the training ones, before the test ones)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "minilm.json")
+    parser.add_argument("--checkpoint-blocks", action="store_true",
+                        help="SQS recomputes each encoder layer in the backward pass (the same result, less memory)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="further SQSConfig fields, applied last (e.g. gate_score=magnitude prune_scope=lamp)")
     args = parser.parse_args()
@@ -131,7 +134,8 @@ def main() -> None:
         oneshot_scores = {"accuracy_oneshot": accuracy(plain, x_test, y_test, batch_size=64),
                           **({"accuracy_val_oneshot": accuracy(plain, x_val, y_val, batch_size=64)} if args.val else {})}
         del plain
-    result = compress(net, (x, y), config, progress=True, checkpoint_dir=Path("runs/minilm"), start=oneshot)
+    result = compress(net, (x, y), config, progress=True, checkpoint_dir=Path("runs/minilm"), start=oneshot,
+                      checkpoint_blocks=args.checkpoint_blocks)
     sqs_seconds = time.perf_counter() - start
     peak_sqs = vm("VmHWM")
     greedy = result.greedy_module()
@@ -141,7 +145,8 @@ def main() -> None:
         "K": args.components, "windows": args.windows, "kl_weight": args.kl_weight, "lr_weights": args.lr_weights,
         "lr_codebook": args.lr_codebook, "mode": args.mode,
         "group_size": args.group_size, "responsibility_scale": args.responsibility_scale, "val": len(x_val),
-        "start_oneshot": args.start_oneshot, "overrides": args.set, **oneshot_scores,
+        "start_oneshot": args.start_oneshot, "overrides": args.set,
+        "checkpoint_blocks": args.checkpoint_blocks, "seed": args.seed, **oneshot_scores,
         "accuracy_dense": acc_dense, "accuracy_greedy": accuracy(greedy, x_test, y_test, batch_size=64),
         "accuracy_averaged": accuracy(result.averaged_module(), x_test, y_test, batch_size=64),
         "cosine_greedy_vs_dense": mean_cosine(net, greedy, x_test),

@@ -11,11 +11,19 @@ import sqs_pyro.models.block_checkpoints as block_checkpoints
 from sqs_pyro import SQSConfig
 from sqs_pyro.errors import SQSInputError
 from sqs_pyro.guides import SpikeGMMGuide
-from sqs_pyro.hf import CausalLM
+from sqs_pyro.hf import CausalLM, SentenceClassifier
 from sqs_pyro.infer import compress
 from sqs_pyro.infer.elbo import SQSMeanFieldELBO
-from sqs_pyro.models import SQSModel, TokenCategoricalLikelihood, select_layers, transformer_include
+from sqs_pyro.models import (CategoricalLikelihood, SQSModel, TokenCategoricalLikelihood, select_layers,
+                             transformer_include)
 from sqs_pyro.models.block_checkpoints import repeated_blocks
+
+
+def tiny_sentence_classifier() -> SentenceClassifier:
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=32)
+    return SentenceClassifier(transformers.BertModel(cfg), 2).train()  # dropout on: the recomputation replays it
 
 
 def tiny_causal_lm() -> CausalLM:
@@ -32,33 +40,43 @@ def test_repeated_blocks_are_the_outermost_module_list_members():
     assert repeated_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2))) == []
 
 
-def loss_and_grads(group_size: int, checkpointed: bool, mode: str = "sample") -> tuple[list[torch.Tensor], int]:
+def loss_and_grads(group_size: int, checkpointed: bool, mode: str = "sample",
+                   family: str = "llama") -> tuple[list[torch.Tensor], int]:
     """One ELBO step's loss and gradients (latent weights, codebooks, gates, group scales, dense
-    parameters) of the same seeded draw, and how many times the layers' MLPs started (a recomputation stops once it has what the backward pass needs)."""
-    net = tiny_causal_lm()
-    include = transformer_include("llama")
+    parameters) of the same seeded draw, and how many times the layers' MLPs started (a recomputation
+    stops once it has what the backward pass needs)."""
+    net = tiny_causal_lm() if family == "llama" else tiny_sentence_classifier()
+    include = transformer_include(family)
     sites = select_layers(net, include=include)
     config = SQSConfig(components=4, group_size=group_size, include=include, mode=mode, windows="none")
+    gen = torch.Generator().manual_seed(1)
+    if family == "llama":
+        tokens = torch.randint(0, 40, (4, 9), generator=gen)
+        x, y, likelihood, layers = tokens[:, :-1], tokens[:, 1:], TokenCategoricalLikelihood(32), net.lm.model.layers
+    else:
+        x = torch.stack([torch.randint(0, 50, (4, 7), generator=gen), torch.ones(4, 7, dtype=torch.long)], 1)
+        y, likelihood, layers = torch.tensor([0, 1, 1, 0]), CategoricalLikelihood(32), net.encoder.encoder.layer
     with pyro.settings.context(module_local_params=True):
-        model = SQSModel(net, sites, config, TokenCategoricalLikelihood(32),
-                         blocks=repeated_blocks(net) if checkpointed else ())
+        model = SQSModel(net, sites, config, likelihood, blocks=repeated_blocks(net) if checkpointed else ())
         guide = SpikeGMMGuide(net, sites, config)
         runs = []
-        for layer in model.net.lm.model.layers:
-            layer.mlp.register_forward_pre_hook(lambda *_: runs.append(None))
-        tokens = torch.randint(0, 40, (4, 9), generator=torch.Generator().manual_seed(1))
+        for name in repeated_blocks(net):
+            first = next(m for m in model.net.get_submodule(name).children())  # attention: the layer's first part
+            first.register_forward_pre_hook(lambda *_: runs.append(None))
         pyro.set_rng_seed(3)
-        loss = SQSMeanFieldELBO()(model, guide)(tokens[:, :-1], tokens[:, 1:])
+        loss = SQSMeanFieldELBO()(model, guide)(x, y)
         params = [p for p in [*guide.parameters(), *model.parameters()] if p.requires_grad]
         grads = torch.autograd.grad(loss, params, allow_unused=True)
     return [loss.detach(), *[g for g in grads if g is not None]], len(runs)
 
 
-@pytest.mark.parametrize("group_size,mode", [(8, "sample"), (8, "hard"), (0, "sample")])
-def test_checkpointed_layers_give_the_same_loss_and_gradients(group_size, mode):
-    plain, plain_runs = loss_and_grads(group_size, False, mode)
-    ckpt, ckpt_runs = loss_and_grads(group_size, True, mode)
-    assert plain_runs == 3 and ckpt_runs == 6  # every layer ran again in the backward pass
+@pytest.mark.parametrize("group_size,mode,family", [(8, "sample", "llama"), (8, "hard", "llama"),
+                                                    (0, "sample", "llama"), (8, "sample", "bert")])
+def test_checkpointed_layers_give_the_same_loss_and_gradients(group_size, mode, family):
+    plain, plain_runs = loss_and_grads(group_size, False, mode, family)
+    ckpt, ckpt_runs = loss_and_grads(group_size, True, mode, family)
+    layers = {"llama": 3, "bert": 2}[family]
+    assert plain_runs == layers and ckpt_runs == 2 * layers  # every layer ran again in the backward pass
     assert len(plain) == len(ckpt) > 10
     for a, b in zip(plain, ckpt):
         assert torch.equal(a, b)
