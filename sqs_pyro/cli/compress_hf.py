@@ -72,10 +72,10 @@ def register_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--return-freed-memory", action="store_true",
                    help="return freed large tensors to the system at once (glibc): a lower memory peak for a slower "
                         "run (about 15 bytes per weight less and 1.8x the time on benchmarks/lm_memory.py)")
-    g.add_argument("--checkpoint-blocks", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--checkpoint-blocks", action="store_true",
                    help="keep only each transformer layer's inputs for the backward pass and run the layer again "
                         "there: the same result for less memory (about 11 bytes per weight on "
-                        "benchmarks/lm_memory.py) and a second forward pass of the layers (default: on)")
+                        "benchmarks/lm_memory.py; best with --return-freed-memory) and a second forward pass of the layers")
 
 
 def hf_config(args: argparse.Namespace, model_type: str) -> SQSConfig:

@@ -204,8 +204,7 @@ def compress(
     blocks = repeated_blocks(net) if checkpoint_blocks else []
     if checkpoint_blocks and not blocks:
         raise SQSInputError("checkpoint_blocks needs repeated blocks (members of an nn.ModuleList, such as a "
-                            f"transformer's layers); {type(net).__name__} has none (run without it: "
-                            "checkpoint_blocks=False, --no-checkpoint-blocks)")
+                            f"transformer's layers); {type(net).__name__} has none")
     num_data = len(dataset)
     if config.batch_size > num_data:
         raise SQSInputError(f"batch_size {config.batch_size} exceeds the {num_data} training examples")
