@@ -4,9 +4,8 @@ backward pass and run again, with the same sampled weights, when the backward pa
 A transformer of ``L`` layers holds every layer's activations from the forward pass to the backward pass
 (about 40 MB per SmolLM2-sized layer at 8 x 128 tokens, by ``benchmarks/lm_memory.py``); with block
 checkpoints it holds the ``L`` layer inputs and one layer's activations at a time, for a second forward
-pass of the layers. The recomputation repeats
-the forward's operations on the same tensors, so the loss and the gradients are the same bits
-(:func:`torch.utils.checkpoint.checkpoint`, non-reentrant).
+pass of the layers. The recomputation repeats the forward's operations on the same tensors, so the loss
+and the gradients are the same bits (:func:`torch.utils.checkpoint.checkpoint`, non-reentrant).
 
 The sampled weights reach the network through ``functional_call``, which has put the placeholders back
 by the time the backward pass recomputes a block; each checkpointed block therefore remembers the

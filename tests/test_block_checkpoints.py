@@ -43,8 +43,8 @@ def test_repeated_blocks_are_the_outermost_module_list_members():
 def loss_and_grads(group_size: int, checkpointed: bool, mode: str = "sample",
                    family: str = "llama") -> tuple[list[torch.Tensor], int]:
     """One ELBO step's loss and gradients (latent weights, codebooks, gates, group scales, dense
-    parameters) of the same seeded draw, and how many times the layers' MLPs started (a recomputation
-    stops once it has what the backward pass needs)."""
+    parameters) of the same seeded draw, and how many times the layers' first parts (attention) started:
+    a recomputation stops once it has what the backward pass needs, so a later part may not run again."""
     net = tiny_causal_lm() if family == "llama" else tiny_sentence_classifier()
     include = transformer_include(family)
     sites = select_layers(net, include=include)
@@ -52,16 +52,16 @@ def loss_and_grads(group_size: int, checkpointed: bool, mode: str = "sample",
     gen = torch.Generator().manual_seed(1)
     if family == "llama":
         tokens = torch.randint(0, 40, (4, 9), generator=gen)
-        x, y, likelihood, layers = tokens[:, :-1], tokens[:, 1:], TokenCategoricalLikelihood(32), net.lm.model.layers
+        x, y, likelihood = tokens[:, :-1], tokens[:, 1:], TokenCategoricalLikelihood(32)
     else:
         x = torch.stack([torch.randint(0, 50, (4, 7), generator=gen), torch.ones(4, 7, dtype=torch.long)], 1)
-        y, likelihood, layers = torch.tensor([0, 1, 1, 0]), CategoricalLikelihood(32), net.encoder.encoder.layer
+        y, likelihood = torch.tensor([0, 1, 1, 0]), CategoricalLikelihood(32)
     with pyro.settings.context(module_local_params=True):
         model = SQSModel(net, sites, config, likelihood, blocks=repeated_blocks(net) if checkpointed else ())
         guide = SpikeGMMGuide(net, sites, config)
         runs = []
         for name in repeated_blocks(net):
-            first = next(m for m in model.net.get_submodule(name).children())  # attention: the layer's first part
+            first = next(model.net.get_submodule(name).children())
             first.register_forward_pre_hook(lambda *_: runs.append(None))
         pyro.set_rng_seed(3)
         loss = SQSMeanFieldELBO()(model, guide)(x, y)
