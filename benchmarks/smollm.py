@@ -30,7 +30,8 @@ Runs (each in its own process, so that its peak RSS is its own; one JSON line ea
   (``g<G>``: group scales per G weights of a row, the posterior on the normalised weights;
   ``p``: pooled-scale responsibilities; ``q``: started from the one-shot ``oneshot_s<S>g<G>k<K>e0has``
   network instead of k-means, its mask ranking the gates, or with ``--prune-fraction 0`` kept from the first
-  step; at S = 0 the gates stay open, nothing is pruned), with
+  step; at S = 0 the gates stay open, nothing is pruned; ``f``: the whole pipeline starts from the
+  dense model fine-tuned on the same windows, as ``dense_ft``, whose perplexities the row records), with
   the ``--hf`` defaults (:data:`sqs_pyro.cli.compress_hf.HF_DEFAULTS`: one-shot pruning to
   the target from saliencies, gates learning for 20% of the steps, tempered KL); also
   the perplexity with quantile-binned assignments (``--bins`` per window) instead of
@@ -62,25 +63,29 @@ HELD_OUT = "persuasion"
 
 
 def run_settings(args: argparse.Namespace) -> dict:
-    """The settings a run's key hashes (``prune_fraction`` only when not the ``--hf`` default, so that
-    earlier runs keep their keys)."""
+    """The settings a run's key hashes (``prune_fraction`` only when not the ``--hf`` default and
+    ``distill_weight`` only when not 0, so that earlier runs keep their keys)."""
     settings = {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "eval_windows", "seed", "lr_weights",
                                               "lr_codebook", "lr_dense", "kl_weight", "prune_scope", "mode",
                                               "gate_score", "bins")}
-    return settings if args.prune_fraction == HF_DEFAULTS["prune_fraction"] else {**settings, "prune_fraction": args.prune_fraction}
+    if args.prune_fraction != HF_DEFAULTS["prune_fraction"]:
+        settings["prune_fraction"] = args.prune_fraction
+    if args.distill_weight:
+        settings["distill_weight"] = args.distill_weight
+    return settings
 
 
 def run_key(name: str, settings: dict, calib: int) -> str:
     """The run's name and a hash of its settings (and of ``--calib`` for calibrated one-shot runs)."""
-    if (name.startswith("oneshot") and name.endswith("h")) or (name.startswith("sqs") and name.endswith("q")):
+    if (name.startswith("oneshot") and name.endswith("h")) or (name.startswith("sqs") and name.rstrip("f").endswith("q")):
         settings = {**settings, "calib": calib}
     return f"{name}/" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def load_data(args: argparse.Namespace, tokenizer):
-    """Training windows (a seeded pick), held-out windows (*Persuasion*; with ``--validation`` the next
-    ``--eval-windows`` windows of the seeded order of the training novels, used by no run) and the
-    number of training windows available."""
+    """Training windows (a seeded pick), held-out windows (*Persuasion*; with ``--validation`` the
+    validation windows), the validation windows (the next ``--eval-windows`` windows of the seeded order
+    of the training novels, used by no run) and the number of training windows available."""
     from sqs_pyro.hf import token_windows
     from sqs_pyro.data.text import austen_novels
 
@@ -88,11 +93,9 @@ def load_data(args: argparse.Namespace, tokenizer):
     train = torch.cat([token_windows(tokenizer, text, args.seq_len) for name, text in books.items() if name != HELD_OUT])
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
     used = args.steps * args.batch_size
-    if args.validation:
-        held = train[order[used:used + args.eval_windows]]
-    else:
-        held = token_windows(tokenizer, books[HELD_OUT], args.seq_len)[:args.eval_windows]
-    return train[order[:used]], held, len(train)
+    validation = train[order[used:used + args.eval_windows]]
+    held = validation if args.validation else token_windows(tokenizer, books[HELD_OUT], args.seq_len)[:args.eval_windows]
+    return train[order[:used]], held, validation, len(train)
 
 
 def binned_perplexity(result, held: torch.Tensor, bins: int) -> float:
@@ -127,7 +130,7 @@ def child(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     tokenizer, lm = load_smollm()
     net = CausalLM(lm)
-    train, held, available = load_data(args, tokenizer)
+    train, held, validation, available = load_data(args, tokenizer)
     x, y = train[:, :-1], train[:, 1:]
     reset_peak()  # loading de-quantises the GGUF through temporaries: not part of training
     rss_dense = vm("VmRSS")
@@ -141,12 +144,14 @@ def child(args: argparse.Namespace) -> dict:
         fine_tune(net, x, y, 1.0, args.batch_size, args.lr_dense, args.seed, task_loss("lm"))
         row["train_seconds"] = time.perf_counter() - t0
         row["perplexity"] = perplexity(net, held)
+        row["perplexity_validation"] = perplexity(net, validation)
     elif args.child.startswith(("magnitude", "kmeans")):
         row["perplexity"] = perplexity(one_shot(net, args.child), held)
     elif args.child.startswith("oneshot"):
         row.update(group_scaled(args, net, held, train[:args.calib, :-1]))
     else:
-        sparsity, k, group, pooled, start = re.fullmatch(r"sqs(\d+)k(\d+)(?:g(\d+))?(p?)(q?)", args.child).groups()
+        sparsity, k, group, pooled, start, tuned = re.fullmatch(r"sqs(\d+)k(\d+)(?:g(\d+))?(p?)(q?)(f?)",
+                                                                args.child).groups()
         s_f = int(sparsity) / 100
         config = SQSConfig.from_dict({**HF_DEFAULTS, "sparsity": s_f, "initial_sparsity": s_f, "components": int(k),
                                       "group_size": int(group or 0),
@@ -157,15 +162,21 @@ def child(args: argparse.Namespace) -> dict:
                                       "include": transformer_include("llama"), "lr_weights": args.lr_weights,
                                       "lr_codebook": args.lr_codebook, "lr_dense": args.lr_dense,
                                       "kl_weight": args.kl_weight, "prune_scope": args.prune_scope,
-                                      "mode": args.mode, "gate_score": args.gate_score})
+                                      "mode": args.mode, "gate_score": args.gate_score,
+                                      "distill_weight": args.distill_weight})
         network = None
+        if tuned:  # the pipeline starts from the dense model fine-tuned on the same windows (as `dense_ft`)
+            row["dense_ft_cached"] = fine_tuned(args, net, x, y)
+            row["dense_ft_seconds"] = time.perf_counter() - t0
+            row["dense_ft_perplexity"] = perplexity(net, held)
+            row["dense_ft_perplexity_validation"] = perplexity(net, validation)
         if start:  # the one-shot `oneshot_[s<S>]g<G>k<K>e0has` network: GPTQ / SparseGPT error feedback,
             # activation order, searched scales
             from sqs_pyro.compressed.error_feedback import SHRINK_GRID
             from sqs_pyro.compressed.oneshot import quantize_network
 
             sites = select_layers(net, include=transformer_include("llama"))
-            hessians, scores = calibration(args, net, sites, train[:args.calib, :-1])
+            hessians, scores = calibration(args, net, sites, train[:args.calib, :-1], "_ft" if tuned else "")
             network = quantize_network(net, sites, int(k), int(group), 0, scores, hessians, shrink=SHRINK_GRID,
                                        sparsity=s_f)
             del hessians, scores
@@ -178,6 +189,7 @@ def child(args: argparse.Namespace) -> dict:
         row["peak_rss_train_bytes"] = vm("VmHWM")
         row["config"] = config.to_dict()
         row.update(sqs_measurements(args, result, held))
+        row["perplexity_validation"] = perplexity(result.greedy_module(), validation)
     row["peak_rss_bytes"] = vm("VmHWM")
     compressed = sum(net.get_parameter(s.name).numel() for s in select_layers(net, include=transformer_include("llama")))
     peak = row.get("peak_rss_train_bytes", row["peak_rss_bytes"])
@@ -190,6 +202,22 @@ def _run_dir(args: argparse.Namespace) -> Path:
     path = HERE.parent / "runs" / "smollm" / args.child
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def fine_tuned(args: argparse.Namespace, net, x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Fine-tunes ``net`` in place as the ``dense_ft`` run does; the weights are cached in runs/smollm/
+    (the same for every run of these settings). True when they came from the cache."""
+    from sqs_pyro.guides.gate_scores import task_loss
+    from sqs_pyro.hf import fine_tune
+
+    cache = HERE.parent / "runs" / "smollm" / f"dense_ft_s{args.steps}_b{args.batch_size}_lr{args.lr_dense}_seed{args.seed}.pt"
+    if cache.exists():
+        net.load_state_dict(torch.load(cache))
+        return True
+    fine_tune(net, x, y, 1.0, args.batch_size, args.lr_dense, args.seed, task_loss("lm"))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), cache)
+    return False
 
 
 def one_shot(net, run: str):
@@ -213,12 +241,14 @@ def one_shot(net, run: str):
     return net
 
 
-def calibration(args: argparse.Namespace, net, sites, calib: torch.Tensor):
-    """The dense model's input second moments on the calibration windows (cached in runs/smollm/:
-    the same for every calibrated run) and the exact-weight scores ``|w| ||x||``."""
+def calibration(args: argparse.Namespace, net, sites, calib: torch.Tensor, model: str = ""):
+    """The input second moments of the dense model (``model`` ``"_ft"``: of the dense model fine-tuned
+    by the run) on the calibration windows (cached in runs/smollm/: the same for every calibrated run
+    of that model) and the exact-weight scores ``|w| ||x||``."""
     from sqs_pyro.compressed.error_feedback import hessian_scores, input_hessians
 
-    cache = HERE.parent / "runs" / "smollm" / f"hessians_calib{len(calib)}_seed{args.seed}.pt"
+    cache = HERE.parent / "runs" / "smollm" / f"hessians{model}_calib{len(calib)}_seed{args.seed}_s{args.steps}.pt" \
+        if model else HERE.parent / "runs" / "smollm" / f"hessians_calib{len(calib)}_seed{args.seed}.pt"
     if cache.exists():
         hessians = torch.load(cache)
     else:
@@ -325,6 +355,9 @@ def main() -> None:
     parser.add_argument("--prune-fraction", type=float, default=HF_DEFAULTS["prune_fraction"],
                         help="gate-learning share of the steps; 0 with a started (q) run keeps the start's mask")
     parser.add_argument("--mode", choices=("expected", "sample", "hard"), default="expected")
+    parser.add_argument("--distill-weight", type=float, default=0.0,
+                        help="SQS runs: weight of the teacher's (the model being compressed) top tokens in each "
+                             "token's target (SQSConfig.distill_weight)")
     parser.add_argument("--gate-score", choices=("saliency", "activation", "magnitude"), default="saliency")
     parser.add_argument("--bins", type=int, default=32)
     parser.add_argument("--calib", type=int, default=128, help="calibration windows of the 'h' one-shot runs")

@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from sqs_pyro.models.likelihoods import sparse_token_log_likelihood
 from sqs_pyro.models.selection import CompressedSite
 
 
@@ -20,8 +21,15 @@ def task_loss(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     if task == "classification":
         return torch.nn.functional.cross_entropy
     if task == "lm":
-        return lambda logits, y: torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        return _token_loss
     return torch.nn.functional.mse_loss
+
+
+def _token_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy against labels or packed soft targets (distillation)."""
+    if y.is_floating_point():
+        return -sparse_token_log_likelihood(logits, y).mean()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
 def gate_scores(net: nn.Module, sites: Sequence[CompressedSite], batches: Sequence[Sequence[torch.Tensor]],

@@ -62,11 +62,35 @@ class TokenCategoricalLikelihood(_PlateLikelihood):
     ``logits`` has shape ``(B, L, V)`` and ``y`` ``(B, L)``; a sequence's tokens form one event,
     the plate runs over the ``num_data`` training sequences, so the data term is
     ``N/B * sum_i sum_t log p(y_it | y_i<t)`` with N counted in sequences.
+
+    Soft targets (distillation): ``y`` of shape ``(B, L, 2, m)`` from :func:`sparse_token_targets`, ``m``
+    tokens and their weights per position; the site is then the factor
+    ``N/B * sum_i sum_t sum_j t_itj log softmax(logits_it)[v_itj]``, the expected log-likelihood of a
+    token drawn from the target (equal to the indexed one for a single token of weight 1).
     """
 
     def __call__(self, logits: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         with self._plate(logits.shape[0]):
+            if y is not None and y.is_floating_point():
+                return pyro.factor("obs", sparse_token_log_likelihood(logits, y).sum(-1))
             return pyro.sample("obs", TokenCategorical(logits).to_event(1), obs=y)
+
+
+def sparse_token_targets(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Soft targets of ``m`` tokens per position, ``tokens`` (ids) and ``weights`` of shape ``(..., m)``,
+    packed as one float tensor of shape ``(..., 2, m)`` (ids stored exactly as floats below 2^24)."""
+    if tokens.shape != weights.shape:
+        raise SQSInputError(f"token ids {tuple(tokens.shape)} and weights {tuple(weights.shape)} differ in shape")
+    if tokens.numel() and int(tokens.max()) >= 2 ** 24:
+        raise SQSInputError("token ids must be below 2^24 to be packed as floats")
+    return torch.stack([tokens.to(weights.dtype), weights], dim=-2)
+
+
+def sparse_token_log_likelihood(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``sum_j t_j log softmax(logits)[v_j]`` per position for packed soft targets (:func:`sparse_token_targets`),
+    shape ``logits.shape[:-1]``; the backward pass keeps only the logits (as :class:`TokenCategorical`)."""
+    ids, weights = targets[..., 0, :].long(), targets[..., 1, :].to(logits.dtype)
+    return _TokenLogLikelihood.apply(logits, ids, weights)
 
 
 class TokenCategorical(dist.TorchDistribution):
@@ -91,31 +115,33 @@ class TokenCategorical(dist.TorchDistribution):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        return _TokenLogLikelihood.apply(self.logits, value)
+        return _TokenLogLikelihood.apply(self.logits, value.unsqueeze(-1), None)
 
 
 _ROWS = 256  # rows of logits per chunk: 256 x V floats at a time beside the logits
 
 
 class _TokenLogLikelihood(torch.autograd.Function):
-    """``log softmax(logits)[y]`` per row; the gradient ``(onehot(y) - softmax(logits)) g`` is formed
-    chunk by chunk from the saved logits and row log-normalisers."""
+    """``sum_j t_j log softmax(logits)[v_j]`` per row (``t = 1`` for one token when ``weights`` is None);
+    the gradient ``g (sum_j t_j onehot(v_j) - (sum_j t_j) softmax(logits))`` is formed chunk by chunk
+    from the saved logits and row log-normalisers."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        flat, idx = logits.reshape(-1, logits.shape[-1]), y.reshape(-1, 1).long()
+    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        flat, idx = logits.reshape(-1, logits.shape[-1]), ids.reshape(-1, ids.shape[-1]).long()
+        w = torch.ones_like(idx, dtype=logits.dtype) if weights is None else weights.reshape(idx.shape)
         lse = torch.cat([torch.logsumexp(flat[i:i + _ROWS], -1) for i in range(0, flat.shape[0], _ROWS)])
-        ctx.save_for_backward(logits, idx, lse)
-        return (flat.gather(1, idx).squeeze(1) - lse).reshape(y.shape)
+        ctx.save_for_backward(logits, idx, w, lse)
+        return ((flat.gather(1, idx) * w).sum(1) - w.sum(1) * lse).reshape(ids.shape[:-1])
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        logits, idx, lse = ctx.saved_tensors
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        logits, idx, w, lse = ctx.saved_tensors
         flat, g = logits.reshape(-1, logits.shape[-1]), grad.reshape(-1, 1)
         out = torch.empty_like(flat)
         for i in range(0, flat.shape[0], _ROWS):
             rows = slice(i, i + _ROWS)
             torch.sub(flat[rows], lse[rows].unsqueeze(1), out=out[rows])
-            out[rows].exp_().mul_(-g[rows])
-        out.scatter_add_(1, idx, g)
-        return out.reshape(logits.shape), None
+            out[rows].exp_().mul_(-g[rows] * w[rows].sum(1, keepdim=True))
+        out.scatter_add_(1, idx, g * w)
+        return out.reshape(logits.shape), None, None

@@ -60,11 +60,13 @@ class SQSConfig:
     (Wanda's comparison group); ``"lamp"`` within each layer at a per-layer sparsity fixed from
     the pretrained weights' LAMP scores (:mod:`sqs_pyro.guides.allocation`).
 
-    Likelihood (classification): with ``distill_weight = lambda > 0`` each training label enters as
+    Likelihood (classification, lm): with ``distill_weight = lambda > 0`` each training label enters as
     the target distribution ``t_i = (1 - lambda) onehot(y_i) + lambda softmax(f(x_i; W_0))``, ``W_0``
     the pretrained network's weights (its predictions computed once, before training), and the
     data term is ``E_q sum_i sum_c t_ic log p(c | x_i, W)``: the expected log-likelihood of a label
     drawn from ``t_i`` (distillation at temperature 1, Hinton et al. 2015). ``0``: the labels alone.
+    Language models: the same mixture per token, the teacher's distribution kept on its 32 most
+    probable tokens (renormalised there) so that the targets stay small.
 
     Read-out: ``adaptive_bits`` stores every layer with the levels its posterior uses and tells
     apart (unused levels dropped, neighbours closer than ``merge_separation`` pooled scales

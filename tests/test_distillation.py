@@ -73,10 +73,10 @@ class _Pairs(Dataset):
         return torch.zeros(6), torch.tensor(0)
 
 
-def test_distillation_needs_classification_tensors():
+def test_distillation_needs_label_tensors():
     net = nn.Linear(6, 3)
     config = SQSConfig(group_size=0, components=4, epochs=1.0, batch_size=4, distill_weight=0.5)
-    with pytest.raises(SQSInputError, match="classification"):
+    with pytest.raises(SQSInputError, match="regression"):
         compress(net, (torch.randn(8, 6), torch.randn(8, 3)), config, task="regression", progress=False)
     with pytest.raises(SQSInputError, match="tensors"):
         compress(net, _Pairs(), config, progress=False)

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from sqs_pyro.data.metrics import predictive_probs
 from sqs_pyro.errors import SQSInputError
+from sqs_pyro.models.likelihoods import sparse_token_targets
 
 TASKS = ("classification", "regression", "lm")
 
@@ -73,20 +74,46 @@ def check_data(net: nn.Module, dataset: Dataset, task: str) -> None:
         raise SQSInputError("regression targets contain NaN or Inf")
 
 
-def distillation_targets(net: nn.Module, dataset: Dataset, weight: float, batch_size: int = 256) -> TensorDataset:
+def distillation_targets(net: nn.Module, dataset: Dataset, weight: float, batch_size: int = 256,
+                         task: str = "classification") -> TensorDataset:
     """The dataset with each label ``y_i`` replaced by ``(1 - weight) onehot(y_i) + weight softmax(net(x_i))``
-    (``net`` in eval mode, its training mode restored), for :class:`CategoricalLikelihood`'s soft targets."""
+    (``net`` in eval mode, its training mode restored, ``batch_size`` inputs at a time), for
+    :class:`CategoricalLikelihood`'s soft targets.
+
+    ``task="lm"``: per token, the label with weight ``1 - weight`` and the teacher's
+    :data:`TEACHER_TOKENS` most probable tokens with ``weight`` times their probabilities renormalised
+    over those tokens, packed for :class:`TokenCategoricalLikelihood` (:func:`sparse_token_targets`)."""
     tensors = getattr(dataset, "tensors", None)
     if tensors is None:
         raise SQSInputError("distill_weight > 0 needs the train data as (inputs, labels) tensors")
     x, y = tensors
     training = net.training
     try:
+        if task == "lm":
+            return TensorDataset(x, _token_targets(net, x, y, weight, batch_size))
         probs = predictive_probs(net, x, batch_size).to(next(net.parameters()).dtype)
     finally:
         net.train(training)
     onehot = torch.nn.functional.one_hot(y, probs.shape[-1]).to(probs.dtype)
     return TensorDataset(x, (1.0 - weight) * onehot + weight * probs)
+
+
+TEACHER_TOKENS = 32  # the teacher's tokens kept per position in a language model's soft targets
+
+
+@torch.no_grad()
+def _token_targets(net: nn.Module, x: torch.Tensor, y: torch.Tensor, weight: float, batch_size: int) -> torch.Tensor:
+    net.eval()
+    dtype = next(net.parameters()).dtype
+    parts = []
+    for i in range(0, len(x), batch_size):
+        probs, tokens = net(x[i:i + batch_size]).softmax(-1).topk(TEACHER_TOKENS, dim=-1)
+        label = y[i:i + batch_size].unsqueeze(-1)
+        parts.append(sparse_token_targets(
+            torch.cat([label, tokens], -1),
+            torch.cat([torch.full_like(label, 1.0 - weight, dtype=dtype),
+                       weight * (probs / probs.sum(-1, keepdim=True)).to(dtype)], -1)))
+    return torch.cat(parts)
 
 
 def epoch_permutation(num_data: int, seed: int, epoch: int) -> torch.Tensor:

@@ -197,8 +197,8 @@ def compress(
     path = _check_checkpoint_options(checkpoint_dir, checkpoint_every, resume, max_rollbacks)
     dataset = as_dataset(train_data)
     sites = select_layers(net, config.include_types, config.include, config.exclude)
-    if config.distill_weight > 0 and task != "classification":
-        raise SQSInputError(f"distill_weight applies to classification, not to a {task} task")
+    if config.distill_weight > 0 and task == "regression":
+        raise SQSInputError("distill_weight applies to classification and lm tasks, not to a regression task")
     check_data(net, dataset, task)
     coding = _start_coding(start, sites, config)
     blocks = repeated_blocks(net) if checkpoint_blocks else []
@@ -209,7 +209,8 @@ def compress(
     if config.batch_size > num_data:
         raise SQSInputError(f"batch_size {config.batch_size} exceeds the {num_data} training examples")
     if config.distill_weight > 0:  # the teacher's pass, once every input is checked
-        dataset = distillation_targets(net, dataset, config.distill_weight)
+        dataset = distillation_targets(net, dataset, config.distill_weight, task=task,
+                                       **({"batch_size": config.batch_size} if task == "lm" else {}))
 
     started = time.perf_counter()
     with distributed_context(distributed) as ctx:
