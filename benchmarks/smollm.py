@@ -13,6 +13,8 @@ Runs (each in its own process, so that its peak RSS is its own; one JSON line ea
 
 * ``dense``: the untouched model (fp32 weights de-quantised from the Q4_1 GGUF);
 * ``dense_ft``: dense Adam fine-tuning, same windows, batch and steps, lr = ``lr_dense``;
+* ``sparse_ft<S>[f]``: Wanda's S% mask per output row, then fine-tuning of the fp32 survivors
+  (a classical prune-then-fine-tune baseline; ``f`` as below);
 * ``magnitude<S>`` / ``kmeans<K>``: no training, only one-shot per-layer magnitude pruning
   or only per-layer K-level k-means quantisation (the damage of each step on its own);
 * ``oneshot_g<G>k<K>e<E>``: no training, dense-and-sparse group-scaled codebooks: fp16 scales
@@ -145,6 +147,9 @@ def child(args: argparse.Namespace) -> dict:
         row["train_seconds"] = time.perf_counter() - t0
         row["perplexity"] = perplexity(net, held)
         row["perplexity_validation"] = perplexity(net, validation)
+    elif args.child.startswith("sparse_ft"):
+        row.update(sparse_fine_tuned(args, net, train, held, validation))
+        row["train_seconds"] = time.perf_counter() - t0
     elif args.child.startswith(("magnitude", "kmeans")):
         row["perplexity"] = perplexity(one_shot(net, args.child), held)
     elif args.child.startswith("oneshot"):
@@ -218,6 +223,40 @@ def fine_tuned(args: argparse.Namespace, net, x: torch.Tensor, y: torch.Tensor) 
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), cache)
     return False
+
+
+def sparse_fine_tuned(args: argparse.Namespace, net, train: torch.Tensor, held: torch.Tensor,
+                      validation: torch.Tensor) -> dict:
+    """``sparse_ft<S>[f]``, a classical baseline (no quantisation, fp32 survivors): Wanda's mask (the S%
+    lowest ``|W_ij| ||x_j||`` of every output row, under the ``--calib`` windows' moments) on every
+    attention and MLP matrix, then dense Adam fine-tuning of the survivors (pruned weights get no
+    gradient) on the same windows, batch, steps and ``lr_dense`` as ``dense_ft``. With ``f``: of the
+    dense model fine-tuned first, as ``sqs...f``."""
+    from sqs_pyro.guides.gate_scores import task_loss
+    from sqs_pyro.hf import fine_tune, perplexity
+    from sqs_pyro.models import select_layers, transformer_include
+
+    sparsity, tuned = re.fullmatch(r"sparse_ft(\d+)(f?)", args.child).groups()
+    x, y = train[:, :-1], train[:, 1:]
+    out = {"dense_ft_cached": fine_tuned(args, net, x, y)} if tuned else {}
+    sites = select_layers(net, include=transformer_include("llama"))
+    hessians, scores = calibration(args, net, sites, train[:args.calib, :-1], "_ft" if tuned else "")
+    del hessians
+    pruned = 0
+    with torch.no_grad():
+        for site in sites:
+            w, score = net.get_parameter(site.name), scores.pop(site.name)
+            drop = int(int(sparsity) / 100 * w.shape[1])
+            keep = torch.ones_like(w).scatter_(1, score.argsort(dim=1)[:, :drop], 0.0)
+            w.mul_(keep)
+            w.register_hook(lambda g, keep=keep: g * keep)
+            pruned += drop * w.shape[0]
+    out["pruned_perplexity"] = perplexity(net, held)
+    fine_tune(net, x, y, 1.0, args.batch_size, args.lr_dense, args.seed, task_loss("lm"))
+    total = sum(net.get_parameter(s.name).numel() for s in sites)
+    zeros = sum(int((net.get_parameter(s.name) == 0).sum()) for s in sites)
+    return {**out, "sparsity": zeros / total, "pruned_fraction": pruned / total,
+            "perplexity": perplexity(net, held), "perplexity_validation": perplexity(net, validation)}
 
 
 def one_shot(net, run: str):
