@@ -61,6 +61,7 @@ from memory import reset_peak, vm
 from sqs_pyro.cli.compress_hf import HF_DEFAULTS
 
 HERE = Path(__file__).parent
+RUNS = HERE.parent / "runs" / "smollm"  # per-run folders and the caches every run of the same settings shares
 HELD_OUT = "persuasion"
 
 
@@ -204,7 +205,7 @@ def child(args: argparse.Namespace) -> dict:
 
 
 def _run_dir(args: argparse.Namespace) -> Path:
-    path = HERE.parent / "runs" / "smollm" / args.child
+    path = RUNS / args.child
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -215,7 +216,7 @@ def fine_tuned(args: argparse.Namespace, net, x: torch.Tensor, y: torch.Tensor) 
     from sqs_pyro.guides.gate_scores import task_loss
     from sqs_pyro.hf import fine_tune
 
-    cache = HERE.parent / "runs" / "smollm" / f"dense_ft_s{args.steps}_b{args.batch_size}_lr{args.lr_dense}_seed{args.seed}.pt"
+    cache = RUNS / f"dense_ft_s{args.steps}_b{args.batch_size}_lr{args.lr_dense}_seed{args.seed}.pt"
     if cache.exists():
         net.load_state_dict(torch.load(cache))
         return True
@@ -286,8 +287,8 @@ def calibration(args: argparse.Namespace, net, sites, calib: torch.Tensor, model
     of that model) and the exact-weight scores ``|w| ||x||``."""
     from sqs_pyro.compressed.error_feedback import hessian_scores, input_hessians
 
-    cache = HERE.parent / "runs" / "smollm" / f"hessians{model}_calib{len(calib)}_seed{args.seed}_s{args.steps}.pt" \
-        if model else HERE.parent / "runs" / "smollm" / f"hessians_calib{len(calib)}_seed{args.seed}.pt"
+    steps = f"_s{args.steps}" if model else ""  # a fine-tuned model depends on its training windows
+    cache = RUNS / f"hessians{model}_calib{len(calib)}_seed{args.seed}{steps}.pt"
     if cache.exists():
         hessians = torch.load(cache)
     else:

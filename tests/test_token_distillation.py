@@ -6,6 +6,7 @@ import transformers
 from pyro import poutine
 
 from sqs_pyro import SQSConfig
+from sqs_pyro.errors import SQSInputError
 from sqs_pyro.hf import CausalLM
 from sqs_pyro.infer import compress
 from sqs_pyro.infer.data import TEACHER_TOKENS, distillation_targets
@@ -57,8 +58,6 @@ def test_one_token_of_weight_one_is_the_hard_likelihood_scaled_by_sequences():
 
 
 def test_sparse_targets_refuse_mismatched_shapes():
-    from sqs_pyro.errors import SQSInputError
-
     with pytest.raises(SQSInputError, match="differ in shape"):
         sparse_token_targets(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 4))
 
