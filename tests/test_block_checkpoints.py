@@ -5,7 +5,6 @@ import contextlib
 import pyro
 import pytest
 import torch
-import transformers
 
 import sqs_pyro.models.block_checkpoints as block_checkpoints
 from sqs_pyro import SQSConfig
@@ -17,20 +16,15 @@ from sqs_pyro.infer.elbo import SQSMeanFieldELBO
 from sqs_pyro.models import (CategoricalLikelihood, SQSModel, TokenCategoricalLikelihood, select_layers,
                              transformer_include)
 from sqs_pyro.models.block_checkpoints import repeated_blocks
+from tiny_hf import tiny_bert, tiny_llama
 
 
 def tiny_sentence_classifier() -> SentenceClassifier:
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=32)
-    return SentenceClassifier(transformers.BertModel(cfg), 2).train()  # dropout on: the recomputation replays it
+    return SentenceClassifier(tiny_bert(vocab_size=50), 2).train()  # dropout on: the recomputation replays it
 
 
 def tiny_causal_lm() -> CausalLM:
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    return CausalLM(transformers.LlamaForCausalLM(cfg))
+    return CausalLM(tiny_llama(layers=3, tied=False))
 
 
 def test_repeated_blocks_are_the_outermost_module_list_members():

@@ -1,12 +1,10 @@
 """``sqs-pyro export FILE --hf OUT_DIR``: a plain transformers folder that loads without sqs-pyro
 and gives the outputs of ``load_transformers(FILE)``; ``--force``; bad input refused up front."""
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,10 +19,7 @@ from sqs_pyro.models import transformer_include
 
 transformers = pytest.importorskip("transformers", reason="transformers not installed")
 safetensors_torch = pytest.importorskip("safetensors.torch", reason="safetensors not installed")
-_spec = importlib.util.spec_from_file_location("tiny_tokenizer", Path(__file__).with_name("tiny_tokenizer.py"))
-tiny_tokenizer = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny_tokenizer)
-WORDS, _tokenizer = tiny_tokenizer.WORDS, tiny_tokenizer.word_tokenizer
+from tiny_hf import tiny_bert, tiny_llama, word_tokenizer as _tokenizer  # noqa: E402 (after the skips)
 SENTENCE = "w1 w2 w3 w4 w5 w6 w7 w8 w9"
 
 
@@ -37,11 +32,7 @@ def _hf_config(family: str) -> SQSConfig:
 @pytest.fixture(scope="module")
 def llama_file(tmp_path_factory):
     """A compressed tiny Llama (tied LM head) inside ``CausalLM`` (prefix ``lm``), as compress --hf writes it."""
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                                   tie_word_embeddings=True)
-    net = CausalLM(transformers.LlamaForCausalLM(cfg).eval())
+    net = CausalLM(tiny_llama().eval())
     ids = torch.randint(4, 34, (48, 9))
     result = compress(net, (ids[:, :-1], ids[:, 1:]), _hf_config("llama"), task="lm", progress=False)
     path = tmp_path_factory.mktemp("llama") / "model.sqs"
@@ -52,10 +43,7 @@ def llama_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bert_file(tmp_path_factory):
     """A compressed tiny BERT encoder inside ``SentenceClassifier`` (prefix ``encoder``)."""
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=32)
-    net = SentenceClassifier(transformers.BertModel(cfg).eval(), 2)
+    net = SentenceClassifier(tiny_bert().eval(), 2)
     ids = torch.randint(4, 34, (48, 8))
     x = torch.stack([ids, torch.ones_like(ids)], dim=1)  # (N, 2, L): ids and attention mask
     result = compress(net, (x, (ids[:, 0] > 18).long()), _hf_config("bert"), task="classification",

@@ -1,9 +1,7 @@
 """``sqs-pyro compress --hf``: tiny transformers folders (model + tokenizer) end to end, and
 the pieces behind it (model paths, data files, quantile bins)."""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,27 +13,17 @@ from sqs_pyro.data.text import labelled_sentences
 from sqs_pyro.hf import load_transformers, perplexity, resolve_model_path, text_windows
 
 transformers = pytest.importorskip("transformers", reason="transformers not installed")
-_spec = importlib.util.spec_from_file_location("tiny_tokenizer", Path(__file__).with_name("tiny_tokenizer.py"))
-tiny_tokenizer = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny_tokenizer)
-WORDS, _tokenizer = tiny_tokenizer.WORDS, tiny_tokenizer.word_tokenizer
+from tiny_hf import WORDS, tiny_bert, tiny_llama, word_tokenizer as _tokenizer  # noqa: E402 (after the skip)
 
 
 def _llama_folder(path):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                                   tie_word_embeddings=True)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    tiny_llama().save_pretrained(path)
     _tokenizer().save_pretrained(path)
     return path
 
 
 def _bert_folder(path):
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=32)
-    transformers.BertModel(cfg).save_pretrained(path)
+    tiny_bert().save_pretrained(path)
     _tokenizer().save_pretrained(path)
     return path
 

@@ -1,8 +1,6 @@
 """``sqs-pyro quantize --hf``: one-shot group-scaled codebooks on a tiny Llama folder, end to end."""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,24 +10,18 @@ from sqs_pyro.format import load_compressed
 from sqs_pyro.hf import load_transformers, perplexity, text_windows
 
 transformers = pytest.importorskip("transformers", reason="transformers not installed")
-_spec = importlib.util.spec_from_file_location("tiny_tokenizer", Path(__file__).with_name("tiny_tokenizer.py"))
-tiny_tokenizer = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny_tokenizer)
+from tiny_hf import WORDS, tiny_llama, word_tokenizer  # noqa: E402 (after the skip)
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path / "model")
-    tiny_tokenizer.word_tokenizer().save_pretrained(path / "model")
-    words = tiny_tokenizer.WORDS
+    tiny_llama(tied=False).save_pretrained(path / "model")
+    word_tokenizer().save_pretrained(path / "model")
     gen = torch.Generator().manual_seed(0)
     for name, lines in (("train.txt", 60), ("eval.txt", 20)):
         starts = torch.randint(0, 30, (lines,), generator=gen).tolist()
-        (path / name).write_text("\n".join(" ".join(words[(s + i) % 30] for i in range(12)) for s in starts))
+        (path / name).write_text("\n".join(" ".join(WORDS[(s + i) % 30] for i in range(12)) for s in starts))
     return path
 
 
@@ -52,7 +44,7 @@ def test_quantize_with_calibration_writes_a_loadable_file_with_its_perplexity(fo
         def forward(self, ids):
             return loaded(input_ids=ids).logits
 
-    held = text_windows(tiny_tokenizer.word_tokenizer(), [folder / "eval.txt"], 8)
+    held = text_windows(word_tokenizer(), [folder / "eval.txt"], 8)
     assert math.isclose(perplexity(Wrapped(), held), summary["perplexity"], rel_tol=1e-5)
     assert "perplexity" in capsys.readouterr().out
 

@@ -2,7 +2,6 @@
 the plate's scale), the teacher's targets, and a run whose data term reads them."""
 import pytest
 import torch
-import transformers
 from pyro import poutine
 
 from sqs_pyro import SQSConfig
@@ -12,14 +11,11 @@ from sqs_pyro.infer import compress
 from sqs_pyro.infer.data import TEACHER_TOKENS, distillation_targets
 from sqs_pyro.models import TokenCategoricalLikelihood, transformer_include
 from sqs_pyro.models.likelihoods import sparse_token_log_likelihood, sparse_token_targets
+from tiny_hf import tiny_llama
 
 
 def tiny_lm(seed: int = 0) -> CausalLM:
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                                   tie_word_embeddings=True)
-    return CausalLM(transformers.LlamaForCausalLM(cfg))
+    return CausalLM(tiny_llama(seed=seed))
 
 
 def test_soft_token_log_likelihood_and_gradient_match_the_closed_form():

@@ -1,8 +1,6 @@
 """Transformers as inputs: layer presets, the LM likelihood, perplexity, text readers."""
 import math
-from pathlib import Path
 
-import pyro
 import pytest
 import torch
 from pyro import poutine
@@ -13,25 +11,11 @@ from sqs_pyro.hf import CausalLM, SentenceClassifier, perplexity, token_windows
 from sqs_pyro.models import TokenCategoricalLikelihood, select_layers, transformer_include
 
 transformers = pytest.importorskip("transformers", reason="transformers not installed")
-
-
-def tiny_bert():
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=32)
-    return transformers.BertModel(cfg)
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                                   tie_word_embeddings=True)
-    return transformers.LlamaForCausalLM(cfg)
+from tiny_hf import tiny_bert, tiny_llama  # noqa: E402 (after the skip)
 
 
 def test_bert_preset_selects_attention_and_mlp_only():
-    names = [s.name for s in select_layers(tiny_bert(), include=transformer_include("bert"))]
+    names = [s.name for s in select_layers(tiny_bert(vocab_size=50), include=transformer_include("bert"))]
     assert len(names) == 2 * 6
     assert not any("pooler" in n or "embeddings" in n for n in names)
 
@@ -110,7 +94,7 @@ def test_causal_lm_wrapper_and_windows():
 
 
 def test_sentence_classifier_mean_pools_only_unmasked_tokens():
-    net = SentenceClassifier(tiny_bert(), 3).eval()
+    net = SentenceClassifier(tiny_bert(vocab_size=50), 3).eval()
     ids = torch.randint(1, 50, (2, 6))
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
     x = torch.stack([ids, mask], 1)
