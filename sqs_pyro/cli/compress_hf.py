@@ -46,7 +46,7 @@ HF_DEFAULTS = {"epochs": 1.0, "batch_size": 8, "lr_weights": 2e-5, "lr_codebook"
                "gate_score": "saliency", "saliency_batches": 2, "warmup_fraction": 0.0, "prune_fraction": 0.2,
                "gate_init": 3.0, "group_size": 0,
                "prune_scope": "layer",
-               "mode": "expected",
+               "mode": "expected", "responsibility_scale": "own",
                "kl_weight": 1e-3, "log_every": 4}
 
 

@@ -58,8 +58,9 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     **{kind: (kind, {}) for kind in BASELINE_KINDS},
 }
 # The baselines' recipe under a grid's config: gradual magnitude pruning after a dense warm-up of 10%
-# of the steps (Zhu & Gupta, 2017), the schedule they were tuned with (SQS's gates learn from step 0).
-BASELINE_RECIPE = {"warmup_fraction": 0.1}
+# of the steps (Zhu & Gupta, 2017), and their codebook rate: the settings they were tuned with (SQS's gates
+# learn from step 0, and its codebook rate was chosen on its own).
+BASELINE_RECIPE = {"warmup_fraction": 0.1, "lr_codebook": 1e-3}
 GRID_KEYS = {"output", "cache_dir", "workloads", "methods", "sparsity", "components", "seeds", "config",
              "train_limit", "test_limit", "reference_epochs", "reference_seed", "data_dir"}
 
@@ -186,7 +187,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
 _KEY_NEUTRAL = {"group_size": 0, "responsibility_scale": "own", "distill_weight": 0.0}
 # Fields a baseline never reads (SQS's gates), held in a baseline's key at the values its recorded runs
 # were keyed with: a change of SQS's defaults keeps the baselines' rows.
-_BASELINE_KEY_PINNED = {"gate_init": 3.0, "group_size": 0}
+_BASELINE_KEY_PINNED = {"gate_init": 3.0, "group_size": 0, "responsibility_scale": "own"}
 
 
 def run_key(workload: str, method: MethodSpec, config: SQSConfig, grid: Grid) -> str:
