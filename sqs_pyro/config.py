@@ -82,7 +82,8 @@ class SQSConfig:
     of layer ``l`` (a step never more than that fraction of the layer's weight scale; ``0``: plain
     ``lr_weights``; 0.08 chosen on validation, it leaves the MNIST CNN at ``lr_weights`` and slows
     the small-scale LeNet layers), ``lr_codebook`` (the levels and the group scales; 3e-3 chosen on
-    validation), ``lr_gates`` and ``lr_dense``.
+    validation), ``lr_gates`` and ``lr_dense``. The levels' slab scales ``s_k`` learn at
+    ``slab_scale_rate * lr_codebook``: in hard mode only the KL moves them (towards the prior's scale).
     """
 
     components: int = 16
@@ -119,6 +120,7 @@ class SQSConfig:
     lr_weights: float = 1e-2
     lr_weights_relative: float = 0.08
     lr_codebook: float = 3e-3
+    slab_scale_rate: float = 1.0
     lr_gates: float = 1e-2
     lr_dense: float = 1e-3
     weight_decay: float = 0.0
@@ -152,6 +154,7 @@ class SQSConfig:
         _check(all(w > 0 for w in self.slab_weights) and abs(sum(self.slab_weights) - 1.0) < 1e-6,
                f"slab_weights must be positive and sum to 1, got {self.slab_weights!r}")
         _check(all(s > 0 for s in self.slab_scales), f"slab_scales must be > 0, got {self.slab_scales!r}")
+        _check(self.slab_scale_rate >= 0, f"slab_scale_rate must be >= 0, got {self.slab_scale_rate!r}")
         _check(self.kl_weight >= 0, f"kl_weight must be >= 0, got {self.kl_weight!r}")
         _check(0.0 <= self.distill_weight <= 1.0, f"distill_weight must lie in [0, 1], got {self.distill_weight!r}")
         _check(self.mode in SAMPLING_MODES, f"mode must be one of {SAMPLING_MODES}, got {self.mode!r}")

@@ -37,6 +37,19 @@ def test_relative_rates_are_the_layer_rms_times_the_factor_capped_by_lr_weights(
     assert latent_rates(SQSConfig(group_size=0, components=4, lr_weights_relative=0.0)) == {"latent": 1e-2}
 
 
+def test_slab_scales_learn_at_their_fraction_of_the_codebook_rate():
+    net = scaled_net()
+    sites = select_layers(net)
+    config = SQSConfig(group_size=0, components=4, lr_codebook=3e-3, slab_scale_rate=0.25)
+    guide = SpikeGMMGuide(net, sites, config)
+    groups = {g["name"]: g for g in param_groups(SQSModel(net, sites, config, CategoricalLikelihood(10)), guide,
+                                                  config)}
+    scales = {id(layer.scale_raw) for layer in guide.layers}
+    assert {id(p) for p in groups["slab_scales"]["params"]} == scales
+    assert groups["slab_scales"]["lr"] == 0.25 * 3e-3 and groups["codebook"]["lr"] == 3e-3
+    assert not scales & {id(p) for p in groups["codebook"]["params"]}
+
+
 X = torch.randn(64, 6, generator=torch.Generator().manual_seed(1))
 Y = torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(2))
 ONE_STEP = dict(components=4, sparsity=0.0, epochs=1.0, batch_size=64, warmup_fraction=1.0, prune_fraction=0.0)

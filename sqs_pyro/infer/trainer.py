@@ -31,14 +31,16 @@ def _rms(t: torch.Tensor) -> float:
 
 
 def param_groups(model: SQSModel, guide: SpikeGMMGuide, config: SQSConfig) -> list[dict[str, Any]]:
-    """Adam groups: gate logits, latent weights, codebooks, the log group scales (at the codebook's
+    """Adam groups: gate logits, latent weights, codebooks (levels and mixing logits), the levels' slab
+    scales (at ``slab_scale_rate`` times the codebook's rate), the log group scales (at the codebook's
     rate) and the dense (uncompressed) tensors.
 
     With ``lr_weights_relative > 0`` every layer's latent weights form their own group with
     ``lr = min(lr_weights, lr_weights_relative * RMS(w_l))`` (``w_l``: the weights the guide starts
     from): an Adam step (about ``lr`` per weight) is at most that fraction of the layer's scale."""
     gates = [layer.gate_logits for layer in guide.layers]
-    codebook = [p for layer in guide.layers for p in (layer.locs, layer.scale_raw, layer.mix_logits)]
+    codebook = [p for layer in guide.layers for p in (layer.locs, layer.mix_logits)]
+    slab_scales = [layer.scale_raw for layer in guide.layers]
     if config.lr_weights_relative > 0:
         latent = [{"params": [layer.latent], "name": f"latent:{layer.site_name}",
                    "lr": min(config.lr_weights, config.lr_weights_relative * _rms(layer.latent))}
@@ -47,7 +49,8 @@ def param_groups(model: SQSModel, guide: SpikeGMMGuide, config: SQSConfig) -> li
         latent = [{"params": [layer.latent for layer in guide.layers], "lr": config.lr_weights, "name": "latent"}]
     dense = [p for p in model.net.parameters() if p.requires_grad]
     groups = [{"params": gates, "lr": config.lr_gates, "name": "gates"}, *latent,
-              {"params": codebook, "lr": config.lr_codebook, "name": "codebook"}]
+              {"params": codebook, "lr": config.lr_codebook, "name": "codebook"},
+              {"params": slab_scales, "lr": config.slab_scale_rate * config.lr_codebook, "name": "slab_scales"}]
     if model.log_group_scales is not None:
         groups.append({"params": list(model.log_group_scales), "lr": config.lr_codebook, "name": "group_scales"})
     if dense:
