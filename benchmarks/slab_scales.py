@@ -19,10 +19,11 @@ GRID = Path(__file__).parent / "configs" / "codebook_rate_probe.yaml"
 
 def main() -> None:
     torch.set_num_threads(1)
-    workload = grid_workload("mnist_cnn", load_grid(GRID))
+    grid = load_grid(GRID)
+    workload = grid_workload("mnist_cnn", grid)
     for lr, responsibilities in ((1e-3, "own"), (3e-3, "pooled"), (3e-3, "own")):
-        config = SQSConfig(sparsity=0.95, components=4, epochs=2.0, batch_size=128, lr_codebook=lr,
-                           responsibility_scale=responsibilities)
+        config = SQSConfig.from_dict({**grid.config, "sparsity": 0.95, "components": 4, "lr_codebook": lr,
+                                      "responsibility_scale": responsibilities})
         result = compress(workload.net, workload.train, config, progress=False)
         for layer in result.guide.layers:
             scales = [round(v, 3) for v in layer.scales.detach().tolist()]
