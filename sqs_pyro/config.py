@@ -83,7 +83,9 @@ class SQSConfig:
     ``lr_weights``; 0.08 chosen on validation, it leaves the MNIST CNN at ``lr_weights`` and slows
     the small-scale LeNet layers), ``lr_codebook`` (the levels and the group scales; 3e-3 chosen on
     validation), ``lr_gates`` and ``lr_dense``. The levels' slab scales ``s_k`` learn at
-    ``slab_scale_rate * lr_codebook``: in hard mode only the KL moves them (towards the prior's scale).
+    ``slab_scale_rate * lr_codebook``: in hard mode only the KL moves them (towards the prior's scale),
+    and the posterior predictive samples that width (0.1 chosen on validation: at 1 the averaged
+    network falls 5 points below the greedy one on the MNIST CNN, at 0.1 0.34 at most).
     """
 
     components: int = 16
@@ -120,7 +122,7 @@ class SQSConfig:
     lr_weights: float = 1e-2
     lr_weights_relative: float = 0.08
     lr_codebook: float = 3e-3
-    slab_scale_rate: float = 1.0
+    slab_scale_rate: float = 0.1
     lr_gates: float = 1e-2
     lr_dense: float = 1e-3
     weight_decay: float = 0.0

@@ -96,7 +96,8 @@ def _fake_grid(tmp_path):
 
     def execute(spec, workload):
         calls.append(spec.key)
-        return {"accuracy_greedy": 0.9, "accuracy_averaged": 0.91 if spec.method.kind == "sqs" else None,
+        return {"accuracy_greedy": 0.9, "accuracy_val_greedy": 0.89,
+                "accuracy_averaged": 0.91 if spec.method.kind == "sqs" else None,
                 "sparsity": spec.config.sparsity, "file_ratio": 10.0}
 
     def loader(name, g):
@@ -164,11 +165,12 @@ def test_execute_run_measures_every_field(tmp_path, method):
     assert 0 <= record["accuracy_val_greedy"] <= 1  # the validation split is measured beside the test set
     if method == "sqs":
         assert record["num_averaged"] == 2 and 0 <= record["accuracy_averaged"] <= 1
+        assert 0 <= record["accuracy_val_averaged"] <= 1  # the predictive on validation too: it may choose
         assert record["averaged_bytes_est"] == record["bytes_fp32"] + n // 8
         assert 0 <= record["ece_averaged"] <= 1 and record["nll_averaged"] > 0
         assert record["side_bytes"] == 2 * (16 + 3)  # one fp16 scale per row (the default group_size)
     else:
-        assert record["accuracy_averaged"] is None and record["side_bytes"] == 4 * (16 + 3)
+        assert record["accuracy_averaged"] is None and record["accuracy_val_averaged"] is None and record["side_bytes"] == 4 * (16 + 3)
 
 
 def _record(method, seed, greedy, averaged=None, s=0.9):

@@ -78,3 +78,20 @@ def test_when_every_layer_is_capped_the_run_is_the_absolute_rate_run_bit_for_bit
     plain = compress(scaled_net(), (X, Y), SQSConfig(group_size=0, **config, lr_weights=1e-4, lr_weights_relative=0.0))
     for a, b in zip(capped.guide.layers, plain.guide.layers):
         assert torch.equal(a.latent, b.latent) and torch.equal(a.gate_logits, b.gate_logits)
+
+
+def test_without_the_prior_kl_the_slab_scale_rate_cannot_change_a_hard_run():
+    """Hard mode's forward uses the levels only, so the slab scales learn from the KL alone: at
+    ``kl_weight=0`` (the ``sqs_noprior`` ablation) their rate leaves the run bit for bit the same;
+    with the KL on, it changes them (negative control)."""
+    config = dict(ONE_STEP, epochs=3.0, batch_size=16, warmup_fraction=0.0, prune_fraction=0.3, sparsity=0.5,
+                  mode="hard", group_size=0)
+
+    def run(kl_weight: float, rate: float):
+        result = compress(scaled_net(), (X, Y), SQSConfig(**config, kl_weight=kl_weight, slab_scale_rate=rate))
+        return [(layer.latent.detach(), layer.gate_logits.detach(), layer.scale_raw.detach())
+                for layer in result.guide.layers]
+
+    for a, b in zip(run(0.0, 1.0), run(0.0, 0.1)):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(a[2], b[2]) for a, b in zip(run(1.0, 1.0), run(1.0, 0.1)))

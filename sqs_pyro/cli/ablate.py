@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from sqs_pyro.experiments.ablation import (ablation_effects, expand_grid, format_effects, format_table, load_grid,
-                               read_records, run_grid, summarize)
+from sqs_pyro.experiments.ablation import (PRESETS, ablation_effects, expand_grid, format_effects, format_table,
+                                          load_grid, read_records, run_grid, summarize)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,8 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run every point of the grid in CONFIG that is not yet in its output file, appending "
                     "one JSON line per run (every measured number, seed and wall time), then print a "
                     "summary table and the ablation effects. Interrupt and rerun to resume. See "
-                    "sqs_pyro/ablation.py for the file's keys; methods: sqs, sqs_noprior, sqs_equal, "
-                    "sqs_nowindows, magnitude_kmeans, magnitude_uniform, dgms.")
+                    "sqs_pyro/experiments/ablation.py for the file's keys; methods: "
+                    f"{', '.join(PRESETS)}.")
     p.add_argument("config", type=Path, help="grid file (.yaml, .yml or .json)")
     p.add_argument("--output", type=Path, help="JSON-lines output (overrides the file's 'output')")
     p.add_argument("--limit", type=int, help="run at most N new grid points, then stop")

@@ -187,7 +187,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
 _KEY_NEUTRAL = {"group_size": 0, "responsibility_scale": "own", "distill_weight": 0.0, "slab_scale_rate": 1.0}
 # Fields a baseline never reads (SQS's gates), held in a baseline's key at the values its recorded runs
 # were keyed with: a change of SQS's defaults keeps the baselines' rows.
-_BASELINE_KEY_PINNED = {"gate_init": 3.0, "group_size": 0, "responsibility_scale": "own"}
+_BASELINE_KEY_PINNED = {"gate_init": 3.0, "group_size": 0, "responsibility_scale": "own", "slab_scale_rate": 1.0}
 
 
 def run_key(workload: str, method: MethodSpec, config: SQSConfig, grid: Grid) -> str:
@@ -270,11 +270,12 @@ def execute_run(spec: RunSpec, workload: Workload) -> dict[str, Any]:
     metrics = {("greedy", split): calibration(predictive_probs(greedy_module, data[0], 256, "logits"), data[1])
                for split, data in (("val", workload.val), ("test", workload.test))}
     eval_seconds = time.perf_counter() - t0
-    members, averaged, predictive_seconds = spec.config.num_averaged, None, 0.0
-    if spec.method.kind == SQS:  # the posterior predictive, on test only: nothing is chosen by it
+    members, averaged, averaged_val, predictive_seconds = spec.config.num_averaged, None, None, 0.0
+    if spec.method.kind == SQS:  # the posterior predictive on both splits: validation is what may choose
         t0 = time.perf_counter()
-        probs = predictive_probs(result.averaged_module(members), workload.test[0], 256, "probs")
-        averaged = calibration(probs, workload.test[1])
+        predictor = result.averaged_module(members)
+        averaged, averaged_val = (calibration(predictive_probs(predictor, x, 256, "probs"), y)
+                                  for x, y in (workload.test, workload.val))
         predictive_seconds = time.perf_counter() - t0
     greedy = metrics[("greedy", "test")]
     acc = baseline_accounting(compressed)
@@ -285,6 +286,7 @@ def execute_run(spec: RunSpec, workload: Workload) -> dict[str, Any]:
     record: dict[str, Any] = {
         "accuracy_greedy": greedy["accuracy"], "accuracy_averaged": averaged["accuracy"] if averaged else None,
         "accuracy_val_greedy": metrics[("greedy", "val")]["accuracy"],
+        "accuracy_val_averaged": averaged_val["accuracy"] if averaged_val else None,
         **{f"{m}_greedy": greedy[m] for m in ("nll", "brier", "ece")},
         **{f"{m}_averaged": averaged[m] if averaged else None for m in ("nll", "brier", "ece")},
         "num_averaged": members if averaged else None,
@@ -354,7 +356,7 @@ def run_grid(grid: Grid, execute: Callable[[RunSpec, Workload], dict[str, Any]] 
         }
         append_record(grid.output, record)
         new.append(record)
-        log(f"[{i}/{len(todo)}] {spec.key}: greedy accuracy {record['accuracy_greedy']:.4f}, sparsity "
+        log(f"[{i}/{len(todo)}] {spec.key}: validation accuracy {record['accuracy_val_greedy']:.4f}, sparsity "
             f"{record['sparsity']:.4f}, file {record['file_ratio']:.1f}x, {record['wall_seconds']:.0f} s")
     return new
 
@@ -370,7 +372,7 @@ def variants(record: Mapping[str, Any]) -> Iterable[tuple[str, float, float, flo
         yield (f"{record['method']} greedy", record["accuracy_greedy"], record["file_ratio"],
                record.get("accuracy_val_greedy"))
         yield (f"{record['method']} averaged M={record['num_averaged']}", record["accuracy_averaged"],
-               record["averaged_ratio_est"], None)
+               record["averaged_ratio_est"], record.get("accuracy_val_averaged"))
     else:
         yield record["method"], record["accuracy_greedy"], record["file_ratio"], record.get("accuracy_val_greedy")
 
