@@ -1,14 +1,21 @@
 """Validation greedy / validation averaged accuracy per (workload, method) and sparsity, from an
-ablation runner's JSON lines (seed means): the table a default is chosen from.
+ablation runner's JSON lines (seed means, as :func:`sqs_pyro.experiments.ablation.summarize` takes
+them): the table a default is chosen from.
 
 `python benchmarks/validation_table.py benchmarks/results/slab_scale_rate_probe.jsonl`"""
 from __future__ import annotations
 
 import argparse
 import statistics
-from collections import defaultdict
 
-from sqs_pyro.experiments.ablation import read_records
+from sqs_pyro.experiments.ablation import read_records, summarize
+
+
+def _cell(pair: tuple[float | None, float | None] | None) -> str:
+    if pair is None:
+        return "-"
+    greedy, averaged = pair
+    return f"{greedy:.4f} / " + ("-" if averaged is None else f"{averaged:.4f}")
 
 
 def main() -> None:
@@ -16,26 +23,23 @@ def main() -> None:
     p.add_argument("records", help="JSON-lines file written by `sqs-pyro ablate`")
     p.add_argument("--components", type=int, default=4, help="K to tabulate (default 4)")
     args = p.parse_args()
-    cells: dict[tuple[str, str], dict[float, list[tuple[float, float | None]]]] = defaultdict(lambda: defaultdict(list))
-    for r in read_records(args.records):
-        if r["components"] == args.components:
-            cells[(r["workload"], r["method"])][r["sparsity_target"]].append(
-                (r["accuracy_val_greedy"], r.get("accuracy_val_averaged")))
-    targets = sorted({s for by_s in cells.values() for s in by_s})
+    # summarize's rows are "<method> greedy" and "<method> averaged M=.." per (workload, s, K)
+    val: dict[tuple[str, str], dict[float, list[float | None]]] = {}
+    for row in summarize(read_records(args.records)):
+        if row["components"] == args.components:
+            method, read_out = row["method"].split(" ", 1)
+            pair = val.setdefault((row["workload"], method), {}).setdefault(row["sparsity_target"], [None, None])
+            pair[read_out != "greedy"] = row["accuracy_val_mean"]
+    targets = sorted({s for by_s in val.values() for s in by_s})
     print("| workload | method | " + " | ".join(f"{s:g}" for s in targets) + " | mean | worst averaged - greedy |")
     print("|---|---|" + "---|" * (len(targets) + 2))
-    for (workload, method), by_s in sorted(cells.items()):
-        means = {s: (statistics.fmean(g for g, _ in runs),
-                     statistics.fmean(a for _, a in runs) if all(a is not None for _, a in runs) else None)
-                 for s, runs in by_s.items()}
-        row = ["-" if s not in means else f"{means[s][0]:.4f} / " + ("-" if means[s][1] is None else f"{means[s][1]:.4f}")
-               for s in targets]
-        greedy = statistics.fmean(g for g, _ in means.values())
-        averaged = [a for _, a in means.values() if a is not None]
-        gap = min((a - g for g, a in means.values() if a is not None), default=None)
-        summary = f"{greedy:.4f} / {statistics.fmean(averaged):.4f}" if len(averaged) == len(means) else f"{greedy:.4f} / -"
-        print(f"| {workload} | {method} | " + " | ".join(row) + f" | {summary} | "
-              + (f"{100 * gap:+.2f} points" if gap is not None else "-") + " |")
+    for (workload, method), by_s in sorted(val.items()):
+        greedy = statistics.fmean(g for g, _ in by_s.values())
+        averaged = [a for _, a in by_s.values() if a is not None]
+        gaps = [a - g for g, a in by_s.values() if a is not None]
+        mean = (greedy, statistics.fmean(averaged) if len(averaged) == len(by_s) else None)
+        print(f"| {workload} | {method} | " + " | ".join(_cell(by_s.get(s)) for s in targets)
+              + f" | {_cell(mean)} | " + (f"{100 * min(gaps):+.2f} points" if gaps else "-") + " |")
 
 
 if __name__ == "__main__":
