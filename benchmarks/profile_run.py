@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--workload", default="lenet300")
     parser.add_argument("--sparsity", type=float, default=0.95)
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--sort", default="cumulative", help="pstats key: cumulative or tottime")
     args = parser.parse_args()
     torch.set_num_threads(1)
     grid = load_grid(args.grid)
@@ -42,7 +43,7 @@ def main() -> None:
     compress(workload.net, workload.train, specs[0].config, progress=False)
     profile.disable()
     print(f"{args.workload} at {args.sparsity}: {time.perf_counter() - started:.2f} s under cProfile")
-    pstats.Stats(profile).sort_stats("cumulative").print_stats(args.top)
+    pstats.Stats(profile).sort_stats(args.sort).print_stats(args.top)
 
 
 if __name__ == "__main__":
