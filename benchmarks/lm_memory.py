@@ -37,7 +37,7 @@ HERE = Path(__file__).parent
 
 
 def child(sparsity: float, return_freed: bool, prune_fraction: float, vocab: int, tokens: int,
-          checkpoint_blocks: bool, step_in_backward: bool) -> dict:
+          checkpoint_blocks: bool) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import sqs_pyro.infer.trainer as trainer
@@ -76,25 +76,25 @@ def child(sparsity: float, return_freed: bool, prune_fraction: float, vocab: int
         return out
 
     step_peaks = []
-    next_step = trainer.Trainer._apply_schedule
+    adam_step = torch.optim.Adam.step
 
-    def measured_step(self, step, *args, **kwargs):  # each training step's own peak (from the start of the last one)
-        if step > 0:
-            step_peaks.append(vm("VmHWM"))
-            reset_peak()
-        return next_step(self, step, *args, **kwargs)
+    def measured_step(self, *args, **kwargs):  # each training step's own peak (forward, backward, update)
+        out = adam_step(self, *args, **kwargs)
+        step_peaks.append(vm("VmHWM"))
+        reset_peak()
+        return out
 
     trainer.Trainer.train = measured_train
-    trainer.Trainer._apply_schedule = measured_step
+    torch.optim.Adam.step = measured_step
     reset_peak()
     base = vm("VmRSS")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         compress(net, (ids[:, :-1], ids[:, 1:]), sqs, task="lm", progress=False, start=start, checkpoint_dir=folder,
-                 checkpoint_blocks=checkpoint_blocks, step_in_backward=step_in_backward)
+                 checkpoint_blocks=checkpoint_blocks)
     peak = max([vm("VmHWM"), *step_peaks])
     return {"sparsity": sparsity, "prune_fraction": sqs.prune_fraction, "vocab": vocab, "tokens": tokens,
-            "checkpoint_blocks": checkpoint_blocks, "step_in_backward": step_in_backward, "compressed_params": n, "seconds": time.perf_counter() - t0,
+            "checkpoint_blocks": checkpoint_blocks, "compressed_params": n, "seconds": time.perf_counter() - t0,
             "train_seconds": marks["train_seconds"],
             "return_freed_memory": returned, "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
             "bytes_per_param_before_train": (marks["rss_before_train"] - base) / n,
@@ -116,20 +116,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="tokens per sequence (benchmarks/smollm.py: 128)")
     parser.add_argument("--checkpoint-blocks", action="store_true",
                         help="compress(checkpoint_blocks=True): each layer runs again in the backward pass")
-    parser.add_argument("--step-in-backward", action="store_true",
-                        help="compress(step_in_backward=True): each parameter's Adam step in the backward pass")
     parser.add_argument("--child", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.out = args.out or HERE / "results" / ("lm_memory_returned.json" if args.return_freed_memory else "lm_memory.json")
     if args.child is not None:
         print(json.dumps(child(args.child, args.return_freed_memory, args.prune_fraction, args.vocab, args.tokens,
-                               args.checkpoint_blocks, args.step_in_backward)))
+                               args.checkpoint_blocks)))
         return
     rows = []
     for s in args.sparsity:
         flags = ["--return-freed-memory"] if args.return_freed_memory else []
         flags += ["--checkpoint-blocks"] if args.checkpoint_blocks else []
-        flags += ["--step-in-backward"] if args.step_in_backward else []
         flags += ["--prune-fraction", str(args.prune_fraction), "--vocab", str(args.vocab), "--tokens", str(args.tokens)]
         out = subprocess.run([sys.executable, __file__, "--child", str(s), *flags], capture_output=True, text=True,
                              check=True)

@@ -139,8 +139,7 @@ def child(args: argparse.Namespace) -> dict:
     rss_dense = vm("VmRSS")
     row = {"run": args.child, "train_windows": len(train), "train_tokens": int(y.numel()),
            "available_windows": available, "eval_tokens": int(held[:, 1:].numel()), "rss_dense_bytes": rss_dense,
-           "return_freed_memory": args.return_freed_memory, "checkpoint_blocks": args.checkpoint_blocks,
-           **({"step_in_backward": True} if args.step_in_backward else {})}
+           "return_freed_memory": args.return_freed_memory, "checkpoint_blocks": args.checkpoint_blocks}
     t0 = time.perf_counter()
     if args.child == "dense":
         row["perplexity"] = perplexity(net, held)
@@ -191,7 +190,7 @@ def child(args: argparse.Namespace) -> dict:
             rss_dense = row["rss_dense_bytes"] = vm("VmRSS")
         # checkpoints on disk, not in memory: the in-memory copy would double the SVI state
         result = compress(net, (x, y), config, task="lm", progress=True, checkpoint_dir=_run_dir(args), start=network,
-                          checkpoint_blocks=args.checkpoint_blocks, step_in_backward=args.step_in_backward)
+                          checkpoint_blocks=args.checkpoint_blocks)
         row["train_seconds"] = time.perf_counter() - t0
         row["peak_rss_train_bytes"] = vm("VmHWM")
         row["config"] = config.to_dict()
@@ -413,9 +412,6 @@ def main() -> None:
     parser.add_argument("--checkpoint-blocks", action="store_true",
                         help="SQS runs recompute each layer in the backward pass (compress(checkpoint_blocks=True)): "
                              "the same result, less memory")
-    parser.add_argument("--step-in-backward", action="store_true",
-                        help="SQS runs take each parameter's Adam step in the backward pass (compress(step_in_backward=True)): "
-                             "the same result, one gradient alive at a time")
     parser.add_argument("--out", type=Path, help="results file (default results/smollm.jsonl, or "
                         "results/smollm_validation.jsonl with --validation)")
     parser.add_argument("--report", action="store_true", help="only print the table of the finished runs")

@@ -50,7 +50,7 @@ def test_compress_hf_lm_writes_a_file_that_loads_into_the_same_transformers_clas
     out = tmp_path / "out"
     summary = _compress_hf(model_dir, "lm", out, "--data", str(tmp_path / "train.txt"),
                            "--eval-data", str(tmp_path / "eval.txt"), "--seq-len", "8", "--epochs", "3",
-                           "--checkpoint-blocks", "--step-in-backward")
+                           "--checkpoint-blocks")
     assert summary["task"] == "lm" and summary["bits"] == 2 and 0.5 <= summary["sparsity"] < 0.6
     assert len(summary["layers"]) == 14  # q, k, v, o, gate, up, down in 2 blocks; tied LM head stays dense
     loaded = load_transformers(out / "model.sqs")

@@ -78,9 +78,6 @@ def register_options(p: argparse.ArgumentParser) -> None:
                    help="keep only each transformer layer's inputs for the backward pass and run the layer again "
                         "there: the same result for less memory (about 11 bytes per weight on "
                         "benchmarks/lm_memory.py; best with --return-freed-memory) and a second forward pass of the layers")
-    g.add_argument("--step-in-backward", action="store_true",
-                   help="take each parameter's Adam step inside the backward pass and free its gradient at once: "
-                        "the same result with one gradient alive at a time (single process)")
 
 
 def hf_config(args: argparse.Namespace, model_type: str) -> SQSConfig:
@@ -134,7 +131,7 @@ def run_hf(args: argparse.Namespace) -> int:
     start = load_compressed(args.start) if args.start is not None else None
     result = compress(net, (x, y), config, task=args.task, progress=not args.no_progress, checkpoint_dir=args.out,
                       checkpoint_every=args.checkpoint_every, resume=args.resume, start=start,
-                      checkpoint_blocks=args.checkpoint_blocks, step_in_backward=args.step_in_backward)
+                      checkpoint_blocks=args.checkpoint_blocks)
     greedy_metrics = evaluate(result.greedy_module()) if evaluate else {}
     summary = hf_summary(args, result, dense_metrics, greedy_metrics, time.perf_counter() - started, len(x))
     write_outputs(args.out, result, summary)

@@ -150,7 +150,6 @@ def compress(
     max_rollbacks: int = 3,
     start: CompressedNetwork | None = None,
     checkpoint_blocks: bool = False,
-    step_in_backward: bool = False,
 ) -> SQSResult:
     """Learn the SQS posterior of ``net`` on ``train_data`` and return an :class:`SQSResult`.
 
@@ -186,10 +185,6 @@ def compress(
         checkpoint_blocks: recompute the network's repeated blocks (the members of its
             ``nn.ModuleList`` objects: a transformer's layers) in the backward pass instead of keeping
             their activations; the same loss and gradients for a second forward pass of the blocks.
-        step_in_backward: take each parameter's Adam step inside the backward pass, as soon as its
-            gradient is complete, and free that gradient (:class:`~sqs_pyro.infer.backward_steps.BackwardSteps`):
-            the same bits, without every gradient alive at once (4 bytes per latent weight and per
-            learning gate logit less at the peak). Single-process runs only.
 
     Everything a user passes is checked (raising :class:`SQSInputError`) before the guide is
     built or any step runs.
@@ -219,9 +214,6 @@ def compress(
 
     started = time.perf_counter()
     with distributed_context(distributed) as ctx:
-        if step_in_backward and ctx.world_size > 1:
-            raise SQSInputError("step_in_backward needs every gradient reduced over the processes before a step; "
-                                "it runs in a single process only")
         if config.batch_size % ctx.world_size:
             raise SQSInputError(f"batch_size {config.batch_size} (the global batch) must be divisible by the "
                                 f"{ctx.world_size} processes")
@@ -247,7 +239,7 @@ def compress(
             if config.empirical_bayes:
                 model.update_hyperpriors(guide.distributions())
             result = SQSResult(config, net, model, guide)  # net: the architecture, never modified
-            trainer = Trainer(result, schedule, dataset, task, ctx, device, started, step_in_backward)
+            trainer = Trainer(result, schedule, dataset, task, ctx, device, started)
             if saved is not None:
                 trainer.load_state_dict(saved)
             trainer.train(eval_fn, eval_every, progress, path if ctx.is_main else None, checkpoint_every,

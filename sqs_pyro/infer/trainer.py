@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from sqs_pyro.config import SQSConfig
 from sqs_pyro.errors import SQSDivergenceError
-from sqs_pyro.infer.backward_steps import BackwardSteps
 from sqs_pyro.guides.spike_gmm import GateState, SpikeGMMGuide
 from sqs_pyro.infer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from sqs_pyro.infer.data import Minibatches
@@ -70,7 +69,7 @@ class Trainer:
     """
 
     def __init__(self, result: SQSResult, schedule: Schedule, dataset: Dataset, task: str, ctx: DistContext,
-                 device: torch.device, started: float, step_in_backward: bool = False) -> None:
+                 device: torch.device, started: float) -> None:
         self.result = result
         self.schedule = schedule
         self.dataset = dataset
@@ -85,7 +84,6 @@ class Trainer:
                                           weight_decay=config.weight_decay)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.backward_steps = BackwardSteps(self.optimizer) if step_in_backward else None
         self.step = 0
         self.lr_scale = 1.0
         self.rollbacks = 0
@@ -132,18 +130,8 @@ class Trainer:
         one and halves the learning rate; a divergence after ``max_rollbacks`` rollbacks
         raises :class:`SQSDivergenceError` and leaves the checkpoint file as it was. Pyro's
         argument validation is off during the steps (the data were checked up-front), so that
-        non-finite values reach this check instead of raising inside a distribution. With
-        ``step_in_backward`` Adam steps each parameter inside the backward pass
-        (:class:`~sqs_pyro.infer.backward_steps.BackwardSteps`).
+        non-finite values reach this check instead of raising inside a distribution.
         """
-        if self.backward_steps is None:
-            self._train(eval_fn, eval_every, progress, checkpoint_path, checkpoint_every, max_rollbacks)
-            return
-        with self.backward_steps:
-            self._train(eval_fn, eval_every, progress, checkpoint_path, checkpoint_every, max_rollbacks)
-
-    def _train(self, eval_fn, eval_every: int, progress: bool, checkpoint_path: Path | None, checkpoint_every: int,
-               max_rollbacks: int) -> None:
         schedule, config, guide = self.schedule, self.result.config, self.result.guide
         good = self._checkpoint(checkpoint_path if self.step == 0 else None)
         batches = self.batches()
@@ -156,12 +144,7 @@ class Trainer:
                 good = self._checkpoint(checkpoint_path)
             phase, beta = self._apply_schedule(step, eval_fn)
             x, y = next(batches)
-            logging = step % config.log_every == 0 or step == schedule.total_steps - 1
-            with torch.no_grad():  # at the loss's parameters (a step in the backward pass moves them)
-                kl = guide.total_kl(self.result.model.priors()) if logging else 0.0
             self.optimizer.zero_grad(set_to_none=True)
-            if self.backward_steps is not None:
-                self.backward_steps.start()
             with pyro.validation_enabled(False):  # a NaN must reach the divergence check, not raise
                 loss = self.loss_fn(x, y)
             (loss / self.num_data).backward()
@@ -172,8 +155,9 @@ class Trainer:
                 bar.reset(total=schedule.total_steps)
                 bar.update(self.step)
                 continue
-            if self.backward_steps is None:
-                self.optimizer.step()
+            logging = step % config.log_every == 0 or step == schedule.total_steps - 1
+            kl = guide.total_kl(self.result.model.priors()) if logging else 0.0  # at the loss's parameters
+            self.optimizer.step()
             if phase == PRUNE:
                 guide.prune_to_quantile(schedule.target_sparsity(step), config.pruned_logit, config.prune_scope)
             if self.result.model.hyperpriors is not None:  # empirical Bayes: the M-step
@@ -212,8 +196,7 @@ class Trainer:
     def _finite(self, loss: torch.Tensor) -> bool:
         grads = [p.grad for p in self.params if p.grad is not None]
         worst = torch.nn.utils.get_total_norm(grads, norm_type=math.inf) if grads else loss.new_zeros(())
-        stepped = self.backward_steps is None or self.backward_steps.finite
-        return bool(torch.isfinite(loss) & torch.isfinite(worst)) and stepped
+        return bool(torch.isfinite(loss) & torch.isfinite(worst))
 
     def _checkpoint(self, path: Path | None) -> dict[str, Any]:
         """Write the checkpoint to ``path`` and return a reference to it; without a path, return
