@@ -37,7 +37,7 @@ HERE = Path(__file__).parent
 
 
 def child(sparsity: float, return_freed: bool, prune_fraction: float, vocab: int, tokens: int,
-          checkpoint_blocks: bool) -> dict:
+          checkpoint_blocks: bool, gate_rule: str) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import sqs_pyro.infer.trainer as trainer
@@ -63,7 +63,7 @@ def child(sparsity: float, return_freed: bool, prune_fraction: float, vocab: int
     sqs = SQSConfig.from_dict({**HF_DEFAULTS, "sparsity": sparsity, "initial_sparsity": sparsity, "components": 16,
                                "group_size": 64, "prune_fraction": prune_fraction if sparsity else 0.0,
                                "responsibility_scale": "pooled", "epochs": 1.0, "batch_size": 8, "include": include,
-                               "mode": "hard"})
+                               "mode": "hard", "gate_rule": gate_rule})
     marks = {}
     train = trainer.Trainer.train
 
@@ -94,7 +94,7 @@ def child(sparsity: float, return_freed: bool, prune_fraction: float, vocab: int
                  checkpoint_blocks=checkpoint_blocks)
     peak = max([vm("VmHWM"), *step_peaks])
     return {"sparsity": sparsity, "prune_fraction": sqs.prune_fraction, "vocab": vocab, "tokens": tokens,
-            "checkpoint_blocks": checkpoint_blocks, "compressed_params": n, "seconds": time.perf_counter() - t0,
+            "checkpoint_blocks": checkpoint_blocks, "gate_rule": gate_rule, "compressed_params": n, "seconds": time.perf_counter() - t0,
             "train_seconds": marks["train_seconds"],
             "return_freed_memory": returned, "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
             "bytes_per_param_before_train": (marks["rss_before_train"] - base) / n,
@@ -116,17 +116,20 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="tokens per sequence (benchmarks/smollm.py: 128)")
     parser.add_argument("--checkpoint-blocks", action="store_true",
                         help="compress(checkpoint_blocks=True): each layer runs again in the backward pass")
+    parser.add_argument("--gate-rule", choices=("adam", "sign"), default="adam",
+                        help="SQSConfig.gate_rule: the gate logits' step (sign: no optimiser state)")
     parser.add_argument("--child", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.out = args.out or HERE / "results" / ("lm_memory_returned.json" if args.return_freed_memory else "lm_memory.json")
     if args.child is not None:
         print(json.dumps(child(args.child, args.return_freed_memory, args.prune_fraction, args.vocab, args.tokens,
-                               args.checkpoint_blocks)))
+                               args.checkpoint_blocks, args.gate_rule)))
         return
     rows = []
     for s in args.sparsity:
         flags = ["--return-freed-memory"] if args.return_freed_memory else []
         flags += ["--checkpoint-blocks"] if args.checkpoint_blocks else []
+        flags += ["--gate-rule", args.gate_rule]
         flags += ["--prune-fraction", str(args.prune_fraction), "--vocab", str(args.vocab), "--tokens", str(args.tokens)]
         out = subprocess.run([sys.executable, __file__, "--child", str(s), *flags], capture_output=True, text=True,
                              check=True)

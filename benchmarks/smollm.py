@@ -67,7 +67,7 @@ HELD_OUT = "persuasion"
 
 def run_settings(args: argparse.Namespace) -> dict:
     """The settings a run's key hashes (``prune_fraction`` only when not the ``--hf`` default and
-    ``distill_weight`` only when not 0, so that earlier runs keep their keys)."""
+    ``distill_weight`` only when not 0, ``gate_rule`` only when not Adam, so that earlier runs keep their keys)."""
     settings = {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "eval_windows", "seed", "lr_weights",
                                               "lr_codebook", "lr_dense", "kl_weight", "prune_scope", "mode",
                                               "gate_score", "bins")}
@@ -75,6 +75,8 @@ def run_settings(args: argparse.Namespace) -> dict:
         settings["prune_fraction"] = args.prune_fraction
     if args.distill_weight:
         settings["distill_weight"] = args.distill_weight
+    if args.gate_rule != "adam":
+        settings["gate_rule"] = args.gate_rule
     return settings
 
 
@@ -169,7 +171,7 @@ def child(args: argparse.Namespace) -> dict:
                                       "lr_codebook": args.lr_codebook, "lr_dense": args.lr_dense,
                                       "kl_weight": args.kl_weight, "prune_scope": args.prune_scope,
                                       "mode": args.mode, "gate_score": args.gate_score,
-                                      "distill_weight": args.distill_weight})
+                                      "distill_weight": args.distill_weight, "gate_rule": args.gate_rule})
         network = None
         if tuned:  # the pipeline starts from the dense model fine-tuned on the same windows (as `dense_ft`)
             row["dense_ft_cached"] = fine_tuned(args, net, x, y)
@@ -398,6 +400,8 @@ def main() -> None:
     parser.add_argument("--distill-weight", type=float, default=0.0,
                         help="SQS runs: weight of the teacher's (the model being compressed) top tokens in each "
                              "token's target (SQSConfig.distill_weight)")
+    parser.add_argument("--gate-rule", choices=("adam", "sign"), default=HF_DEFAULTS.get("gate_rule", "adam"),
+                        help="SQSConfig.gate_rule: the gate logits' step (sign: no optimiser state)")
     parser.add_argument("--gate-score", choices=("saliency", "activation", "magnitude"), default="saliency")
     parser.add_argument("--bins", type=int, default=32)
     parser.add_argument("--calib", type=int, default=128, help="calibration windows of the 'h' one-shot runs")

@@ -21,6 +21,7 @@ from sqs_pyro.infer.checkpoint import load_checkpoint, rng_state, save_checkpoin
 from sqs_pyro.infer.data import Minibatches
 from sqs_pyro.infer.distributed import DistContext
 from sqs_pyro.infer.elbo import SQSMeanFieldELBO, log_record
+from sqs_pyro.infer.optim import AdamWithSignGroups
 from sqs_pyro.infer.result import SQSResult
 from sqs_pyro.infer.schedules import FINETUNE, PRUNE, Schedule
 from sqs_pyro.models.network import SQSModel
@@ -31,7 +32,7 @@ def _rms(t: torch.Tensor) -> float:
 
 
 def param_groups(model: SQSModel, guide: SpikeGMMGuide, config: SQSConfig) -> list[dict[str, Any]]:
-    """Adam groups: gate logits, latent weights, codebooks (levels and mixing logits), the levels' slab
+    """Adam groups: gate logits (``sign`` steps with ``gate_rule="sign"``), latent weights, codebooks (levels and mixing logits), the levels' slab
     scales (at ``slab_scale_rate`` times the codebook's rate), the log group scales (at the codebook's
     rate) and the dense (uncompressed) tensors.
 
@@ -48,7 +49,7 @@ def param_groups(model: SQSModel, guide: SpikeGMMGuide, config: SQSConfig) -> li
     else:
         latent = [{"params": [layer.latent for layer in guide.layers], "lr": config.lr_weights, "name": "latent"}]
     dense = [p for p in model.net.parameters() if p.requires_grad]
-    groups = [{"params": gates, "lr": config.lr_gates, "name": "gates"}, *latent,
+    groups = [{"params": gates, "lr": config.lr_gates, "name": "gates", "sign": config.gate_rule == "sign"}, *latent,
               {"params": codebook, "lr": config.lr_codebook, "name": "codebook"},
               {"params": slab_scales, "lr": config.slab_scale_rate * config.lr_codebook, "name": "slab_scales"}]
     if model.log_group_scales is not None:
@@ -80,8 +81,8 @@ class Trainer:
         self.device = device
         config = result.config
         self.loss_fn = ctx.wrap(SQSMeanFieldELBO()(result.model, result.guide))
-        self.optimizer = torch.optim.Adam(param_groups(result.model, result.guide, config),
-                                          weight_decay=config.weight_decay)
+        self.optimizer = AdamWithSignGroups(param_groups(result.model, result.guide, config),
+                                            weight_decay=config.weight_decay)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.step = 0
