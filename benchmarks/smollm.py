@@ -400,7 +400,7 @@ def main() -> None:
     parser.add_argument("--distill-weight", type=float, default=0.0,
                         help="SQS runs: weight of the teacher's (the model being compressed) top tokens in each "
                              "token's target (SQSConfig.distill_weight)")
-    parser.add_argument("--gate-rule", choices=("adam", "sign"), default=HF_DEFAULTS.get("gate_rule", "adam"),
+    parser.add_argument("--gate-rule", choices=("adam", "sign"), default="adam",
                         help="SQSConfig.gate_rule: the gate logits' step (sign: no optimiser state)")
     parser.add_argument("--gate-score", choices=("saliency", "activation", "magnitude"), default="saliency")
     parser.add_argument("--bins", type=int, default=32)
