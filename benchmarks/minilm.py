@@ -125,7 +125,9 @@ def main() -> None:
                                   "lr_weights": args.lr_weights, "lr_codebook": args.lr_codebook,
                                   "mode": args.mode, "group_size": args.group_size,
                                   "responsibility_scale": args.responsibility_scale,
-                                  "include": transformer_include("bert"), **parse_overrides(args.set)})
+                                  "include": transformer_include("bert"),
+                                  "gate_rule": "adam",  # the rule of the recorded MiniLM runs (HF_DEFAULTS: sign)
+                                  **parse_overrides(args.set)})
     start = time.perf_counter()
     oneshot = one_shot_start(net, config, x[:args.calib]) if args.start_oneshot else None
     oneshot_scores = {}

@@ -43,10 +43,11 @@ from sqs_pyro.models import transformer_include
 # (gate_init 3; the image default of 1 was chosen on the image networks only), and the weights have no
 # group scales unless asked for (the image default of one per row was chosen on the image networks only).
 # Likewise own-scale responsibilities and slab scales at the codebook's rate (the image defaults: pooled,
-# a tenth).
+# a tenth). The gate logits take sign steps (no Adam moments: 8 bytes per weight less while they learn),
+# chosen on SmolLM2's validation text (40.41 against Adam's 40.32, within the rule's 1%).
 HF_DEFAULTS = {"epochs": 1.0, "batch_size": 8, "lr_weights": 2e-5, "lr_codebook": 1e-4, "lr_dense": 2e-5,
                "gate_score": "saliency", "saliency_batches": 2, "warmup_fraction": 0.0, "prune_fraction": 0.2,
-               "gate_init": 3.0, "group_size": 0,
+               "gate_init": 3.0, "group_size": 0, "gate_rule": "sign",
                "prune_scope": "layer",
                "mode": "expected", "responsibility_scale": "own", "slab_scale_rate": 1.0,
                "kl_weight": 1e-3, "log_every": 4}
