@@ -214,3 +214,16 @@ def test_lenet_architectures_have_the_classic_sizes():
     assert sum(p.numel() for p in LeNet300().parameters()) == 266_610
     assert sum(p.numel() for p in LeNet5().parameters()) == 431_080
     assert LeNet5()(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", ["image_suite_standard", "image_suite_standard_k16", "image_suite_standard_ablations",
+                                  "image_suite_standard_noprior"])
+def test_the_recorded_standard_grid_keeps_its_keys(name):
+    """A config field added later must not change the keys of recorded runs (else a rerun of the grid redoes
+    them all and the report reads none of them): every run of the standard grid is in its results file."""
+    from pathlib import Path
+
+    grid = load_grid(Path(__file__).parents[1] / "benchmarks" / "configs" / f"{name}.yaml")
+    recorded = {record["key"] for record in read_records(grid.output)}
+    missing = [spec.key for spec in expand_grid(grid) if spec.key not in recorded]
+    assert not missing, missing[:3]

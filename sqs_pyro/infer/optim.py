@@ -6,7 +6,8 @@ import torch
 
 class AdamWithSignGroups(torch.optim.Adam):
     """Adam on every parameter group except those with ``sign=True``, which take the stateless step
-    ``p <- p - lr sign(dL/dp)`` (Adam's first step, ``lr m_1 / sqrt(v_1)``, without its two moments).
+    ``p <- p - lr sign(dL/dp)`` (Adam's first step, ``lr m_1 / sqrt(v_1)``, without its two moments; no weight
+    decay).
 
     A sign group keeps no optimiser state, so its parameters cost their gradient and nothing more: for
     the gate logits of a large model that is 8 bytes per weight less while the gates learn. Its
