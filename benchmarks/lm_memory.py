@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from memory import reset_peak, vm
 
+from sqs_pyro.config import GATE_RULES
+
 HERE = Path(__file__).parent
 
 
@@ -116,7 +118,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="tokens per sequence (benchmarks/smollm.py: 128)")
     parser.add_argument("--checkpoint-blocks", action="store_true",
                         help="compress(checkpoint_blocks=True): each layer runs again in the backward pass")
-    parser.add_argument("--gate-rule", choices=("adam", "sign"), default="adam",
+    parser.add_argument("--gate-rule", choices=GATE_RULES, default="adam",
                         help="SQSConfig.gate_rule: the gate logits' step (sign: no optimiser state)")
     parser.add_argument("--child", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -17,6 +17,7 @@ from lm_memory import child
 from memory import reset_peak, vm
 
 import sqs_pyro.infer.trainer as trainer
+from sqs_pyro.config import GATE_RULES
 from sqs_pyro.guides.spike_gmm import SpikeGMMGuide
 
 MARKED_STEP = 1  # the first step in which every optimiser state exists
@@ -24,7 +25,7 @@ MARKED_STEP = 1  # the first step in which every optimiser state exists
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gate-rule", choices=("adam", "sign"), default="adam")
+    parser.add_argument("--gate-rule", choices=GATE_RULES, default="adam")
     args = parser.parse_args()
     base = vm("VmRSS")
     marks, state = [], {"step": -1, "hooked": False}

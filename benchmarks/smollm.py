@@ -59,6 +59,7 @@ import torch
 from memory import reset_peak, vm
 
 from sqs_pyro.cli.compress_hf import HF_DEFAULTS
+from sqs_pyro.config import GATE_RULES
 
 HERE = Path(__file__).parent
 RUNS = HERE.parent / "runs" / "smollm"  # per-run folders and the caches every run of the same settings shares
@@ -400,7 +401,7 @@ def main() -> None:
     parser.add_argument("--distill-weight", type=float, default=0.0,
                         help="SQS runs: weight of the teacher's (the model being compressed) top tokens in each "
                              "token's target (SQSConfig.distill_weight)")
-    parser.add_argument("--gate-rule", choices=("adam", "sign"), default="adam",
+    parser.add_argument("--gate-rule", choices=GATE_RULES, default="adam",
                         help="SQSConfig.gate_rule: the gate logits' step (sign: no optimiser state)")
     parser.add_argument("--gate-score", choices=("saliency", "activation", "magnitude"), default="saliency")
     parser.add_argument("--bins", type=int, default=32)

@@ -39,7 +39,7 @@ def test_sign_groups_step_by_lr_times_the_sign_and_adam_groups_are_adams():
 
 
 @pytest.mark.parametrize("mode", ["hard", "sample"])
-def test_a_run_with_sign_gates_prunes_to_the_target_without_gate_moments(mode):
+def test_a_run_with_sign_gates_prunes_to_the_target_without_gate_moments(mode, monkeypatch):
     net, x, y = tiny_problem()
     seen = []
     step = AdamWithSignGroups.step
@@ -49,11 +49,9 @@ def test_a_run_with_sign_gates_prunes_to_the_target_without_gate_moments(mode):
         seen.append(any(p in self.state for g in self.param_groups if g["name"] == "gates" for p in g["params"]))
         return out
 
-    AdamWithSignGroups.step = spy
-    try:
+    with monkeypatch.context() as patched:
+        patched.setattr(AdamWithSignGroups, "step", spy)
         result = compress(net, (x, y), CONFIG.replace(mode=mode, gate_rule="sign"), progress=False)
-    finally:
-        AdamWithSignGroups.step = step
     assert seen and not any(seen)
     assert abs(result.accounting()["sparsity"] - 0.5) < 0.02
     adam = compress(net, (x, y), CONFIG.replace(mode=mode), progress=False)

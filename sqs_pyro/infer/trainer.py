@@ -32,9 +32,9 @@ def _rms(t: torch.Tensor) -> float:
 
 
 def param_groups(model: SQSModel, guide: SpikeGMMGuide, config: SQSConfig) -> list[dict[str, Any]]:
-    """Adam groups: gate logits (``sign`` steps with ``gate_rule="sign"``), latent weights, codebooks (levels and mixing logits), the levels' slab
-    scales (at ``slab_scale_rate`` times the codebook's rate), the log group scales (at the codebook's
-    rate) and the dense (uncompressed) tensors.
+    """Adam groups: gate logits (``sign`` steps with ``gate_rule="sign"``), latent weights, codebooks (levels and
+    mixing logits), the levels' slab scales (at ``slab_scale_rate`` times the codebook's rate), the log group
+    scales (at the codebook's rate) and the dense (uncompressed) tensors.
 
     With ``lr_weights_relative > 0`` every layer's latent weights form their own group with
     ``lr = min(lr_weights, lr_weights_relative * RMS(w_l))`` (``w_l``: the weights the guide starts
