@@ -23,7 +23,14 @@ OTHER five novels (seed 0, the same windowing).
     venv-llmc/bin/python benchmarks/lm_anchors.py --austen assets/austen --method gptq --group 64   # llmcompressor GPTQ int4 (128 refused: 576 % 128)
     venv-llmc/bin/python benchmarks/lm_anchors.py --austen assets/austen --method sparsegpt  # llmcompressor SparseGPT 50% (~25 min)
     venv-llmc/bin/python benchmarks/lm_anchors.py --austen assets/austen --method wanda      # llmcompressor Wanda 50%
+    venv-llmc/bin/python benchmarks/lm_anchors.py --austen assets/austen --method sparsegpt_w4 --group 64  # SparseGPT 50%, then W4
     python benchmarks/lm_anchors.py --austen assets/austen --method wanda_dense           # own Wanda, dense-model norms
+
+Trained anchors (``--start``): the same methods applied to the dense model that ``benchmarks/smollm.py``
+fine-tuned on its training windows (``--start runs/smollm/dense_ft_s48_b8_lr2e-05_seed0.pt``, the
+``dense_ft`` cache; its ``lm.`` keys are those of the wrapped model). That is the classical pipeline
+beside SQS's trained rows: fine-tune on the same tokens, then quantise (and prune) in one shot with
+calibration windows that are the first of those same training windows.
 
 One JSON line per run is appended to ``--out`` (benchmarks/results/lm_anchors.jsonl). Only the 210 attention and
 MLP matrices (q,k,v,o,gate,up,down of 30 layers) are touched; embeddings / lm_head stay fp32.
@@ -32,7 +39,10 @@ Bits per weight count side information: HQQ keeps a scale and a zero per group (
 storage format; here rounded to fp16 before de-quantisation, so the perplexity is that of
 what would be stored): 4 + 32/G. GPTQ W4A16 (symmetric): one fp16 (bf16 in llmcompressor's
 saved format) scale per group: 4 + 16/G. 50% unstructured sparsity: not a storage format by
-itself; bits given as 16 x 0.5 + 1 (fp16 values + a bitmask) = 9 for reference.
+itself; bits given as 16 x 0.5 + 1 (fp16 values + a bitmask) = 9 for reference. SparseGPT 50% then
+W4 (``sparsegpt_w4``): 4-bit kept values, a bitmask and the scales, 0.5 x 4 + 1 + 16/G. Its W4 step is
+llmcompressor's ``QuantizationModifier`` (symmetric min/max per group, so a pruned zero stays zero):
+GPTQ's error feedback in llmcompressor 0.14 writes into pruned weights and would undo the mask.
 """
 from __future__ import annotations
 
@@ -112,6 +122,14 @@ def data(args, tokenizer):
     train = torch.cat([token_windows(tokenizer, t, args.seq_len) for n, t in books.items() if n != HELD_OUT])
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:args.calib]
     return held, train[pick, :-1]  # calibration: 128-token inputs
+
+
+def load_start(lm: nn.Module, path: Path) -> None:
+    """Loads a state dict saved by ``benchmarks/smollm.py`` (keys of ``CausalLM(lm)``: ``lm.`` + the model's)."""
+    state = torch.load(path)
+    if not all(k.startswith("lm.") for k in state):
+        raise SystemExit(f"{path}: not a state dict of the wrapped model (keys without the 'lm.' prefix)")
+    lm.load_state_dict({k[3:]: v for k, v in state.items()})
 
 
 def target_linears(lm: nn.Module):
@@ -197,15 +215,22 @@ def llmc(lm: nn.Module, tokenizer, calib: torch.Tensor, method: str, group: int,
     from datasets import Dataset
     from llmcompressor import oneshot
 
-    ignore = ["lm_head"]
-    if method == "gptq":
+    ignore = ["re:.*lm_head"]  # a bare "lm_head" is not matched by the pruning modifiers (tied to the embeddings)
+    if method in ("gptq", "sparsegpt_w4"):
         from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-        from llmcompressor.modifiers.quantization import GPTQModifier
+        from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
         scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
             num_bits=4, type="int", symmetric=True, strategy="group", group_size=group))
         recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=ignore)
         info = {"bits_per_weight": 4 + 16 / group, "side_info": "one 16-bit scale per group (symmetric, no zero)"}
+        if method == "sparsegpt_w4":  # prune, then round the survivors to the symmetric grid (zero stays zero)
+            from llmcompressor.modifiers.pruning import SparseGPTModifier
+
+            recipe = [SparseGPTModifier(sparsity=sparsity, mask_structure="0:0", targets=["Linear"], ignore=ignore),
+                      QuantizationModifier(config_groups={"group_0": scheme}, ignore=ignore)]
+            info = {"bits_per_weight": (1 - sparsity) * 4 + 1 + 16 / group,
+                    "side_info": "4-bit kept values + 1-bit mask + one 16-bit scale per group"}
     elif method == "sparsegpt":
         from llmcompressor.modifiers.pruning import SparseGPTModifier  # noqa: F401 (location differs by version)
 
@@ -231,6 +256,12 @@ def llmc(lm: nn.Module, tokenizer, calib: torch.Tensor, method: str, group: int,
     ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     oneshot(model=lm, dataset=ds, recipe=recipe, num_calibration_samples=len(calib), max_seq_length=calib.shape[1],
             tokenizer=tokenizer)
+    if method in ("gptq", "sparsegpt_w4"):  # write the weights' QDQ into them (GPTQ's already are on the grid)
+        from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+        with torch.no_grad():
+            for _, m in target_linears(lm):
+                m.weight.data = forward_quantize(m, m.weight.data, "weight", m.quantization_scheme.weights)
     name, first = target_linears(lm)[0]
     info["first_linear"] = name
     info["first_linear_extra_params"] = sorted(k for k, _ in first.named_parameters() if k != "weight")
@@ -250,7 +281,8 @@ def sparsity_of(lm: nn.Module) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--austen", type=Path, required=True)
-    p.add_argument("--method", required=True, choices=("dense", "rtn", "hqq", "gptq", "sparsegpt", "wanda", "wanda_dense"))
+    p.add_argument("--method", required=True, choices=("dense", "rtn", "hqq", "gptq", "sparsegpt", "sparsegpt_w4",
+                                                        "wanda", "wanda_dense"))
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--sparsity", type=float, default=0.5)
@@ -259,16 +291,22 @@ def main() -> None:
     p.add_argument("--calib", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--start", type=Path, help="a fine-tuned state dict of benchmarks/smollm.py (its dense_ft cache)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lm_anchors.jsonl")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    if args.start is not None and not args.start.is_file():
+        raise SystemExit(f"--start {args.start}: no such file (run benchmarks/smollm.py --runs dense_ft first)")
     tok, lm = load_smollm()
     held, calib = data(args, tok)
-    t_load = time.perf_counter() - t0
     row = {"method": args.method, "eval_windows": len(held), "eval_tokens": int(held[:, 1:].numel()),
            "n_target_linears": len(target_linears(lm)),
            "target_params": sum(m.weight.numel() for _, m in target_linears(lm))}
+    if args.start is not None:
+        load_start(lm, args.start)
+        row.update(start=args.start.name, start_perplexity=perplexity(lm, held))
+    t_load = time.perf_counter() - t0
     t1 = time.perf_counter()
     if args.method == "dense":
         row["bits_per_weight"] = 32
@@ -280,7 +318,7 @@ def main() -> None:
         row.update(calib_windows=len(calib), calib_tokens=int(calib.numel()), sparsity=args.sparsity,
                    **wanda_dense(lm, calib, args.sparsity))
     else:
-        row.update(group=args.group if args.method == "gptq" else None, calib_windows=len(calib),
+        row.update(group=args.group if args.method in ("gptq", "sparsegpt_w4") else None, calib_windows=len(calib),
                    calib_tokens=int(calib.numel()),
                    **llmc(lm, tok, calib, args.method, args.group, args.sparsity))
     row["compress_seconds"] = time.perf_counter() - t1
