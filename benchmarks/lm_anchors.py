@@ -61,6 +61,7 @@ AUSTEN_BOOKS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "pride
 AUSTEN_RDATA = Path("usr/lib/R/site-library/janeaustenr/data/Rdata")
 HELD_OUT = "persuasion"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+W4_GROUP_METHODS = ("gptq", "sparsegpt_w4")  # the llmcompressor methods that quantise to 4 bits per --group weights
 
 
 # ---- loaders: identical to sqs_pyro.hf / sqs_pyro.data.text (copied so this venv needs no pyro) ----
@@ -211,7 +212,7 @@ def llmc(lm: nn.Module, tokenizer, calib: torch.Tensor, method: str, group: int,
     from llmcompressor import oneshot
 
     ignore = ["re:.*lm_head"]  # a bare "lm_head" is not matched by the pruning modifiers (tied to the embeddings)
-    if method in ("gptq", "sparsegpt_w4"):
+    if method in W4_GROUP_METHODS:
         from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
         from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
@@ -251,7 +252,7 @@ def llmc(lm: nn.Module, tokenizer, calib: torch.Tensor, method: str, group: int,
     ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     oneshot(model=lm, dataset=ds, recipe=recipe, num_calibration_samples=len(calib), max_seq_length=calib.shape[1],
             tokenizer=tokenizer)
-    if method in ("gptq", "sparsegpt_w4"):  # write the weights' QDQ into them (GPTQ's already are on the grid)
+    if method in W4_GROUP_METHODS:  # write the weights' QDQ into them (GPTQ's already are on the grid)
         from compressed_tensors.quantization.lifecycle.forward import forward_quantize
 
         with torch.no_grad():
@@ -313,7 +314,7 @@ def main() -> None:
         row.update(calib_windows=len(calib), calib_tokens=int(calib.numel()), sparsity=args.sparsity,
                    **wanda_dense(lm, calib, args.sparsity))
     else:
-        row.update(group=args.group if args.method in ("gptq", "sparsegpt_w4") else None, calib_windows=len(calib),
+        row.update(group=args.group if args.method in W4_GROUP_METHODS else None, calib_windows=len(calib),
                    calib_tokens=int(calib.numel()),
                    **llmc(lm, tok, calib, args.method, args.group, args.sparsity))
     row["compress_seconds"] = time.perf_counter() - t1
