@@ -14,8 +14,8 @@
    SQS starts from the one-shot network of ``sqs-pyro quantize``'s method (SparseGPT's mask and
    GPTQ error feedback under the input second moments of ``--calib`` training sentences, no
    exact weights), whose accuracy is reported too; writes ``--out``
-   (benchmarks/results/minilm.json). The fine-tuned network is cached in runs/minilm/
-   (``dense_seconds`` is then the loading time). ``--checkpoint-blocks``: SQS recomputes each
+   (benchmarks/results/minilm.json). The fine-tuned network is cached in ``--cache-dir``
+   (runs/minilm/; ``dense_seconds`` is then the loading time), which also holds SQS's checkpoint. ``--checkpoint-blocks``: SQS recomputes each
    encoder layer in the backward pass (``compress(checkpoint_blocks=True)``; the same result).
 """
 import argparse
@@ -84,6 +84,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "minilm.json")
     parser.add_argument("--checkpoint-blocks", action="store_true",
                         help="SQS recomputes each encoder layer in the backward pass (the same result, less memory)")
+    parser.add_argument("--cache-dir", type=Path, default=Path("runs/minilm"),
+                        help="the fine-tuned network's cache and SQS's checkpoint")
+    parser.add_argument("--device", default="cpu", help="torch device of the network and the data (e.g. cuda)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="further SQSConfig fields, applied last (e.g. gate_score=magnitude prune_scope=lamp)")
     args = parser.parse_args()
@@ -94,21 +97,22 @@ def main() -> None:
     order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(args.seed))
     tokenizer, encoder = load_minilm()
     x_all = encode_sentences(tokenizer, [sentences[i] for i in order], args.max_length)
-    y_all = labels[order]
+    device = torch.device(args.device)
+    x_all, y_all = x_all.to(device), labels[order].to(device)
     x, y = x_all[:args.train], y_all[:args.train]
     x_test, y_test = x_all[-args.test:], y_all[-args.test:]
     x_val, y_val = x_all[args.train:args.train + args.val], y_all[args.train:args.train + args.val]
     if args.train + args.val + args.test > len(x_all):
         parser.error(f"--train + --val + --test exceed the {len(x_all)} sentences")
 
-    net = SentenceClassifier(encoder, 2)
+    net = SentenceClassifier(encoder, 2).to(device)
     reset_peak()
     rss_dense = vm("VmRSS")
     start = time.perf_counter()
     # the fine-tuned network is cached: it depends only on these settings
-    cache = Path("runs/minilm") / f"dense_ft_train{args.train}_ep{args.epochs}_b{args.batch_size}_l{args.max_length}_s{args.seed}.pt"
+    cache = args.cache_dir / f"dense_ft_train{args.train}_ep{args.epochs}_b{args.batch_size}_l{args.max_length}_s{args.seed}.pt"
     if cache.exists():
-        net.load_state_dict(torch.load(cache))
+        net.load_state_dict(torch.load(cache, map_location=device))
     else:
         fine_tune(net, x, y, args.epochs, args.batch_size, 5e-5, args.seed, torch.nn.functional.cross_entropy)
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -136,7 +140,7 @@ def main() -> None:
         oneshot_scores = {"accuracy_oneshot": accuracy(plain, x_test, y_test, batch_size=64),
                           **({"accuracy_val_oneshot": accuracy(plain, x_val, y_val, batch_size=64)} if args.val else {})}
         del plain
-    result = compress(net, (x, y), config, progress=True, checkpoint_dir=Path("runs/minilm"), start=oneshot,
+    result = compress(net, (x, y), config, progress=True, checkpoint_dir=args.cache_dir, start=oneshot,
                       checkpoint_blocks=args.checkpoint_blocks)
     sqs_seconds = time.perf_counter() - start
     peak_sqs = vm("VmHWM")
@@ -148,7 +152,7 @@ def main() -> None:
         "lr_codebook": args.lr_codebook, "mode": args.mode,
         "group_size": args.group_size, "responsibility_scale": args.responsibility_scale, "val": len(x_val),
         "start_oneshot": args.start_oneshot, "overrides": args.set,
-        "checkpoint_blocks": args.checkpoint_blocks, "seed": args.seed, **oneshot_scores,
+        "checkpoint_blocks": args.checkpoint_blocks, "seed": args.seed, "device": str(device), **oneshot_scores,
         "accuracy_dense": acc_dense, "accuracy_greedy": accuracy(greedy, x_test, y_test, batch_size=64),
         "accuracy_averaged": accuracy(result.averaged_module(), x_test, y_test, batch_size=64),
         "cosine_greedy_vs_dense": mean_cosine(net, greedy, x_test),
@@ -162,10 +166,10 @@ def main() -> None:
         "bytes_per_param_sqs": (peak_sqs - rss_dense) / acc["compressed_params"],
     }
     report = outlier_summary(result, max_listed=10)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     (args.out.parent / f"{args.out.stem}_outliers.json").write_text(json.dumps(report, indent=1, default=float))
     row["outliers_overall"] = report["overall"]
     print(json.dumps(row, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(row, indent=2))
 
 
