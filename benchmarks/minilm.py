@@ -15,8 +15,9 @@
    GPTQ error feedback under the input second moments of ``--calib`` training sentences, no
    exact weights), whose accuracy is reported too; writes ``--out``
    (benchmarks/results/minilm.json). The fine-tuned network is cached in ``--cache-dir``
-   (runs/minilm/; ``dense_seconds`` is then the loading time), which also holds SQS's checkpoint. ``--checkpoint-blocks``: SQS recomputes each
-   encoder layer in the backward pass (``compress(checkpoint_blocks=True)``; the same result).
+   (runs/minilm/; ``dense_seconds`` is then the loading time), which also holds SQS's checkpoint.
+   ``--checkpoint-blocks``: SQS recomputes each encoder layer in the backward pass
+   (``compress(checkpoint_blocks=True)``; the same result).
 """
 import argparse
 import copy
@@ -90,6 +91,10 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="further SQSConfig fields, applied last (e.g. gate_score=magnitude prune_scope=lamp)")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type != "cpu" and not (torch.accelerator.is_available()
+                                     and torch.accelerator.current_accelerator().type == device.type):
+        parser.error(f"--device {args.device}: no such accelerator here")
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
 
@@ -97,7 +102,6 @@ def main() -> None:
     order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(args.seed))
     tokenizer, encoder = load_minilm()
     x_all = encode_sentences(tokenizer, [sentences[i] for i in order], args.max_length)
-    device = torch.device(args.device)
     x_all, y_all = x_all.to(device), labels[order].to(device)
     x, y = x_all[:args.train], y_all[:args.train]
     x_test, y_test = x_all[-args.test:], y_all[-args.test:]
