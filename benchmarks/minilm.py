@@ -16,12 +16,16 @@
    exact weights), whose accuracy is reported too; writes ``--out``
    (benchmarks/results/minilm.json). The fine-tuned network is cached in ``--cache-dir``
    (runs/minilm/; ``dense_seconds`` is then the loading time), which also holds SQS's checkpoint.
+   ``--transfer N``: SQS also trains on N further sentences (after the validation ones, before the test
+   ones) labelled by the fine-tuned dense network's argmax, a transfer set for the distillation; their
+   gold labels are never read, and SQS runs the same number of steps as without them.
    ``--checkpoint-blocks``: SQS recomputes each encoder layer in the backward pass
    (``compress(checkpoint_blocks=True)``; the same result).
 """
 import argparse
 import copy
 import json
+import math
 import time
 from pathlib import Path
 
@@ -82,6 +86,8 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=512, help="calibration sentences of --start-oneshot")
     parser.add_argument("--val", type=int, default=0,
                         help="also score N validation sentences (after the training ones, before the test ones)")
+    parser.add_argument("--transfer", type=int, default=0,
+                        help="N unlabelled sentences after the validation ones, labelled by the dense network (see above)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "minilm.json")
     parser.add_argument("--checkpoint-blocks", action="store_true",
                         help="SQS recomputes each encoder layer in the backward pass (the same result, less memory)")
@@ -106,8 +112,9 @@ def main() -> None:
     x, y = x_all[:args.train], y_all[:args.train]
     x_test, y_test = x_all[-args.test:], y_all[-args.test:]
     x_val, y_val = x_all[args.train:args.train + args.val], y_all[args.train:args.train + args.val]
-    if args.train + args.val + args.test > len(x_all):
-        parser.error(f"--train + --val + --test exceed the {len(x_all)} sentences")
+    x_pool = x_all[args.train + args.val:args.train + args.val + args.transfer]
+    if args.train + args.val + args.transfer + args.test > len(x_all):
+        parser.error(f"--train + --val + --transfer + --test exceed the {len(x_all)} sentences")
 
     net = SentenceClassifier(encoder, 2).to(device)
     reset_peak()
@@ -126,9 +133,17 @@ def main() -> None:
     acc_dense = accuracy(net, x_test, y_test, batch_size=64)
     reset_peak()
 
+    steps = math.ceil(args.epochs * (len(x) // args.batch_size))
+    if args.transfer:  # the dense network's argmax labels the transfer set; SQS keeps its number of steps
+        with torch.no_grad():
+            net.eval()
+            y_pool = torch.cat([net(x_pool[i:i + 64]).argmax(-1) for i in range(0, len(x_pool), 64)])
+        x, y = torch.cat([x, x_pool]), torch.cat([y, y_pool])
+    # ceil() in the schedule gives back `steps` over the longer epochs
+    sqs_epochs = (steps - 0.5) / (len(x) // args.batch_size) if args.transfer else args.epochs
     s_f = args.sparsity
     config = SQSConfig.from_dict({**HF_DEFAULTS, "sparsity": s_f, "initial_sparsity": s_f,
-                                  "components": args.components, "windows": args.windows, "epochs": args.epochs,
+                                  "components": args.components, "windows": args.windows, "epochs": sqs_epochs,
                                   "batch_size": args.batch_size, "seed": args.seed, "kl_weight": args.kl_weight,
                                   "lr_weights": args.lr_weights, "lr_codebook": args.lr_codebook,
                                   "mode": args.mode, "group_size": args.group_size,
@@ -151,7 +166,8 @@ def main() -> None:
     greedy = result.greedy_module()
     acc = result.accounting()
     row = {
-        "train": len(x), "test": len(x_test), "epochs": args.epochs, "sparsity_target": args.sparsity,
+        "train": args.train, "transfer": args.transfer, "sqs_steps": steps, "test": len(x_test),
+        "epochs": args.epochs, "sparsity_target": args.sparsity,
         "K": args.components, "windows": args.windows, "kl_weight": args.kl_weight, "lr_weights": args.lr_weights,
         "lr_codebook": args.lr_codebook, "mode": args.mode,
         "group_size": args.group_size, "responsibility_scale": args.responsibility_scale, "val": len(x_val),
