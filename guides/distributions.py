@@ -63,6 +63,13 @@ def relaxed_one_hot(log_phi: torch.Tensor, uniforms: torch.Tensor,
     return index, soft - soft.detach()
 
 
+def _levels_at(values: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``values[codes]`` for a K-vector ``values`` and integer codes of any shape (uint8 or int64): one
+    ``index_select``, several times faster on CPU than advanced indexing for the same values."""
+    index = codes.long()
+    return torch.index_select(values, 0, index.reshape(-1)).view(index.shape)
+
+
 class _GatedLevel(torch.autograd.Function):
     """``z_j mu_{k_j}`` forward for 0/1 gate values ``z_j``; backward the straight-through gradients of
     ``z_j (mu_{k_j} + x_j - stop_grad(x_j))``: ``dx_j = z_j g_j``, ``dmu_k = sum_{j: k_j = k} z_j g_j``,
@@ -72,7 +79,7 @@ class _GatedLevel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, latent: torch.Tensor, locs: torch.Tensor, codes: torch.Tensor, gate: torch.Tensor):
         ctx.save_for_backward(locs, codes, gate if gate.dtype == torch.bool else gate != 0)  # codes: uint8 or int64
-        return gate * locs[codes.long()]
+        return gate * _levels_at(locs, codes)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -82,9 +89,9 @@ class _GatedLevel(torch.autograd.Function):
         if gated.dim() > codes.dim():  # several draws of the gates: the latent's gradient sums them
             gated = gated.sum(tuple(range(gated.dim() - codes.dim())))
         index = codes.long()
-        dlocs = (torch.zeros_like(locs).index_add_(0, index.reshape(-1), gated.reshape(-1))
+        dlocs = (torch.zeros_like(locs).scatter_add_(0, index.reshape(-1), gated.reshape(-1))
                  if ctx.needs_input_grad[1] else None)
-        dgate = grad * locs[index] if ctx.needs_input_grad[3] else None
+        dgate = grad * _levels_at(locs, index) if ctx.needs_input_grad[3] else None
         return gated if ctx.needs_input_grad[0] else None, dlocs, None, dgate
 
 
@@ -137,9 +144,15 @@ class _RelaxedGate(torch.autograd.Function):
         return dtheta, None, None
 
 
-def fixed_bernoulli_kl(g: torch.Tensor, log_lam, log_not_lam) -> torch.Tensor:
+def fixed_bernoulli_kl(g: torch.Tensor, log_lam, log_not_lam, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``KL(Bern(g) || Bern(lam))`` per weight for given inclusions ``g`` (e.g. a fixed 0/1 mask), with
-    ``0 log 0 = 0``; ``log_lam``, ``log_not_lam`` from :func:`~sqs_pyro.models.priors.log_inclusion`."""
+    ``0 log 0 = 0``; ``log_lam``, ``log_not_lam`` from :func:`~sqs_pyro.models.priors.log_inclusion`.
+
+    A bool mask ``g`` gives the same values in one pass, in ``dtype``: ``-log lam`` where kept and
+    ``-log(1 - lam)`` where pruned."""
+    if g.dtype == torch.bool:
+        kept = torch.as_tensor(log_lam, dtype=dtype, device=g.device).neg()
+        return torch.where(g, kept, torch.as_tensor(log_not_lam, dtype=kept.dtype, device=g.device).neg())
     return torch.special.xlogy(g, g) - g * log_lam + torch.special.xlogy(1 - g, 1 - g) - (1 - g) * log_not_lam
 
 
@@ -153,11 +166,11 @@ class _ModeKL(torch.autograd.Function):
     def forward(ctx, costs: torch.Tensor, codes: torch.Tensor, theta: torch.Tensor | None,
                 gate_fixed: torch.Tensor | None, log_lam, log_not_lam):
         logit_lam = log_lam - log_not_lam
-        out = costs[codes.long()]
+        out = _levels_at(costs, codes)
         if theta is not None:  # KL_Bern = g (theta - logit lam) - softplus(theta) - log(1 - lam), in place
             out.add_(theta).sub_(logit_lam).mul_(torch.sigmoid(theta)).sub_(F.softplus(theta)).sub_(log_not_lam)
         else:
-            out.mul_(gate_fixed).add_(fixed_bernoulli_kl(gate_fixed.to(out.dtype), log_lam, log_not_lam))
+            out.mul_(gate_fixed).add_(fixed_bernoulli_kl(gate_fixed, log_lam, log_not_lam, out.dtype))
         ctx.save_for_backward(costs, codes, theta if theta is not None else gate_fixed)  # codes: uint8 or int64
         ctx.learned = theta is not None
         ctx.logit_lam = logit_lam
@@ -169,11 +182,11 @@ class _ModeKL(torch.autograd.Function):
         costs, codes, gates = ctx.saved_tensors
         index = codes.long()
         g = torch.sigmoid(gates) if ctx.learned else gates
-        dcosts = (torch.zeros_like(costs).index_add_(0, index.reshape(-1), (grad * g).reshape(-1))
+        dcosts = (torch.zeros_like(costs).scatter_add_(0, index.reshape(-1), (grad * g).reshape(-1))
                   if ctx.needs_input_grad[0] else None)
         dtheta = None
         if ctx.learned and ctx.needs_input_grad[2]:
-            dtheta = grad * g * (1 - g) * (gates - ctx.logit_lam + costs[index])
+            dtheta = grad * g * (1 - g) * (gates - ctx.logit_lam + _levels_at(costs, index))
         return dcosts, None, dtheta, None, None, None
 
 

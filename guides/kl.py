@@ -39,7 +39,8 @@ def bernoulli_kl(q: SpikeGMM, inclusion: float | torch.Tensor) -> torch.Tensor:
     g = q.inclusion
     log_lam, log_not_lam = log_inclusion(inclusion)
     if q.gate_fixed is not None:
-        return fixed_bernoulli_kl(g, log_lam, log_not_lam)
+        fixed = q.gate_fixed if q.gate_fixed.dtype == torch.bool else g
+        return fixed_bernoulli_kl(fixed, log_lam, log_not_lam, g.dtype)
     log_g, log_not_g = q.log_inclusion()
     return g * (log_g - log_lam) + (1 - g) * (log_not_g - log_not_lam)
 

@@ -40,6 +40,25 @@ def test_bernoulli_kl_closed_form():
     torch.testing.assert_close(bernoulli_kl(q, LAM), expected)
 
 
+@pytest.mark.parametrize("lam", [LAM, torch.tensor(0.3, dtype=torch.float64)])
+def test_bernoulli_kl_of_a_fixed_mask_is_minus_log_prior_odds(lam):
+    """A bool mask (the frozen gates): -log lam where kept, -log(1 - lam) where pruned, bit-equal to the float
+    formula with 0 log 0 = 0, in the latent weights' dtype; the hard-mode KL adds the same terms."""
+    q = make_q()
+    mask = torch.tensor([True, False, False, True, True, False])
+    fixed = SpikeGMM(q.gate_logits, q.latent, q.codebook, gate_fixed=mask)
+    kept, pruned = -math.log(float(lam)), -math.log1p(-float(lam))
+    expected = torch.where(mask, torch.tensor(kept), torch.tensor(pruned))
+    torch.testing.assert_close(bernoulli_kl(fixed, lam), expected)
+    as_float = SpikeGMM(q.gate_logits, q.latent, q.codebook, gate_fixed=mask.float())
+    assert torch.equal(bernoulli_kl(fixed, lam), bernoulli_kl(as_float, lam))
+    costs = torch.tensor([0.5, 1.0, 2.0])
+    hard = SpikeGMM(q.gate_logits, q.latent, q.codebook, gate_fixed=mask, mode="hard")
+    hard_float = SpikeGMM(q.gate_logits, q.latent, q.codebook, gate_fixed=mask.float(), mode="hard")
+    assert torch.equal(hard.mode_kl(lam, costs), hard_float.mode_kl(lam, costs))
+    torch.testing.assert_close(hard.mode_kl(lam, costs), expected + mask * costs[hard.mode_codes.long()])
+
+
 def test_bound_agrees_with_monte_carlo_estimate_of_the_same_bound():
     """KL_Bern exact + g * sum_k phi_k * MC[log N_k(w) - log slab(w)], w ~ N_k."""
     q, p = make_q(), prior(weights=(0.6, 0.4), locs=(0.0, 1.0), scales=(2.0, 0.5))

@@ -3,7 +3,6 @@
 rates), logs the data and KL terms, checkpoints, and rolls back on divergence."""
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -195,9 +194,10 @@ class Trainer:
         return phase, beta
 
     def _finite(self, loss: torch.Tensor) -> bool:
-        grads = [p.grad for p in self.params if p.grad is not None]
-        worst = torch.nn.utils.get_total_norm(grads, norm_type=math.inf) if grads else loss.new_zeros(())
-        return bool(torch.isfinite(loss) & torch.isfinite(worst))
+        """Whether the loss and every gradient are finite: ``max_j |grad_j|`` (the inf-norm, NaN-propagating)
+        is, taken per tensor (torch's foreach inf-norm is several times slower on CPU)."""
+        worst = [p.grad.abs().amax() for p in self.params if p.grad is not None and p.grad.numel()]
+        return bool(torch.isfinite(loss) & torch.isfinite(torch.stack(worst).amax() if worst else loss))
 
     def _checkpoint(self, path: Path | None) -> dict[str, Any]:
         """Write the checkpoint to ``path`` and return a reference to it; without a path, return
