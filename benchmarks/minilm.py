@@ -18,7 +18,10 @@
    (runs/minilm/; ``dense_seconds`` is then the loading time), which also holds SQS's checkpoint.
    ``--transfer N``: SQS also trains on N further sentences (after the validation ones, before the test
    ones) labelled by the fine-tuned dense network's argmax, a transfer set for the distillation; their
-   gold labels are never read, and SQS runs the same number of steps as without them.
+   gold labels are never read, and SQS runs the same number of steps as without them. ``--sqs-epochs E``:
+   SQS runs E passes over the training sentences (the dense fine-tuning keeps ``--epochs``). The rows also
+   record both networks' accuracy on the training sentences and how often the two agree on test and
+   validation.
    ``--checkpoint-blocks``: SQS recomputes each encoder layer in the backward pass
    (``compress(checkpoint_blocks=True)``; the same result).
 """
@@ -48,6 +51,15 @@ def mean_cosine(a: SentenceClassifier, b: torch.nn.Module, x: torch.Tensor) -> f
     ea = torch.cat([a.embed(x[i:i + 64]) for i in range(0, len(x), 64)])
     eb = torch.cat([b.embed(x[i:i + 64]) for i in range(0, len(x), 64)])
     return float(torch.nn.functional.cosine_similarity(ea, eb, dim=-1).mean())
+
+
+@torch.no_grad()
+def agreement(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> float:
+    """The fraction of inputs on which the two classifiers predict the same class."""
+    a.eval()
+    b.eval()
+    return float(torch.cat([a(x[i:i + 64]).argmax(-1) == b(x[i:i + 64]).argmax(-1) for i in range(0, len(x), 64)])
+                 .float().mean())
 
 
 def one_shot_start(net: SentenceClassifier, config: SQSConfig, calib: torch.Tensor):
@@ -86,6 +98,8 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=512, help="calibration sentences of --start-oneshot")
     parser.add_argument("--val", type=int, default=0,
                         help="also score N validation sentences (after the training ones, before the test ones)")
+    parser.add_argument("--sqs-epochs", type=float, default=None,
+                        help="SQS's passes over the training sentences (default: --epochs, the dense fine-tuning's)")
     parser.add_argument("--transfer", type=int, default=0,
                         help="N unlabelled sentences after the validation ones, labelled by the dense network (see above)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "minilm.json")
@@ -133,14 +147,15 @@ def main() -> None:
     acc_dense = accuracy(net, x_test, y_test, batch_size=64)
     reset_peak()
 
-    steps = math.ceil(args.epochs * (len(x) // args.batch_size))
+    sqs_epochs = args.epochs if args.sqs_epochs is None else args.sqs_epochs
+    steps = math.ceil(sqs_epochs * (len(x) // args.batch_size))
     if args.transfer:  # the dense network's argmax labels the transfer set; SQS keeps its number of steps
         with torch.no_grad():
             net.eval()
             y_pool = torch.cat([net(x_pool[i:i + 64]).argmax(-1) for i in range(0, len(x_pool), 64)])
         x, y = torch.cat([x, x_pool]), torch.cat([y, y_pool])
     # ceil() in the schedule gives back `steps` over the longer epochs
-    sqs_epochs = (steps - 0.5) / (len(x) // args.batch_size) if args.transfer else args.epochs
+    sqs_epochs = (steps - 0.5) / (len(x) // args.batch_size) if args.transfer else sqs_epochs
     s_f = args.sparsity
     config = SQSConfig.from_dict({**HF_DEFAULTS, "sparsity": s_f, "initial_sparsity": s_f,
                                   "components": args.components, "windows": args.windows, "epochs": sqs_epochs,
@@ -167,7 +182,7 @@ def main() -> None:
     acc = result.accounting()
     row = {
         "train": args.train, "transfer": args.transfer, "sqs_steps": steps, "test": len(x_test),
-        "epochs": args.epochs, "sparsity_target": args.sparsity,
+        "epochs": args.epochs, "sqs_epochs": args.sqs_epochs, "sparsity_target": args.sparsity,
         "K": args.components, "windows": args.windows, "kl_weight": args.kl_weight, "lr_weights": args.lr_weights,
         "lr_codebook": args.lr_codebook, "mode": args.mode,
         "group_size": args.group_size, "responsibility_scale": args.responsibility_scale, "val": len(x_val),
@@ -176,6 +191,10 @@ def main() -> None:
         "accuracy_dense": acc_dense, "accuracy_greedy": accuracy(greedy, x_test, y_test, batch_size=64),
         "accuracy_averaged": accuracy(result.averaged_module(), x_test, y_test, batch_size=64),
         "cosine_greedy_vs_dense": mean_cosine(net, greedy, x_test),
+        "accuracy_train_dense": accuracy(net, x[:args.train], y[:args.train], batch_size=64),
+        "accuracy_train_greedy": accuracy(greedy, x[:args.train], y[:args.train], batch_size=64),
+        "agreement_greedy_vs_dense": agreement(net, greedy, x_test),
+        **({"agreement_val_greedy_vs_dense": agreement(net, greedy, x_val)} if args.val else {}),
         **({"accuracy_val_dense": accuracy(net, x_val, y_val, batch_size=64),
             "accuracy_val_greedy": accuracy(greedy, x_val, y_val, batch_size=64)} if args.val else {}),
         "sparsity": acc["sparsity"], "bits": acc["bits"], "cr_formula": acc["cr_formula"],
