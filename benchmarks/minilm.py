@@ -20,8 +20,10 @@
    ones) labelled by the fine-tuned dense network's argmax, a transfer set for the distillation; their
    gold labels are never read, and SQS runs the same number of steps as without them. ``--sqs-epochs E``:
    SQS runs E passes over the training sentences (the dense fine-tuning keeps ``--epochs``). The rows also
-   record both networks' accuracy on the training sentences and how often the two agree on test and
-   validation.
+   record both networks' accuracy on the training sentences and, on the training, test and validation
+   ones, how often the two agree, how often each predicts the second class and the mean shift of the logit
+   margin. ``--resume`` rebuilds SQS's network from the checkpoint of a finished run with the same settings
+   in ``--cache-dir`` and evaluates it.
    ``--checkpoint-blocks``: SQS recomputes each encoder layer in the backward pass
    (``compress(checkpoint_blocks=True)``; the same result).
 """
@@ -54,12 +56,17 @@ def mean_cosine(a: SentenceClassifier, b: torch.nn.Module, x: torch.Tensor) -> f
 
 
 @torch.no_grad()
-def agreement(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> float:
-    """The fraction of inputs on which the two classifiers predict the same class."""
-    a.eval()
-    b.eval()
-    return float(torch.cat([a(x[i:i + 64]).argmax(-1) == b(x[i:i + 64]).argmax(-1) for i in range(0, len(x), 64)])
-                 .float().mean())
+def against_dense(dense: torch.nn.Module, other: torch.nn.Module, x: torch.Tensor, split: str) -> dict[str, float]:
+    """How ``other`` differs from the dense classifier on ``x``: how often the two predict the same class, the
+    rate of the second class ("positive") for each, and the mean shift of the logit margin ``l_1 - l_0``."""
+    dense.eval()
+    other.eval()
+    margins = [torch.cat([(m(x[i:i + 64]) @ torch.tensor([-1.0, 1.0], device=x.device)) for i in range(0, len(x), 64)])
+               for m in (dense, other)]
+    return {f"agreement_{split}": float(((margins[0] > 0) == (margins[1] > 0)).float().mean()),
+            f"positive_rate_{split}_dense": float((margins[0] > 0).float().mean()),
+            f"positive_rate_{split}_greedy": float((margins[1] > 0).float().mean()),
+            f"margin_shift_{split}": float((margins[1] - margins[0]).mean())}
 
 
 def one_shot_start(net: SentenceClassifier, config: SQSConfig, calib: torch.Tensor):
@@ -101,10 +108,12 @@ def main() -> None:
     parser.add_argument("--sqs-epochs", type=float, default=None,
                         help="SQS's passes over the training sentences (default: --epochs, the dense fine-tuning's)")
     parser.add_argument("--transfer", type=int, default=0,
-                        help="N unlabelled sentences after the validation ones, labelled by the dense network (see above)")
+                        help="N unlabelled sentences after the validation ones, labelled by the dense network")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "minilm.json")
     parser.add_argument("--checkpoint-blocks", action="store_true",
                         help="SQS recomputes each encoder layer in the backward pass (the same result, less memory)")
+    parser.add_argument("--resume", action="store_true",
+                        help="rebuild SQS's network from the checkpoint in --cache-dir (same settings) and evaluate it")
     parser.add_argument("--cache-dir", type=Path, default=Path("runs/minilm"),
                         help="the fine-tuned network's cache and SQS's checkpoint")
     parser.add_argument("--device", default="cpu", help="torch device of the network and the data (e.g. cuda)")
@@ -175,7 +184,7 @@ def main() -> None:
                           **({"accuracy_val_oneshot": accuracy(plain, x_val, y_val, batch_size=64)} if args.val else {})}
         del plain
     result = compress(net, (x, y), config, progress=True, checkpoint_dir=args.cache_dir, start=oneshot,
-                      checkpoint_blocks=args.checkpoint_blocks)
+                      resume=args.resume, checkpoint_blocks=args.checkpoint_blocks)
     sqs_seconds = time.perf_counter() - start
     peak_sqs = vm("VmHWM")
     greedy = result.greedy_module()
@@ -193,8 +202,8 @@ def main() -> None:
         "cosine_greedy_vs_dense": mean_cosine(net, greedy, x_test),
         "accuracy_train_dense": accuracy(net, x[:args.train], y[:args.train], batch_size=64),
         "accuracy_train_greedy": accuracy(greedy, x[:args.train], y[:args.train], batch_size=64),
-        "agreement_greedy_vs_dense": agreement(net, greedy, x_test),
-        **({"agreement_val_greedy_vs_dense": agreement(net, greedy, x_val)} if args.val else {}),
+        **against_dense(net, greedy, x[:args.train], "train"), **against_dense(net, greedy, x_test, "test"),
+        **(against_dense(net, greedy, x_val, "val") if args.val else {}),
         **({"accuracy_val_dense": accuracy(net, x_val, y_val, batch_size=64),
             "accuracy_val_greedy": accuracy(greedy, x_val, y_val, batch_size=64)} if args.val else {}),
         "sparsity": acc["sparsity"], "bits": acc["bits"], "cr_formula": acc["cr_formula"],
