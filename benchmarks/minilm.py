@@ -41,7 +41,7 @@ from overrides import parse_overrides
 from sqs_pyro import SQSConfig
 from sqs_pyro.analysis.outliers import outlier_summary
 from sqs_pyro.cli.compress_hf import HF_DEFAULTS
-from sqs_pyro.data import accuracy
+from sqs_pyro.data import accuracy, predictive_probs
 from sqs_pyro.hf import SentenceClassifier, encode_sentences, fine_tune, load_minilm
 from sqs_pyro.models import transformer_include
 from sqs_pyro.infer import compress
@@ -56,17 +56,23 @@ def mean_cosine(a: SentenceClassifier, b: torch.nn.Module, x: torch.Tensor) -> f
 
 
 @torch.no_grad()
-def against_dense(dense: torch.nn.Module, other: torch.nn.Module, x: torch.Tensor, split: str) -> dict[str, float]:
-    """How ``other`` differs from the dense classifier on ``x``: how often the two predict the same class, the
-    rate of the second class ("positive") for each, and the mean shift of the logit margin ``l_1 - l_0``."""
+def against_dense(dense: torch.nn.Module, other: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  tag: str = "") -> dict[str, float]:
+    """Both classifiers on ``(x, y)``, one pass each: their accuracies, how often they predict the same class,
+    the rate of the second class ("positive") for each, and the mean shift of the logit margin ``l_1 - l_0``
+    (keys ``accuracy{tag}_dense``, ``accuracy{tag}_greedy``, ``agreement{tag}``, ``positive_rate{tag}_dense``,
+    ``positive_rate{tag}_greedy``, ``margin_shift{tag}``)."""
     dense.eval()
     other.eval()
     margins = [torch.cat([(m(x[i:i + 64]) @ torch.tensor([-1.0, 1.0], device=x.device)) for i in range(0, len(x), 64)])
                for m in (dense, other)]
-    return {f"agreement_{split}": float(((margins[0] > 0) == (margins[1] > 0)).float().mean()),
-            f"positive_rate_{split}_dense": float((margins[0] > 0).float().mean()),
-            f"positive_rate_{split}_greedy": float((margins[1] > 0).float().mean()),
-            f"margin_shift_{split}": float((margins[1] - margins[0]).mean())}
+    positive = [margin > 0 for margin in margins]  # argmax: class 1 only above a tie, as here
+    return {f"accuracy{tag}_dense": int((positive[0] == y.bool()).sum()) / len(y),  # exact, as accuracy() counts
+            f"accuracy{tag}_greedy": int((positive[1] == y.bool()).sum()) / len(y),
+            f"agreement{tag}": float((positive[0] == positive[1]).float().mean()),
+            f"positive_rate{tag}_dense": float(positive[0].float().mean()),
+            f"positive_rate{tag}_greedy": float(positive[1].float().mean()),
+            f"margin_shift{tag}": float((margins[1] - margins[0]).mean())}
 
 
 def one_shot_start(net: SentenceClassifier, config: SQSConfig, calib: torch.Tensor):
@@ -153,16 +159,12 @@ def main() -> None:
         torch.save(net.state_dict(), cache)
     dense_seconds = time.perf_counter() - start
     peak_dense_ft = vm("VmHWM")
-    acc_dense = accuracy(net, x_test, y_test, batch_size=64)
     reset_peak()
 
     sqs_epochs = args.epochs if args.sqs_epochs is None else args.sqs_epochs
     steps = math.ceil(sqs_epochs * (len(x) // args.batch_size))
     if args.transfer:  # the dense network's argmax labels the transfer set; SQS keeps its number of steps
-        with torch.no_grad():
-            net.eval()
-            y_pool = torch.cat([net(x_pool[i:i + 64]).argmax(-1) for i in range(0, len(x_pool), 64)])
-        x, y = torch.cat([x, x_pool]), torch.cat([y, y_pool])
+        x, y = torch.cat([x, x_pool]), torch.cat([y, predictive_probs(net, x_pool, 64).argmax(-1).to(y.dtype)])
     # ceil() in the schedule gives back `steps` over the longer epochs
     sqs_epochs = (steps - 0.5) / (len(x) // args.batch_size) if args.transfer else sqs_epochs
     s_f = args.sparsity
@@ -197,15 +199,11 @@ def main() -> None:
         "group_size": args.group_size, "responsibility_scale": args.responsibility_scale, "val": len(x_val),
         "start_oneshot": args.start_oneshot, "overrides": args.set,
         "checkpoint_blocks": args.checkpoint_blocks, "seed": args.seed, "device": str(device), **oneshot_scores,
-        "accuracy_dense": acc_dense, "accuracy_greedy": accuracy(greedy, x_test, y_test, batch_size=64),
+        **against_dense(net, greedy, x_test, y_test),
         "accuracy_averaged": accuracy(result.averaged_module(), x_test, y_test, batch_size=64),
         "cosine_greedy_vs_dense": mean_cosine(net, greedy, x_test),
-        "accuracy_train_dense": accuracy(net, x[:args.train], y[:args.train], batch_size=64),
-        "accuracy_train_greedy": accuracy(greedy, x[:args.train], y[:args.train], batch_size=64),
-        **against_dense(net, greedy, x[:args.train], "train"), **against_dense(net, greedy, x_test, "test"),
-        **(against_dense(net, greedy, x_val, "val") if args.val else {}),
-        **({"accuracy_val_dense": accuracy(net, x_val, y_val, batch_size=64),
-            "accuracy_val_greedy": accuracy(greedy, x_val, y_val, batch_size=64)} if args.val else {}),
+        **against_dense(net, greedy, x[:args.train], y[:args.train], "_train"),
+        **(against_dense(net, greedy, x_val, y_val, "_val") if args.val else {}),
         "sparsity": acc["sparsity"], "bits": acc["bits"], "cr_formula": acc["cr_formula"],
         "compressed_params": acc["compressed_params"], "packed_ratio": acc["bytes_fp32"] / acc["bytes_packed"],
         "dense_seconds": dense_seconds, "sqs_seconds": sqs_seconds,
