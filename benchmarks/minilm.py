@@ -8,7 +8,7 @@
    75% sparsity, K=16: the paper's BERT setting) for the same number of epochs, with the
    ``--hf`` defaults (``sqs_pyro.cli.compress_hf.HF_DEFAULTS``) and a KL weight of 1e-4;
 3. reports held-out accuracy (dense, greedy, averaged), achieved sparsity, bits, CR formula,
-   packed ratio, the mean cosine between compressed and dense sentence embeddings, peak RSS
+   packed ratio, each matrix's density, the mean cosine between compressed and dense sentence embeddings, peak RSS
    and wall times (and, with ``--val N``, accuracy on N validation sentences carved out
    between the training and the test ones, for choosing settings); with ``--start-oneshot``
    SQS starts from the one-shot network of ``sqs-pyro quantize``'s method (SparseGPT's mask and
@@ -204,7 +204,8 @@ def main() -> None:
         "cosine_greedy_vs_dense": mean_cosine(net, greedy, x_test),
         **against_dense(net, greedy, x[:args.train], y[:args.train], "_train"),
         **(against_dense(net, greedy, x_val, y_val, "_val") if args.val else {}),
-        "sparsity": acc["sparsity"], "bits": acc["bits"], "cr_formula": acc["cr_formula"],
+        "sparsity": acc["sparsity"], "layer_density": {l["name"]: l["density"] for l in acc["layers"]},
+        "bits": acc["bits"], "cr_formula": acc["cr_formula"],
         "compressed_params": acc["compressed_params"], "packed_ratio": acc["bytes_fp32"] / acc["bytes_packed"],
         "dense_seconds": dense_seconds, "sqs_seconds": sqs_seconds,
         "rss_dense_bytes": rss_dense, "peak_rss_dense_ft_bytes": peak_dense_ft, "peak_rss_sqs_bytes": peak_sqs,
