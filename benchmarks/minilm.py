@@ -21,9 +21,9 @@
    gold labels are never read, and SQS runs the same number of steps as without them. ``--sqs-epochs E``:
    SQS runs E passes over the training sentences (the dense fine-tuning keeps ``--epochs``). The rows also
    record both networks' accuracy on the training sentences and, on the training, test and validation
-   ones, how often the two agree, how often each predicts the second class and the mean shift of the logit
-   margin. ``--resume`` rebuilds SQS's network from the checkpoint of a finished run with the same settings
-   in ``--cache-dir`` and evaluates it.
+   ones, how often the two agree, how often each predicts the second class, the mean shift of the logit
+   margin and the mean cosine between their sentence embeddings. ``--resume`` rebuilds SQS's network from the
+   checkpoint of a finished run with the same settings in ``--cache-dir`` and evaluates it.
    ``--checkpoint-blocks``: SQS recomputes each encoder layer in the backward pass
    (``compress(checkpoint_blocks=True)``; the same result).
 """
@@ -49,30 +49,28 @@ from sqs_pyro.data.text import movie_reviews
 
 
 @torch.no_grad()
-def mean_cosine(a: SentenceClassifier, b: torch.nn.Module, x: torch.Tensor) -> float:
-    ea = torch.cat([a.embed(x[i:i + 64]) for i in range(0, len(x), 64)])
-    eb = torch.cat([b.embed(x[i:i + 64]) for i in range(0, len(x), 64)])
-    return float(torch.nn.functional.cosine_similarity(ea, eb, dim=-1).mean())
-
-
-@torch.no_grad()
-def against_dense(dense: torch.nn.Module, other: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+def against_dense(dense: SentenceClassifier, other: SentenceClassifier, x: torch.Tensor, y: torch.Tensor,
                   tag: str = "") -> dict[str, float]:
-    """Both classifiers on ``(x, y)``, one pass each: their accuracies, how often they predict the same class,
-    the rate of the second class ("positive") for each, and the mean shift of the logit margin ``l_1 - l_0``
-    (keys ``accuracy{tag}_dense``, ``accuracy{tag}_greedy``, ``agreement{tag}``, ``positive_rate{tag}_dense``,
-    ``positive_rate{tag}_greedy``, ``margin_shift{tag}``)."""
+    """Both classifiers on ``(x, y)``, one pass each (sentence embeddings, then the head's logits): their
+    accuracies, how often they predict the same class, the rate of the second class ("positive") for each, the
+    mean shift of the logit margin ``l_1 - l_0`` and the mean cosine between their sentence embeddings (keys
+    ``accuracy{tag}_dense``, ``accuracy{tag}_greedy``, ``agreement{tag}``, ``positive_rate{tag}_dense``,
+    ``positive_rate{tag}_greedy``, ``margin_shift{tag}``, ``cosine{tag}_greedy_vs_dense``)."""
     dense.eval()
     other.eval()
-    margins = [torch.cat([(m(x[i:i + 64]) @ torch.tensor([-1.0, 1.0], device=x.device)) for i in range(0, len(x), 64)])
-               for m in (dense, other)]
+    sign = torch.tensor([-1.0, 1.0], device=x.device)
+    batches = [x[i:i + 64] for i in range(0, len(x), 64)]
+    embedded = [[m.embed(b) for b in batches] for m in (dense, other)]  # forward() is head(embed(x)), per batch
+    margins = [torch.cat([m.head(e) @ sign for e in parts]) for m, parts in zip((dense, other), embedded)]
+    embeddings = [torch.cat(parts) for parts in embedded]
     positive = [margin > 0 for margin in margins]  # argmax: class 1 only above a tie, as here
     return {f"accuracy{tag}_dense": int((positive[0] == y.bool()).sum()) / len(y),  # exact, as accuracy() counts
             f"accuracy{tag}_greedy": int((positive[1] == y.bool()).sum()) / len(y),
             f"agreement{tag}": float((positive[0] == positive[1]).float().mean()),
             f"positive_rate{tag}_dense": float(positive[0].float().mean()),
             f"positive_rate{tag}_greedy": float(positive[1].float().mean()),
-            f"margin_shift{tag}": float((margins[1] - margins[0]).mean())}
+            f"margin_shift{tag}": float((margins[1] - margins[0]).mean()),
+            f"cosine{tag}_greedy_vs_dense": float(torch.nn.functional.cosine_similarity(*embeddings, dim=-1).mean())}
 
 
 def one_shot_start(net: SentenceClassifier, config: SQSConfig, calib: torch.Tensor):
@@ -201,7 +199,6 @@ def main() -> None:
         "checkpoint_blocks": args.checkpoint_blocks, "seed": args.seed, "device": str(device), **oneshot_scores,
         **against_dense(net, greedy, x_test, y_test),
         "accuracy_averaged": accuracy(result.averaged_module(), x_test, y_test, batch_size=64),
-        "cosine_greedy_vs_dense": mean_cosine(net, greedy, x_test),
         **against_dense(net, greedy, x[:args.train], y[:args.train], "_train"),
         **(against_dense(net, greedy, x_val, y_val, "_val") if args.val else {}),
         "sparsity": acc["sparsity"], "layer_density": {l["name"]: l["density"] for l in acc["layers"]},
