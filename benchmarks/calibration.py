@@ -69,6 +69,8 @@ def parse_cell(text: str) -> tuple[float, int]:
 def commit() -> str:
     """The checked-out commit, with ``+dirty`` when tracked files differ from it."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout
+    if not head:
+        return "unknown (not a git checkout)"
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
                            capture_output=True, text=True).stdout
     return head.strip() + ("+dirty" if dirty.strip() else "")
