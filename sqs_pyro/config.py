@@ -79,6 +79,12 @@ class SQSConfig:
     cubic sparsity ramp from ``initial_sparsity`` to ``sparsity``, then fine-tuning with the mask
     frozen.
 
+    Posterior phase: after the point phases, ``posterior_epochs`` more epochs (``0``: none) fit the
+    posterior around the mask they froze by the sampled ELBO (``W ~ q`` in the forward pass: gates fixed,
+    codes drawn from ``phi``, slab noise ``s_k eps``), so that the data term reaches the responsibilities
+    (latent weights, levels, scales, mixing weights); the slab scales and mixing logits learn at
+    ``lr_posterior`` (cosine to 5%), everything else at the point phases' last rate.
+
     Rates: Adam with ``min(lr_weights, lr_weights_relative * RMS(w_l))`` on the latent weights
     of layer ``l`` (a step never more than that fraction of the layer's weight scale; ``0``: plain
     ``lr_weights``; 0.08 chosen on validation, it leaves the MNIST CNN at ``lr_weights`` and slows
@@ -134,6 +140,8 @@ class SQSConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     num_averaged: int = 10
+    posterior_epochs: float = 0.25
+    lr_posterior: float = 0.1
     adaptive_bits: bool = False
     merge_separation: float = 2.0
     seed: int = 0
@@ -194,6 +202,8 @@ class SQSConfig:
                 except re.error as exc:
                     raise SQSInputError(f"{name} pattern {pattern!r} is not a valid regular expression: {exc}") from exc
         _check(self.num_averaged >= 1, "num_averaged must be >= 1")
+        _check(self.posterior_epochs >= 0, f"posterior_epochs must be >= 0, got {self.posterior_epochs!r}")
+        _check(self.lr_posterior >= 0 and math.isfinite(self.lr_posterior), "lr_posterior must be >= 0")
         _check(self.merge_separation >= 0, f"merge_separation must be >= 0, got {self.merge_separation!r}")
         _check(self.log_every >= 1, "log_every must be >= 1")
         _check(0 <= self.seed < 2**32, f"seed must lie in [0, 2**32), got {self.seed!r}")

@@ -247,7 +247,7 @@ def compress(
             if guide.layers[0].state != GateState.FROZEN:
                 guide.freeze_mask()
     result.seconds = trainer.seconds
-    result.evaluate(eval_fn, schedule.total_steps, "final")
+    result.evaluate(eval_fn, schedule.end, "final")
     return result
 
 

@@ -66,16 +66,25 @@ def log_record(guide: SpikeGMMGuide, step: int, phase: str, loss: float, kl: flo
     (beta-weighted during KL warm-up) when the forward pass samples ``W ~ q``
     (``mode="sample"``), and a surrogate without a bound otherwise (``objective_kind``):
     ``log p(D | E_q W) - beta KL`` in ``mode="expected"``, ``E_z log p(D | z * mu_argmax) -
-    beta KL`` in ``mode="hard"``. The ELBO itself, ``(data term - KL) / N``, is logged as
-    ``elbo`` for sampled runs only.
+    beta KL`` in ``mode="hard"``; a sampled step with ``beta != 1`` (KL warm-up, or a ``kl_weight``
+    other than 1) is a tempered ELBO (``"tempered_elbo"``). The ELBO itself, ``(data term - KL) / N``, is
+    logged as ``elbo`` for sampled steps only.
     """
     data_term = -loss + beta * kl
     sampled = guide.mode == "sample"
     record = {"step": step, "phase": phase, "objective": -loss / num_data,
-              "objective_kind": "elbo" if sampled else "surrogate", "nll": -data_term / num_data,
+              "objective_kind": objective_kind(guide.mode, beta), "nll": -data_term / num_data,
               "kl_per_datum": kl / num_data, "kl": kl, "beta": beta, "sparsity": guide.measured_sparsity(),
               "gate_temperature": float(guide.gate_temperature),
               "assign_temperature": float(guide.assign_temperature)}
     if sampled:
         record["elbo"] = (data_term - kl) / num_data
     return record
+
+
+def objective_kind(mode: str, beta: float) -> str:
+    """What a step with forward ``mode`` and KL weight ``beta`` optimises: ``"elbo"`` (``W ~ q``, ``beta = 1``),
+    ``"tempered_elbo"`` (``W ~ q``, ``E_q log p(D|W) - beta KL``) or ``"surrogate"`` (hard or expected forward)."""
+    if mode != "sample":
+        return "surrogate"
+    return "elbo" if beta == 1.0 else "tempered_elbo"

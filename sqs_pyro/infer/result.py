@@ -12,6 +12,7 @@ from sqs_pyro.compressed.accounting import accounting
 from sqs_pyro.compressed.materialize import AveragedPredictor, CompressedNetwork, materialize
 from sqs_pyro.config import SQSConfig
 from sqs_pyro.guides.spike_gmm import SpikeGMMGuide
+from sqs_pyro.infer.elbo import objective_kind
 from sqs_pyro.models.network import SQSModel
 
 
@@ -25,6 +26,14 @@ class SQSResult:
     guide: SpikeGMMGuide
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+
+    @property
+    def objective_kind(self) -> str:
+        """What the run optimised, phase by phase: the point phases' objective (:func:`~sqs_pyro.infer.elbo.objective_kind`
+        of ``config.mode`` at ``config.kl_weight``), then, with a posterior phase, ``"+elbo"`` (or ``"+tempered_elbo"``)."""
+        c = self.config
+        kind = objective_kind(c.mode, c.kl_weight)
+        return kind + ("+" + objective_kind("sample", c.kl_weight) if c.posterior_epochs > 0 else "")
 
     def compressed(self) -> CompressedNetwork:
         """The greedy compressed network (mask, codes, codebooks, other tensors)."""

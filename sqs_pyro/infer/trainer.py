@@ -22,8 +22,13 @@ from sqs_pyro.infer.distributed import DistContext
 from sqs_pyro.infer.elbo import SQSMeanFieldELBO, log_record
 from sqs_pyro.infer.optim import AdamWithSignGroups
 from sqs_pyro.infer.result import SQSResult
-from sqs_pyro.infer.schedules import FINETUNE, PRUNE, Schedule
+from sqs_pyro.infer.schedules import FINETUNE, POSTERIOR, PRUNE, Schedule
 from sqs_pyro.models.network import SQSModel
+
+
+#: the Adam groups that learn at ``lr_posterior`` in the posterior phase: what only the sampled ELBO's data term
+#: (and the KL) can teach, the widths and the mixing weights
+POSTERIOR_GROUPS = ("slab_scales", "mixing")
 
 
 def _rms(t: torch.Tensor) -> float:
@@ -31,15 +36,17 @@ def _rms(t: torch.Tensor) -> float:
 
 
 def param_groups(model: SQSModel, guide: SpikeGMMGuide, config: SQSConfig) -> list[dict[str, Any]]:
-    """Adam groups: gate logits (``sign`` steps with ``gate_rule="sign"``), latent weights, codebooks (levels and
-    mixing logits), the levels' slab scales (at ``slab_scale_rate`` times the codebook's rate), the log group
-    scales (at the codebook's rate) and the dense (uncompressed) tensors.
+    """Adam groups: gate logits (``sign`` steps with ``gate_rule="sign"``), latent weights, the levels, the mixing
+    logits (both at ``lr_codebook``), the levels' slab scales (at ``slab_scale_rate`` times the codebook's rate), the
+    log group scales (at the codebook's rate) and the dense (uncompressed) tensors. In the posterior phase the
+    slab scales and mixing logits learn at ``lr_posterior`` (:data:`POSTERIOR_GROUPS`).
 
     With ``lr_weights_relative > 0`` every layer's latent weights form their own group with
     ``lr = min(lr_weights, lr_weights_relative * RMS(w_l))`` (``w_l``: the weights the guide starts
     from): an Adam step (about ``lr`` per weight) is at most that fraction of the layer's scale."""
     gates = [layer.gate_logits for layer in guide.layers]
-    codebook = [p for layer in guide.layers for p in (layer.locs, layer.mix_logits)]
+    levels = [layer.locs for layer in guide.layers]
+    mixing = [layer.mix_logits for layer in guide.layers]
     slab_scales = [layer.scale_raw for layer in guide.layers]
     if config.lr_weights_relative > 0:
         latent = [{"params": [layer.latent], "name": f"latent:{layer.site_name}",
@@ -49,7 +56,8 @@ def param_groups(model: SQSModel, guide: SpikeGMMGuide, config: SQSConfig) -> li
         latent = [{"params": [layer.latent for layer in guide.layers], "lr": config.lr_weights, "name": "latent"}]
     dense = [p for p in model.net.parameters() if p.requires_grad]
     groups = [{"params": gates, "lr": config.lr_gates, "name": "gates", "sign": config.gate_rule == "sign"}, *latent,
-              {"params": codebook, "lr": config.lr_codebook, "name": "codebook"},
+              {"params": levels, "lr": config.lr_codebook, "name": "codebook"},
+              {"params": mixing, "lr": config.lr_codebook, "name": "mixing"},
               {"params": slab_scales, "lr": config.slab_scale_rate * config.lr_codebook, "name": "slab_scales"}]
     if model.log_group_scales is not None:
         groups.append({"params": list(model.log_group_scales), "lr": config.lr_codebook, "name": "group_scales"})
@@ -135,12 +143,13 @@ class Trainer:
         schedule, config, guide = self.schedule, self.result.config, self.result.guide
         good = self._checkpoint(checkpoint_path if self.step == 0 else None)
         batches = self.batches()
-        bar = tqdm(total=schedule.total_steps, initial=self.step, disable=not (progress and self.ctx.is_main),
+        bar = tqdm(total=schedule.end, initial=self.step, disable=not (progress and self.ctx.is_main),
                    desc="SQS", unit="step")
-        while self.step < schedule.total_steps:
+        while self.step < schedule.end:
             step = self.step
             periodic = checkpoint_every and step % checkpoint_every == 0
-            if step != good["step"] and (periodic or step in (schedule.prune_start, schedule.prune_end)):
+            if step != good["step"] and (periodic or step in (schedule.prune_start, schedule.prune_end,
+                                                              schedule.total_steps)):
                 good = self._checkpoint(checkpoint_path)
             phase, beta = self._apply_schedule(step, eval_fn)
             x, y = next(batches)
@@ -152,10 +161,10 @@ class Trainer:
                 self._rollback(good, step, max_rollbacks, checkpoint_path)
                 good = self._checkpoint(checkpoint_path)
                 batches = self.batches()
-                bar.reset(total=schedule.total_steps)
+                bar.reset(total=schedule.end)
                 bar.update(self.step)
                 continue
-            logging = step % config.log_every == 0 or step == schedule.total_steps - 1
+            logging = step % config.log_every == 0 or step in (schedule.total_steps - 1, schedule.end - 1)
             kl = guide.total_kl(self.result.model.priors()) if logging else 0.0  # at the loss's parameters
             self.optimizer.step()
             if phase == PRUNE:
@@ -185,12 +194,21 @@ class Trainer:
             for layer in guide.layers:  # the gate logits never step again: drop their Adam moments
                 self.optimizer.state.pop(layer.gate_logits, None)
             self.result.evaluate(eval_fn, step, "prune_end")
+        if step == schedule.total_steps and phase == POSTERIOR:
+            if guide.layers[0].state != GateState.FROZEN:  # a schedule without fine-tuning steps
+                guide.freeze_mask()
+                for layer in guide.layers:
+                    self.optimizer.state.pop(layer.gate_logits, None)
+            self.result.evaluate(eval_fn, step, "point_end")
+        guide.mode = "sample" if phase == POSTERIOR else self.result.config.mode
         beta = schedule.kl_weight(step)
         model.kl_weight = guide.kl_weight = beta
         guide.gate_temperature.fill_(schedule.gate_temperature(step))
         guide.assign_temperature.fill_(schedule.assign_temperature(step))
+        posterior_lr = self.result.config.lr_posterior * schedule.posterior_lr_factor(step)
         for group, lr in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = lr * schedule.lr_factor(step) * self.lr_scale
+            own = posterior_lr if phase == POSTERIOR and group["name"] in POSTERIOR_GROUPS else lr * schedule.lr_factor(step)
+            group["lr"] = own * self.lr_scale
         return phase, beta
 
     def _finite(self, loss: torch.Tensor) -> bool:
