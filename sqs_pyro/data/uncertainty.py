@@ -177,7 +177,8 @@ class LastLayerLaplace(nn.Module):
 
     @staticmethod
     def _probit(logits: torch.Tensor, variances: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits / torch.sqrt(1.0 + math.pi / 8.0 * variances), dim=-1)
+        """``softmax_c(f_c / sqrt(1 + pi/8 var_c))`` over dimension 1 (the classes)."""
+        return torch.softmax(logits / torch.sqrt(1.0 + math.pi / 8.0 * variances), dim=1)
 
     def tune_prior_precision(self, x: torch.Tensor, y: torch.Tensor, grid: tuple[float, ...] = PRIOR_PRECISIONS,
                              batch_size: int = 500) -> float:
