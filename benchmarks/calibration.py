@@ -186,10 +186,10 @@ def plots(rows: list[dict[str, Any]], stem: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
     angles = [0, *ROTATIONS]
-    for method in METHODS:
+    for method, style in zip(METHODS, ("o-", "x--", "s:", "^-")):  # greedy and its temperature share the argmax
         means = [statistics.fmean(r["accuracy"] for r in rows if r["method"] == method
                                   and r["split"] == ("test" if a == 0 else f"rot{a}")) for a in angles]
-        ax.plot(angles, [100 * m for m in means], "o-", label=method)
+        ax.plot(angles, [100 * m for m in means], style, label=method, alpha=0.8)
     ax.set_xlabel("rotation (degrees)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
