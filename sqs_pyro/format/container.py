@@ -11,14 +11,18 @@ Layout (integers little-endian, offsets in bytes)::
     48+H     P     payload, P = header["payload_bytes"], its SHA-256 = header["payload_sha256"] (hex)
     48+H+P         end of file: nothing may follow
 
+The version written is 3 with a posterior section, else 2 with group scales or exact weights, else 1.
+
 Header keys: ``format`` (``"sqs-pyro"``), ``format_version`` (equal to the preamble's),
 ``payload_bytes``, ``payload_sha256``, ``architecture`` (hints only, never executed:
 ``class`` = ``"module.QualName"`` of the network; for a network that is or wraps a transformers
 model also ``transformers_class``, ``transformers_prefix`` and ``transformers_config``, see
 :func:`architecture_hints`), ``config`` (the compression config), ``accounting``
-(totals of :func:`sqs_pyro.compressed.accounting.accounting`), ``layers`` and ``tensors``.
+(totals of :func:`sqs_pyro.compressed.accounting.accounting`), ``layers`` and ``tensors``;
+optionally ``posterior`` (format version 3).
 
-The payload is the concatenation, in header order, of every entry's segments.
+The payload is the concatenation, in header order, of every entry's segments: the layers', the
+tensors', then the posterior section's.
 
 ``layers`` (compressed weights), each an object with ``name``; ``shape`` (list of ints,
 row-major); ``dtype`` of the weight (``float32``, ``float64``, ``float16`` or ``bfloat16``);
@@ -37,6 +41,11 @@ checks what the decoders produced, not just what was read.
 (= numel x item size). Segment: the raw little-endian values, row-major. A tensor tied to an
 earlier one (the same tensor in the state dict, e.g. an LM head tied to the embeddings) has
 ``same_as`` = that tensor's name, ``bytes`` = 0 and no segment.
+
+``posterior`` (what the posterior predictive needs, :mod:`sqs_pyro.format.posterior`):
+``threshold`` (eps in [0, 1/2)), ``prob_bits`` (1 to 16) and ``layers``, one entry per compressed
+layer in the same order, each with ``uncertain``, ``positions``, ``runner_kind``, ``runner``,
+``probs`` and ``crc32``.
 
 Reading never unpickles and checks, in order: magic, version, lengths against the file
 size, both checksums, the header's schema, that the segments tile the payload exactly, the
@@ -61,13 +70,15 @@ import torch
 from torch import nn
 
 from sqs_pyro.format import codecs as coding
+from sqs_pyro.format import posterior as post
 from sqs_pyro.compressed.accounting import binary_entropy, dense_params
 from sqs_pyro.format.atomic import write_bytes_atomic
 from sqs_pyro.errors import CompressedFileError, SQSInputError
-from sqs_pyro.compressed.materialize import CompressedLayer, CompressedNetwork
+from sqs_pyro.compressed.materialize import AveragedPredictor, CompressedLayer, CompressedNetwork
+from sqs_pyro.compressed.posterior import MixturePosterior, RunnerUps, guide_runner_ups
 
 MAGIC = b"\x89SQS\r\n\x1a\n"
-FORMAT_VERSION = 2  # written only when a layer has group scales or exact weights; otherwise 1
+FORMAT_VERSION = 3  # 3 with a posterior section; 2 when a layer has group scales or exact weights; otherwise 1
 PREAMBLE = struct.Struct("<8sII32s")
 MAX_HEADER_BYTES = 1 << 24
 MAX_COMPONENTS = 1 << coding.MAX_WIDTH
@@ -229,12 +240,29 @@ def architecture_hints(model: nn.Module | None) -> dict[str, Any]:
     return hints
 
 
+def _posterior_layer(layer: CompressedLayer, summary: RunnerUps, codebook_dtype: str | None,
+                     spec: post.PosteriorCoding) -> tuple[dict[str, Any], list[bytes]]:
+    """A layer's posterior entry and segments, coded against the codebook the reader will decode."""
+    if summary.prob.numel() and float(summary.prob.min()) <= spec.threshold:
+        raise SQSInputError(f"layer {layer.name}: runner-up probabilities must exceed the threshold {spec.threshold}")
+    stored = layer.codebook.detach().to(DTYPES[codebook_dtype or dtype_name(layer.codebook.dtype)][0])
+    mask = layer.mask.detach().cpu().numpy().astype(bool).ravel()
+    kept = layer.codes.detach().cpu().numpy().ravel()[mask].astype(np.int64)
+    try:
+        return post.encode_layer(summary, kept, stored.double().cpu().numpy(),
+                                 layer.component_windows.cpu().numpy(), spec)
+    except SQSInputError as exc:
+        raise SQSInputError(f"layer {layer.name}: {exc}") from None
+
+
 def encode_file(network: CompressedNetwork, codebook_dtype: str | None = None,
-                architecture: dict[str, Any] | None = None) -> bytes:
+                architecture: dict[str, Any] | None = None, posterior: dict[str, RunnerUps] | None = None,
+                posterior_coding: post.PosteriorCoding = post.PosteriorCoding()) -> bytes:
     """The bytes of the ``.sqs`` file of ``network`` (see the module docstring for the layout).
 
     ``codebook_dtype``: ``None`` stores each codebook in its own dtype (exact round trip);
-    ``"float16"`` halves the codebooks' bytes and rounds their values.
+    ``"float16"`` halves the codebooks' bytes and rounds their values. ``posterior``: the
+    posterior summary of every layer, by name, stored with ``posterior_coding``.
     """
     if codebook_dtype is not None and codebook_dtype not in FLOAT_DTYPES:
         raise SQSInputError(f"codebook_dtype must be None or one of {FLOAT_DTYPES}, got {codebook_dtype!r}")
@@ -256,13 +284,24 @@ def encode_file(network: CompressedNetwork, codebook_dtype: str | None = None,
         tensors.append({**entry, "bytes": len(data)})
         segments.append(data)
         stored[id(tensor)] = name
+    section = None
+    if posterior is not None:
+        missing = [layer.name for layer in network.layers if layer.name not in posterior]
+        if missing:
+            raise SQSInputError(f"the posterior lacks the layers {missing[:3]}")
+        section = {"threshold": posterior_coding.threshold, "prob_bits": posterior_coding.prob_bits, "layers": []}
+        for layer in network.layers:
+            entry, parts = _posterior_layer(layer, posterior[layer.name], codebook_dtype, posterior_coding)
+            section["layers"].append(entry)
+            segments += parts
     payload = b"".join(segments)
-    version = FORMAT_VERSION if any("group_size" in e or "exact" in e for e in layers) else 1
+    version = 3 if section else 2 if any("group_size" in e or "exact" in e for e in layers) else 1
     header = {
         "format": "sqs-pyro", "format_version": version,
         "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest(),
         "architecture": _json_safe(architecture or {}), "config": _json_safe(network.config),
         "accounting": _totals(layers, network.dense_state), "layers": layers, "tensors": tensors,
+        **({"posterior": section} if section else {}),
     }
     text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     if len(text) > MAX_HEADER_BYTES:
@@ -271,20 +310,29 @@ def encode_file(network: CompressedNetwork, codebook_dtype: str | None = None,
 
 
 def save_compressed(obj: Any, path: str | os.PathLike, *, codebook_dtype: str | None = None,
-                    model: nn.Module | None = None) -> int:
+                    model: nn.Module | None = None, posterior: bool | post.PosteriorCoding = False) -> int:
     """Save an :class:`~sqs_pyro.infer.result.SQSResult` or a :class:`CompressedNetwork` to ``path``
     (atomically) and return the file's size in bytes.
 
     ``model`` supplies the architecture hints (default: the result's skeleton).
     ``codebook_dtype="float16"`` stores fp16 codebooks (smaller, no longer bit-exact).
+    ``posterior`` (a result's only): also store the posterior section, so that
+    ``load_compressed(..., predictive=True)`` serves the posterior predictive; ``True`` codes it
+    with the default :class:`~sqs_pyro.format.posterior.PosteriorCoding`.
     """
+    spec = posterior if isinstance(posterior, post.PosteriorCoding) else post.PosteriorCoding() if posterior else None
+    summaries = None
     if isinstance(obj, CompressedNetwork):
         network = obj
+        if spec is not None:
+            raise SQSInputError("the posterior section needs the trained guide: pass the SQSResult, not its network")
     elif callable(getattr(obj, "compressed", None)) and isinstance(getattr(obj, "skeleton", None), nn.Module):
         network, model = obj.compressed(), obj.skeleton if model is None else model
+        if spec is not None:
+            summaries = guide_runner_ups(obj.guide, network, spec.threshold)
     else:
         raise SQSInputError(f"save_compressed takes an SQSResult or a CompressedNetwork, got {type(obj).__name__}")
-    data = encode_file(network, codebook_dtype, architecture_hints(model))
+    data = encode_file(network, codebook_dtype, architecture_hints(model), summaries, spec or post.PosteriorCoding())
     write_bytes_atomic(path, data)  # a crash or a full disk leaves any previous file untouched
     return len(data)
 
@@ -416,6 +464,29 @@ def _parse_tensor(value: Any, where: str) -> _Tensor:
     return tensor
 
 
+def _parse_posterior(value: Any, layers: list[_Layer]) -> tuple[post.PosteriorCoding, list[dict[str, Any]]]:
+    where = "posterior"
+    obj = _obj(value, where)
+    threshold = _key(obj, "threshold", where)
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 <= threshold < 0.5:
+        raise _fail(f"{where}.threshold", f"must be a number in [0, 0.5), got {threshold!r}")
+    bits = _int(obj, "prob_bits", where, post.MAX_PROB_BITS)
+    entries = _key(obj, "layers", where)
+    if bits < 1 or not isinstance(entries, list) or len(entries) != len(layers):
+        raise _fail(where, "must have prob_bits >= 1 and one entry in layers per compressed layer")
+    parsed = []
+    for i, (value, layer) in enumerate(zip(entries, layers)):
+        at = f"{where}.layers[{i}]"
+        entry = _obj(value, at)
+        parsed.append({"uncertain": _int(entry, "uncertain", at, layer.nnz),
+                       "positions": _stream(entry, "positions", at, coding.MASK_CODINGS),
+                       "runner_kind": _str(entry, "runner_kind", at, post.RUNNER_KINDS),
+                       "runner": _stream(entry, "runner", at, coding.CODE_CODINGS),
+                       "probs": _stream(entry, "probs", at, coding.CODE_CODINGS),
+                       "crc32": _int(entry, "crc32", at, 0xFFFFFFFF)})
+    return post.PosteriorCoding(float(threshold), bits), parsed
+
+
 @dataclass(frozen=True)
 class _Parsed:
     header: dict[str, Any]
@@ -423,6 +494,7 @@ class _Parsed:
     layers: list[_Layer]
     tensors: list[_Tensor]
     file_bytes: int
+    posterior: tuple[post.PosteriorCoding, list[dict[str, Any]]] | None = None
 
 
 def _read_exact(f, size: int, what: str, file_bytes: int) -> bytes:
@@ -485,10 +557,17 @@ def _parse(path: str | os.PathLike) -> _Parsed:
             raise CompressedFileError(f"header: tensors[{i}].same_as must name an earlier stored tensor of the "
                                       "same shape and dtype")
         earlier[t.name] = t
-    total = sum(sum(layer.segments) for layer in layers) + sum(t.nbytes for t in tensors)
+    posterior = None
+    if "posterior" in header:
+        if version < 3:
+            raise CompressedFileError(f"header: a posterior section needs format version 3, the file says {version}")
+        posterior = _parse_posterior(header["posterior"], layers)
+    total = (sum(sum(layer.segments) for layer in layers) + sum(t.nbytes for t in tensors)
+             + (sum(sum(post.segment_lengths(e, len(layer.windows))) for e, layer in zip(posterior[1], layers))
+                if posterior else 0))
     if total != payload_bytes:
         raise CompressedFileError(f"header: the segments add up to {total} bytes, the payload has {payload_bytes}")
-    return _Parsed(header, memoryview(payload), layers, tensors, file_bytes)
+    return _Parsed(header, memoryview(payload), layers, tensors, file_bytes, posterior)
 
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
@@ -583,10 +662,31 @@ def _decode_layer(entry: _Layer, payload: memoryview, offset: int) -> _Decoded:
     return _Decoded(entry, mask, np.flatnonzero(mask), kept, codebook, scales, exact_index, exact_values)
 
 
-def _decode(path: str | os.PathLike, model: nn.Module | None,
-            max_elements: int | None) -> tuple[list[_Decoded], dict[str, torch.Tensor], dict[str, Any]]:
-    """The decoded layers, the other tensors and the config of a checked file."""
+def _decode_posterior(parsed: _Parsed, layers: list[_Decoded], offset: int) -> dict[str, RunnerUps]:
+    """The posterior summary of every layer, its segments starting at ``offset``."""
+    spec, entries = parsed.posterior
+    summaries = {}
+    for entry, decoded in zip(entries, layers):
+        parts = []
+        for length in post.segment_lengths(entry, decoded.codebook.numel()):
+            parts.append(parsed.payload[offset:offset + length])
+            offset += length
+        try:
+            summaries[decoded.entry.name] = post.decode_layer(
+                entry, parts, decoded.kept, decoded.codebook.double().numpy(), np.array(decoded.entry.windows), spec)
+        except CompressedFileError as exc:
+            raise CompressedFileError(f"layer {decoded.entry.name}: {exc}") from None
+    return summaries
+
+
+def _decode(path: str | os.PathLike, model: nn.Module | None, max_elements: int | None, predictive: bool = False
+            ) -> tuple[list[_Decoded], dict[str, torch.Tensor], dict[str, Any], dict[str, RunnerUps] | None]:
+    """The decoded layers, the other tensors, the config and (if ``predictive``) the posterior
+    summaries of a checked file."""
     parsed = _parse(path)
+    if predictive and parsed.posterior is None:
+        raise CompressedFileError("the file has no posterior section, so it cannot serve the posterior predictive "
+                                  "(write it with save_compressed(result, path, posterior=True))")
     if model is not None:
         _check_skeleton(parsed, model)
     else:
@@ -607,11 +707,13 @@ def _decode(path: str | os.PathLike, model: nn.Module | None,
         dense[entry.name] = tensor_from_bytes(parsed.payload[offset:offset + entry.nbytes], entry.dtype, entry.shape)
         offset += entry.nbytes
     config = parsed.header.get("config")
-    return layers, dense, config if isinstance(config, dict) else {}
+    summaries = _decode_posterior(parsed, layers, offset) if predictive else None
+    return layers, dense, config if isinstance(config, dict) else {}, summaries
 
 
-def load_compressed(path: str | os.PathLike, model: nn.Module | None = None, *,
-                    max_elements: int | None = None) -> nn.Module | CompressedNetwork:
+def load_compressed(path: str | os.PathLike, model: nn.Module | None = None, *, max_elements: int | None = None,
+                    predictive: bool = False, members: int | None = None, seed: int | None = None
+                    ) -> nn.Module | CompressedNetwork | AveragedPredictor:
     """Load a ``.sqs`` file.
 
     With ``model`` (a skeleton of the original architecture, e.g. ``MNISTNet(28)`` or a
@@ -623,14 +725,35 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None, *,
     ``max_elements`` caps the compressed weights decoded without a model (default
     ``2^16`` per byte of the file), so a hostile header cannot demand a huge allocation.
 
+    ``predictive=True`` (needs ``model`` and a file with a posterior section): the posterior
+    predictive from the file alone, an :class:`~sqs_pyro.compressed.materialize.AveragedPredictor`
+    (in eval mode) averaging the probabilities of ``members`` networks drawn from the stored
+    posterior (:class:`~sqs_pyro.compressed.posterior.MixturePosterior`) with ``seed``; both
+    default to the stored config's ``num_averaged`` and ``seed``. ``model`` is filled with the
+    greedy network as above.
+
     Raises :class:`~sqs_pyro.errors.CompressedFileError` for any corrupted, truncated,
-    tampered, unknown-version or mismatching file (``OSError`` if it cannot be opened).
+    tampered, unknown-version or mismatching file, or a predictive asked of a file without a
+    posterior section (``OSError`` if it cannot be opened).
     """
-    layers, dense, config = _wrap(path, _decode, model, max_elements)
+    if predictive and model is None:
+        raise SQSInputError("predictive=True needs the model (a skeleton of the original architecture)")
+    layers, dense, config, summaries = _wrap(path, _decode, model, max_elements, predictive)
     if model is None:
         return CompressedNetwork([decoded.layer() for decoded in layers], dense, config)
     model.load_state_dict({**dense, **{decoded.entry.name: decoded.weight() for decoded in layers}}, strict=True)
-    return model
+    if not predictive:
+        return model
+    network = CompressedNetwork([decoded.layer() for decoded in layers], dense, config)
+    members = members if members is not None else _setting(config, "num_averaged", 10)
+    seed = seed if seed is not None else _setting(config, "seed", 0)
+    return AveragedPredictor(MixturePosterior(network, summaries), model, network, members, seed).eval()
+
+
+def _setting(config: dict[str, Any], key: str, default: int) -> int:
+    """``config[key]`` if it is a non-negative integer, else ``default``."""
+    value = config.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
 
 
 def layer_table(header: dict[str, Any]) -> list[dict[str, Any]]:
