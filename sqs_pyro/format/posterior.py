@@ -8,11 +8,13 @@ Per compressed layer, with ``nnz`` kept weights, K levels and greedy codes ``c_j
   section's ``threshold`` eps;
 * ``positions``: the ``nnz`` bits saying which kept weights (in row-major order) are uncertain,
   as a mask coding of :mod:`sqs_pyro.format.codecs` (bitmask, Golomb-Rice, zlib, lzma) keeping n;
-* ``runner``: the runner-up level ``r_j`` of each uncertain weight, in order. ``runner_kind``
-  ``"neighbour"``: one bit each, 1 for the next higher and 0 for the next lower level of ``c_j``'s
-  window (levels ordered by their stored value, then index), used when every runner-up is
-  such a neighbour; ``"code"``: the level itself. Either is a code coding (packed, tree, zlib,
-  lzma) over 2 or K symbols;
+* ``runner``: the runner-up levels ``r_j`` of the uncertain weights, in order. ``runner_kind``
+  ``"neighbour"``, used when every runner-up is a neighbour of ``c_j`` in its window (levels
+  ordered by their stored value, then index): one bit for each uncertain weight whose greedy
+  level has a neighbour on both sides, 1 for the next higher level and 0 for the next lower
+  (a level at the end of its window has one neighbour, which needs no bit); ``"code"``: the
+  level of each uncertain weight. Either is a code coding (packed, tree, zlib, lzma) over 2
+  or K symbols;
 * ``probs``: ``p_j`` quantised to ``b = prob_bits`` bits, uniformly in ``t = arcsin sqrt(p)``
   (the variance-stabilising angle: a bin costs about the same KL wherever it lies) on
   ``(t_0, pi/4]``, ``t_0 = arcsin sqrt(eps)``: ``q_j = min(floor((t_j - t_0) / (pi/4 - t_0) 2^b),
@@ -112,7 +114,8 @@ def encode_layer(summary: RunnerUps, kept_codes: np.ndarray, codebook: np.ndarra
     top = kept_codes[index]
     down, up = neighbours(codebook, windows)
     neighbour = bool(np.all((level == down[top]) | (level == up[top])))
-    runner = coding.encode_codes((level == up[top]).astype(np.int64), 2) if neighbour else \
+    both = (down[top] >= 0) & (up[top] >= 0)
+    runner = coding.encode_codes((level == up[top])[both].astype(np.int64), 2) if neighbour else \
         coding.encode_codes(level, components)
     q = spec.quantise(summary.prob.cpu().numpy())
     position_stream, prob_stream = coding.encode_mask(positions), coding.encode_codes(q, 1 << spec.prob_bits)
@@ -142,10 +145,12 @@ def decode_layer(entry: dict[str, Any], parts: list[memoryview], kept_codes: np.
     top = kept_codes[index]
     if entry["runner_kind"] == "neighbour":
         down, up = neighbours(codebook, windows)
-        above = coding.decode_codes(entry["runner"]["coding"], runner_raw, count, 2).astype(bool)
+        both = (down[top] >= 0) & (up[top] >= 0)
+        above = up[top] >= 0  # the only neighbour, where there is one
+        above[both] = coding.decode_codes(entry["runner"]["coding"], runner_raw, int(both.sum()), 2).astype(bool)
         level = np.where(above, up[top], down[top])
         if np.any(level < 0):
-            raise CompressedFileError("a runner-up neighbour lies beyond its window's end")
+            raise CompressedFileError("an uncertain weight's greedy level is alone in its window")
     else:
         level = coding.decode_codes(entry["runner"]["coding"], runner_raw, count, components)
     if np.any(level == top):
