@@ -7,8 +7,10 @@ After training, a kept weight's posterior is a mixture over the K levels (times 
     q(w_j) = \sum_k \phi_{jk}\, \mathcal N(\mu_k, s_k^2).
 
 The summary keeps, per layer, the scales ``s_k`` and, for the kept weights whose assignment is
-not certain (second-largest ``phi_jk`` above a threshold ``eps``), the runner-up level ``r_j``
-and its probability ``p_j``. Every other level's mass goes to the greedy level ``c_j``:
+not certain (some level other than the greedy level ``c_j`` has ``phi_jk`` above a threshold
+``eps``), the runner-up level ``r_j = argmax_{k != c_j} phi_jk`` and its probability ``p_j``
+(after a posterior phase ``c_j``, the point phases' mode, may be the less probable of the two).
+Every other level's mass goes to ``c_j``:
 
 .. math::
 
@@ -52,7 +54,7 @@ def runner_ups(phi: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, thr
     rest = phi.scatter(1, codes[:, None], -1.0)  # the greedy level out of the race
     prob, level = rest.max(1) if len(phi) else (torch.zeros(0, dtype=phi.dtype), torch.zeros(0, dtype=torch.long))
     index = torch.nonzero(prob > threshold).reshape(-1)
-    return RunnerUps(scales.detach().cpu().clone(), index, level[index], prob[index].clamp(max=0.5))
+    return RunnerUps(scales.detach().cpu().clone(), index, level[index], prob[index])
 
 
 def guide_runner_ups(guide: SpikeGMMGuide, network: CompressedNetwork, threshold: float) -> dict[str, RunnerUps]:

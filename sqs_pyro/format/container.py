@@ -43,7 +43,7 @@ earlier one (the same tensor in the state dict, e.g. an LM head tied to the embe
 ``same_as`` = that tensor's name, ``bytes`` = 0 and no segment.
 
 ``posterior`` (what the posterior predictive needs, :mod:`sqs_pyro.format.posterior`):
-``threshold`` (eps in [0, 1/2)), ``prob_bits`` (1 to 16) and ``layers``, one entry per compressed
+``threshold`` (eps in [0, 1)), ``prob_bits`` (1 to 16) and ``layers``, one entry per compressed
 layer in the same order, each with ``uncertain``, ``positions``, ``runner_kind``, ``runner``,
 ``probs`` and ``crc32``.
 
@@ -468,8 +468,8 @@ def _parse_posterior(value: Any, layers: list[_Layer]) -> tuple[post.PosteriorCo
     where = "posterior"
     obj = _obj(value, where)
     threshold = _key(obj, "threshold", where)
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 <= threshold < 0.5:
-        raise _fail(f"{where}.threshold", f"must be a number in [0, 0.5), got {threshold!r}")
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 <= threshold < 1:
+        raise _fail(f"{where}.threshold", f"must be a number in [0, 1), got {threshold!r}")
     bits = _int(obj, "prob_bits", where, post.MAX_PROB_BITS)
     entries = _key(obj, "layers", where)
     if bits < 1 or not isinstance(entries, list) or len(entries) != len(layers):

@@ -4,8 +4,9 @@ needs beyond the greedy network (:mod:`sqs_pyro.compressed.posterior`).
 Per compressed layer, with ``nnz`` kept weights, K levels and greedy codes ``c_j``:
 
 * the K slab scales ``s_k``, float16 (finite, positive);
-* ``uncertain`` = n, the number of kept weights whose runner-up probability ``p_j`` exceeds the
-  section's ``threshold`` eps;
+* ``uncertain`` = n, the number of kept weights whose runner-up probability ``p_j`` (the largest
+  ``phi_jk`` over the levels ``k != c_j``) exceeds the section's ``threshold`` eps. After a posterior
+  phase ``c_j`` (the point phases' mode) need not be the most probable level, so ``p_j < 1``, not ``<= 1/2``;
 * ``positions``: the ``nnz`` bits saying which kept weights (in row-major order) are uncertain,
   as a mask coding of :mod:`sqs_pyro.format.codecs` (bitmask, Golomb-Rice, zlib, lzma) keeping n;
 * ``runner``: the runner-up levels ``r_j`` of the uncertain weights, in order. ``runner_kind``
@@ -17,8 +18,8 @@ Per compressed layer, with ``nnz`` kept weights, K levels and greedy codes ``c_j
   or K symbols;
 * ``probs``: ``p_j`` quantised to ``b = prob_bits`` bits, uniformly in ``t = arcsin sqrt(p)``
   (the variance-stabilising angle: a bin costs about the same KL wherever it lies) on
-  ``(t_0, pi/4]``, ``t_0 = arcsin sqrt(eps)``: ``q_j = min(floor((t_j - t_0) / (pi/4 - t_0) 2^b),
-  2^b - 1)``, read back as ``sin^2`` of the bin's midpoint ``t_0 + (q_j + 1/2) (pi/4 - t_0) / 2^b``;
+  ``(t_0, pi/2]``, ``t_0 = arcsin sqrt(eps)``: ``q_j = min(floor((t_j - t_0) / (pi/2 - t_0) 2^b),
+  2^b - 1)``, read back as ``sin^2`` of the bin's midpoint ``t_0 + (q_j + 1/2) (pi/2 - t_0) / 2^b``;
   a code coding over ``2^b`` symbols.
 
 Segments, in this order: the scales (2K bytes), positions, runner, probs. ``crc32`` is the
@@ -53,20 +54,20 @@ class PosteriorCoding:
     prob_bits: int = 3
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.threshold, (int, float)) and 0.0 <= self.threshold < 0.5):
-            raise SQSInputError(f"the posterior threshold must lie in [0, 0.5), got {self.threshold!r}")
+        if not (isinstance(self.threshold, (int, float)) and 0.0 <= self.threshold < 1.0):
+            raise SQSInputError(f"the posterior threshold must lie in [0, 1), got {self.threshold!r}")
         if not (isinstance(self.prob_bits, int) and 1 <= self.prob_bits <= MAX_PROB_BITS):
             raise SQSInputError(f"prob_bits must be an integer in [1, {MAX_PROB_BITS}], got {self.prob_bits!r}")
 
     def _angles(self) -> tuple[float, float]:
         """``(t_0, bin width)`` of the quantiser in ``t = arcsin sqrt(p)``."""
         low = math.asin(math.sqrt(self.threshold))
-        return low, (math.pi / 4 - low) / (1 << self.prob_bits)
+        return low, (math.pi / 2 - low) / (1 << self.prob_bits)
 
     def quantise(self, prob: np.ndarray) -> np.ndarray:
-        """``q_j`` of probabilities in ``(threshold, 1/2]``."""
+        """``q_j`` of probabilities in ``(threshold, 1]``."""
         low, width = self._angles()
-        angle = np.arcsin(np.sqrt(np.clip(np.asarray(prob, dtype=np.float64), 0.0, 0.5)))
+        angle = np.arcsin(np.sqrt(np.clip(np.asarray(prob, dtype=np.float64), 0.0, 1.0)))
         return np.clip(np.floor((angle - low) / width), 0, (1 << self.prob_bits) - 1).astype(np.int64)
 
     def dequantise(self, q: np.ndarray) -> np.ndarray:
