@@ -478,9 +478,15 @@ def test_posterior_section_hostile_headers(tmp_path):
             load_compressed(bad, mlp(), predictive=True)
 
 
-def test_posterior_scales_must_be_positive(tmp_path):
+def test_posterior_writer_and_reader_check_values(tmp_path):
     data, network, summaries = posterior_file(tmp_path)
     name = network.layers[0].name
+    flipped = dataclasses.replace(summaries[name], index=summaries[name].index.flip(0))
+    with pytest.raises(SQSInputError, match="increasing indices of kept weights"):
+        encode_file(network, posterior={**summaries, name: flipped})
+    top = network.layers[0].codes[network.layers[0].mask][summaries[name].index]
+    with pytest.raises(SQSInputError, match="another of the 8 levels than the greedy one"):
+        encode_file(network, posterior={**summaries, name: dataclasses.replace(summaries[name], level=top)})
     with pytest.raises(SQSInputError, match="positive slab scales"):
         encode_file(network, posterior={**summaries, name: dataclasses.replace(summaries[name],
                                                                               scales=-summaries[name].scales)})

@@ -246,10 +246,11 @@ def _posterior_layer(layer: CompressedLayer, summary: RunnerUps, codebook_dtype:
     if summary.prob.numel() and float(summary.prob.min()) <= spec.threshold:
         raise SQSInputError(f"layer {layer.name}: runner-up probabilities must exceed the threshold {spec.threshold}")
     stored = layer.codebook.detach().to(DTYPES[codebook_dtype or dtype_name(layer.codebook.dtype)][0])
+    decoded = stored.to(layer.codebook.dtype)  # as the reader sees the levels
     mask = layer.mask.detach().cpu().numpy().astype(bool).ravel()
     kept = layer.codes.detach().cpu().numpy().ravel()[mask].astype(np.int64)
     try:
-        return post.encode_layer(summary, kept, stored.double().cpu().numpy(),
+        return post.encode_layer(summary, kept, decoded.double().cpu().numpy(),
                                  layer.component_windows.cpu().numpy(), spec)
     except SQSInputError as exc:
         raise SQSInputError(f"layer {layer.name}: {exc}") from None

@@ -110,9 +110,13 @@ def encode_layer(summary: RunnerUps, kept_codes: np.ndarray, codebook: np.ndarra
     if not bool(torch.isfinite(scales).all()):
         raise SQSInputError(f"slab scales must be below 65504 (float16), got {summary.scales.tolist()}")
     index, level = summary.index.cpu().numpy(), summary.level.cpu().numpy()
+    if index.size and (np.any(np.diff(index) <= 0) or index[0] < 0 or index[-1] >= kept_codes.size):
+        raise SQSInputError("the uncertain weights' positions must be increasing indices of kept weights")
+    top = kept_codes[index]
+    if level.shape != index.shape or np.any((level < 0) | (level >= components) | (level == top)):
+        raise SQSInputError(f"each runner-up must be another of the {components} levels than the greedy one")
     positions = np.zeros(kept_codes.size, dtype=bool)
     positions[index] = True
-    top = kept_codes[index]
     down, up = neighbours(codebook, windows)
     neighbour = bool(np.all((level == down[top]) | (level == up[top])))
     both = (down[top] >= 0) & (up[top] >= 0)
