@@ -80,6 +80,10 @@ class LayerPosterior(PyroModule):
         self.register_buffer("mask", torch.ones_like(w, dtype=torch.bool) if start is None or start.mask is None
                              else start.mask.to(device=w.device, dtype=torch.bool).reshape(w.shape).clone())
         self.register_buffer("gate_state", torch.tensor(int(GateState.OPEN)))
+        # the point phases' greedy codes, fixed when the posterior phase starts (then what the greedy network reads)
+        self.register_buffer("point_codes", torch.zeros(w.shape, dtype=torch.uint8 if config.components <= 256
+                                                        else torch.long, device=w.device))
+        self.register_buffer("has_point_codes", torch.tensor(False))
 
     @property
     def scales(self) -> torch.Tensor:
@@ -117,6 +121,11 @@ class LayerPosterior(PyroModule):
             gate_fixed = torch.ones((), dtype=self.latent.dtype, device=self.latent.device).expand_as(self.latent)
         return SpikeGMM(self.gate_logits, self.latent, self.codebook(), gate_fixed, tau, gate_temperature,
                         assign_temperature, mode, kl_prior, pooled)
+
+    def greedy_codes(self, d: SpikeGMM) -> torch.Tensor:
+        """The greedy network's level per weight (long): the point phases' codes once the posterior phase fixed
+        them (:meth:`SpikeGMMGuide.fix_point_codes`), else ``argmax_k phi_jk`` of this layer's distribution ``d``."""
+        return self.point_codes.long() if bool(self.has_point_codes) else d.most_probable_level()
 
     def codebook(self) -> Codebook:
         """The current codebook (levels, scales, per-window log mixing weights, windows)."""
@@ -210,6 +219,14 @@ class SpikeGMMGuide(PyroModule):
             if layer.state != GateState.OPEN:
                 layer.mask.copy_(layer.kept_mask())
         self.set_gate_state(GateState.FROZEN)
+
+    @torch.no_grad()
+    def fix_point_codes(self) -> None:
+        """Keep every layer's ``argmax_k phi_jk`` as the greedy network's codes: the posterior phase then fits
+        ``q`` around this point estimate (its widths and mixing weights may move the argmax; the greedy network stays)."""
+        for layer, d in zip(self.layers, self.distributions().values()):
+            layer.point_codes.copy_(d.most_probable_level())
+            layer.has_point_codes.fill_(True)
 
     def measured_sparsity(self) -> float:
         """The fraction of compressed weights that :meth:`LayerPosterior.kept_mask` drops."""

@@ -83,7 +83,9 @@ class SQSConfig:
     posterior around the mask they froze by the sampled ELBO (``W ~ q`` in the forward pass: gates fixed,
     codes drawn from ``phi``, slab noise ``s_k eps``), so that the data term reaches the responsibilities
     (latent weights, levels, scales, mixing weights); the slab scales and mixing logits learn at
-    ``lr_posterior`` (cosine to 5%), everything else at the point phases' last rate.
+    ``lr_posterior`` (cosine to 5%); everything else (the point estimate: mask, latent weights, levels,
+    the greedy codes) stays as the point phases left it. The phase maximises the ELBO (``posterior_kl_weight
+    = 1``) or a tempered one, ``E_q log p(D|W) - beta KL`` with ``beta = posterior_kl_weight``.
 
     Rates: Adam with ``min(lr_weights, lr_weights_relative * RMS(w_l))`` on the latent weights
     of layer ``l`` (a step never more than that fraction of the layer's weight scale; ``0``: plain
@@ -142,6 +144,7 @@ class SQSConfig:
     num_averaged: int = 10
     posterior_epochs: float = 0.25
     lr_posterior: float = 0.1
+    posterior_kl_weight: float = 1.0
     adaptive_bits: bool = False
     merge_separation: float = 2.0
     seed: int = 0
@@ -204,6 +207,7 @@ class SQSConfig:
         _check(self.num_averaged >= 1, "num_averaged must be >= 1")
         _check(self.posterior_epochs >= 0, f"posterior_epochs must be >= 0, got {self.posterior_epochs!r}")
         _check(self.lr_posterior >= 0 and math.isfinite(self.lr_posterior), "lr_posterior must be >= 0")
+        _check(self.posterior_kl_weight > 0, f"posterior_kl_weight must be > 0, got {self.posterior_kl_weight!r}")
         _check(self.merge_separation >= 0, f"merge_separation must be >= 0, got {self.merge_separation!r}")
         _check(self.log_every >= 1, "log_every must be >= 1")
         _check(0 <= self.seed < 2**32, f"seed must lie in [0, 2**32), got {self.seed!r}")

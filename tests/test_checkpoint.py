@@ -68,8 +68,8 @@ def test_checkpoints_at_start_every_n_phase_changes_and_end(tmp_path, monkeypatc
     monkeypatch.setattr(trainer, "save_checkpoint", lambda state, path: steps.append(state["step"]))
     net, x, y = worker.tiny_problem()
     compress(net, (x, y), worker.CONFIG, progress=False, checkpoint_dir=tmp_path, checkpoint_every=20)
-    # 64 steps; pruning runs over [10, 39)
-    assert steps == [0, 10, 20, 39, 40, 60, 64]
+    # 64 point steps, pruning over [10, 39), then 4 posterior steps (posterior_epochs=0.25) from step 64
+    assert steps == [0, 10, 20, 39, 40, 60, 64, 68]
 
 
 def test_checkpoint_write_is_atomic_and_read_is_safe(tmp_path, monkeypatch):
@@ -157,7 +157,7 @@ def test_injected_nan_rolls_back_and_halves_the_learning_rate(tmp_path, where):
     assert rollbacks == [{"step": 23, "phase": "rollback", "to_step": 20, "lr_scale": 0.5, "rollbacks": 1}]
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["lr_scale"] == 0.5
     steps = [h["step"] for h in result.history if "objective" in h]
-    assert steps == sorted(set(steps)) and steps[-1] == 63  # the lost steps were redone once, in order
+    assert steps == sorted(set(steps)) and steps[-1] == 67  # 64 point + 4 posterior steps; the lost steps were redone once, in order
     assert all(torch.isfinite(v).all() for v in result.compressed().state_dict().values())
 
 

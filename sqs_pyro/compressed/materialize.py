@@ -169,7 +169,7 @@ def materialize(guide: SpikeGMMGuide, net: nn.Module, config: dict[str, Any] | N
     layers = []
     for layer, d in zip(guide.layers, guide.distributions().values()):
         mask = layer.kept_mask()
-        codes = torch.where(mask, d.most_probable_level(), torch.zeros((), dtype=torch.long))
+        codes = torch.where(mask, layer.greedy_codes(d), torch.zeros((), dtype=torch.long))
         compressed = CompressedLayer(layer.site_name, tuple(mask.shape), mask, codes,
                                      layer.locs.detach().clone(), layer.comp_window.clone(), size,
                                      group_scales[layer.site_name].to(torch.float16).clone() if size else None)

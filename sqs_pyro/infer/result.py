@@ -30,10 +30,10 @@ class SQSResult:
     @property
     def objective_kind(self) -> str:
         """What the run optimised, phase by phase: the point phases' objective (:func:`~sqs_pyro.infer.elbo.objective_kind`
-        of ``config.mode`` at ``config.kl_weight``), then, with a posterior phase, ``"+elbo"`` (or ``"+tempered_elbo"``)."""
+        of ``config.mode`` at ``config.kl_weight``), then, with a posterior phase, ``"+elbo"`` (or ``"+tempered_elbo"`` for ``posterior_kl_weight != 1``)."""
         c = self.config
         kind = objective_kind(c.mode, c.kl_weight)
-        return kind + ("+" + objective_kind("sample", c.kl_weight) if c.posterior_epochs > 0 else "")
+        return kind + ("+" + objective_kind("sample", c.posterior_kl_weight) if c.posterior_epochs > 0 else "")
 
     def compressed(self) -> CompressedNetwork:
         """The greedy compressed network (mask, codes, codebooks, other tensors)."""

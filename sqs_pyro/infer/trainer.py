@@ -199,15 +199,18 @@ class Trainer:
                 guide.freeze_mask()
                 for layer in guide.layers:
                     self.optimizer.state.pop(layer.gate_logits, None)
+            guide.fix_point_codes()
             self.result.evaluate(eval_fn, step, "point_end")
         guide.mode = "sample" if phase == POSTERIOR else self.result.config.mode
-        beta = schedule.kl_weight(step)
+        beta = self.result.config.posterior_kl_weight if phase == POSTERIOR else schedule.kl_weight(step)
         model.kl_weight = guide.kl_weight = beta
         guide.gate_temperature.fill_(schedule.gate_temperature(step))
         guide.assign_temperature.fill_(schedule.assign_temperature(step))
         posterior_lr = self.result.config.lr_posterior * schedule.posterior_lr_factor(step)
         for group, lr in zip(self.optimizer.param_groups, self.base_lrs):
-            own = posterior_lr if phase == POSTERIOR and group["name"] in POSTERIOR_GROUPS else lr * schedule.lr_factor(step)
+            own = lr * schedule.lr_factor(step)
+            if phase == POSTERIOR:  # the point estimate stays: only the widths and the mixing weights learn
+                own = posterior_lr if group["name"] in POSTERIOR_GROUPS else 0.0
             group["lr"] = own * self.lr_scale
         return phase, beta
 
