@@ -31,7 +31,7 @@ from sqs_pyro.format.container import read_header
 from sqs_pyro.format.posterior import PosteriorCoding, section_bytes
 
 # (threshold, prob_bits): the near-exact summary, the grid, and the scales alone
-CODINGS = ((0.0, 16), (0.1, 1), (0.3, 1), (0.5, 1), (0.7, 1), (0.8, 1), (0.9999, 1))
+CODINGS = ((0.0, 16), (0.1, 1), (0.5, 1), (0.7, 1), (0.9, 1), (0.9999, 1))
 SMOKE = {"train_limit": 512, "test_limit": 200, "config": {"epochs": 0.5, "batch_size": 32, "num_averaged": 2}}
 
 

@@ -666,6 +666,12 @@ def test_compress_outputs_include_the_file(cnn_result, tmp_path):
     loaded = load_compressed(tmp_path / "model.sqs", copy.deepcopy(result.skeleton)).eval()
     with torch.no_grad():
         assert torch.equal(loaded(x), result.greedy_module()(x))
+    assert "file_posterior_bytes" not in written
+    write_outputs(tmp_path, result, summary, posterior=True)  # as `compress` writes it
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert 0 < written["file_posterior_bytes"] < written["file_bytes"] == (tmp_path / "model.sqs").stat().st_size
+    predictive = load_compressed(tmp_path / "model.sqs", copy.deepcopy(result.skeleton), predictive=True)
+    assert len(predictive.member_weights) == result.config.num_averaged
 
 
 def test_tied_tensors_are_stored_once_and_load_tied(tmp_path):

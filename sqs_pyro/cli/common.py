@@ -11,7 +11,8 @@ from sqs_pyro.analysis import build_report, write_analysis
 from sqs_pyro.config import SQSConfig
 from sqs_pyro.errors import SQSInputError
 from sqs_pyro.format.atomic import write_json_atomic
-from sqs_pyro.format.container import save_compressed
+from sqs_pyro.format.container import read_header, save_compressed
+from sqs_pyro.format.posterior import section_bytes
 from sqs_pyro.infer import SQSResult
 
 # The default job's settings, chosen for the MNIST CNN on a 2-core machine (see docs/results.md).
@@ -59,11 +60,14 @@ def config_from_args(args: argparse.Namespace, defaults: dict[str, Any] = DEFAUL
     return SQSConfig.from_dict(values)
 
 
-def write_outputs(out: Path, result: SQSResult, summary: dict[str, Any]) -> None:
+def write_outputs(out: Path, result: SQSResult, summary: dict[str, Any], posterior: bool = False) -> None:
     """Everything a run leaves in its output folder; adds the compressed file's ``file`` name and
-    ``file_bytes`` to ``summary``."""
+    ``file_bytes`` to ``summary``, and with ``posterior`` (the file's posterior section) its
+    ``file_posterior_bytes``."""
     out.mkdir(parents=True, exist_ok=True)
-    summary.update(file="model.sqs", file_bytes=save_compressed(result, out / "model.sqs"))
+    summary.update(file="model.sqs", file_bytes=save_compressed(result, out / "model.sqs", posterior=posterior))
+    if posterior:
+        summary["file_posterior_bytes"] = section_bytes(read_header(out / "model.sqs"))
     write_json_atomic(out / "history.json", result.history)
     write_json_atomic(out / "summary.json", summary)
     write_analysis(out, result)  # analysis.json + posterior.nc (ArviZ)

@@ -56,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(gloo on CPU, NCCL on GPUs); rank 0 evaluates and writes OUT")
     p.add_argument("--out", type=Path, default=Path("runs/default"), help="output folder (default runs/default)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--no-posterior", action="store_true",
+                   help="leave the posterior section out of model.sqs (written unless --adaptive-bits merged levels; "
+                        "it lets `evaluate --averaged` serve the posterior predictive from the file)")
     register_options(p)
     p.set_defaults(func=run)
 
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                    "averaged": predictive_probs(result.averaged_module(), x_test, outputs="probs")}
     metrics = {name: calibration(probs, y_test) for name, probs in predictions.items()}
     summary = build_summary(result, metrics, time.perf_counter() - started)
-    write_outputs(args.out, result, summary)
+    write_outputs(args.out, result, summary, posterior=not (args.no_posterior or result.config.adaptive_bits))
     print(format_table(summary))
     print(f"results written to {args.out}/")
     return 0
