@@ -413,7 +413,7 @@ def posterior_file(tmp_path) -> tuple[bytes, CompressedNetwork, dict[str, Runner
     return encode_file(network, posterior=summaries, posterior_coding=PosteriorCoding(0.05, 3)), network, summaries
 
 
-def test_posterior_section_round_trip_and_greedy_unchanged(tmp_path):
+def test_posterior_section_round_trip_and_greedy_unchanged(tmp_path, capsys):
     data, network, summaries = posterior_file(tmp_path)
     path, plain = tmp_path / "posterior.sqs", tmp_path / "plain.sqs"
     path.write_bytes(data)
@@ -437,6 +437,10 @@ def test_posterior_section_round_trip_and_greedy_unchanged(tmp_path):
         assert torch.all((got.prob - planted_summary.prob).abs() <= np.pi / 2 / 16)  # half a bin in arcsin sqrt p
     with pytest.raises(CompressedFileError, match="no posterior section"):
         load_compressed(plain, mlp(), predictive=True)
+    assert main(["inspect", str(path)]) == 0
+    assert (f"posterior section: {section_bytes(header):,} bytes (threshold 0.05, 3-bit probabilities)"
+            in capsys.readouterr().out)
+    assert header["payload_bytes"] - plain_header["payload_bytes"] == section_bytes(header)
 
 
 def predictor_summaries(path) -> dict[str, RunnerUps]:

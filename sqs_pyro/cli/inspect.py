@@ -9,6 +9,7 @@ from typing import Any
 
 from sqs_pyro.errors import SQSInputError
 from sqs_pyro.format.container import FLOAT_DTYPES, layer_table, read_header
+from sqs_pyro.format.posterior import section_bytes
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,13 +24,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def totals(header: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """File bytes, fp32 bytes of every floating-point value, and the compressed layers' bytes and bound."""
+    """File bytes, fp32 bytes of every floating-point value, the compressed layers' bytes and bound, and
+    the posterior section's bytes."""
     other = sum(math.prod(t["shape"]) for t in header["tensors"] if t["dtype"] in FLOAT_DTYPES)
     return {
         "file_bytes": header["file_bytes"], "header_bytes": header["file_bytes"] - header["payload_bytes"],
         "bytes_fp32": 4 * (sum(r["numel"] for r in rows) + other),
         "layer_bytes": sum(r["bytes"] for r in rows), "bound_bytes": sum(r["bound_bytes"] for r in rows),
-        "other_bytes": sum(t["bytes"] for t in header["tensors"]),
+        "other_bytes": sum(t["bytes"] for t in header["tensors"]), "posterior_bytes": section_bytes(header),
     }
 
 
@@ -65,6 +67,8 @@ def format_inspection(path: Path, header: dict[str, Any], rows: list[dict[str, A
     lines += ["",
               f"compressed layers: {t['layer_bytes']:,} bytes, entropy bound {t['bound_bytes']:,.0f} bytes ({bound})",
               f"other tensors: {len(header['tensors'])}, {t['other_bytes']:,} bytes",
+              *([f"posterior section: {t['posterior_bytes']:,} bytes (threshold {header['posterior']['threshold']:g}, "
+                 f"{header['posterior']['prob_bits']}-bit probabilities)"] if "posterior" in header else []),
               f"fp32 bytes {t['bytes_fp32']:,} / file bytes {t['file_bytes']:,} = "
               f"{t['bytes_fp32'] / t['file_bytes']:.1f}x"]
     return "\n".join(lines)
