@@ -20,7 +20,7 @@ Metrics (accuracy, NLL, ECE with 15 bins, Brier) on the MNIST test images, each 
 Fashion-MNIST test images from MNIST test images by predictive entropy. Writes into ``--output``
 (replaced on each run): ``calibration.jsonl`` (a row per cell, seed, method and split, with wall
 times), ``calibration.md`` (means, and sd over seeds) and per cell ``*_reliability.png`` (test
-split, first seed) and ``*_rotation.png`` (accuracy against rotation angle).
+split, first seed) and ``*_rotation.png`` (accuracy and NLL against rotation angle).
 """
 from __future__ import annotations
 
@@ -184,16 +184,18 @@ def plots(rows: list[dict[str, Any]], stem: Path) -> None:
     fig.savefig(f"{stem}_reliability.png", dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     angles = [0, *ROTATIONS]
     for method, style in zip(METHODS, ("o-", "x--", "s:", "^-")):  # greedy and its temperature share the argmax
-        means = [statistics.fmean(r["accuracy"] for r in rows if r["method"] == method
-                                  and r["split"] == ("test" if a == 0 else f"rot{a}")) for a in angles]
-        ax.plot(angles, [100 * m for m in means], style, label=method, alpha=0.8)
-    ax.set_xlabel("rotation (degrees)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        for ax, metric, scale in zip(axes, ("accuracy", "nll"), (100, 1)):
+            means = [statistics.fmean(r[metric] for r in rows if r["method"] == method
+                                      and r["split"] == ("test" if a == 0 else f"rot{a}")) for a in angles]
+            ax.plot(angles, [scale * m for m in means], style, label=method, alpha=0.8)
+    for ax, label in zip(axes, ("test accuracy (%)", "test NLL (nats)")):
+        ax.set_xlabel("rotation (degrees)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(f"{stem}_rotation.png", dpi=110)
     plt.close(fig)
@@ -207,7 +209,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--epochs", type=float, default=DEFAULTS["epochs"])
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="SQSConfig overrides (any SQSConfig key)")
+                        help="SQSConfig overrides (any key but sparsity, components, seed and epochs)")
     parser.add_argument("--fashion", type=Path, default=Path("assets/fashion"),
                         help="a folder holding t10k-images-idx3-ubyte[.gz] (make assets-fashion)")
     parser.add_argument("--output", type=Path, help="output folder (default benchmarks/results/calibration-NETWORK)")
@@ -221,8 +223,11 @@ def main() -> None:
 
     eval_limit = SMOKE["eval_limit"] if args.smoke else args.eval_limit
     train_limit = SMOKE["train_limit"] if args.smoke else args.train_limit
-    base = {**DEFAULTS, "epochs": args.epochs, **(SMOKE["config"] if args.smoke else {}),
-            **parse_overrides(args.overrides)}
+    overrides = parse_overrides(args.overrides)
+    flagged = sorted(set(overrides) & {"sparsity", "components", "seed", "epochs"})
+    if flagged:
+        raise SystemExit(f"error: set {flagged} with --cells, --seeds and --epochs, not --set")
+    base = {**DEFAULTS, "epochs": args.epochs, **(SMOKE["config"] if args.smoke else {}), **overrides}
     try:  # every config and the OOD images before any work
         configs = {(s, k, seed): SQSConfig.from_dict({**base, "sparsity": s, "components": k, "seed": seed})
                    for s, k in args.cells for seed in args.seeds}
@@ -251,7 +256,7 @@ def main() -> None:
                             configs[(s, k, seed)])
             for row in rows:
                 row.update(network=args.network, sparsity=s, components=k, seed=seed, commit=source,
-                           epochs=args.epochs, overrides=parse_overrides(args.overrides))
+                           epochs=args.epochs, overrides=overrides)
             with open(jsonl, "a") as f:
                 f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
             cell_rows += rows

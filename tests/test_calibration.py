@@ -234,3 +234,18 @@ def test_benchmark_smoke(tmp_path):
             assert r["seconds"] >= 0 and 0 <= r["accuracy"] <= 1 and r["nll"] > 0
     assert (out / "calibration.md").read_text().count("|") > 20
     assert list(out.glob("*reliability*.png")) and list(out.glob("*rotation*.png"))
+
+
+@pytest.mark.parametrize("extra, message", [(["--set", "no_such_key=1"], "unknown config keys"),
+                                            (["--set", "mode=bogus"], "mode must be one of"),
+                                            (["--set", "sparsity=0.9"], "with --cells"), ([], "assets-fashion")])
+def test_benchmark_rejects_bad_input_before_work(tmp_path, extra, message):
+    fashion = tmp_path / "fashion"
+    if extra:
+        fashion.mkdir()
+        _write_idx(fashion / "t10k-images-idx3-ubyte.gz", torch.zeros(3, 28, 28, dtype=torch.uint8))
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "calibration.py"), "--smoke", "--fashion",
+                          str(fashion), "--output", str(tmp_path / "out"), *extra],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and message in run.stderr
+    assert not (tmp_path / "out").exists()
