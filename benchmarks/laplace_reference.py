@@ -37,7 +37,9 @@ def reference(path: Path) -> None:
     net = ccexam_sequential()
     net.load_state_dict(problem["state"])
     net.eval()
-    loader = lambda x, y: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=500)  # noqa: E731
+    def loader(x: torch.Tensor, y: torch.Tensor) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=500)
+
     la = Laplace(net, "classification", subset_of_weights="last_layer", hessian_structure="full", prior_precision=1.0)
     la.fit(loader(problem["x"], problem["y"]))
     covariance = la.posterior_covariance.detach().clone()
@@ -79,8 +81,8 @@ def main() -> None:
                                                                               for c in range(classes)]
     covariance = ours.posterior_covariance()[order][:, order]
     scale = float(ref["covariance"].abs().max())
-    print(f"posterior covariance: max |ours - laplace-torch| = {float((covariance - ref['covariance']).abs().max()):.3g}"
-          f" (max |entry| {scale:.3g})")
+    gap = float((covariance - ref["covariance"]).abs().max())
+    print(f"posterior covariance: max |ours - laplace-torch| = {gap:.3g} (max |entry| {scale:.3g})")
     print(f"probit predictive: max |ours - laplace-torch| = "
           f"{float((ours(xv) - ref['probs'].double()).abs().max()):.3g}")
     nll = ours.validation_nll(xv, yv)
