@@ -215,7 +215,7 @@ def main() -> None:
                         help="a folder holding t10k-images-idx3-ubyte[.gz] (make assets-fashion)")
     parser.add_argument("--output", type=Path, help="output folder (default benchmarks/results/calibration-NETWORK)")
     parser.add_argument("--train-limit", type=int, help="first N training images (default all 50k)")
-    parser.add_argument("--eval-limit", type=int, help="first N test and Fashion-MNIST images (default all 10k)")
+    parser.add_argument("--eval-limit", type=int, help="first N validation, test and Fashion-MNIST images (default all 10k)")
     parser.add_argument("--cache-dir", type=Path, default=HERE.parent / "runs" / "benchmark-cache",
                         help="trained reference LeNets")
     parser.add_argument("--smoke", action="store_true", help="a few hundred images and a few steps")
