@@ -177,6 +177,14 @@ class SpikeGMMGuide(PyroModule):
                     self.config.responsibility_scale == "pooled")
                 for layer in self.layers}
 
+    def kernel_path(self) -> str:
+        """Which code computes the ``O(N K)`` terms of the layers: ``"fused"`` (the C kernels of
+        :mod:`sqs_pyro.guides.kernels`) for every layer, ``"eager"`` (PyTorch, the same math, much slower
+        on a CPU: no C compiler, not float32 on the CPU, or ``SQS_PYRO_KERNELS=0``) for every layer,
+        else ``"mixed"``."""
+        fused = [d.fused for d in self.distributions().values()]
+        return "fused" if all(fused) else "eager" if not any(fused) else "mixed"
+
     def set_gate_state(self, state: GateState) -> None:
         for layer in self.layers:
             layer.gate_state.fill_(int(state))
