@@ -245,3 +245,11 @@ def test_the_recorded_standard_grid_keeps_its_keys(name):
     recorded = {record["key"] for record in read_records(grid.output)}
     missing = [spec.key for spec in expand_grid(grid) if spec.key not in recorded]
     assert not missing, missing[:3]
+
+
+def test_run_keys_stay_those_of_the_recorded_runs():
+    """Keys pinned at d9aff61, before issue 37 removed config fields: recorded grids keep resuming."""
+    grid = parse_grid({"output": "x.jsonl", "workloads": ["lenet300"], "methods": ["sqs", "magnitude_kmeans"],
+                       "sparsity": [0.9], "components": [4], "seeds": [1], "config": {"epochs": 2.0}})
+    assert [run.key for run in expand_grid(grid)] == ["lenet300/sqs/s=0.9/K=4/seed=1/d458576f5f",
+                                                      "lenet300/magnitude_kmeans/s=0.9/K=4/seed=1/bc5dbd3dfb"]

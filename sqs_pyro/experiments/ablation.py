@@ -191,9 +191,22 @@ _KEY_NEUTRAL = {"group_size": 0, "responsibility_scale": "own", "distill_weight"
 _BASELINE_KEY_PINNED = {"gate_init": 3.0, "group_size": 0, "responsibility_scale": "own", "slab_scale_rate": 1.0}
 
 
+# Fields removed in issue 37 (never set away from these values) and the prior's scale as it was spelled:
+# the digest still covers them as they were, so that the recorded runs keep their keys.
+_REMOVED_FIELDS = {"codebook_fit": "kept", "forced_extremes": False, "responsibility_temperature": 1.0,
+                   "slab_weights": (1.0,), "slab_locs": (0.0,), "weight_decay": 0.0}
+
+
+def _digest_values(config: SQSConfig) -> dict[str, Any]:
+    """``config``'s fields as the digest has always seen them (see ``_REMOVED_FIELDS``)."""
+    values = {**config.to_dict(), **_REMOVED_FIELDS}
+    values["slab_scales"] = (values.pop("slab_scale"),)
+    return values
+
+
 def run_key(workload: str, method: MethodSpec, config: SQSConfig, grid: Grid) -> str:
     """``workload/method/s=../K=../seed=../digest``: the digest covers every setting of the run."""
-    values = {**config.to_dict(), **(_BASELINE_KEY_PINNED if method.kind != SQS else {})}
+    values = {**_digest_values(config), **(_BASELINE_KEY_PINNED if method.kind != SQS else {})}
     values = {k: v for k, v in values.items() if k not in _KEY_NEUTRAL or v != _KEY_NEUTRAL[k]}
     settings = {"workload": workload, "kind": method.kind, "config": values,
                 "train_limit": grid.train_limit, "test_limit": grid.test_limit,
