@@ -17,6 +17,9 @@ from sqs_pyro.infer import SQSResult
 
 # The default job's settings, chosen for the MNIST CNN on a 2-core machine (see docs/results.md).
 DEFAULTS = {"epochs": 3.0, "batch_size": 256}
+# What computed the guide's O(N K) terms (SpikeGMMGuide.kernel_path), as a run's table prints it.
+KERNEL_PATHS = {"fused": "the fused C kernels", "mixed": "the fused C kernels for some layers, eager PyTorch for others",
+                "eager": "eager PyTorch (the fused C kernels are unavailable: a much slower run)"}
 
 
 def positive_int(text: str) -> int:
@@ -31,6 +34,14 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
     return value
+
+
+def check_files(option: str, paths: list[Path] | None) -> None:
+    """:class:`SQSInputError` naming ``option`` for the first of ``paths`` that is not a file: input
+    files are checked before a model is loaded."""
+    for path in paths or ():
+        if not path.is_file():
+            raise SQSInputError(f"{option}: no such file: {path}")
 
 
 CONFIG_OPTIONS = ("sparsity", "components", "windows", "epochs", "batch_size", "mode", "seed", "num_averaged",

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from sqs_pyro import hf
-from sqs_pyro.cli.common import config_from_args, write_outputs
+from sqs_pyro.cli.common import KERNEL_PATHS, check_files, config_from_args, write_outputs
 from sqs_pyro.config import SQSConfig
 from sqs_pyro.data import accuracy, labelled_sentences
 from sqs_pyro.errors import SQSInputError
@@ -99,6 +99,8 @@ def _check(args: argparse.Namespace) -> None:
         raise SQSInputError("--train-limit / --test-limit are for the MNIST job; trim the --data files instead")
     if args.seq_len < 2 or args.max_length < 2:
         raise SQSInputError("--seq-len and --max-length must be >= 2")
+    check_files("--data", args.data)
+    check_files("--eval-data", args.eval_data)
     if args.start is not None:
         read_header(args.start)  # a missing or damaged file is refused before the model loads
 
@@ -153,7 +155,8 @@ def hf_summary(args: argparse.Namespace, result, dense: dict[str, float], greedy
     acc = result.accounting()
     table = {"task": args.task, "training examples": examples, "sparsity (achieved)": f"{acc['sparsity']:.4f}",
              "bits per kept weight": acc["bits"], "CR formula 32/((1-s)b)": f"{acc['cr_formula']:.1f}x",
-             "compressed parameters": f"{acc['compressed_params']:,}", "wall time": f"{seconds:.0f} s"}
+             "compressed parameters": f"{acc['compressed_params']:,}", "wall time": f"{seconds:.0f} s",
+             "O(N K) terms computed by": KERNEL_PATHS[result.guide.kernel_path()]}
     for name, value in dense.items():
         table[f"{name}, dense"] = f"{value:.4f}"
     for name, value in greedy.items():
@@ -162,4 +165,5 @@ def hf_summary(args: argparse.Namespace, result, dense: dict[str, float], greedy
             "bits": acc["bits"], "cr_formula": acc["cr_formula"], "bytes_fp32": acc["bytes_fp32"],
             "bytes_packed": acc["bytes_packed"], "packed_ratio": acc["bytes_fp32"] / acc["bytes_packed"],
             "entropy_bound_bytes": acc["entropy_bound_bytes"], "compressed_params": acc["compressed_params"], "seconds": seconds,
-            "train_seconds": result.seconds, "config": result.config.to_dict(), "layers": acc["layers"], "table": table}
+            "train_seconds": result.seconds, "kernels": result.guide.kernel_path(), "config": result.config.to_dict(),
+            "layers": acc["layers"], "table": table}
