@@ -49,6 +49,9 @@ def planted(net: nn.Module, density: float, components: int, seed: int = 0, wind
     return CompressedNetwork(layers, dense, {"components": components, "note": "planted"})
 
 
+PLANTED_CODING = PosteriorCoding(0.05, 3)  # the planted runner-up probabilities lie above 0.05
+
+
 def planted_posterior(network: CompressedNetwork, seed: int = 0) -> dict[str, RunnerUps]:
     """A posterior summary by hand: a third of each layer's kept weights uncertain, runner-ups one level
     up or down in sorted-codebook order (the first layer: any other level), probabilities in (0.05, 1)."""
@@ -410,7 +413,7 @@ def posterior_file(tmp_path) -> tuple[bytes, CompressedNetwork, dict[str, Runner
     network.layers[1].mask[:] = False
     network.layers[1].codes[:] = 0
     summaries = planted_posterior(network)
-    return encode_file(network, posterior=summaries, posterior_coding=PosteriorCoding(0.05, 3)), network, summaries
+    return encode_file(network, posterior=summaries, posterior_coding=PLANTED_CODING), network, summaries
 
 
 def test_posterior_section_round_trip_and_greedy_unchanged(tmp_path, capsys):
@@ -427,7 +430,7 @@ def test_posterior_section_round_trip_and_greedy_unchanged(tmp_path, capsys):
     predictor = load_compressed(path, mlp(seed=4), predictive=True, members=3, seed=7)
     assert isinstance(predictor, AveragedPredictor) and len(predictor.member_weights) == 3
     decoded = predictor_summaries(path)
-    spec = PosteriorCoding(0.05, 3)
+    spec = PLANTED_CODING
     for name, planted_summary in summaries.items():
         got = decoded[name]
         assert torch.equal(got.index, planted_summary.index) and torch.equal(got.level, planted_summary.level)
@@ -487,13 +490,15 @@ def test_posterior_writer_and_reader_check_values(tmp_path):
     name = network.layers[0].name
     flipped = dataclasses.replace(summaries[name], index=summaries[name].index.flip(0))
     with pytest.raises(SQSInputError, match="increasing indices of kept weights"):
-        encode_file(network, posterior={**summaries, name: flipped})
+        encode_file(network, posterior={**summaries, name: flipped}, posterior_coding=PLANTED_CODING)
     top = network.layers[0].codes[network.layers[0].mask][summaries[name].index]
     with pytest.raises(SQSInputError, match="another of the 8 levels than the greedy one"):
-        encode_file(network, posterior={**summaries, name: dataclasses.replace(summaries[name], level=top)})
+        encode_file(network, posterior={**summaries, name: dataclasses.replace(summaries[name], level=top)},
+                    posterior_coding=PLANTED_CODING)
     with pytest.raises(SQSInputError, match="positive slab scales"):
         encode_file(network, posterior={**summaries, name: dataclasses.replace(summaries[name],
-                                                                              scales=-summaries[name].scales)})
+                                                                              scales=-summaries[name].scales)},
+                    posterior_coding=PLANTED_CODING)
     header = header_of(data)
     start = len(data) - section_bytes(header)  # the section's first segment: layer 0's scales
     for edit in (lambda byte: byte ^ 0x80, lambda byte: byte | 0x7C):  # a negative scale; an infinite or NaN one
@@ -644,7 +649,8 @@ def test_cli_evaluate_on_the_mnist_cnn(tmp_path, capsys):
     assert "--members needs --averaged" in capsys.readouterr().err
 
     with_posterior = tmp_path / "posterior.sqs"
-    with_posterior.write_bytes(encode_file(network, posterior=planted_posterior(network)))
+    with_posterior.write_bytes(encode_file(network, posterior=planted_posterior(network),
+                                           posterior_coding=PLANTED_CODING))
     assert main(["evaluate", str(with_posterior), "--test-limit", "500", "--averaged", "--members", "3"]) == 0
     out = capsys.readouterr().out
     probs = predictive_probs(load_compressed(with_posterior, load_mnist_cnn(), predictive=True, members=3), x,

@@ -47,11 +47,13 @@ MAX_PROB_BITS = 16
 class PosteriorCoding:
     """What the posterior section keeps: runner-ups above ``threshold``, probabilities in ``prob_bits`` bits.
 
-    The defaults are measured on the ccexam CNN at 95% / K=4 (docs/file_format.md).
+    The defaults are the coding, of those measured on the ccexam CNN at 95% / K=4 whose section
+    fits in 15% of the point file, whose predictive's test NLL lies closest to the guide-based
+    one (docs/file_format.md, benchmarks/posterior_file.py).
     """
 
-    threshold: float = 0.05
-    prob_bits: int = 3
+    threshold: float = 0.7
+    prob_bits: int = 1
 
     def __post_init__(self) -> None:
         if not (isinstance(self.threshold, (int, float)) and 0.0 <= self.threshold < 1.0):
