@@ -1,7 +1,7 @@
 """The posterior section of the ``.sqs`` file on a trained network (issue 38, item 3).
 
     flock /tmp/heavy.lock python benchmarks/posterior_file.py --cache runs/posterior_file/result.pt
-    python benchmarks/posterior_file.py --smoke        # a few hundred images, a tiny run
+    python benchmarks/posterior_file.py --smoke        # a few hundred images, a tiny run, to a temporary folder
 
 Compresses the ccexam MNIST CNN at 95% / K=4 for one epoch (the CLI's other defaults), or loads
 the ``--cache`` of an earlier run (written when missing; our own pickle, loaded with
@@ -20,15 +20,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from sqs_pyro import SQSConfig, compress, load_compressed, save_compressed
-from sqs_pyro.data import calibration, load_mnist, load_mnist_cnn, predictive_probs
-from sqs_pyro.format.container import read_header
-from sqs_pyro.format.posterior import PosteriorCoding, section_bytes
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from smoke import add_smoke_flag, smoke_folder  # noqa: E402
+
+from sqs_pyro import SQSConfig, compress, load_compressed, save_compressed  # noqa: E402
+from sqs_pyro.data import calibration, load_mnist, load_mnist_cnn, predictive_probs  # noqa: E402
+from sqs_pyro.format.container import read_header  # noqa: E402
+from sqs_pyro.format.posterior import PosteriorCoding, section_bytes  # noqa: E402
 
 # (threshold, prob_bits): the near-exact summary, the grid, and the scales alone
 CODINGS = ((0.0, 16), (0.1, 1), (0.5, 1), (0.7, 1), (0.9, 1), (0.9999, 1))
@@ -39,7 +43,8 @@ def trained(cache: Path | None, smoke: bool):
     """The run: loaded from ``cache`` if it exists, else trained (and written to ``cache``)."""
     if cache is not None and cache.exists():
         return torch.load(cache, weights_only=False)  # our own pickle of an SQSResult
-    config = SQSConfig.from_dict({"sparsity": 0.95, "components": 4, "epochs": 1, **(SMOKE["config"] if smoke else {})})
+    config = SQSConfig.from_dict({"sparsity": 0.95, "components": 4, "epochs": 1,
+                                  **(SMOKE["config"] if smoke else {})})
     result = compress(load_mnist_cnn(), load_mnist("train", SMOKE["train_limit"] if smoke else None), config,
                       progress=False)
     if cache is not None:
@@ -57,8 +62,10 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, help="the trained run: loaded if it exists, else written")
     parser.add_argument("--members", type=int, default=10, help="posterior draws M (default 10)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "posterior_file.json")
-    parser.add_argument("--smoke", action="store_true", help="a tiny run on a few hundred images")
+    add_smoke_flag(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.output = smoke_folder() / "posterior_file.json"
     torch.set_num_threads(1)
     result = trained(args.cache, args.smoke)
     x, y = load_mnist("test", SMOKE["test_limit"] if args.smoke else None)

@@ -64,6 +64,14 @@ def test_file_size(monkeypatch, tmp_path, capsys):
     assert [r[-1] for r in rows[:2]] == ["True", "True"]  # the loaded file equals the materialised network
 
 
+def test_posterior_file(monkeypatch, tmp_path):
+    out = json.loads(one(run("posterior_file.py", monkeypatch=monkeypatch, tmp_path=tmp_path),
+                         "posterior_file.json").read_text())
+    rows = {r["predictor"]: r for r in out["rows"]}
+    assert {"greedy", "guide", "file eps=0.7 bits=1"} <= set(rows) and out["point_file_bytes"] > 0
+    assert rows["file eps=0 bits=16"]["section_bytes"] > rows["file eps=0.9999 bits=1"]["section_bytes"]
+
+
 def test_image_suite(monkeypatch, tmp_path):
     folder = run("image_suite.py", monkeypatch=monkeypatch, tmp_path=tmp_path)
     records = [json.loads(line) for line in one(folder, "smoke.jsonl").read_text().splitlines()]
