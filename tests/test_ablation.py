@@ -248,8 +248,12 @@ def test_the_recorded_standard_grid_keeps_its_keys(name):
 
 
 def test_run_keys_stay_those_of_the_recorded_runs():
-    """Keys pinned at d9aff61, before issue 37 removed config fields: recorded grids keep resuming."""
-    grid = parse_grid({"output": "x.jsonl", "workloads": ["lenet300"], "methods": ["sqs", "magnitude_kmeans"],
-                       "sparsity": [0.9], "components": [4], "seeds": [1], "config": {"epochs": 2.0}})
-    assert [run.key for run in expand_grid(grid)] == ["lenet300/sqs/s=0.9/K=4/seed=1/d458576f5f",
-                                                      "lenet300/magnitude_kmeans/s=0.9/K=4/seed=1/bc5dbd3dfb"]
+    """Keys pinned at d9aff61, before issue 37 removed config fields: recorded grids keep resuming (those
+    recorded before issue 38's posterior phase say posterior_epochs: 0). The phase is a new SQS run (a new
+    key); a baseline never reads it (the same key)."""
+    spec = {"output": "x.jsonl", "workloads": ["lenet300"], "methods": ["sqs", "magnitude_kmeans"],
+            "sparsity": [0.9], "components": [4], "seeds": [1], "config": {"epochs": 2.0, "posterior_epochs": 0.0}}
+    recorded = ["lenet300/sqs/s=0.9/K=4/seed=1/d458576f5f", "lenet300/magnitude_kmeans/s=0.9/K=4/seed=1/bc5dbd3dfb"]
+    assert [run.key for run in expand_grid(parse_grid(spec))] == recorded
+    now = [run.key for run in expand_grid(parse_grid({**spec, "config": {"epochs": 2.0}}))]
+    assert now[0] != recorded[0] and now[1] == recorded[1]
