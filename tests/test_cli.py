@@ -33,7 +33,7 @@ def test_compress_writes_measured_summary(tmp_path, capsys):
     assert summary["kernels"] == ("fused" if kernels.available(torch.zeros(1), components=8) else "eager")
     assert "CR formula" in capsys.readouterr().out
     history = json.loads((out / "history.json").read_text())
-    assert history[0]["phase"] == "prune" and history[-1]["phase"] == "finetune"  # gates learn from step 0
+    assert history[0]["phase"] == "prune" and history[-1]["phase"] == "posterior"  # gates learn from step 0; the posterior phase ends the run
 
 
 def test_a_run_without_the_fused_kernels_says_so(tmp_path, capsys, monkeypatch):
