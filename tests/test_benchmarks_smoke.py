@@ -72,6 +72,14 @@ def test_posterior_file(monkeypatch, tmp_path):
     assert rows["file eps=0 bits=16"]["section_bytes"] > rows["file eps=0.9999 bits=1"]["section_bytes"]
 
 
+def test_posterior_coverage(monkeypatch, tmp_path):
+    out = tmp_path / "coverage.json"
+    run("posterior_coverage.py", "--out", str(out), monkeypatch=monkeypatch, tmp_path=tmp_path)
+    summary = json.loads(out.read_text())
+    assert len(summary["rows"]) == 1 and 0.0 <= summary["rows"][0]["coverage_q"] <= 1.0
+    assert summary["rows"][0]["coverage_exact"] >= 0.8  # the exact posterior of the planted problem
+
+
 def test_image_suite(monkeypatch, tmp_path):
     folder = run("image_suite.py", monkeypatch=monkeypatch, tmp_path=tmp_path)
     records = [json.loads(line) for line in one(folder, "smoke.jsonl").read_text().splitlines()]
