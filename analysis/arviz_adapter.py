@@ -16,9 +16,13 @@ which is the greedy decision ``g_j > 0.5``), and builds these groups (xarray Dat
   ``w_s``, ``gate_s`` (0/1) and ``code_s`` (the level index ``a_j``) on dim ``s_index``, whose
   coordinate holds the chosen flat indices; ``locs_s``, ``scales_s``, ``mix_s`` on dim
   ``s_level``: the codebook, a point estimate of the variational family, so it is constant
-  over draws (sd 0). ``attrs["layers"]`` maps slugs to site names and shapes (JSON).
+  over draws (sd 0). ``attrs["layers"]`` maps slugs to site names and shapes (JSON);
+  ``attrs["objective_kind"]`` names what the run optimised (e.g. ``surrogate+elbo``) and
+  ``attrs["scales_and_mix"]`` whether the scales and mixing weights were fitted to the data in the
+  posterior phase (:func:`scales_provenance`).
 * ``sample_stats`` (dim ``step``, the logged SVI steps, *not* draws): ``objective`` (what SVI
-  maximised; ``attrs["objective"]`` says ``elbo`` or ``surrogate``), ``elbo`` (sampled runs
+  maximised; ``attrs["objective"]`` lists its kinds, ``attrs["phase_objectives"]`` (JSON) maps each
+  phase to its kinds, e.g. ``{"prune": ["surrogate"], "posterior": ["elbo"]}``), ``elbo`` (sampled runs
   only), ``data_term`` (``E_q log p(D | W) / N``), ``kl`` (nats), ``kl_per_datum``, ``beta``,
   ``sparsity``, ``phase``.
 * ``observed_data``: each given observed array with at most ``max_observed`` values.
@@ -182,7 +186,8 @@ def posterior_groups(result: Any, num_samples: int = 200, weights_per_layer: int
         layers_meta[s] = {"site": name, "shape": list(layer.latent.shape)}
     attrs = {"inference_library": "pyro", "inference_method": "mean-field variational inference (SVI)",
              "draws": "independent draws from the variational posterior q; R-hat and other chain "
-                      "diagnostics do not apply", "arviz_version": az.__version__}
+                      "diagnostics do not apply", "arviz_version": az.__version__,
+             "objective_kind": result.objective_kind, "scales_and_mix": scales_provenance(result.config)}
     posterior = xr.Dataset(data_vars, coords=coords, attrs={**attrs, "layers": json.dumps(layers_meta)})
     groups = {"posterior": posterior, "sample_stats": history_dataset(result.history, attrs)}
     small = {k: np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v)
@@ -192,6 +197,26 @@ def posterior_groups(result: Any, num_samples: int = 200, weights_per_layer: int
         groups["observed_data"] = xr.Dataset(
             {k: ([f"{k}_dim_{d}" for d in range(v.ndim)], v) for k, v in small.items()}, attrs=attrs)
     return groups
+
+
+def scales_provenance(config: Any) -> str:
+    """Where the slab scales ``s_k`` and mixing weights ``pi_k`` come from: the posterior phase's
+    sampled (tempered) ELBO with the greedy codes fixed, or, with ``posterior_epochs = 0``, the point phases."""
+    if config.posterior_epochs > 0:
+        beta = config.posterior_kl_weight
+        return (f"learned from the data in the posterior phase ({config.posterior_epochs:g} epochs of the sampled "
+                + ("ELBO" if beta == 1 else f"tempered ELBO, beta = {beta:g}") + ", mask and greedy codes fixed)")
+    return ("not fitted to the data by a posterior phase (posterior_epochs = 0): the k-means start moved "
+            "only by the point phases' objective")
+
+
+def phase_objectives(history: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """The objective kinds each phase of ``history`` optimised, phases in order of first appearance."""
+    kinds: dict[str, list[str]] = {}
+    for r in history:
+        if "objective_kind" in r and r["objective_kind"] not in kinds.setdefault(str(r["phase"]), []):
+            kinds[str(r["phase"])].append(str(r["objective_kind"]))
+    return kinds
 
 
 def history_dataset(history: Sequence[Mapping[str, Any]], attrs: Mapping[str, str] | None = None) -> xr.Dataset:
@@ -209,7 +234,8 @@ def history_dataset(history: Sequence[Mapping[str, Any]], attrs: Mapping[str, st
     cols["phase"] = ("step", np.array([str(r["phase"]) for r in rows], dtype=str))
     kinds = sorted({str(r.get("objective_kind")) for r in rows})
     return xr.Dataset(cols, coords={"step": np.array([int(r["step"]) for r in rows], dtype=np.int64)},
-                      attrs={**dict(attrs or {}), "objective": ", ".join(kinds)})
+                      attrs={**dict(attrs or {}), "objective": ", ".join(kinds),
+                             "phase_objectives": json.dumps(phase_objectives(rows))})
 
 
 def to_inference_data(result: Any, num_samples: int = 200, weights_per_layer: int = 32,

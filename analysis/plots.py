@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 Target = str | os.PathLike | IO[bytes]
-PHASE_COLOURS = {"warmup": "#fde9c8", "prune": "#f9d0d0", "finetune": "#d6e9f8"}
+PHASE_COLOURS = {"warmup": "#fde9c8", "prune": "#f9d0d0", "finetune": "#d6e9f8", "posterior": "#dcefd6"}
 
 
 def _figure(size: tuple[float, float], dpi: int) -> Figure:
@@ -141,7 +141,8 @@ def plot_elbo_trace(history: Sequence[Mapping[str, Any]], target: Target, size: 
     fig = _figure(size, dpi)
     axes = fig.subplots(3, 1, sharex=True)
     surrogate = any(r.get("objective_kind") == "surrogate" for r in rows)
-    label = "surrogate / N" if surrogate else "ELBO (beta KL) / N"
+    label = "objective / N (surrogate, then ELBO)" if surrogate and any(
+        r.get("objective_kind") != "surrogate" for r in rows) else "surrogate / N" if surrogate else "ELBO (beta KL) / N"
     series = [(label, [r["objective"] for r in rows]), ("data term / N", [-r["nll"] for r in rows]),
               ("KL / N", [r["kl_per_datum"] for r in rows])]
     for ax, (label, values) in zip(axes, series):
@@ -150,7 +151,7 @@ def plot_elbo_trace(history: Sequence[Mapping[str, Any]], target: Target, size: 
             ax.axvspan(steps[i - 1], steps[i], color=colour, linewidth=0)
         ax.plot(steps, values, color="black", marker=".", linewidth=1)
         ax.set_ylabel(label)
-    axes[0].legend(handles=[Patch(color=c, label=p) for p, c in PHASE_COLOURS.items()], fontsize="small", ncol=3)
+    axes[0].legend(handles=[Patch(color=c, label=p) for p, c in PHASE_COLOURS.items()], fontsize="small", ncol=4)
     axes[-1].plot(steps, [r["beta"] * r["kl_per_datum"] for r in rows], color="#c44e52", linewidth=1,
                   linestyle="--", label="beta KL / N")
     axes[-1].legend(fontsize="small")
@@ -213,4 +214,41 @@ def plot_forest(draws: np.ndarray, labels: Sequence[str], target: Target, title:
     ax.axvline(0.0, color="grey", linewidth=0.6)
     ax.set_title(title, fontsize="small")
     ax.legend(fontsize="x-small", loc="lower right")
+    _save(fig, target, dpi)
+
+
+def plot_rotation(shift: Mapping[str, Any], target: Target, size: tuple[float, float] = (11.0, 4.0),
+                  dpi: int = 100) -> None:
+    """Accuracy and NLL against rotation angle, one line per predictor; ``shift`` is
+    :func:`sqs_pyro.analysis.shift_metrics.shift_evaluation`'s record."""
+    fig = _figure(size, dpi)
+    axes = fig.subplots(1, 2)
+    for name, m in shift["predictors"].items():
+        for ax, metric in zip(axes, ("accuracy", "nll")):
+            ax.plot(shift["rotations"], m[metric], marker="o", linewidth=1, label=name)
+    for ax, label in zip(axes, ("accuracy", "NLL (nats)")):
+        ax.set_xlabel("rotation (degrees)")
+        ax.set_ylabel(label)
+        ax.set_xticks(shift["rotations"])
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize="small", title=f"T = {shift['temperature']:.3f}", title_fontsize="small")
+    _save(fig, target, dpi)
+
+
+def plot_ood_entropy(ood: Mapping[str, Any], target: Target, size: tuple[float, float] = (11.0, 4.0),
+                     dpi: int = 100) -> None:
+    """Predictive-entropy histograms, MNIST test against Fashion-MNIST test, one panel per predictor
+    (AUROC in the title); ``ood`` is the ``ood`` entry of the shift record."""
+    fig = _figure(size, dpi)
+    names = list(ood["auroc"])
+    edges = np.asarray(ood["edges"])
+    for ax, name in zip(np.atleast_1d(fig.subplots(1, len(names))), names):
+        ax.stairs(ood["mnist"][name], edges, fill=True, alpha=0.5, color="#4c72b0", label="MNIST test")
+        ax.stairs(ood["fashion"][name], edges, fill=True, alpha=0.5, color="#c44e52", label="Fashion-MNIST test")
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=0.5)
+        ax.set_xlabel("predictive entropy (nats)")
+        ax.set_ylabel("images")
+        ax.set_title(f"{name}: AUROC {ood['auroc'][name]:.4f}", fontsize="small")
+        ax.legend(fontsize="small")
     _save(fig, target, dpi)

@@ -110,6 +110,15 @@ def report_figures(run: RunFiles, posterior: Any, compare: Sequence[RunFiles] = 
     if "calibration" in run.summary:
         figs.append(FigureImage("fig-reliability", "Reliability diagram of the test predictions (15 confidence bins)",
                                 _png(lambda b: plots.plot_reliability(run.summary["calibration"], b))))
+    shift = run.summary.get("shift")
+    if shift:
+        figs.append(FigureImage("fig-rotation", f"Accuracy and NLL against rotation of the first {shift['images']:,} "
+                                                "test images: greedy, greedy temperature-scaled, averaged",
+                                _png(lambda b: plots.plot_rotation(shift, b))))
+        if shift["ood"]:
+            figs.append(FigureImage("fig-ood-entropy", "Predictive entropy, MNIST test against Fashion-MNIST test "
+                                                       f"(first {shift['ood']['images']:,} images each)",
+                                    _png(lambda b: plots.plot_ood_entropy(shift["ood"], b))))
     if compare:
         runs = [(r.label, r.summary) for r in (run, *compare)]
         figs.append(FigureImage("fig-accuracy-compression", "Test accuracy against compression ratio, per run",
@@ -201,7 +210,7 @@ def _posterior_section(posterior: Any) -> str:
     groups = ", ".join(backend.group_names(posterior))
     parts = []
     for stem, meta in json.loads(post.attrs["layers"]).items():
-        table = posterior_summary(posterior, [f"w_{stem}", f"locs_{stem}", f"mix_{stem}"])
+        table = posterior_summary(posterior, [f"w_{stem}", f"locs_{stem}", f"scales_{stem}", f"mix_{stem}"])
         parts.append(f"<details><summary>{html.escape(meta['site'])}</summary>"
                      + table.to_html(float_format=lambda v: f"{v:.4g}", border=0) + "</details>")
     draws = post.sizes["draw"]
@@ -222,7 +231,45 @@ def _calibration_section(run: RunFiles, by_id: dict[str, str]) -> str:
     return ("<h2>Calibration</h2><p>The greedy network is the headline predictor; the averaged one is "
             "the posterior predictive over networks drawn from q.</p>"
             + _table(("predictor", "accuracy", "NLL (nats)", "Brier", "ECE (15 bins)"), rows)
-            + by_id["fig-reliability"])
+            + by_id["fig-reliability"] + _shift_section(run, by_id))
+
+
+def _shift_section(run: RunFiles, by_id: dict[str, str]) -> str:
+    """Calibration under rotation and the out-of-distribution entropy histogram (when the run measured them)."""
+    shift = run.summary.get("shift")
+    if not shift:
+        return ""
+    rows = [(name, metric, *values) for name, m in shift["predictors"].items()
+            for metric, values in m.items() if metric in ("accuracy", "nll", "ece")]
+    text = (f"<h3>Under rotation</h3><p>Measured on the first {shift['images']:,} test images only (a subset, so "
+            "that the default run stays fast); temperature T = "
+            f"{shift['temperature']:.4g} fitted on the first {shift['images']:,} validation images.</p>"
+            + _table(("predictor", "metric", *[f"{a}&deg;" for a in shift["rotations"]]), rows)
+            + by_id["fig-rotation"])
+    ood = shift["ood"]
+    if not ood:
+        return text + ("<h3>Out of distribution</h3><p>Fashion-MNIST was not given, so there is no OOD entropy "
+                       "histogram: run <code>make assets-fashion</code> and pass <code>--fashion assets/fashion</code> "
+                       "to <code>sqs-pyro compress</code>.</p>")
+    return (text + f"<h3>Out of distribution</h3><p>AUROC of telling Fashion-MNIST test images from MNIST test images "
+            f"by predictive entropy (first {ood['images']:,} images of each).</p>"
+            + _table(("predictor", "AUROC"), list(ood["auroc"].items())) + by_id["fig-ood-entropy"])
+
+
+def _objective_section(run: RunFiles, posterior: Any) -> str:
+    """Which objective produced the posterior, and the learned slab scales and mixing weights per layer."""
+    backend = default_backend()
+    attrs = backend.group(posterior, "posterior").attrs
+    kind = run.summary.get("objective_kind", attrs.get("objective_kind", "unknown"))
+    phases = json.loads(backend.group(posterior, "sample_stats").attrs.get("phase_objectives", "{}"))
+    rows = [(book["name"], w["window"], " ".join(f"{v:.3g}" for v in w["scales"]),
+             " ".join(f"{v:.3f}" for v in w["mix"])) for book in run.analysis["codebooks"]["layers"]
+            for w in book["windows"]]
+    return (f"<p>Objective: <b>{html.escape(kind)}</b> (per phase: "
+            + html.escape("; ".join(f"{p}: {', '.join(k)}" for p, k in phases.items()) or "not recorded")
+            + f"). Slab scales s_k and mixing weights pi_k: {html.escape(attrs.get('scales_and_mix', 'not recorded'))}."
+            " Final values below (the values at the end of the point phases are not recorded).</p>"
+            + _table(("layer", "window", "slab scales s_k", "mixing weights pi_k"), rows))
 
 
 def _compare_table(runs: Sequence[RunFiles]) -> str:
@@ -264,6 +311,7 @@ def render_report(run: RunFiles, posterior: Any, compare: Sequence[RunFiles] = (
               "weights at the same sparsity also keeps.</p>" + by_id["fig-inclusion"]
             + "<h2>Tail outliers</h2>" + _outlier_tables(a)
             + "<h2>Codebooks</h2>" + _codebook_tables(a) + weights
+            + "<h2>Learned posterior</h2>" + _objective_section(run, posterior)
             + "<h2>Posterior (ArviZ)</h2>" + _posterior_section(posterior) + forests
             + comparison)
     page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>SQS report: "

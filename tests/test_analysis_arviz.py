@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from sqs_pyro.analysis.arviz_adapter import (DataTreeBackend, InferenceDataBackend, default_backend, load_posterior,
-                                             posterior_summary, save_posterior, slug, to_inference_data)
+                                             phase_objectives, posterior_summary, save_posterior, scales_provenance,
+                                             slug, to_inference_data)
 from sqs_pyro.config import SQSConfig
 from sqs_pyro.infer import compress
 
@@ -54,10 +55,15 @@ def test_groups_variables_and_shapes(result, labels):
     assert stats["step"].values.tolist() == [r["step"] for r in rows]
     np.testing.assert_allclose(stats["objective"].values, [r["objective"] for r in rows])
     np.testing.assert_allclose(stats["elbo"].values, [r["elbo"] for r in rows])  # a sampled run: a real ELBO
-    assert stats.attrs["objective"] == "elbo"
+    assert stats.attrs["objective"] == ", ".join(sorted({r["objective_kind"] for r in rows}))
+    phases = json.loads(stats.attrs["phase_objectives"])
+    assert phases["posterior"] == ["elbo"] and list(phases) == list(dict.fromkeys(r["phase"] for r in rows))
+    assert all(set(kinds) <= {"elbo", "tempered_elbo"} for kinds in phases.values())  # a sampled run
+    assert post.attrs["objective_kind"] == result.objective_kind == "elbo+elbo"
+    assert post.attrs["scales_and_mix"].startswith("learned from the data in the posterior phase (0.25 epochs")
     np.testing.assert_allclose(stats["data_term"].values, [-r["nll"] for r in rows])
     np.testing.assert_allclose(stats["kl"].values, [r["kl"] for r in rows])
-    assert stats["phase"].values.tolist() == [r["phase"] for r in rows] and stats["phase"].values[-1] == "finetune"
+    assert stats["phase"].values.tolist() == [r["phase"] for r in rows] and stats["phase"].values[-1] == "posterior"
     assert list(data.observed_data.data_vars) == ["y"]  # x has 400 values > max_observed
     np.testing.assert_array_equal(data.observed_data["y"].values, labels.numpy())
 
@@ -109,3 +115,12 @@ def test_summary_has_statistics_but_no_chain_diagnostics(result):
     locs = result.guide.layers[1].locs.detach().numpy()
     np.testing.assert_allclose(table.loc[[f"locs_2_weight[{k}]" for k in range(4)], "mean"], locs, atol=1e-3)
     assert (table.loc[[f"locs_2_weight[{k}]" for k in range(4)], "sd"] == 0).all()
+
+
+def test_attrs_say_where_the_scales_come_from():
+    assert scales_provenance(SQSConfig(posterior_epochs=0)).startswith("not fitted to the data")
+    assert "tempered ELBO, beta = 0.1" in scales_provenance(SQSConfig(posterior_epochs=1, posterior_kl_weight=0.1))
+    history = [{"phase": "warmup", "objective_kind": "surrogate"}, {"phase": "warmup"},
+               {"phase": "prune", "objective_kind": "surrogate"}, {"phase": "posterior", "objective_kind": "elbo"},
+               {"phase": "posterior", "objective_kind": "elbo"}]
+    assert phase_objectives(history) == {"warmup": ["surrogate"], "prune": ["surrogate"], "posterior": ["elbo"]}

@@ -1,5 +1,6 @@
 """The HTML report: written by the compress outputs and by `sqs-pyro report`, self-contained, every figure embedded."""
 import base64
+import dataclasses
 import json
 import re
 
@@ -9,6 +10,7 @@ from torch import nn
 
 from sqs_pyro.analysis import load_posterior
 from sqs_pyro.analysis.report import read_run, render_report
+from sqs_pyro.analysis.shift_metrics import shift_evaluation
 from sqs_pyro.cli import main
 from sqs_pyro.cli.compress import build_summary, write_outputs
 from sqs_pyro.config import SQSConfig
@@ -29,8 +31,21 @@ def _run(out, windows, planted_outlier_problem):
                "averaged": calibration(predictive_probs(result.averaged_module(2), x, outputs="probs"), y)}
     summary = build_summary(result, metrics, 1.0)
     assert summary["accuracy_greedy"] == accuracy(result.greedy_module(), x, y)
+    summary["shift"] = _shift(result)
     write_outputs(out, result, summary)
     return result, summary
+
+
+def _shift(result):
+    """The shift record of the run's networks behind a fixed 28x28 -> 8 pooling, on random images
+    labelled by the greedy network itself (so greedy is exactly right on the unrotated images)."""
+    pool = lambda m: nn.Sequential(nn.AdaptiveAvgPool2d((2, 4)), nn.Flatten(), m)  # noqa: E731
+    greedy, averaged = pool(result.greedy_module()), pool(result.averaged_module(2))
+    gen = torch.Generator().manual_seed(0)
+    x, x_val, fashion = (torch.randn(64, 1, 28, 28, generator=gen) * 4 for _ in range(3))
+    with torch.no_grad():
+        y, y_val = greedy(x).argmax(-1), greedy(x_val).argmax(-1)
+    return shift_evaluation(greedy, averaged, (x, y), (x_val, y_val), fashion + 3.0, images=48)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +80,8 @@ def test_report_embeds_every_figure_and_the_tables(runs):
     run = read_run(out)
     rendered, figures = render_report(run, load_posterior(out / "posterior.nc"))
     assert [f.id for f in figures] == ["fig-elbo", "fig-sparsity-bits", "fig-inclusion", "fig-weights-0",
-                                       "fig-weights-1", "fig-forest-0", "fig-forest-1", "fig-reliability"]
+                                       "fig-weights-1", "fig-forest-0", "fig-forest-1", "fig-reliability",
+                                       "fig-rotation", "fig-ood-entropy"]
     assert "<h2>Calibration</h2>" in page and f"{summary['calibration']['greedy']['ece']:.4g}" in page
     pngs = _images(page)
     assert len(pngs) == len(figures)
@@ -84,7 +100,7 @@ def test_report_command_compares_runs(runs, capsys):
     assert main(["report", str(out), "--compare", str(other), "--out", str(target)]) == 0
     assert str(target) in capsys.readouterr().out
     page = target.read_text()
-    assert 'id="fig-accuracy-compression"' in page and len(_images(page)) == 9  # + the reliability diagram
+    assert 'id="fig-accuracy-compression"' in page and len(_images(page)) == 11  # + reliability, rotation, OOD
     assert "Runs compared" in page and ">outlier<" in page and ">none<" in page
 
 
@@ -93,3 +109,31 @@ def test_report_command_names_missing_files(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "history.json" in err and "posterior.nc" in err and "summary.json" not in err.split("lacks")[1]
+
+
+def test_report_shows_the_objective_the_learned_scales_and_the_shift(runs):
+    out, result, summary = runs["outlier"]
+    page = (out / "report.html").read_text()
+    shift = summary["shift"]
+    assert shift["images"] == 48 and shift["rotations"] == [0, 15, 30, 45, 60, 90]
+    assert shift["predictors"]["greedy"]["accuracy"][0] == 1.0  # labels planted by the greedy network
+    assert json.loads((out / "summary.json").read_text())["shift"] == shift  # `sqs-pyro report` re-renders it
+    assert result.objective_kind == "surrogate+elbo" == summary["objective_kind"]
+    assert "Objective: <b>surrogate+elbo</b>" in page and "posterior: elbo" in page
+    assert "learned from the data in the posterior phase" in page
+    layer = result.guide.layers[0]
+    for values in (layer.scales.detach(), layer.log_mix().detach().exp()):
+        assert f"{float(values[0]):.3g}" in page
+    for name in ("greedy", "greedy_temperature", "averaged"):
+        assert f"{shift['predictors'][name]['nll'][3]:.4g}" in page
+    assert "first 48 test images" in page and f"{shift['temperature']:.4g}" in page
+    assert f"{shift['ood']['auroc']['averaged']:.4g}" in page and "make assets-fashion" not in page
+
+
+def test_report_without_fashion_says_how_to_get_it(runs):
+    out, _, summary = runs["outlier"]
+    run = read_run(out)
+    run = dataclasses.replace(run, summary={**summary, "shift": {**summary["shift"], "ood": None}})
+    page, figures = render_report(run, load_posterior(out / "posterior.nc"))
+    assert "fig-ood-entropy" not in [f.id for f in figures] and "fig-rotation" in [f.id for f in figures]
+    assert "make assets-fashion" in page and "--fashion assets/fashion" in page

@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 
+from sqs_pyro.analysis.shift_metrics import SHIFT_IMAGES, shift_evaluation
 from sqs_pyro.cli.common import KERNEL_PATHS, config_from_args, non_negative_int, positive_int, write_outputs
 from sqs_pyro.cli.compress_hf import register_options, run_hf
 from sqs_pyro.config import WINDOW_MODES
-from sqs_pyro.data import calibration, load_mnist, load_mnist_cnn, predictive_probs
+from sqs_pyro.data import calibration, load_fashion_mnist, load_mnist, load_mnist_cnn, predictive_probs
 from sqs_pyro.errors import SQSInputError
 from sqs_pyro.infer import SQSResult, compress
 from sqs_pyro.infer.checkpoint import CHECKPOINT_NAME
@@ -54,6 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="data-parallel over the processes of a torchrun launch: "
                         "torchrun --nproc-per-node N -m sqs_pyro.cli compress --distributed ... "
                         "(gloo on CPU, NCCL on GPUs); rank 0 evaluates and writes OUT")
+    p.add_argument("--fashion", type=Path, metavar="DIR",
+                   help="a folder holding Fashion-MNIST's t10k-images-idx3-ubyte[.gz] (`make assets-fashion`): "
+                        "adds the out-of-distribution entropy histogram to the report")
     p.add_argument("--out", type=Path, default=Path("runs/default"), help="output folder (default runs/default)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--no-posterior", action="store_true",
@@ -74,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
             raise SQSInputError("--distributed is not supported with --hf yet")
         return run_hf(args)
     config = config_from_args(args)
+    fashion = load_fashion_mnist(args.fashion, SHIFT_IMAGES) if args.fashion is not None else None
     net = load_mnist_cnn()
     x_train, y_train = load_mnist("train", args.train_limit)
     x_test, y_test = load_mnist("test", args.test_limit)
@@ -87,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
                    "averaged": predictive_probs(result.averaged_module(), x_test, outputs="probs")}
     metrics = {name: calibration(probs, y_test) for name, probs in predictions.items()}
     summary = build_summary(result, metrics, time.perf_counter() - started)
+    summary["shift"] = shift_evaluation(result.greedy_module(), result.averaged_module(), (x_test, y_test),
+                                        load_mnist("val", SHIFT_IMAGES), fashion)
     write_outputs(args.out, result, summary, posterior=not (args.no_posterior or result.config.adaptive_bits))
     print(format_table(summary))
     print(f"results written to {args.out}/")
@@ -96,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
 def build_summary(result: SQSResult, metrics: dict[str, dict[str, Any]], seconds: float) -> dict[str, Any]:
     """The run's ``summary.json``: test metrics of the ``dense``, ``greedy`` (the headline network)
     and ``averaged`` predictors (accuracy, NLL, Brier, ECE with reliability bins), size accounting,
-    and which code ran the guide's ``O(N K)`` terms (``kernels``: fused, eager or mixed)."""
+    the run's ``objective_kind``, and which code ran the guide's ``O(N K)`` terms (``kernels``: fused, eager or mixed)."""
     acc = result.accounting()
     return {
         "accuracy_dense": metrics["dense"]["accuracy"], "accuracy_greedy": metrics["greedy"]["accuracy"],
@@ -105,7 +112,7 @@ def build_summary(result: SQSResult, metrics: dict[str, dict[str, Any]], seconds
         "bytes_fp32": acc["bytes_fp32"], "bytes_packed": acc["bytes_packed"],
         "packed_ratio": acc["bytes_fp32"] / acc["bytes_packed"],
         "entropy_bound_bytes": acc["entropy_bound_bytes"], "seconds": seconds,
-        "train_seconds": result.seconds, "kernels": result.guide.kernel_path(), "config": result.config.to_dict(),
+        "train_seconds": result.seconds, "objective_kind": result.objective_kind, "kernels": result.guide.kernel_path(), "config": result.config.to_dict(),
         "layers": acc["layers"],
     }
 
