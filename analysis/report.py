@@ -242,9 +242,10 @@ def _shift_section(run: RunFiles, by_id: dict[str, str]) -> str:
     rows = [(name, metric, *values) for name, m in shift["predictors"].items()
             for metric, values in m.items() if metric in ("accuracy", "nll", "ece")]
     text = (f"<h3>Under rotation</h3><p>Measured on the first {shift['images']:,} test images only (a subset, so "
-            "that the default run stays fast); temperature T = "
-            f"{shift['temperature']:.4g} fitted on the first {shift['images']:,} validation images.</p>"
-            + _table(("predictor", "metric", *[f"{a}&deg;" for a in shift["rotations"]]), rows)
+            "that the default run stays fast"
+            + (f": {shift['seconds']:.0f} s" if "seconds" in shift else "") + "); temperature T = "
+            f"{shift['temperature']:.4g} fitted on the first {shift['val_images']:,} validation images.</p>"
+            + _table(("predictor", "metric", *[f"{a}°" for a in shift["rotations"]]), rows)
             + by_id["fig-rotation"])
     ood = shift["ood"]
     if not ood:

@@ -9,7 +9,7 @@ On the first ``images`` MNIST test images, rotated by ``theta`` in ``(0,) + ROTA
 * ``averaged``: the posterior predictive ``(1/M) sum_m softmax(z_m)`` over networks drawn from ``q``.
 
 Each gets accuracy, NLL, Brier and ECE (:func:`~sqs_pyro.data.metrics.calibration`). With Fashion-MNIST
-test images, the predictive entropies ``H(p) = -sum_c p_c log p_c`` of MNIST (unrotated) and
+test images (as many as the MNIST images evaluated), the predictive entropies ``H(p) = -sum_c p_c log p_c`` of MNIST (unrotated) and
 Fashion-MNIST are histogrammed on ``[0, log 10]`` and summarised by the AUROC of telling them apart
 (:func:`~sqs_pyro.data.uncertainty.ood_auroc`). Everything is JSON-able, so a report re-renders it.
 """
@@ -44,7 +44,7 @@ def shift_evaluation(greedy: nn.Module, averaged: nn.Module, test: tuple[torch.T
                      images: int = SHIFT_IMAGES) -> dict[str, Any]:
     """The rotation table and, with ``fashion`` images, the OOD entropy histograms (module docstring).
 
-    ``greedy`` returns logits, ``averaged`` probabilities. Returns ``{"images", "temperature",
+    ``greedy`` returns logits, ``averaged`` probabilities. Returns ``{"images", "val_images", "temperature",
     "rotations", "predictors": {name: {metric: [value per angle]}}, "ood"}`` (``ood`` is ``None``
     without Fashion-MNIST, else ``{"images", "edges", "auroc": {name: a}, "mnist": {name: counts},
     "fashion": {name: counts}}`` for ``greedy`` and ``averaged``).
@@ -52,7 +52,8 @@ def shift_evaluation(greedy: nn.Module, averaged: nn.Module, test: tuple[torch.T
     if images < 1 or len(test[0]) == 0 or len(val[0]) == 0:
         raise SQSInputError(f"shift evaluation needs test and validation images and images >= 1, got {images}")
     x, y = test[0][:images], test[1][:images]
-    temperature = fit_temperature(_logits(greedy, val[0][:images]), val[1][:images])
+    x_val, y_val = val[0][:images], val[1][:images]
+    temperature = fit_temperature(_logits(greedy, x_val), y_val)
     angles = (0, *ROTATIONS)
     table: dict[str, dict[str, list[float]]] = {p: {m: [] for m in METRICS} for p in PREDICTORS}
     unrotated: dict[str, torch.Tensor] = {}
@@ -67,8 +68,8 @@ def shift_evaluation(greedy: nn.Module, averaged: nn.Module, test: tuple[torch.T
                 table[name][m].append(metrics[m])
         if not angle:
             unrotated = probs
-    return {"images": len(x), "temperature": temperature, "rotations": list(angles), "predictors": table,
-            "ood": None if fashion is None else ood_histograms(greedy, averaged, unrotated, fashion[:images])}
+    return {"images": len(x), "val_images": len(x_val), "temperature": temperature, "rotations": list(angles), "predictors": table,
+            "ood": None if fashion is None else ood_histograms(greedy, averaged, unrotated, fashion[:len(x)])}
 
 
 def ood_histograms(greedy: nn.Module, averaged: nn.Module, mnist: dict[str, torch.Tensor],

@@ -77,3 +77,17 @@ def test_forest_to_a_file_object():
     buf = io.BytesIO()
     plots.plot_forest(draws, [f"[{j}]" for j in range(6)], buf, "layer", size=(4.0, 3.0), dpi=50)
     assert _png_size(buf.getvalue()) == (200, 150)
+
+
+def test_rotation_and_ood_entropy(tmp_path):
+    angles = [0, 15, 30, 45, 60, 90]
+    shift = {"rotations": angles, "temperature": 1.3,
+             "predictors": {n: {"accuracy": [0.99 - 0.01 * a for a in angles], "nll": [0.04 + 0.05 * a for a in angles]}
+                            for n in ("greedy", "greedy_temperature", "averaged")}}
+    plots.plot_rotation(shift, tmp_path / "rot.png", size=(6.0, 3.0), dpi=50)
+    _check(tmp_path / "rot.png", 300, 150)
+    ood = {"edges": np.linspace(0, 2.3, 11).tolist(), "auroc": {"greedy": 0.98, "averaged": 0.97},
+           "mnist": {n: [90, 5, 3, 1, 1, 0, 0, 0, 0, 0] for n in ("greedy", "averaged")},
+           "fashion": {n: [20, 10, 10, 10, 10, 10, 10, 10, 5, 5] for n in ("greedy", "averaged")}}
+    plots.plot_ood_entropy(ood, tmp_path / "ood.png", size=(6.0, 3.0), dpi=50)
+    _check(tmp_path / "ood.png", 300, 150)

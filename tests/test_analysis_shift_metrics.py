@@ -56,6 +56,8 @@ def test_ood_auroc_is_one_when_mnist_is_sharper_and_none_without_fashion():
     shift = shift_evaluation(*sharp, (x, y), (x, y), fashion=torch.full((30, 1, 28, 28), 3.0), images=10)
     assert shift["images"] == 10 and shift["ood"]["images"] == 10
     assert shift["ood"]["auroc"] == {"greedy": 1.0, "averaged": 1.0}
+    both = shift_evaluation(*sharp, (x, y), (x, y), fashion=torch.full((30, 1, 28, 28), 3.0))
+    assert both["images"] == 20 == both["val_images"] and both["ood"]["images"] == 20  # as many Fashion-MNIST images as MNIST ones
     assert shift_evaluation(*sharp, (x, y), (x, y))["ood"] is None
     with pytest.raises(SQSInputError):
         shift_evaluation(*sharp, (x, y), (x, y), images=0)
