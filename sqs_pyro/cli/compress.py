@@ -88,13 +88,13 @@ def run(args: argparse.Namespace) -> int:
                           checkpoint_every=args.checkpoint_every, resume=args.resume, distributed=args.distributed)
     if not ctx.is_main:
         return 0
-    predictions = {"dense": predictive_probs(net, x_test), "greedy": predictive_probs(result.greedy_module(), x_test),
-                   "averaged": predictive_probs(result.averaged_module(), x_test, outputs="probs")}
+    greedy, averaged = result.greedy_module(), result.averaged_module()
+    predictions = {"dense": predictive_probs(net, x_test), "greedy": predictive_probs(greedy, x_test),
+                   "averaged": predictive_probs(averaged, x_test, outputs="probs")}
     metrics = {name: calibration(probs, y_test) for name, probs in predictions.items()}
     summary = build_summary(result, metrics, time.perf_counter() - started)
     shift_started = time.perf_counter()
-    summary["shift"] = shift_evaluation(result.greedy_module(), result.averaged_module(), (x_test, y_test),
-                                        load_mnist("val", SHIFT_IMAGES), fashion)
+    summary["shift"] = shift_evaluation(greedy, averaged, (x_test, y_test), load_mnist("val", SHIFT_IMAGES), fashion)
     summary["shift"]["seconds"] = time.perf_counter() - shift_started
     write_outputs(args.out, result, summary, posterior=not (args.no_posterior or result.config.adaptive_bits))
     print(format_table(summary))
