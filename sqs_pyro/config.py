@@ -52,7 +52,7 @@ class SQSConfig:
     include: tuple[str, ...] = ()  # regexes of module paths to compress (empty: every module of include_types; --include)
     exclude: tuple[str, ...] = ()  # regexes of module paths never to compress (benchmarks/minilm.py)
 
-    # --- schedule: warm-up (gates open), cubic pruning ramp, fine-tuning with the mask frozen (infer/schedules.py) ---
+    # --- schedule: warm-up (gates open), cubic pruning ramp, fine-tuning with the mask frozen, posterior phase ---
     sparsity: float = 0.75  # s_f, the target fraction of pruned weights in [0, 1) (CLI --sparsity)
     initial_sparsity: float = 0.0  # sparsity the ramp starts from (--hf: the target, pruning at once)
     prune_scope: str = "lamp"  # where the threshold is taken: "global", per "layer", per "row", or "lamp" layer budgets
@@ -60,6 +60,9 @@ class SQSConfig:
     epochs: float = 3.0  # passes over the training data (CLI --epochs; the default job: 3)
     warmup_fraction: float = 0.0  # fraction of the steps with the gates fixed open (presets' baselines: 0.1)
     prune_fraction: float = 0.3  # fraction of the steps of the cubic sparsity ramp; fine-tuning takes the rest
+    posterior_epochs: float = 0.25  # then the posterior phase: passes of the sampled ELBO, greedy network fixed (0: none)
+    lr_posterior: float = 0.1  # Adam rate of the slab scales s_k and mixing logits there (cosine to 5%); others: 0
+    posterior_kl_weight: float = 1.0  # beta of that phase: 1 the ELBO, other values a tempered ELBO (objective_kind)
 
     # --- optimisation: Adam on the guide's parameters and the uncompressed tensors (infer/trainer.py) ---
     batch_size: int = 128  # examples per step, all ranks together (CLI --batch-size; the default job: 256)
@@ -71,11 +74,6 @@ class SQSConfig:
     gate_rule: str = "adam"  # gate steps: "adam", or "sign" (theta -= lr_gates sign(grad), no Adam state; --hf)
     lr_dense: float = 1e-3  # Adam rate of the uncompressed tensors (biases, norms; --hf: 2e-5)
     distill_weight: float = 0.0  # lambda, the pretrained network's softmax mixed into each target (0: labels only)
-
-    # --- posterior phase: after the point phases, the sampled ELBO around the fixed greedy network (docs/method.md) ---
-    posterior_epochs: float = 0.25  # extra passes with W ~ q forward, mask and greedy codes fixed (0: none; CLI)
-    lr_posterior: float = 0.1  # Adam rate of the slab scales s_k and mixing logits there (cosine to 5%); others: 0
-    posterior_kl_weight: float = 1.0  # beta of that phase: 1 the ELBO, other values a tempered ELBO (objective_kind)
 
     # --- read-out: the networks a trained posterior gives (compressed/materialize.py, infer/result.py) ---
     num_averaged: int = 10  # M, networks drawn from q for the averaged predictor (CLI --num-averaged)

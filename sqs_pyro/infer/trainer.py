@@ -168,7 +168,8 @@ class Trainer:
             self.optimizer.step()
             if phase == PRUNE:
                 guide.prune_to_quantile(schedule.target_sparsity(step), config.pruned_logit, config.prune_scope)
-            if self.result.model.hyperpriors is not None:  # empirical Bayes: the M-step
+            if self.result.model.hyperpriors is not None and phase != POSTERIOR:  # empirical Bayes: the M-step (the
+                # posterior phase keeps the prior of the point estimate it fits around)
                 self.result.model.update_hyperpriors(guide.distributions())
             if logging:
                 record = log_record(guide, step, phase, self.ctx.mean(loss), kl, beta, self.num_data)
