@@ -10,14 +10,13 @@ from typing import Any, Callable, Iterator, Mapping
 import pyro
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from sqs_pyro.config import SQSConfig
 from sqs_pyro.errors import SQSDivergenceError
 from sqs_pyro.guides.spike_gmm import GateState, SpikeGMMGuide
 from sqs_pyro.infer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from sqs_pyro.infer.data import Minibatches
+from sqs_pyro.infer.data import BatchSource
 from sqs_pyro.infer.distributed import DistContext
 from sqs_pyro.infer.elbo import SQSMeanFieldELBO, log_record
 from sqs_pyro.infer.optim import AdamWithSignGroups
@@ -68,13 +67,12 @@ class Trainer:
     as an uninterrupted one would (bit-identical on one thread).
     """
 
-    def __init__(self, result: SQSResult, schedule: Schedule, dataset: Dataset, task: str, ctx: DistContext,
+    def __init__(self, result: SQSResult, schedule: Schedule, source: BatchSource, task: str, ctx: DistContext,
                  device: torch.device, started: float) -> None:
         self.result = result
         self.schedule = schedule
-        self.dataset = dataset
-        self.num_data = len(dataset)
-        self.minibatches = Minibatches(dataset, result.config.batch_size, result.config.seed, ctx.shard, device)
+        self.num_data = source.num_data
+        self.minibatches = source
         self.task = task
         self.ctx = ctx
         self.device = device
