@@ -175,3 +175,13 @@ def test_device_names():
     if not torch.cuda.is_available():
         with pytest.raises(SQSInputError, match="CUDA is not available"):
             resolve_device("cuda:0")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_trains_close_to_float32(device):
+    x, y = images()
+    plain = compress(bn_net(), (x, y), CONFIG, progress=False, device=device)
+    bf16 = compress(bn_net(), (x, y), CONFIG, progress=False, device=device, bf16=True)
+    assert bf16.history[0]["nll"] != plain.history[0]["nll"]  # the forward pass did run in bfloat16
+    assert bf16.history[0]["nll"] == pytest.approx(plain.history[0]["nll"], rel=0.05)
+    assert bf16.accounting()["sparsity"] == pytest.approx(0.5, abs=0.01)

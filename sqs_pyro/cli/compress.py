@@ -60,6 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/default"), help="output folder (default runs/default)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_device_option(p)
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 autocast for the forward pass of each step (for GPUs; float32 parameters)")
     p.add_argument("--task", choices=("classification", "regression", "distill", "lm"),
                    help="with --model: classification (integer labels, the default), regression (Gaussian likelihood) "
                         "or distill (no labels: the dense network's predictive distribution is the target); "
@@ -94,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with distributed_context(args.distributed) as ctx:
         result = compress(net, (x_train, y_train), config, progress=not args.no_progress, checkpoint_dir=args.out,
-                          checkpoint_every=args.checkpoint_every, resume=args.resume, distributed=args.distributed)
+                          checkpoint_every=args.checkpoint_every, resume=args.resume, distributed=args.distributed,
+                          bf16=args.bf16)
     if not ctx.is_main:
         return 0
     predictions = {"dense": predictive_probs(net, x_test), "greedy": predictive_probs(result.greedy_module(), x_test),

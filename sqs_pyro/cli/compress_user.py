@@ -67,7 +67,7 @@ def run_user(args: argparse.Namespace) -> int:
     torch.manual_seed(config.seed)
     result = compress(net, train, config, task=task, noise_scale=args.noise_scale, progress=not args.no_progress,
                       checkpoint_dir=args.out, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                      batchnorm=args.batchnorm)
+                      batchnorm=args.batchnorm, bf16=args.bf16)
     dense: dict[str, Any] = {}
     greedy: dict[str, Any] = {}
     if val is not None:

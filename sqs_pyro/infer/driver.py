@@ -159,6 +159,7 @@ def compress(
     loss_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
     batchnorm: str = "frozen",
     device: str | torch.device | None = None,
+    bf16: bool = False,
 ) -> SQSResult:
     """Learn the SQS posterior of ``net`` on ``train_data`` and return an :class:`SQSResult`.
 
@@ -215,6 +216,8 @@ def compress(
             running statistics drifting to the compression data). The file holds the statistics in every case.
         device: where to train: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` (CUDA when present) or ``None``
             (the network's device). The data may stay on the CPU: each batch is moved to the device.
+        bf16: run the loss's forward pass (network and likelihood) under ``torch.autocast`` in bfloat16 (for
+            GPUs with bfloat16 units; parameters, optimiser state and the KL stay float32).
 
     Everything a user passes is checked (raising :class:`SQSInputError`) before the guide is
     built or any step runs.
@@ -286,7 +289,7 @@ def compress(
             if config.empirical_bayes:
                 model.update_hyperpriors(guide.distributions())
             result = SQSResult(config, net, model, guide)  # net: the architecture, never modified
-            trainer = Trainer(result, schedule, source, task, ctx, device, started)
+            trainer = Trainer(result, schedule, source, task, ctx, device, started, bf16)
             if saved is not None:
                 trainer.load_state_dict(saved)
             trainer.train(eval_fn, eval_every, progress, path if ctx.is_main else None, checkpoint_every,

@@ -68,7 +68,7 @@ class Trainer:
     """
 
     def __init__(self, result: SQSResult, schedule: Schedule, source: BatchSource, task: str, ctx: DistContext,
-                 device: torch.device, started: float) -> None:
+                 device: torch.device, started: float, bf16: bool = False) -> None:
         self.result = result
         self.schedule = schedule
         self.num_data = source.num_data
@@ -76,6 +76,7 @@ class Trainer:
         self.task = task
         self.ctx = ctx
         self.device = device
+        self.bf16 = bf16  # the loss's forward pass under bfloat16 autocast
         config = result.config
         self.loss_fn = ctx.wrap(SQSMeanFieldELBO()(result.model, result.guide))
         self.optimizer = AdamWithSignGroups(param_groups(result.model, result.guide, config),
@@ -143,8 +144,8 @@ class Trainer:
             phase, beta = self._apply_schedule(step, eval_fn)
             x, y = next(batches)
             self.optimizer.zero_grad(set_to_none=True)
-            with pyro.validation_enabled(False):  # a NaN must reach the divergence check, not raise
-                loss = self.loss_fn(x, y)
+            with pyro.validation_enabled(False), torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
+                loss = self.loss_fn(x, y)  # validation off: a NaN must reach the divergence check, not raise
             (loss / self.num_data).backward()
             if self.ctx.any(not self._finite(loss), self.device):
                 self._rollback(good, step, max_rollbacks, checkpoint_path)
