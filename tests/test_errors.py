@@ -184,7 +184,7 @@ def test_target_shapes_and_example_types():
             return x[i], y[i], i
 
     # (inputs..., target): the network is asked to take two inputs (x, y) and cannot
-    with pytest.raises(SQSInputError, match=r"cannot process the train inputs of shapes \(1, 5\), \(1,\)"):
+    with pytest.raises(SQSInputError, match=r"cannot process the train inputs of shapes \(1, 4\), \(1,\)"):
         compress(net, Triples(), progress=False)
 
 

@@ -11,6 +11,7 @@ from sqs_pyro.cli.user_model import eval_batches, load_data, load_network
 from sqs_pyro.errors import SQSInputError
 from sqs_pyro.format.container import load_compressed
 from sqs_pyro.format.dense import dense_state, export_onnx, write_dense
+from sqs_pyro.hf.export import export_transformers
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -68,8 +69,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_hf(args: argparse.Namespace) -> int:
-    from sqs_pyro.hf.export import export_transformers
-
     out = export_transformers(args.file, args.hf, force=args.force, tokenizer=args.tokenizer)
     classes = json.loads((out / "config.json").read_text()).get("architectures") or ["AutoModel"]
     files = ", ".join(sorted(f.name for f in out.iterdir()))
