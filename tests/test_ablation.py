@@ -227,3 +227,13 @@ def test_the_recorded_standard_grid_keeps_its_keys(name):
     recorded = {record["key"] for record in read_records(grid.output)}
     missing = [spec.key for spec in expand_grid(grid) if spec.key not in recorded]
     assert not missing, missing[:3]
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_runner_progress_bar_counts_the_runs(tmp_path, capsys, progress):
+    grid, calls, execute, loader = _fake_grid(tmp_path)
+    logs = []
+    run_grid(grid, execute, logs.append, limit=3, workload_loader=loader, progress=progress)
+    err = capsys.readouterr().err
+    assert ("ablate: 100%" in err and "3/3" in err) == progress
+    assert len(logs) == 5  # a custom log keeps every line either way
