@@ -43,6 +43,9 @@ MODULE = textwrap.dedent('''
     def empty():
         return torch.zeros(0, 1, 6, 6), torch.zeros(0, dtype=torch.long)
 
+    def unlabelled():
+        return {"x": data()[0]}
+
     def broken():
         raise RuntimeError("no data today")
 ''')
@@ -75,6 +78,8 @@ def _compress(out, *options):
     (["--data", "usermod:data", "--weights", "w.pt"], "do not fit --model usermod:build"),
     (["--data", "usermod:data", "--device", "tpu"], "device must be auto, cpu, cuda or cuda:N"),
     (["--data", "usermod"], "must be MODULE:FACTORY"),
+    (["--data", "usermod:unlabelled"], "without targets 'y' (only --task distill needs none)"),
+    (["--data", "usermod:data", "--val-data", "usermod:nan_data"], "--val-data inputs contain NaN or Inf"),
 ])
 def test_each_bad_input_fails_before_training(workdir, capsys, options, message):
     torch.save({"0.weight": torch.zeros(1)}, workdir / "w.pt")

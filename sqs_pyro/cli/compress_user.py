@@ -20,6 +20,7 @@ from sqs_pyro.cli.user_model import held_out_metrics, load_data, load_network
 from sqs_pyro.errors import SQSInputError
 from sqs_pyro.infer import compress
 from sqs_pyro.infer.batchnorm import BATCHNORM_MODES
+from sqs_pyro.infer.data import as_data, check_data
 from sqs_pyro.infer.devices import resolve_device
 
 USER_TASKS = ("classification", "regression", "distill")
@@ -62,6 +63,8 @@ def run_user(args: argparse.Namespace) -> int:
     spec = str(args.data[0])
     train = load_data(spec, task)
     val = load_data(args.val_data, task, "--val-data") if args.val_data else None
+    if val is not None:  # checked before training, as compress() checks the training data
+        check_data(net, as_data(val, 256), task, name="--val-data")
     config = config_from_args(args)
     started = time.perf_counter()
     torch.manual_seed(config.seed)

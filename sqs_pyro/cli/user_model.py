@@ -119,7 +119,10 @@ def load_data(spec: str, task: str, option: str = "--data") -> Any:
         return tuple(tensors[k] for k in keys)
     data = call_factory(spec, option)
     if isinstance(data, dict) and all(isinstance(v, torch.Tensor) for v in data.values()) and "x" in data:
-        return (data["x"],) if task == "distill" else (data["x"], data.get("y"))
+        if task != "distill" and "y" not in data:
+            raise SQSInputError(f"{option} {spec!r} returned tensors {sorted(data)} without targets 'y' "
+                                "(only --task distill needs none)")
+        return (data["x"],) if task == "distill" else (data["x"], data["y"])
     return data
 
 

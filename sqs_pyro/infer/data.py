@@ -121,7 +121,7 @@ def as_dataset(data: Any) -> Dataset:
     return dataset
 
 
-def _probe(net: nn.Module, inputs: Any) -> torch.Tensor:
+def _probe(net: nn.Module, inputs: Any, name: str) -> torch.Tensor:
     """``net(inputs)`` in eval mode (running statistics untouched) without gradients, on the network's device."""
     training = net.training
     device = next(net.parameters()).device
@@ -131,7 +131,7 @@ def _probe(net: nn.Module, inputs: Any) -> torch.Tensor:
         with torch.no_grad():
             out = net.eval()(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - re-raised with context
-        raise SQSInputError(f"the network cannot process the train inputs of shape{'s' * (len(shapes) > 1)} "
+        raise SQSInputError(f"the network cannot process the {name} inputs of shape{'s' * (len(shapes) > 1)} "
                             f"{', '.join(map(str, shapes))}: {type(exc).__name__}: {exc}") from exc
     finally:
         net.train(training)
@@ -140,11 +140,11 @@ def _probe(net: nn.Module, inputs: Any) -> torch.Tensor:
     return out.cpu()
 
 
-def _check_values(inputs: Any, y: torch.Tensor | None) -> None:
+def _check_values(inputs: Any, y: torch.Tensor | None, name: str) -> None:
     if any(t.is_floating_point() and not torch.isfinite(t).all() for t in tensors_in(inputs)):
-        raise SQSInputError("train inputs contain NaN or Inf")
+        raise SQSInputError(f"{name} inputs contain NaN or Inf")
     if y is not None and y.is_floating_point() and not torch.isfinite(y).all():
-        raise SQSInputError("train targets contain NaN or Inf")
+        raise SQSInputError(f"{name} targets contain NaN or Inf")
 
 
 def _check_loss(loss_fn: Callable[..., torch.Tensor], out: torch.Tensor, probe_y: torch.Tensor | None) -> None:
@@ -181,21 +181,22 @@ def _check_targets(out: torch.Tensor, y: torch.Tensor | None, task: str) -> None
 
 
 def check_data(net: nn.Module, data: Dataset | Iterable[Any], task: str,
-               loss_fn: Callable[..., torch.Tensor] | None = None) -> tuple[int, int | None]:
+               loss_fn: Callable[..., torch.Tensor] | None = None, name: str = "train") -> tuple[int, int | None]:
     """Fail fast on empty data, non-finite values, wrong target types or shapes, labels out of range,
     inputs the network cannot process (a probe in eval mode on the network's device; the data may sit
     elsewhere). Returns the number of examples and, for a re-iterable of batches, of batches per pass.
 
     A ``TensorDataset`` is checked whole; another ``Dataset`` through its first example; a
-    re-iterable of batches batch by batch (one pass, the network probed on the first).
+    re-iterable of batches batch by batch (one pass, the network probed on the first). ``name`` says which
+    data the messages are about.
     """
     if isinstance(data, Dataset):
         if len(data) == 0:
-            raise SQSInputError("train data is empty")
+            raise SQSInputError(f"{name} data is empty")
         tensors = getattr(data, "tensors", None)
         inputs, y = split_batch(tensors if tensors is not None else default_collate([data[0]]), task)
-        _check_values(inputs, y)
-        out = _probe(net, _rows(inputs, slice(0, 2)))
+        _check_values(inputs, y, name)
+        out = _probe(net, _rows(inputs, slice(0, 2)), name)
         if loss_fn is not None:
             _check_loss(loss_fn, out, None if y is None else y[:2])
         else:
@@ -208,16 +209,16 @@ def check_data(net: nn.Module, data: Dataset | Iterable[Any], task: str,
         rows = batch_length(inputs)
         if y is not None and y.shape[:1] != (rows,):
             raise SQSInputError(f"batch {num_batches}: {rows} inputs but targets of shape {tuple(y.shape)}")
-        _check_values(inputs, y)
+        _check_values(inputs, y, name)
         if out is None:
-            out = _probe(net, _rows(inputs, slice(0, 2)))
+            out = _probe(net, _rows(inputs, slice(0, 2)), name)
             if loss_fn is not None:
                 _check_loss(loss_fn, out, None if y is None else y[:2])
         if loss_fn is None:
             _check_targets(out, y, task)
         num_data, num_batches = num_data + rows, num_batches + 1
     if num_data == 0:
-        raise SQSInputError("train data is empty")
+        raise SQSInputError(f"{name} data is empty")
     return num_data, num_batches
 
 
