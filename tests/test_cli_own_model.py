@@ -146,3 +146,21 @@ def test_distill_needs_no_labels(workdir):
     greedy = json.loads((out / "summary.json").read_text())["greedy"]
     assert set(greedy) == {"kl_to_dense", "agreement"} and greedy["kl_to_dense"] >= 0
 
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_device_option_trains_and_evaluates_there(workdir, capsys, device):
+    out = workdir / "run"
+    assert main(["compress", "--model", "usermod:build", *TINY, "--device", device, "--data", "usermod:data",
+                 "--out", str(out)]) == 0
+    assert f'"device": "{device}' in (out / "summary.json").read_text()
+    assert main(["evaluate", str(out / "model.sqs"), "--model", "usermod:build", "--data", "usermod:data",
+                 "--device", device]) == 0
+    assert "accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cuda_without_a_device_is_one_clear_error(workdir, capsys):
+    assert _compress(workdir / "run", "--data", "usermod:data", "--device", "cuda:0") == 2
+    assert "CUDA is not available on this machine" in capsys.readouterr().err
