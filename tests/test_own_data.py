@@ -185,11 +185,3 @@ def test_bf16_autocast_trains_close_to_float32(device):
     assert bf16.history[0]["nll"] != plain.history[0]["nll"]  # the forward pass did run in bfloat16
     assert bf16.history[0]["nll"] == pytest.approx(plain.history[0]["nll"], rel=0.05)
     assert bf16.accounting()["sparsity"] == pytest.approx(0.5, abs=0.01)
-
-
-def test_zero_sparsity_keeps_every_weight():
-    x, _ = images()
-    result = compress(bn_net().eval(), x, SQSConfig(epochs=1, batch_size=32, components=16, sparsity=0.0),
-                      task="distill", progress=False)
-    assert result.accounting()["sparsity"] == 0.0
-    assert all(bool(layer.mask.all()) for layer in result.compressed().layers)

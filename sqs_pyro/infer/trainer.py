@@ -177,8 +177,8 @@ class Trainer:
     def _apply_schedule(self, step: int, eval_fn) -> tuple[str, float]:
         schedule, model, guide = self.schedule, self.result.model, self.result.guide
         phase = schedule.phase(step)
-        if step == schedule.prune_start and phase == PRUNE and self.result.config.sparsity > 0:
-            guide.set_gate_state(GateState.LEARN)  # sparsity 0: the gates stay open, every weight is kept
+        if step == schedule.prune_start and phase == PRUNE:
+            guide.set_gate_state(GateState.LEARN)
         if step == schedule.prune_end and phase == FINETUNE:
             guide.freeze_mask()
             for layer in guide.layers:  # the gate logits never step again: drop their Adam moments
