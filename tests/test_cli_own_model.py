@@ -143,8 +143,10 @@ def test_distill_needs_no_labels(workdir):
     torch.save({"x": usermod.data()[0]}, workdir / "inputs.pt")
     out = workdir / "run"
     assert _compress(out, "--task", "distill", "--data", "inputs.pt", "--val-data", "inputs.pt") == 0
-    greedy = json.loads((out / "summary.json").read_text())["greedy"]
-    assert set(greedy) == {"kl_to_dense", "agreement"} and greedy["kl_to_dense"] >= 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["greedy"]) == {"kl_to_dense", "agreement"} and summary["greedy"]["kl_to_dense"] >= 0
+    assert summary["dense"]["kl_to_dense"] == pytest.approx(0, abs=1e-6) and summary["dense"]["agreement"] == 1
+    assert "held-out kl_to_dense: dense / greedy" in (out / "report.html").read_text()
 
 
 

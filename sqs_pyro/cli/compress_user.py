@@ -74,7 +74,7 @@ def run_user(args: argparse.Namespace) -> int:
     dense: dict[str, Any] = {}
     greedy: dict[str, Any] = {}
     if val is not None:
-        dense = held_out_metrics(net, val, task)
+        dense = held_out_metrics(net, val, task, dense=net)  # KL 0, agreement 1: the reference row
         greedy = held_out_metrics(result.greedy_module(), val, task, dense=copy.deepcopy(net))
     summary = run_summary(result, task, dense, greedy, time.perf_counter() - started,
                           {"model": args.model, "weights": str(args.weights) if args.weights else None,
