@@ -67,16 +67,19 @@ FRESH = textwrap.dedent('''
 
 
 @pytest.mark.parametrize("fmt", ["torch", "safetensors"])
-def test_dense_files_load_without_sqs_pyro(compressed, fmt):
+def test_dense_files_load_without_sqs_pyro(compressed, fmt, capsys):
     root, x, expected = compressed
     out = root / f"dense.{fmt}"
     assert main(["export", str(root / "model.sqs"), f"--{fmt}", str(out)]) == 0
+    assert "decoding" in capsys.readouterr().err  # stage lines, unless --no-progress
     proc = subprocess.run([sys.executable, "-c", FRESH, fmt, str(out)], cwd=root, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert torch.equal(torch.load(root / "out.pt"), expected)
     assert main(["export", str(root / "model.sqs"), f"--{fmt}", str(out)]) == 2  # exists: needs --force
-    assert main(["export", str(root / "model.sqs"), f"--{fmt}", str(out), "--force"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(root / "model.sqs"), f"--{fmt}", str(out), "--force", "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_onnx_matches_torch(compressed, monkeypatch):

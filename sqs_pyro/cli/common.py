@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,17 @@ from sqs_pyro.infer.devices import DEVICE_CHOICES
 
 # The default job's settings, chosen for the MNIST CNN on a 2-core machine (see docs/results.md).
 DEFAULTS = {"epochs": 3.0, "batch_size": 256}
+
+
+class Progress:
+    """Stage lines on stderr, each with the seconds since the command started (nothing when disabled)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.started = enabled, time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        if self.enabled:
+            print(f"[{time.perf_counter() - self.started:6.1f} s] {stage}", file=sys.stderr, flush=True)
 
 
 def positive_int(text: str) -> int:

@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+from sqs_pyro.cli.common import Progress
 from sqs_pyro.cli.user_model import eval_batches, load_data, load_network
 from sqs_pyro.errors import SQSInputError
 from sqs_pyro.format.container import load_compressed
@@ -42,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "a .gguf file or an installed package name, e.g. the model given to compress --hf")
     p.add_argument("--force", action="store_true",
                    help="replace an existing output (a folder only once the new one is complete)")
+    p.add_argument("--no-progress", action="store_true", help="hide the stage lines on stderr")
     p.set_defaults(func=run)
 
 
@@ -56,12 +58,18 @@ def run(args: argparse.Namespace) -> int:
     if args.onnx is not None:
         if args.model is None or args.data is None:
             raise SQSInputError("--onnx needs --model MODULE:FACTORY and --data SPEC (inputs to trace the graph on)")
+        say = Progress(not args.no_progress)
+        say(f"decoding {args.file} into {args.model}")
         model = load_compressed(args.file, load_network(args.model))
         inputs, _ = next(iter(eval_batches(load_data(args.data, args.task), args.task, "cpu", batch_size=2)))
+        say(f"tracing the ONNX graph into {out}")
         export_onnx(model, inputs, out)
         print(f"wrote {out}: run it with onnxruntime.InferenceSession('{out}')")
         return 0
+    say = Progress(not args.no_progress)
+    say(f"decoding {args.file}")
     state = dense_state(args.file)
+    say(f"writing {out}")
     write_dense(state, out, "torch" if args.torch is not None else "safetensors")
     print(f"wrote {out}: {len(state)} dense tensors, {sum(t.numel() for t in state.values()):,} values; "
           f"load them with YourNet().load_state_dict(...)")

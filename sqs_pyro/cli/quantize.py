@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sqs_pyro import hf
-from sqs_pyro.cli.common import non_negative_int, positive_int
+from sqs_pyro.cli.common import Progress, non_negative_int, positive_int
 from sqs_pyro.compressed import accounting
 from sqs_pyro.compressed.error_feedback import SHRINK_GRID, hessian_scores, input_hessians
 from sqs_pyro.compressed.oneshot import quantize_network
@@ -74,17 +73,6 @@ def _check(args: argparse.Namespace) -> None:
         raise SQSInputError(f"--out {args.out} exists and is not a folder")
     if (args.natural_order or args.absmax_scales) and not args.data:
         raise SQSInputError("--natural-order / --absmax-scales change the error feedback: they need --data")
-
-
-class Progress:
-    """Stage lines on stderr, each with the seconds since the command started (nothing when disabled)."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled, self.started = enabled, time.perf_counter()
-
-    def __call__(self, stage: str) -> None:
-        if self.enabled:
-            print(f"[{time.perf_counter() - self.started:6.1f} s] {stage}", file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
