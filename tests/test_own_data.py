@@ -185,3 +185,18 @@ def test_bf16_autocast_trains_close_to_float32(device):
     assert bf16.history[0]["nll"] != plain.history[0]["nll"]  # the forward pass did run in bfloat16
     assert bf16.history[0]["nll"] == pytest.approx(plain.history[0]["nll"], rel=0.05)
     assert bf16.accounting()["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_an_iterable_dataset_is_batched_by_the_config():
+    x, y = images()
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(x, y))
+
+    result = compress(bn_net(), Stream(), CONFIG, progress=False)
+    assert result.history[0]["step"] == 0 and len(x) // CONFIG.batch_size == 6
+    assert result.accounting()["sparsity"] == pytest.approx(0.5, abs=0.01)
+    # a DataLoader draws its base seed from torch's global generator, as the stream's did: the same run
+    assert_same_network(result, compress(bn_net(), DataLoader(TensorDataset(x, y), batch_size=32), CONFIG,
+                                         progress=False))
