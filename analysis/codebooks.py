@@ -25,17 +25,8 @@ import numpy as np
 import torch
 
 from sqs_pyro.analysis.inclusion import pretrained_weights
+from sqs_pyro.compressed.accounting import code_width, usage_entropy
 from sqs_pyro.compressed.levels import merge_candidates
-
-
-def usage_entropy(counts: np.ndarray) -> float:
-    """Entropy in bits of the empirical distribution ``counts / sum(counts)`` (0 if empty)."""
-    c = np.asarray(counts, dtype=np.float64).ravel()
-    total = c.sum()
-    if total <= 0:
-        return 0.0
-    p = c[c > 0] / total
-    return float(-(p * np.log2(p)).sum())
 
 
 def codebook_stats(locs: np.ndarray, scales: np.ndarray, mix: np.ndarray, comp_window: np.ndarray,
@@ -61,7 +52,7 @@ def codebook_stats(locs: np.ndarray, scales: np.ndarray, mix: np.ndarray, comp_w
             "codes_used": int((counts[comps] > 0).sum()), "entropy_bits": usage_entropy(counts[comps]),
         })
     return {
-        "components": int(mu.size), "bits": max(1, int(np.ceil(np.log2(mu.size)))),
+        "components": int(mu.size), "bits": code_width(mu.size),
         "codes_used": int((counts > 0).sum()), "entropy_bits": usage_entropy(counts),
         "windows": windows, "drop": np.flatnonzero(counts == 0).tolist(),
         "merge": merge_candidates(mu, s, win, separation),

@@ -68,11 +68,10 @@ def layer_outliers(pretrained: np.ndarray, quantized: np.ndarray, mask: np.ndarr
 
 
 def quantize_initial(values: np.ndarray, components: int, windows: str, equal_windows: int = 2,
-                     iqr_factor: float = 5.0, sparsity: float = 0.0, forced_extremes: bool = False) -> np.ndarray:
+                     iqr_factor: float = 5.0, sparsity: float = 0.0) -> np.ndarray:
     """Each weight snapped to the nearest level of its window in the guide's initial codebook."""
     x = np.asarray(values, dtype=np.float64).ravel()
-    return initial_codebook(x, components, windows, equal_windows, iqr_factor, sparsity,
-                            forced_extremes=forced_extremes).quantize(x)
+    return initial_codebook(x, components, windows, equal_windows, iqr_factor, sparsity).quantize(x)
 
 
 def window_ablation(values: np.ndarray, components: int, iqr_factor: float = 5.0,

@@ -2,6 +2,7 @@
 
     python benchmarks/adaptive_bits.py                  # 75% / K=16 on the ccexam MNIST CNN, default budget
     python benchmarks/adaptive_bits.py --epochs 1 --train-limit 10000   # quicker look
+    python benchmarks/adaptive_bits.py --smoke          # CI: four steps, 256 evaluation images, a temporary output
 
 One SQS run; its posterior is materialised twice (``adaptive_bits`` off and on, the same
 mask and codes before merging), so the two files differ only by the read-out. Prints greedy
@@ -19,6 +20,7 @@ import torch
 from sqs_pyro import SQSConfig, compress, save_compressed
 from sqs_pyro.compressed import accounting, materialize
 from sqs_pyro.data import accuracy, load_mnist, load_mnist_cnn
+from smoke import add_smoke_flag, smoke_folder
 
 
 def main() -> None:
@@ -31,11 +33,16 @@ def main() -> None:
     parser.add_argument("--separation", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "adaptive_bits.json")
+    add_smoke_flag(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    eval_limit = None
+    if args.smoke:
+        args.train_limit, args.batch_size, args.epochs, args.out = 256, 64, 1.0, smoke_folder() / "adaptive_bits.json"
+        eval_limit = 256
     net = load_mnist_cnn()
     x, y = load_mnist("train", args.train_limit)
-    val, test = load_mnist("val"), load_mnist("test")
+    val, test = load_mnist("val", eval_limit), load_mnist("test", eval_limit)
     config = SQSConfig(sparsity=args.sparsity, components=args.components, epochs=args.epochs,
                        batch_size=args.batch_size, seed=args.seed, merge_separation=args.separation)
     start = time.perf_counter()
@@ -44,7 +51,8 @@ def main() -> None:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, adaptive in (("fixed", False), ("adaptive", True)):
-            network = materialize(result.guide, result.model.net, {**config.to_dict(), "adaptive_bits": adaptive})
+            network = materialize(result.guide, result.model.net, {**config.to_dict(), "adaptive_bits": adaptive},
+                                  group_scales=result.model.group_scales())
             module = network.load_into(result.skeleton).eval()
             acc = accounting(network)
             rows[name] = {"accuracy_val": accuracy(module, *val), "accuracy_test": accuracy(module, *test),

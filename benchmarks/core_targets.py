@@ -3,6 +3,7 @@
 
     python benchmarks/core_targets.py                 # the three settings, README numbers
     python benchmarks/core_targets.py --epochs 1 --train-limit 5000   # quicker look
+    python benchmarks/core_targets.py --smoke         # CI: the first setting, four steps, 256 evaluation images
 
 The headline is the greedy network (fixed before testing); the averaged predictor and the
 validation accuracy (10k validation images split off the training set, which chose the
@@ -20,6 +21,7 @@ import torch
 from sqs_pyro import SQSConfig
 from sqs_pyro.data import accuracy, load_mnist, load_mnist_cnn
 from sqs_pyro.infer import compress
+from smoke import add_smoke_flag, smoke_folder
 
 SETTINGS = [  # (sparsity, K, greedy test accuracy target)
     (0.75, 16, 0.9895),
@@ -35,16 +37,21 @@ def main() -> None:
     parser.add_argument("--train-limit", type=int)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "core_targets.json")
+    add_smoke_flag(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    eval_limit, settings = None, SETTINGS
+    if args.smoke:
+        args.train_limit, args.batch_size, args.epochs, args.out = 256, 64, 1.0, smoke_folder() / "core_targets.json"
+        eval_limit, settings = 256, SETTINGS[:1]
 
     net = load_mnist_cnn()
     x, y = load_mnist("train", args.train_limit)
-    x_test, y_test = load_mnist("test")
-    x_val, y_val = load_mnist("val")
+    x_test, y_test = load_mnist("test", eval_limit)
+    x_val, y_val = load_mnist("val", eval_limit)
     dense = accuracy(net, x_test, y_test)
     rows = []
-    for sparsity, k, target in SETTINGS:
+    for sparsity, k, target in settings:
         config = SQSConfig(sparsity=sparsity, components=k, epochs=args.epochs, batch_size=args.batch_size,
                            seed=args.seed)
         start = time.perf_counter()

@@ -11,9 +11,9 @@ held-out crops from the bottom 40%. SQS (``task="distill"``, BatchNorm statistic
 ``--sparsity`` / ``-K``; the mean KL(dense || compressed) per held-out crop and the top-1 agreement are
 recorded, one JSON line per method.
 
-    python benchmarks/distill_bn.py --steps 100 --out benchmarks/results/distill_bn.jsonl
-    python benchmarks/distill_bn.py --network mnist-separable --batch-size 64 --steps 100 --out ...
-    python benchmarks/distill_bn.py --smoke-test
+    python benchmarks/distill_bn.py --steps 100                 # appends to benchmarks/results/distill_bn.jsonl
+    python benchmarks/distill_bn.py --network mnist-separable --batch-size 64 --steps 100
+    python benchmarks/distill_bn.py --smoke                     # CI: two steps on a few tiny inputs
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from overrides import parse_overrides
+from smoke import add_smoke_flag, smoke_folder
 from sqs_pyro import SQSConfig, compress
 from sqs_pyro.cli.user_model import held_out_metrics
 from sqs_pyro.experiments.baselines import compress_magnitude_kmeans
@@ -95,17 +96,19 @@ def main() -> None:
     p.add_argument("--components", "-K", type=int, default=16)
     p.add_argument("--methods", nargs="+", default=["sqs", "magnitude_kmeans"])
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="SQSConfig overrides")
-    p.add_argument("--out", type=Path)
-    p.add_argument("--smoke-test", action="store_true")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "distill_bn.jsonl",
+                   help="JSON lines, appended (default results/distill_bn.jsonl)")
+    add_smoke_flag(p)
     args = p.parse_args()
-    if args.smoke_test:
+    if args.smoke:
         args.steps, args.batch_size, args.size, args.train_crops, args.val_crops = 2, 4, 64, 8, 8
+        args.out = smoke_folder() / "distill_bn.jsonl"
     torch.set_num_threads(1)
     if args.network == "efficientnet-lite0":
         net, rebuild = efficientnet_lite0(), efficientnet_lite0
         x_train, x_val = crops(args.train_crops, args.size, False, 0), crops(args.val_crops, args.size, True, 1)
     else:
-        net, x_train, x_val = mnist_separable(args.smoke_test)
+        net, x_train, x_val = mnist_separable(args.smoke)
         rebuild = lambda: copy.deepcopy(net)  # noqa: E731 - the architecture, its weights replaced
     args.train_crops, args.val_crops = len(x_train), len(x_val)
     epochs = args.steps * args.batch_size / args.train_crops
@@ -116,7 +119,7 @@ def main() -> None:
     for method in args.methods:
         started = time.perf_counter()
         if method == "sqs":
-            result = compress(net, x_train, config, task="distill", progress=not args.smoke_test)
+            result = compress(net, x_train, config, task="distill", progress=not args.smoke)
             module, sparsity = result.greedy_module(), result.accounting()["sparsity"]
         else:
             base = compress_magnitude_kmeans(net, (x_train, teacher), config)
@@ -128,9 +131,8 @@ def main() -> None:
                   "sparsity": sparsity, "components": args.components, "overrides": parse_overrides(args.set),
                   "seconds": seconds, **metrics}
         print(json.dumps(record))
-        if args.out is not None:
-            with args.out.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        with args.out.open("a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python benchmarks/distributed.py                       # 10k training images, 1 epoch, batch 128
     python benchmarks/distributed.py --train-limit 2000    # quicker look
+    python benchmarks/distributed.py --smoke               # CI: 4 global steps of 16 images, a temporary output
 
 Runs the same job (same global batch, seed and data) once in one process and once as two
 data-parallel processes (``torchrun --standalone --nproc-per-node 2``), and reports their
@@ -26,6 +27,7 @@ from sqs_pyro.infer.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from sqs_pyro.data import accuracy, load_mnist, load_mnist_cnn
 from sqs_pyro.infer.distributed import distributed_context, max_abs_difference_across_ranks
 from sqs_pyro.infer import Trainer, compress
+from smoke import add_smoke_flag, smoke_folder
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -78,7 +80,10 @@ def main() -> None:
     parser.add_argument("--distributed", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "distributed.json")
+    add_smoke_flag(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.train_limit, args.test_limit, args.batch_size, args.out = 64, 64, 16, smoke_folder() / "distributed.json"
     if args.worker:
         worker(args)
         return

@@ -9,7 +9,8 @@
    per 10 M parameters.
 
     python benchmarks/file_size.py               # 3 epochs per setting: about 20 minutes on 2 vCPUs
-    python benchmarks/file_size.py --epochs 0.1 --train-limit 5000 --speed-params 1000000   # smoke run
+    python benchmarks/file_size.py --epochs 0.1 --train-limit 5000 --speed-params 1000000   # quicker look
+    python benchmarks/file_size.py --smoke       # CI: four steps per setting (batch 256), 256 test images, 65k-parameter speed test
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from sqs_pyro.data import accuracy, load_mnist, load_mnist_cnn
 from sqs_pyro.format.container import layer_table, load_compressed, read_header, save_compressed
 from sqs_pyro.compressed.materialize import CompressedLayer, CompressedNetwork
 from sqs_pyro.infer import compress
+from smoke import add_smoke_flag
 
 SETTINGS = ((0.95, 4), (0.75, 16))
 
@@ -117,8 +119,11 @@ def main() -> None:
     parser.add_argument("--speed-params", type=int, default=10_000_000, help="parameters of the speed test")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     parser.add_argument("--seed", type=int, default=0)
+    add_smoke_flag(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.smoke:
+        args.epochs, args.train_limit, args.test_limit, args.speed_params, args.repeats = 1.0, 1024, 256, 65536, 1
     with tempfile.TemporaryDirectory() as tmp:
         sizes, fp16 = mnist_rows(args, Path(tmp))
         speed = speed_rows(args, Path(tmp))

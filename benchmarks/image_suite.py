@@ -4,6 +4,7 @@
     python benchmarks/image_suite.py --standard       # configs/image_suite_standard*.yaml (issue 13)
     python benchmarks/image_suite.py                  # configs/image_suite.yaml (the full grid)
     python benchmarks/image_suite.py --quick --workloads lenet300 --report-only
+    python benchmarks/image_suite.py --smoke          # CI: SQS and a baseline on the MNIST CNN, 4 steps, a temporary grid
 
 Runs (or resumes) the grid with the ablation runner (`sqs-pyro ablate` does the same), then
 writes, next to the grid's JSON lines in benchmarks/results/:
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -26,8 +28,13 @@ import torch
 
 from sqs_pyro.experiments.ablation import (ablation_effects, expand_grid, format_effects, format_table, load_grid,
                                read_records, run_grid, summarize)
+from smoke import add_smoke_flag, smoke_folder
 
 HERE = Path(__file__).parent
+# --smoke: two runs on the pretrained CNN (no LeNet to train), 256 training images, batch 64, 256 evaluation images
+SMOKE_GRID = {"output": "smoke.jsonl", "workloads": ["mnist_cnn"], "methods": ["sqs", "magnitude_kmeans"],
+              "sparsity": [0.75], "components": [4], "seeds": [0], "train_limit": 256, "test_limit": 256,
+              "config": {"epochs": 1.0, "batch_size": 64}}
 BASELINES = ("magnitude_kmeans", "magnitude_uniform", "dgms")
 
 
@@ -174,10 +181,14 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", help="only these workloads of the grid")
     parser.add_argument("--limit", type=int, help="run at most N new grid points")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from the JSON lines")
+    add_smoke_flag(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    if args.standard:
+    if args.smoke:
+        configs = [smoke_folder() / "smoke.json"]
+        configs[0].write_text(json.dumps(SMOKE_GRID))
+    elif args.standard:
         configs = sorted((HERE / "configs").glob("image_suite_standard*.yaml"))
     else:
         configs = args.config or [HERE / "configs" / ("image_suite_quick.yaml" if args.quick else "image_suite.yaml")]

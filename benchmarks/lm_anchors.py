@@ -20,6 +20,7 @@ OTHER five novels (seed 0, the same windowing).
     venv-llmc/bin/python benchmarks/lm_anchors.py --austen assets/austen --method wanda      # llmcompressor Wanda 50%
     venv-llmc/bin/python benchmarks/lm_anchors.py --austen assets/austen --method sparsegpt_w4 --group 64  # SparseGPT 50%, then W4
     python benchmarks/lm_anchors.py --austen assets/austen --method wanda_dense           # own Wanda, dense-model norms
+    python benchmarks/lm_anchors.py --smoke --method rtn --group 16   # CI: a tiny random Llama on made-up text
 
 Trained anchors (``--start``): the same methods applied to the dense model that ``benchmarks/smollm.py``
 fine-tuned on its training windows (``--start runs/smollm/dense_ft_s48_b8_lr2e-05_seed0.pt``, the
@@ -50,6 +51,7 @@ import time
 import zlib
 from pathlib import Path
 
+import smoke
 import torch
 from torch import nn
 
@@ -113,7 +115,7 @@ def perplexity(lm: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> flo
 
 
 def data(args, tokenizer):
-    books = austen_novels(args.austen)
+    books = smoke.made_up_novels() if args.smoke else austen_novels(args.austen)
     held = token_windows(tokenizer, books[HELD_OUT], args.seq_len)[:args.eval_windows]
     train = torch.cat([token_windows(tokenizer, t, args.seq_len) for n, t in books.items() if n != HELD_OUT])
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:args.calib]
@@ -276,7 +278,7 @@ def sparsity_of(lm: nn.Module) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--austen", type=Path, required=True)
+    p.add_argument("--austen", type=Path, help="dpkg -x folder of r-cran-janeaustenr (required but with --smoke)")
     p.add_argument("--method", required=True, choices=("dense", "rtn", "hqq", "gptq", "sparsegpt", "sparsegpt_w4",
                                                         "wanda", "wanda_dense"))
     p.add_argument("--bits", type=int, default=4)
@@ -289,12 +291,17 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--start", type=Path, help="a fine-tuned state dict of benchmarks/smollm.py (its dense_ft cache)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lm_anchors.jsonl")
+    smoke.add_smoke_flag(p)
     args = p.parse_args()
+    if args.smoke:
+        args.seq_len, args.eval_windows, args.calib, args.out = 16, 4, 4, smoke.smoke_folder() / "lm_anchors.jsonl"
+    elif args.austen is None:
+        p.error("--austen is required (but with --smoke)")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     if args.start is not None and not args.start.is_file():
         raise SystemExit(f"--start {args.start}: no such file (run benchmarks/smollm.py --runs dense_ft first)")
-    tok, lm = load_smollm()
+    tok, lm = (smoke.char_tokenizer(), smoke.tiny_llama()) if args.smoke else load_smollm()
     held, calib = data(args, tok)
     row = {"method": args.method, "eval_windows": len(held), "eval_tokens": int(held[:, 1:].numel()),
            "n_target_linears": len(target_linears(lm)),

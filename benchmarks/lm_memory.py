@@ -8,6 +8,7 @@ so that it runs in a minute here.
                                                            # 50% keeping the start's mask: no gate learning
     python benchmarks/lm_memory.py --vocab 49152 --tokens 128 ... # SmolLM2's vocabulary and smollm.py's windows
     python benchmarks/lm_memory.py --checkpoint-blocks ...     # layers recomputed in the backward pass
+    python benchmarks/lm_memory.py --smoke                     # CI: a tiny Llama, 50% only, a temporary output
 
 ``--return-freed-memory`` calls :func:`sqs_pyro.infer.allocator.return_freed_memory` first (as
 ``sqs-pyro compress --hf --return-freed-memory``): the peak is then the live tensors', not glibc's
@@ -30,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import smoke
 import torch
 from memory import reset_peak, vm
 
@@ -39,7 +41,8 @@ HERE = Path(__file__).parent
 
 
 def child(sparsity: float, return_freed: bool, prune_fraction: float, vocab: int, tokens: int,
-          checkpoint_blocks: bool, gate_rule: str) -> dict:
+          checkpoint_blocks: bool, gate_rule: str, tiny: bool = False) -> dict:
+    """One run in this process (``tiny``: :func:`smoke.tiny_llama` and groups of 16, for CI)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import sqs_pyro.infer.trainer as trainer
@@ -56,14 +59,15 @@ def child(sparsity: float, return_freed: bool, prune_fraction: float, vocab: int
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab, hidden_size=576, intermediate_size=1536, num_hidden_layers=6,
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=256)
-    net = CausalLM(LlamaForCausalLM(config))
+    net = CausalLM(smoke.tiny_llama() if tiny else LlamaForCausalLM(config))
+    vocab, group = (net.lm.config.vocab_size, 16) if tiny else (vocab, 64)
     ids = torch.randint(0, vocab, (64, tokens + 1))
     include = transformer_include("llama")
     sites = select_layers(net, include=include)
     n = sum(net.get_parameter(s.name).numel() for s in sites)
-    start = quantize_network(net, sites, 16, 64, 0, sparsity=sparsity)
+    start = quantize_network(net, sites, 16, group, 0, sparsity=sparsity)
     sqs = SQSConfig.from_dict({**HF_DEFAULTS, "sparsity": sparsity, "initial_sparsity": sparsity, "components": 16,
-                               "group_size": 64, "prune_fraction": prune_fraction if sparsity else 0.0,
+                               "group_size": group, "prune_fraction": prune_fraction if sparsity else 0.0,
                                "responsibility_scale": "pooled", "epochs": 1.0, "batch_size": 8, "include": include,
                                "mode": "hard", "gate_rule": gate_rule})
     marks = {}
@@ -120,18 +124,21 @@ def main() -> None:
                         help="compress(checkpoint_blocks=True): each layer runs again in the backward pass")
     parser.add_argument("--gate-rule", choices=GATE_RULES, default="adam",
                         help="SQSConfig.gate_rule: the gate logits' step (sign: no optimiser state)")
+    smoke.add_smoke_flag(parser)
     parser.add_argument("--child", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke and args.child is None:
+        args.sparsity, args.tokens, args.out = [0.5], 8, smoke.smoke_folder() / "lm_memory.json"
     args.out = args.out or HERE / "results" / ("lm_memory_returned.json" if args.return_freed_memory else "lm_memory.json")
     if args.child is not None:
         print(json.dumps(child(args.child, args.return_freed_memory, args.prune_fraction, args.vocab, args.tokens,
-                               args.checkpoint_blocks, args.gate_rule)))
+                               args.checkpoint_blocks, args.gate_rule, args.smoke)))
         return
     rows = []
     for s in args.sparsity:
         flags = ["--return-freed-memory"] if args.return_freed_memory else []
         flags += ["--checkpoint-blocks"] if args.checkpoint_blocks else []
-        flags += ["--gate-rule", args.gate_rule]
+        flags += ["--gate-rule", args.gate_rule] + (["--smoke"] if args.smoke else [])
         flags += ["--prune-fraction", str(args.prune_fraction), "--vocab", str(args.vocab), "--tokens", str(args.tokens)]
         out = subprocess.run([sys.executable, __file__, "--child", str(s), *flags], capture_output=True, text=True,
                              check=True)

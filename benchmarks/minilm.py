@@ -2,6 +2,7 @@
 
     python benchmarks/minilm.py --reviews DIR/vaderSentiment-3.3.2.tar.gz
     python benchmarks/minilm.py --reviews ... --train 2000 --test 500 --epochs 1   # quicker
+    python benchmarks/minilm.py --smoke [--start-oneshot ...]   # CI: a tiny random BERT on made-up sentences
 
 1. fine-tunes the encoder + a linear head densely (Adam) on the training sentences;
 2. compresses the fine-tuned network with SQS (attention q/k/v/o and MLP matrices; default
@@ -34,6 +35,7 @@ import math
 import time
 from pathlib import Path
 
+import smoke
 import torch
 from memory import reset_peak, vm
 from overrides import parse_overrides
@@ -88,7 +90,7 @@ def one_shot_start(net: SentenceClassifier, config: SQSConfig, calib: torch.Tens
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reviews", type=Path, required=True, help="path to vaderSentiment-3.3.2.tar.gz")
+    parser.add_argument("--reviews", type=Path, help="path to vaderSentiment-3.3.2.tar.gz (required but with --smoke)")
     parser.add_argument("--train", type=int, default=8000)
     parser.add_argument("--test", type=int, default=2000)
     parser.add_argument("--epochs", type=float, default=1.0)
@@ -113,17 +115,28 @@ def main() -> None:
                         help="SQS's passes over the training sentences (default: --epochs, the dense fine-tuning's)")
     parser.add_argument("--transfer", type=int, default=0,
                         help="N unlabelled sentences after the validation ones, labelled by the dense network")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "minilm.json")
+    parser.add_argument("--out", type=Path, help="result file (default benchmarks/results/minilm.json; with --smoke a "
+                        "temporary one)")
     parser.add_argument("--checkpoint-blocks", action="store_true",
                         help="SQS recomputes each encoder layer in the backward pass (the same result, less memory)")
     parser.add_argument("--resume", action="store_true",
                         help="rebuild SQS's network from the checkpoint in --cache-dir (same settings) and evaluate it")
-    parser.add_argument("--cache-dir", type=Path, default=Path("runs/minilm"),
+    parser.add_argument("--cache-dir", type=Path,
                         help="the fine-tuned network's cache and SQS's checkpoint")
     parser.add_argument("--device", default="cpu", help="torch device of the network and the data (e.g. cuda)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="further SQSConfig fields, applied last (e.g. gate_score=magnitude prune_scope=lamp)")
+    smoke.add_smoke_flag(parser)
     args = parser.parse_args()
+    if args.smoke:  # 4 SQS steps of 8 sentences; results and caches in a temporary folder unless given
+        folder = smoke.smoke_folder()
+        args.train, args.test, args.val, args.batch_size, args.calib, args.max_length = 32, 16, 16, 8, 8, 16
+        args.transfer, args.out = min(args.transfer, 8), args.out or folder / "minilm.json"
+        args.cache_dir = args.cache_dir or folder / "cache"
+    elif args.reviews is None:
+        parser.error("--reviews is required (but with --smoke)")
+    args.out = args.out or Path(__file__).parent / "results" / "minilm.json"
+    args.cache_dir = args.cache_dir or Path("runs/minilm")
     device = torch.device(args.device)
     if device.type != "cpu" and not (torch.accelerator.is_available()
                                      and torch.accelerator.current_accelerator().type == device.type):
@@ -131,9 +144,9 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
 
-    sentences, labels = movie_reviews(args.reviews)
+    sentences, labels = smoke.made_up_sentences(80) if args.smoke else movie_reviews(args.reviews)
     order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(args.seed))
-    tokenizer, encoder = load_minilm()
+    tokenizer, encoder = (smoke.char_tokenizer(), smoke.tiny_bert()) if args.smoke else load_minilm()
     x_all = encode_sentences(tokenizer, [sentences[i] for i in order], args.max_length)
     x_all, y_all = x_all.to(device), labels[order].to(device)
     x, y = x_all[:args.train], y_all[:args.train]

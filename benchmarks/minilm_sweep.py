@@ -1,10 +1,11 @@
 """Several ``benchmarks/minilm.py`` settings x seeds as parallel processes, rows collected in one JSONL.
 
-    python benchmarks/minilm_sweep.py --configs benchmarks/configs/minilm_sweep.json --seeds 0 1 2 \\
-        --parallel 15 --deadline 500 --out benchmarks/results/minilm_sweep.jsonl -- --device cuda
+    python benchmarks/minilm_sweep.py --configs benchmarks/configs/minilm_sweep_lamp.json --seeds 0 1 2 \\
+        --parallel 6 --deadline 470 --out benchmarks/results/minilm_gpu_lamp.jsonl -- --device cuda
 
 ``--configs`` maps a name to the arguments of ``minilm.py`` (besides ``--seed`` and ``--out``); the
-arguments after ``--`` are added to every run. Each run works in its own folder under ``--work``, so
+arguments after ``--`` are added to every run. ``--smoke``: one run of ``minilm.py --smoke`` in a temporary
+folder (CI). Each run works in its own folder under ``--work``, so
 its dense fine-tuning cache and SQS checkpoint are its own (``--cache-dir``). Runs still going at ``--deadline`` seconds
 are stopped; their logs' tails are kept. Each row gets ``config`` (the name) and ``command`` (the
 arguments of its run), and one line per run goes to stdout: name, seed, seconds, validation and test
@@ -17,19 +18,28 @@ import sys
 import time
 from pathlib import Path
 
+from smoke import add_smoke_flag, smoke_folder
+
 HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", type=Path, required=True, help="JSON: {name: [minilm.py arguments]}")
+    parser.add_argument("--configs", type=Path, help="JSON: {name: [minilm.py arguments]} (required but with --smoke)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--parallel", type=int, default=1, help="processes at a time")
     parser.add_argument("--deadline", type=float, default=float("inf"), help="stop runs still going after S seconds")
     parser.add_argument("--work", type=Path, default=Path("runs/minilm_sweep"))
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="JSON lines, one per finished run (required but with --smoke)")
     parser.add_argument("common", nargs="*", help="arguments for every run (after --)")
+    add_smoke_flag(parser)
     args = parser.parse_args()
+    if args.smoke:
+        folder = smoke_folder()
+        (folder / "configs.json").write_text(json.dumps({"smoke": ["--smoke", "--mode", "hard"]}))
+        args.configs, args.seeds, args.work, args.out = folder / "configs.json", [0], folder / "work", folder / "sweep.jsonl"
+    elif args.configs is None or args.out is None:
+        parser.error("--configs and --out are required (but with --smoke)")
     configs = json.loads(args.configs.read_text())
     if not configs:
         parser.error(f"{args.configs} names no setting")

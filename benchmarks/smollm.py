@@ -3,6 +3,7 @@
     python benchmarks/smollm.py --austen assets/austen              # all runs, resumable
     python benchmarks/smollm.py --austen assets/austen --runs dense sqs50k16
     python benchmarks/smollm.py --austen assets/austen --report      # the table of finished runs
+    python benchmarks/smollm.py --smoke     # CI: a tiny random Llama on made-up text, two runs, a temporary folder
 
 Training text: five novels, cut into windows of ``--seq-len + 1`` tokens, of which
 ``--steps x --batch-size`` seeded random windows are used once (one epoch: the token budget).
@@ -55,6 +56,7 @@ import sys
 import time
 from pathlib import Path
 
+import smoke
 import torch
 from memory import reset_peak, vm
 
@@ -64,6 +66,7 @@ from sqs_pyro.config import GATE_RULES
 HERE = Path(__file__).parent
 RUNS = HERE.parent / "runs" / "smollm"  # per-run folders and the caches every run of the same settings shares
 HELD_OUT = "persuasion"
+SMOKE_RUNS = ["oneshot_g16k4e2has", "sqs50k4g16pqf"]  # one-shot with error feedback; trained from it
 
 
 def run_settings(args: argparse.Namespace) -> dict:
@@ -95,7 +98,7 @@ def load_data(args: argparse.Namespace, tokenizer):
     from sqs_pyro.hf import token_windows
     from sqs_pyro.data.text import austen_novels
 
-    books = austen_novels(args.austen)
+    books = smoke.made_up_novels() if args.smoke else austen_novels(args.austen)
     train = torch.cat([token_windows(tokenizer, text, args.seq_len) for name, text in books.items() if name != HELD_OUT])
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
     used = args.steps * args.batch_size
@@ -134,7 +137,7 @@ def child(args: argparse.Namespace) -> dict:
         return_freed_memory()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    tokenizer, lm = load_smollm()
+    tokenizer, lm = (smoke.char_tokenizer(), smoke.tiny_llama()) if args.smoke else load_smollm()
     net = CausalLM(lm)
     train, held, validation, available = load_data(args, tokenizer)
     x, y = train[:, :-1], train[:, 1:]
@@ -208,7 +211,7 @@ def child(args: argparse.Namespace) -> dict:
 
 
 def _run_dir(args: argparse.Namespace) -> Path:
-    path = RUNS / args.child
+    path = args.runs_dir / args.child
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -219,7 +222,7 @@ def fine_tuned(args: argparse.Namespace, net, x: torch.Tensor, y: torch.Tensor) 
     from sqs_pyro.guides.gate_scores import task_loss
     from sqs_pyro.hf import fine_tune
 
-    cache = RUNS / f"dense_ft_s{args.steps}_b{args.batch_size}_lr{args.lr_dense}_seed{args.seed}.pt"
+    cache = args.runs_dir / f"dense_ft_s{args.steps}_b{args.batch_size}_lr{args.lr_dense}_seed{args.seed}.pt"
     if cache.exists():
         net.load_state_dict(torch.load(cache))
         return True
@@ -291,7 +294,7 @@ def calibration(args: argparse.Namespace, net, sites, calib: torch.Tensor, model
     from sqs_pyro.compressed.error_feedback import hessian_scores, input_hessians
 
     steps = f"_s{args.steps}" if model else ""  # a fine-tuned model depends on its training windows
-    cache = RUNS / f"hessians{model}_calib{len(calib)}_seed{args.seed}{steps}.pt"
+    cache = args.runs_dir / f"hessians{model}_calib{len(calib)}_seed{args.seed}{steps}.pt"
     if cache.exists():
         hessians = torch.load(cache)
     else:
@@ -384,7 +387,7 @@ def report(path: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--austen", type=Path, required=True, help="dpkg -x folder of r-cran-janeaustenr")
+    parser.add_argument("--austen", type=Path, help="dpkg -x folder of r-cran-janeaustenr (required but with --smoke)")
     parser.add_argument("--runs", nargs="+", default=["dense", "sqs50k16", "dense_ft", "sqs75k16", "sqs50k8"])
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -419,9 +422,20 @@ def main() -> None:
                              "the same result, less memory")
     parser.add_argument("--out", type=Path, help="results file (default results/smollm.jsonl, or "
                         "results/smollm_validation.jsonl with --validation)")
+    parser.add_argument("--runs-dir", type=Path, default=RUNS,
+                        help="per-run folders and the caches runs of the same settings share (default runs/smollm)")
     parser.add_argument("--report", action="store_true", help="only print the table of the finished runs")
+    smoke.add_smoke_flag(parser)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke and not args.child:  # the children get these settings and folders on their command lines
+        folder = smoke.smoke_folder()
+        sys.argv += ["--steps", "4", "--batch-size", "2", "--seq-len", "16", "--eval-windows", "4", "--calib", "4",
+                     "--mode", "hard", "--out", str(folder / "smollm.jsonl"), "--runs-dir", str(folder / "runs")]
+        args = parser.parse_args(sys.argv[1:])
+        args.runs = SMOKE_RUNS
+    if args.austen is None and not args.smoke:
+        parser.error("--austen is required (but with --smoke)")
     args.out = args.out or HERE / "results" / ("smollm_validation.jsonl" if args.validation else "smollm.jsonl")
     if args.report:
         print(report(args.out))

@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py                      # all networks, README numbers
     python benchmarks/speed.py --networks mlp --rounds 5   # a quick look
+    python benchmarks/speed.py --smoke              # a small MLP and a 1-layer MiniLM, one round, a temporary output (CI)
 
 One process, one thread, batch 128 (MLP, CNN) or 32 sentences x 64 tokens (MiniLM). Per
 network and round, every variant runs one step, in turn, so that load on a shared machine
@@ -9,7 +10,8 @@ hits all of them alike; the table gives medians over rounds and ratios to the pl
 
 * plain:     forward + cross-entropy + backward + Adam on the dense network;
 * SQS:       one ``compress`` step (SQSMeanFieldELBO, backward, Adam) with learned gates, in
-             the default sampling mode and in the fast expected-weight mode;
+             each forward mode: ``hard`` (the default: the greedy level, straight-through),
+             ``sample`` (a drawn level and slab noise) and ``expected`` (the expected weight);
 * AutoNormal: Pyro's ``AutoNormal`` guide with ``Trace_ELBO`` on the same network, N(0, 1)
              priors on the same weight tensors, the same likelihood, batch and Adam.
 
@@ -44,6 +46,7 @@ from sqs_pyro.guides import GateState, SpikeGMMGuide, kernels
 from sqs_pyro.compressed.materialize import materialize
 from sqs_pyro.models import CategoricalLikelihood, SQSModel, select_layers
 from sqs_pyro.infer.trainer import param_groups
+from smoke import add_smoke_flag, smoke_folder
 
 NUM_DATA = 50_000
 Step = Callable[[], None]
@@ -61,12 +64,14 @@ class PooledClassifier(nn.Module):
         return self.head(self.encoder(input_ids=input_ids).pooler_output)
 
 
-def build_network(name: str, batch: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor] | str:
-    """``(net, inputs, labels)`` for a network name, or the reason it is skipped."""
+def build_network(name: str, batch: int, smoke: bool = False) -> tuple[nn.Module, torch.Tensor, torch.Tensor] | str:
+    """``(net, inputs, labels)`` for a network name, or the reason it is skipped (``smoke``: an MLP of 32 and
+    16 hidden units, a 1-layer, 32-wide MiniLM with a 512-token vocabulary)."""
     torch.manual_seed(0)
     if name == "mlp":
-        net = nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
-                            nn.Linear(100, 10))
+        hidden = (32, 16) if smoke else (300, 100)
+        net = nn.Sequential(nn.Flatten(), nn.Linear(784, hidden[0]), nn.ReLU(), nn.Linear(*hidden), nn.ReLU(),
+                            nn.Linear(hidden[1], 10))
         return net, torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     if name == "cnn":
         try:
@@ -80,7 +85,9 @@ def build_network(name: str, batch: int) -> tuple[nn.Module, torch.Tensor, torch
             from transformers import BertConfig, BertModel
         except ImportError:
             return "transformers is not installed (pip install transformers)"
-        config = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+        shape = (dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=512)
+                 if smoke else dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536))
+        config = BertConfig(**shape)
         net = PooledClassifier(BertModel(config))
         return net, torch.randint(0, config.vocab_size, (batch, 64)), torch.randint(0, 2, (batch,))
     raise ValueError(f"unknown network {name!r}")
@@ -170,7 +177,8 @@ def file_and_latency(net: nn.Module, model: SQSModel, guide: SpikeGMMGuide, x: t
         save_s, load_s, size = [], [], 0
         for _ in range(3):
             start = time.perf_counter()
-            size = save_compressed(materialize(guide, model.net, {}), path, model=net)
+            compressed = materialize(guide, model.net, group_scales=model.group_scales())
+            size = save_compressed(compressed, path, model=net)
             save_s.append(time.perf_counter() - start)
             start = time.perf_counter()
             loaded = load_compressed(path, model=copy.deepcopy(net)).eval()
@@ -184,17 +192,20 @@ def file_and_latency(net: nn.Module, model: SQSModel, guide: SpikeGMMGuide, x: t
             "latency_ratio": latency["loaded"] / latency["dense"]}
 
 
-def measure(name: str, batch: int, rounds: int) -> dict | str:
-    built = build_network(name, batch)
+MODES = ("hard", "sample", "expected")
+
+
+def measure(name: str, batch: int, rounds: int, smoke: bool = False) -> dict | str:
+    built = build_network(name, batch, smoke)
     if isinstance(built, str):
         return built
     net, x, y = built
     pyro.set_rng_seed(0)
-    sqs_sample, model, guide = sqs_step(net, x, y, "sample")
-    sqs_expected, _, _ = sqs_step(net, x, y, "expected")
-    steps = {"plain": plain_step(net, x, y), "sqs_sample": sqs_sample, "sqs_expected": sqs_expected,
+    sqs = {mode: sqs_step(net, x, y, mode) for mode in MODES}
+    steps = {"plain": plain_step(net, x, y), **{f"sqs_{mode}": sqs[mode][0] for mode in MODES},
              "autonormal": autonormal_step(net, x, y)}
-    medians = alternate(steps, rounds)
+    _, model, guide = sqs["hard"]
+    medians = alternate(steps, rounds, warmup=0 if smoke else 2)
     row = {f"{k}_ms": 1e3 * v for k, v in medians.items()}
     row.update({f"{k}_ratio": v / medians["plain"] for k, v in medians.items() if k != "plain"})
     row.update(compressed_weights=sum(s.numel for s in model.sites), batch=batch)
@@ -206,24 +217,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--networks", nargs="+", default=["mlp", "cnn", "minilm"], choices=["mlp", "cnn", "minilm"])
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds per network (default 15)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "speed.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result file (default benchmarks/results/speed.json; with --smoke a temporary file)")
+    add_smoke_flag(parser)  # a small MLP and a 1-layer MiniLM, batch 8, one round, no warm-up
     args = parser.parse_args()
     torch.set_num_threads(1)
-    batches = {"mlp": 128, "cnn": 128, "minilm": 32}
+    if args.smoke:
+        args.networks, args.rounds = ["mlp", "minilm"], 1
+        args.out = args.out or smoke_folder() / "speed.json"
+    args.out = args.out or Path(__file__).parent / "results" / "speed.json"
+    batches = {"mlp": 128, "cnn": 128, "minilm": 32} if not args.smoke else {"mlp": 8, "minilm": 8}
     results: dict[str, dict | str] = {}
     for name in args.networks:
         # MiniLM steps take seconds: fewer rounds keep the run to minutes
-        results[name] = measure(name, batches[name], args.rounds if name != "minilm" else max(3, args.rounds // 3))
+        rounds = args.rounds if name != "minilm" or args.smoke else max(3, args.rounds // 3)
+        results[name] = measure(name, batches[name], rounds, args.smoke)
         if isinstance(results[name], str):
             print(f"{name}: skipped: {results[name]}")
     print(f"fused kernels: {'on' if kernels.available(torch.zeros(1), components=16) else 'off (eager path)'}; "
           f"1 thread; median step times over rounds, ratio to plain")
-    print(f"{'network':8s} {'weights':>9s} {'plain ms':>9s} {'SQS sample':>17s} {'SQS expected':>17s} "
-          f"{'AutoNormal':>17s}")
+    print(f"{'network':8s} {'weights':>9s} {'plain ms':>9s} {'SQS hard':>17s} {'SQS sample':>17s} "
+          f"{'SQS expected':>17s} {'AutoNormal':>17s}")
     for name, r in results.items():
         if isinstance(r, str):
             continue
-        cells = [f"{r[k + '_ms']:9.1f} {r[k + '_ratio']:5.2f}x" for k in ("sqs_sample", "sqs_expected", "autonormal")]
+        cells = [f"{r[k + '_ms']:9.1f} {r[k + '_ratio']:5.2f}x" for k in ("sqs_hard", "sqs_sample", "sqs_expected", "autonormal")]
         print(f"{name:8s} {r['compressed_weights']:9d} {r['plain_ms']:9.1f} " + " ".join(f"{c:>17s}" for c in cells))
     print(f"{'network':8s} {'params':>9s} {'save s/M':>9s} {'load s/M':>9s} {'dense ms':>9s} {'loaded ms':>9s} "
           f"{'ratio':>6s}")

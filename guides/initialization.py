@@ -1,9 +1,7 @@
 """Initial codebook of one layer from its pretrained weights.
 
-The levels are k-means centres. With ``forced_extremes`` (the SQS authors' way to keep a level
-for the tails when there are no outlier-aware windows) each window's outermost levels are
-moved onto its extreme values; outlier-aware windows never need it, the tail windows do that
-job.
+The levels are k-means centres (the SQS authors' moving each window's outermost levels onto
+its extreme values is not done: outlier-aware windows give the tails their levels).
 
 Fit values: the weights expected to survive pruning (by default the largest magnitudes of
 the layer at the target sparsity; the guide passes the weights whose initial gate score is
@@ -75,7 +73,7 @@ def codebook_from_codes(values: np.ndarray, levels: np.ndarray, fit: np.ndarray 
     that level as its most probable one."""
     x = np.asarray(values, dtype=np.float64).ravel()
     kept = x if fit is None else x[np.asarray(fit, dtype=bool).ravel()]
-    locs, mix, scales = gmm_from_centres(kept, np.asarray(levels, dtype=np.float64), keep_extremes=False)
+    locs, mix, scales = gmm_from_centres(kept, np.asarray(levels, dtype=np.float64))
     return InitialCodebook(np.zeros(x.size, dtype=np.int64), np.zeros(locs.size, dtype=np.int64), locs, mix, scales)
 
 
@@ -106,14 +104,11 @@ def padded_centres(values: np.ndarray, levels: int) -> np.ndarray:
 
 
 def initial_codebook(values: np.ndarray, components: int, windows: str, equal_windows: int = 2,
-                     iqr_factor: float = 5.0, sparsity: float = 0.0, fit: np.ndarray | None = None,
-                     forced_extremes: bool = False) -> InitialCodebook:
+                     iqr_factor: float = 5.0, sparsity: float = 0.0, fit: np.ndarray | None = None) -> InitialCodebook:
     """The guide's initial codebook for one layer (see module docstring).
 
     ``fit`` (bool per weight) names the weights expected to be kept; by default the
-    ``1 - sparsity`` largest magnitudes of this layer. ``forced_extremes`` moves each window's
-    outermost levels onto its extreme fit values (the SQS authors' initialisation, for windows
-    other than the outlier-aware ones).
+    ``1 - sparsity`` largest magnitudes of this layer.
     """
     x = np.asarray(values, dtype=np.float64).ravel()
     fit = magnitude_keep(x, sparsity) if fit is None else np.asarray(fit, dtype=bool).ravel()
@@ -126,8 +121,7 @@ def initial_codebook(values: np.ndarray, components: int, windows: str, equal_wi
         vals = x[member & fit] if (member & fit).any() else x[member]
         if vals.size == 0:  # an empty window (possible only for tiny layers): spread levels over the layer
             vals = x
-        l, m, s = gmm_from_centres(vals, padded_centres(vals, levels),
-                                   keep_extremes=forced_extremes and windows != "outlier")
+        l, m, s = gmm_from_centres(vals, padded_centres(vals, levels))
         locs.append(l)
         mix.append(m)
         scales.append(s)

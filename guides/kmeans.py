@@ -67,17 +67,14 @@ def kmeans_1d(values: np.ndarray, k: int, max_points: int = 512, lloyd_iters: in
     return np.sort(centres)
 
 
-def gmm_from_centres(values: np.ndarray, centres: np.ndarray, keep_extremes: bool = True):
+def gmm_from_centres(values: np.ndarray, centres: np.ndarray):
     """Mixture (locs, weights, scales) from centres: nearest-centre clusters of ``values``.
 
-    With ``keep_extremes`` the smallest and largest centres are moved to the data's min and
-    max so that the tails keep a level. Zero or undefined cluster spreads are replaced by the
-    smallest valid one (or a small fraction of the data range).
+    Zero or undefined cluster spreads are replaced by the smallest valid one (or a small
+    fraction of the data range).
     """
     x = np.sort(np.asarray(values, dtype=np.float64).ravel())
     locs = np.array(centres, dtype=np.float64)
-    if keep_extremes and locs.size >= 2:
-        locs[0], locs[-1] = x[0], x[-1]
     cut = np.searchsorted(x, (locs[1:] + locs[:-1]) / 2)
     parts = np.split(x, cut)
     counts = np.array([p.size for p in parts], dtype=np.float64)

@@ -55,11 +55,11 @@ class LayerPosterior(PyroModule):
         self.site_name = site.name
         w = weight.detach()
         offset = torch.zeros_like(w) if gate_offset is None else gate_offset.to(w)
-        fit = (offset >= 0).reshape(-1).cpu().numpy() if config.codebook_fit == "kept" else None
+        fit = (offset >= 0).reshape(-1).cpu().numpy()  # the weights the gates start by keeping
         values = w.reshape(-1).double().cpu().numpy()
         if start is None:
             init = initial_codebook(values, config.components, config.windows, config.equal_windows,
-                                    config.iqr_factor, fit=fit, forced_extremes=config.forced_extremes)
+                                    config.iqr_factor, fit=fit)
         else:
             kept = None if start.mask is None else start.mask.reshape(-1).cpu().numpy()
             init = codebook_from_codes(values, start.levels.double().cpu().numpy(), kept)
@@ -107,15 +107,15 @@ class LayerPosterior(PyroModule):
             return torch.ones_like(self.mask)
         return torch.sigmoid(self.gate_logits.detach()) > 0.5
 
-    def distribution(self, tau: float, gate_temperature: float, assign_temperature: float,
-                     mode: str, kl_prior: SpikeSlabGMM | None = None, pooled: bool = False) -> SpikeGMM:
+    def distribution(self, gate_temperature: float, assign_temperature: float, mode: str,
+                     kl_prior: SpikeSlabGMM | None = None, pooled: bool = False) -> SpikeGMM:
         gate_fixed = None
         state = self.state
         if state == GateState.FROZEN and not bool(self.mask.all()):
             gate_fixed = self.mask  # bool: the forward and the KL keep a reference, no float copy
         elif state != GateState.LEARN:  # open, or a mask that keeps all: ones without storage
             gate_fixed = torch.ones((), dtype=self.latent.dtype, device=self.latent.device).expand_as(self.latent)
-        return SpikeGMM(self.gate_logits, self.latent, self.codebook(), gate_fixed, tau, gate_temperature,
+        return SpikeGMM(self.gate_logits, self.latent, self.codebook(), gate_fixed, 1.0, gate_temperature,
                         assign_temperature, mode, kl_prior, pooled)
 
     def codebook(self) -> Codebook:
@@ -171,11 +171,18 @@ class SpikeGMMGuide(PyroModule):
         Each knows the configured prior (``kl_prior``), so that a fused draw also yields its KL bound.
         """
         tg, ta = float(self.gate_temperature), float(self.assign_temperature)
-        tau = self.config.responsibility_temperature
-        return {layer.site_name: layer.distribution(tau, tg, ta, self.mode, SpikeSlabGMM.from_config(
+        return {layer.site_name: layer.distribution(tg, ta, self.mode, SpikeSlabGMM.from_config(
                     self.config, layer.latent.shape, dtype=layer.latent.dtype, device=layer.latent.device),
                     self.config.responsibility_scale == "pooled")
                 for layer in self.layers}
+
+    def kernel_path(self) -> str:
+        """Which code computes the ``O(N K)`` terms of the layers: ``"fused"`` (the C kernels of
+        :mod:`sqs_pyro.guides.kernels`) for every layer, ``"eager"`` (PyTorch, the same math, much slower
+        on a CPU: no C compiler, not float32 on the CPU, or ``SQS_PYRO_KERNELS=0``) for every layer,
+        else ``"mixed"``."""
+        fused = [d.fused for d in self.distributions().values()]
+        return "fused" if all(fused) else "eager" if not any(fused) else "mixed"
 
     def set_gate_state(self, state: GateState) -> None:
         for layer in self.layers:

@@ -55,10 +55,9 @@ class SpikeSlabGMM(TorchDistribution):
 
     @classmethod
     def from_config(cls, config, batch_shape=(), dtype=torch.float32, device=None) -> "SpikeSlabGMM":
-        """The prior described by an :class:`~sqs_pyro.config.SQSConfig`."""
+        """The prior of an :class:`~sqs_pyro.config.SQSConfig`: inclusion ``prior_inclusion``, slab ``N(0, slab_scale^2)``."""
         as_t = lambda v: torch.tensor(v, dtype=dtype, device=device)  # noqa: E731
-        return cls(config.prior_inclusion, as_t(config.slab_weights), as_t(config.slab_locs),
-                   as_t(config.slab_scales), batch_shape)
+        return cls(config.prior_inclusion, as_t((1.0,)), as_t((0.0,)), as_t((config.slab_scale,)), batch_shape)
 
     def expand(self, batch_shape, _instance=None) -> "SpikeSlabGMM":
         return SpikeSlabGMM(self.inclusion, self.slab_weights, self.slab_locs, self.slab_scales, batch_shape)

@@ -20,124 +20,66 @@ ROW_GROUP = 1 << 30  # a group_size at least any row's length: one scale per row
 
 @dataclass(frozen=True)
 class SQSConfig:
-    """Settings of one SQS run.
+    """Settings of one SQS run, validated on construction: ``SQSConfig(sparsity=0.9, components=4)``.
 
-    Prior: ``p(w) = (1 - prior_inclusion) delta_0 + prior_inclusion * sum_m a_m N(m_m, s_m^2)``
-    with the slab mixture given by ``slab_weights`` / ``slab_locs`` / ``slab_scales``
-    (default: one component ``N(0, 3^2)``, the paper's setting). With ``empirical_bayes`` the
-    prior's inclusion and a K-component slab are set per layer by variational EM instead
-    (after every step, the values that maximise the ELBO given the guide: the mean inclusion,
-    and the codebook with the levels' usage as mixing weights), so the KL is the code length
-    of the compressed network.
-
-    Guide: ``q(w_j) = (1 - g_j) delta_0 + g_j sum_k phi_jk N(mu_k, s_k^2)`` with ``K =
-    components`` levels per layer, split over windows by ``windows``; the initial codebooks
-    are fitted to the weights magnitude pruning would keep at ``sparsity``
-    (``codebook_fit="kept"``) or to all weights (``"all"``, the SQS authors' choice), by plain
-    k-means or, with ``forced_extremes`` (the authors' choice), with each window's outermost
-    levels moved onto its extreme values (outlier-aware windows never force them).
-
-    Group scales: with ``group_size = G > 0`` a weight viewed as rows is ``w = sigma_g u`` with one
-    fp16 scale ``sigma_g`` per group of ``G`` consecutive weights of a row (``G`` at least the
-    row length: one scale per row), starting at ``max |w|`` of the pretrained weights and learned
-    in log space at ``lr_codebook``; prior, guide and codebook live on the normalised values
-    ``u`` (the levels are shared, the scales are stored beside them). ``0``: no scales, one
-    codebook over the raw weights. Default ``ROW_GROUP``: one scale per row (output channel),
-    chosen on validation on the image networks; the transformer presets set their own.
-
-    Responsibilities: ``phi_jk`` weighs the levels by ``N(x_j; mu_k, s_k^2)`` with each level's own
-    scale (``responsibility_scale="own"``) or with the layer's pooled ``sqrt(mean_k s_k^2)``
-    (``"pooled"``: the nearest level up to ``log pi_k``; with own scales a latent weight far from
-    every level goes to the widest one, not the nearest). Default ``"pooled"``, chosen on validation
-    with ``lr_codebook=3e-3`` on the image networks (issue 13, seventh round).
-
-    Gates start at ``gate_init + clip(log(score / ref), -3, 3)``, ``ref`` the score at the
-    target-sparsity quantile (``gate_init=1``: ``g = 0.73`` at the threshold, chosen on validation
-    with ``warmup_fraction=0``), with the score ``|w|`` (``gate_score="magnitude"``, chosen on
-    validation with the mode KL), a first-order saliency ``rms_b(w dL_b/dw)`` over
-    ``saliency_batches`` minibatches (``"saliency"``, the transformer default) or ``|w_ij| ||x_j||``
-    of Linear layers (``"activation"``, Wanda). ``prune_scope="global"`` takes that quantile, and the
-    pruning threshold on the inclusion logits, over all compressed weights (layers get
-    different sparsities); ``"layer"`` within each layer; ``"row"`` within each output row
-    (Wanda's comparison group); ``"lamp"`` within each layer at a per-layer sparsity fixed from
-    the pretrained weights' LAMP scores (:mod:`sqs_pyro.guides.allocation`).
-
-    Likelihood (classification, lm): with ``distill_weight = lambda > 0`` each training label enters as
-    the target distribution ``t_i = (1 - lambda) onehot(y_i) + lambda softmax(f(x_i; W_0))``, ``W_0``
-    the pretrained network's weights (its predictions computed once, before training), and the
-    data term is ``E_q sum_i sum_c t_ic log p(c | x_i, W)``: the expected log-likelihood of a label
-    drawn from ``t_i`` (distillation at temperature 1, Hinton et al. 2015). ``0``: the labels alone.
-    Language models: the same mixture per token, the teacher's distribution kept on its 32 most
-    probable tokens (renormalised there) so that the targets stay small.
-
-    Read-out: ``adaptive_bits`` stores every layer with the levels its posterior uses and tells
-    apart (unused levels dropped, neighbours closer than ``merge_separation`` pooled scales
-    merged), so each layer gets its own ``ceil(log2 K')`` bits.
-
-    Schedule (fractions of the total number of steps): ``warmup_fraction`` with gates fixed
-    open (default ``0``: the gates learn from the first step), then ``prune_fraction`` with a
-    cubic sparsity ramp from ``initial_sparsity`` to ``sparsity``, then fine-tuning with the mask
-    frozen.
-
-    Rates: Adam with ``min(lr_weights, lr_weights_relative * RMS(w_l))`` on the latent weights
-    of layer ``l`` (a step never more than that fraction of the layer's weight scale; ``0``: plain
-    ``lr_weights``; 0.08 chosen on validation, it leaves the MNIST CNN at ``lr_weights`` and slows
-    the small-scale LeNet layers), ``lr_codebook`` (the levels and the group scales; 3e-3 chosen on
-    validation), ``lr_gates`` and ``lr_dense``. The levels' slab scales ``s_k`` learn at
-    ``slab_scale_rate * lr_codebook``: in hard mode only the KL moves them (towards the prior's scale),
-    and the posterior predictive samples that width (0.1 chosen on validation: at 1 the averaged
-    network falls 5 points below the greedy one on the MNIST CNN, at 0.1 0.34 at most). The gate logits
-    step with Adam (``gate_rule="adam"``) or with the stateless ``theta <- theta - lr_gates sign(dL/dtheta)``
-    (``"sign"``: Adam's first step without its moments, 8 bytes per weight less while the gates learn).
+    Each field's comment says what it does, its unit and default, and which code reads it
+    (``--hf``: the transformer defaults of :data:`sqs_pyro.cli.compress_hf.HF_DEFAULTS`;
+    presets: :data:`sqs_pyro.experiments.ablation.PRESETS`). The math is in ``docs/method.md``,
+    how the defaults were chosen in ``docs/history/``.
     """
 
-    components: int = 16
-    sparsity: float = 0.75
-    initial_sparsity: float = 0.0
-    windows: str = "outlier"
-    codebook_fit: str = "kept"
-    equal_windows: int = 2
-    iqr_factor: float = 5.0
-    forced_extremes: bool = False
-    group_size: int = ROW_GROUP
-    prior_inclusion: float = 0.01
-    slab_weights: tuple[float, ...] = (1.0,)
-    slab_locs: tuple[float, ...] = (0.0,)
-    slab_scales: tuple[float, ...] = (3.0,)
-    empirical_bayes: bool = False
-    kl_weight: float = 1.0
-    kl_warmup_fraction: float = 0.2
-    distill_weight: float = 0.0
-    mode: str = "hard"
-    responsibility_temperature: float = 1.0
-    responsibility_scale: str = "pooled"
-    gate_temperature: tuple[float, float] = (1.0, 0.05)
-    assign_temperature: tuple[float, float] = (1.0, 0.05)
-    gate_init: float = 1.0
-    gate_score: str = "magnitude"
-    prune_scope: str = "lamp"
-    saliency_batches: int = 8
-    pruned_logit: float = -6.0
-    epochs: float = 3.0
-    batch_size: int = 128
-    warmup_fraction: float = 0.0
-    prune_fraction: float = 0.3
-    lr_weights: float = 1e-2
-    lr_weights_relative: float = 0.08
-    lr_codebook: float = 3e-3
-    slab_scale_rate: float = 0.1
-    lr_gates: float = 1e-2
-    gate_rule: str = "adam"
-    lr_dense: float = 1e-3
-    weight_decay: float = 0.0
-    include_types: tuple[str, ...] = ("linear", "conv")
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    num_averaged: int = 10
-    adaptive_bits: bool = False
-    merge_separation: float = 2.0
-    seed: int = 0
-    log_every: int = 20
+    # --- prior: p(w) = (1 - lam) delta_0 + lam N(0, slab_scale^2) per weight (models/priors.py) ---
+    prior_inclusion: float = 0.01  # lam, the prior probability that a weight is kept, in (0, 1)
+    slab_scale: float = 3.0  # std of the prior's Gaussian slab, in the units of the weights q lives on
+    empirical_bayes: bool = False  # set lam and a K-level slab per layer by variational EM every step (preset sqs_eb)
+    kl_weight: float = 1.0  # beta, the KL term's weight in the objective (preset sqs_noprior: 0; --hf: 1e-3)
+    kl_warmup_fraction: float = 0.2  # fraction of the steps over which beta ramps up linearly (infer/schedules.py)
+
+    # --- guide: q(w_j) = (1 - g_j) delta_0 + g_j sum_k phi_jk N(mu_k, s_k^2) (guides/) ---
+    components: int = 16  # K, codebook levels per layer; codes take ceil(log2 K) bits (CLI -K)
+    windows: str = "outlier"  # windows of levels: "none", "equal" (preset sqs_equal), "outlier" tails (CLI --windows)
+    equal_windows: int = 2  # number of equal-count windows when windows="equal" (guides/windows.py)
+    iqr_factor: float = 5.0  # c of the Tukey fences Q1 - c IQR, Q3 + c IQR of the "outlier" windows' tails
+    group_size: int = ROW_GROUP  # G weights per learned fp16 scale, w = sigma u (ROW_GROUP: one per row; 0, --hf: none)
+    responsibility_scale: str = "pooled"  # phi_jk weighs levels by the layer's "pooled" scale or their "own" (--hf)
+    mode: str = "hard"  # forward: "hard" (greedy level), "sample" (exact draws from q) or "expected" (--hf; CLI --mode)
+    gate_temperature: tuple[float, float] = (1.0, 0.05)  # relaxed-Bernoulli temperature, geometric from start to end
+    assign_temperature: tuple[float, float] = (1.0, 0.05)  # relaxed one-hot temperature of level draws (mode="sample", DGMS)
+    gate_init: float = 1.0  # start logit at the sparsity threshold, plus clip(log(score / ref), -3, 3) (--hf: 3)
+    gate_score: str = "magnitude"  # what ranks the initial gates: "magnitude" |w|, "saliency" (--hf) or "activation"
+    saliency_batches: int = 8  # minibatches whose gradients make the "saliency" score (--hf: 2)
+    include_types: tuple[str, ...] = ("linear", "conv")  # module types whose weights are compressed (--hf adds more)
+    include: tuple[str, ...] = ()  # regexes of module paths to compress (empty: every module of include_types; --include)
+    exclude: tuple[str, ...] = ()  # regexes of module paths never to compress (benchmarks/minilm.py)
+
+    # --- schedule: warm-up (gates open), cubic pruning ramp, fine-tuning with the mask frozen (infer/schedules.py) ---
+    sparsity: float = 0.75  # s_f, the target fraction of pruned weights in [0, 1) (CLI --sparsity)
+    initial_sparsity: float = 0.0  # sparsity the ramp starts from (--hf: the target, pruning at once)
+    prune_scope: str = "lamp"  # where the threshold is taken: "global", per "layer", per "row", or "lamp" layer budgets
+    pruned_logit: float = -6.0  # gate logit a pruning step resets the weights below the threshold to (at most)
+    epochs: float = 3.0  # passes over the training data (CLI --epochs; the default job: 3)
+    warmup_fraction: float = 0.0  # fraction of the steps with the gates fixed open (presets' baselines: 0.1)
+    prune_fraction: float = 0.3  # fraction of the steps of the cubic sparsity ramp; fine-tuning takes the rest
+
+    # --- optimisation: Adam on the guide's parameters and the uncompressed tensors (infer/trainer.py) ---
+    batch_size: int = 128  # examples per step, all ranks together (CLI --batch-size; the default job: 256)
+    lr_weights: float = 1e-2  # Adam rate of the latent weights x_j (--hf: 2e-5; preset sqs_sampled: 1e-3)
+    lr_weights_relative: float = 0.08  # cap on that rate, times the layer's RMS weight (0: no cap)
+    lr_codebook: float = 3e-3  # Adam rate of the levels mu_k and the group scales (--hf: 1e-4)
+    slab_scale_rate: float = 0.1  # the levels' scales s_k learn at this times lr_codebook (--hf: 1)
+    lr_gates: float = 1e-2  # rate of the gate logits theta_j
+    gate_rule: str = "adam"  # gate steps: "adam", or "sign" (theta -= lr_gates sign(grad), no Adam state; --hf)
+    lr_dense: float = 1e-3  # Adam rate of the uncompressed tensors (biases, norms; --hf: 2e-5)
+    distill_weight: float = 0.0  # lambda, the pretrained network's softmax mixed into each target (0: labels only)
+
+    # --- read-out: the networks a trained posterior gives (compressed/materialize.py, infer/result.py) ---
+    num_averaged: int = 10  # M, networks drawn from q for the averaged predictor (CLI --num-averaged)
+    adaptive_bits: bool = False  # store each layer with the levels it uses and tells apart (CLI --adaptive-bits)
+    merge_separation: float = 2.0  # adaptive_bits merges neighbouring levels closer than this many pooled scales
+
+    # --- runtime ---
+    seed: int = 0  # seeds the guide's draws, minibatch order and the averaged members, in [0, 2^32) (CLI --seed)
+    log_every: int = 20  # steps between the history's records of the objective (--hf: 4)
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -146,20 +88,13 @@ class SQSConfig:
         _check(0.0 <= self.initial_sparsity <= self.sparsity,
                f"initial_sparsity must lie in [0, sparsity], got {self.initial_sparsity!r}")
         _check(self.windows in WINDOW_MODES, f"windows must be one of {WINDOW_MODES}, got {self.windows!r}")
-        _check(self.codebook_fit in ("kept", "all"),
-               f"codebook_fit must be 'kept' or 'all', got {self.codebook_fit!r}")
         _check(1 <= self.equal_windows <= min(self.components, 127),
                f"equal_windows must lie in [1, min(components, 127)], got {self.equal_windows!r}")
         _check(self.group_size >= 0, f"group_size must be an integer >= 0, got {self.group_size!r}")
         _check(self.iqr_factor > 0, f"iqr_factor must be > 0, got {self.iqr_factor!r}")
         _check(0.0 < self.prior_inclusion < 1.0,
                f"prior_inclusion must lie in (0, 1), got {self.prior_inclusion!r}")
-        n = len(self.slab_weights)
-        _check(n >= 1 and len(self.slab_locs) == n and len(self.slab_scales) == n,
-               "slab_weights, slab_locs and slab_scales must have the same non-zero length")
-        _check(all(w > 0 for w in self.slab_weights) and abs(sum(self.slab_weights) - 1.0) < 1e-6,
-               f"slab_weights must be positive and sum to 1, got {self.slab_weights!r}")
-        _check(all(s > 0 for s in self.slab_scales), f"slab_scales must be > 0, got {self.slab_scales!r}")
+        _check(self.slab_scale > 0, f"slab_scale must be > 0, got {self.slab_scale!r}")
         _check(self.slab_scale_rate >= 0, f"slab_scale_rate must be >= 0, got {self.slab_scale_rate!r}")
         _check(self.kl_weight >= 0, f"kl_weight must be >= 0, got {self.kl_weight!r}")
         _check(0.0 <= self.distill_weight <= 1.0, f"distill_weight must lie in [0, 1], got {self.distill_weight!r}")
@@ -169,7 +104,6 @@ class SQSConfig:
         _check(self.gate_score in ("saliency", "magnitude", "activation"),
                f"gate_score must be 'saliency', 'magnitude' or 'activation', got {self.gate_score!r}")
         _check(self.saliency_batches >= 1, "saliency_batches must be >= 1")
-        _check(self.responsibility_temperature > 0, "responsibility_temperature must be > 0")
         _check(self.responsibility_scale in RESPONSIBILITY_SCALES,
                f"responsibility_scale must be one of {RESPONSIBILITY_SCALES}, got {self.responsibility_scale!r}")
         for name in ("gate_temperature", "assign_temperature"):
@@ -186,7 +120,6 @@ class SQSConfig:
         _check(all(t in ("linear", "conv", "conv1d_hf", "embedding") for t in self.include_types),
                "include_types entries must be 'linear', 'conv', 'conv1d_hf' or 'embedding', "
                f"got {self.include_types!r}")
-        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
         for name in ("include", "exclude"):
             for pattern in getattr(self, name):
                 try:

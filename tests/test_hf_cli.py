@@ -88,11 +88,13 @@ def test_compress_hf_classification_loads_back_as_the_encoder(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--task", "lm"], "--data"),
-    (["--task", "lm", "--data", "missing.txt"], "cannot read"),
+    (["--task", "lm", "--data", "missing.txt"], "--data: no such file: missing.txt"),
     (["--task", "lm", "--data", "x", "--train-limit", "5"], "train-limit"),
 ])
-def test_compress_hf_rejects_bad_input(tmp_path, capsys, argv, message):
+def test_compress_hf_rejects_bad_input(tmp_path, capsys, monkeypatch, argv, message):
+    """Before the model loads."""
     model_dir = _llama_folder(tmp_path / "llama")
+    monkeypatch.setattr("sqs_pyro.hf.load_model", lambda *a, **k: pytest.fail("the model was loaded first"))
     rc = main(["compress", "--hf", str(model_dir), *argv, "--out", str(tmp_path / "out")])
     assert rc == 2 and message in capsys.readouterr().err
 

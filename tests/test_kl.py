@@ -89,12 +89,25 @@ def test_bound_is_above_monte_carlo_kl_of_the_true_mixture():
     assert torch.all(bound - mc < 1.0)  # a bound, but not a vacuous one
 
 
-def test_hard_samples_follow_gate_and_assignment_probabilities():
-    q = make_q(n=4)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "eager"])
+def test_hard_samples_follow_gate_and_assignment_probabilities(fused, monkeypatch):
+    """Straight-through samples: a weight is kept with probability ``g_j`` and, when kept, sits on
+    level ``k`` with probability ``phi_jk``. Slab scales of 0.01 put each draw within 0.05 of its
+    level, so the level is read off the sample; ``tau = 1e4`` keeps ``phi`` far from one-hot, so
+    a sampler that always took the most probable level (or ignored ``phi``) fails."""
+    monkeypatch.setenv("SQS_PYRO_KERNELS", "1" if fused else "0")
+    locs = torch.tensor([-1.0, 0.2, 1.5])
+    codebook = Codebook(locs, torch.full((3,), 0.01), torch.log(torch.tensor([0.3, 0.5, 0.2])))
+    q = SpikeGMM(torch.linspace(-2, 2, 4), torch.linspace(-1.2, 1.6, 4), codebook, tau=1e4)
+    assert q.phi.max(-1).values.max() < 0.75
     torch.manual_seed(3)
     w = q.sample((50_000,))
-    kept = (w != 0).float().mean(0)
-    torch.testing.assert_close(kept, q.inclusion, atol=0.01, rtol=0)
+    kept = w != 0
+    torch.testing.assert_close(kept.float().mean(0), q.inclusion, atol=0.01, rtol=0)
+    level = (w.unsqueeze(-1) - locs).abs().argmin(-1)
+    assert (w[kept] - locs[level[kept]]).abs().max() < 0.1
+    frequency = torch.stack([((level == k) & kept).sum(0) / kept.sum(0) for k in range(3)], -1)
+    torch.testing.assert_close(frequency, q.phi, atol=0.02, rtol=0)
 
 
 @pytest.mark.parametrize("theta", [-40.0, -15.0, 15.0, 40.0])

@@ -42,11 +42,12 @@ def test_kmeans_is_deterministic_and_caps_k_at_distinct_values():
     np.testing.assert_array_equal(kmeans_1d(np.array([1.0, 1.0, 2.0]), 4), [1.0, 2.0])
 
 
-def test_gmm_from_centres_keeps_extremes_and_valid_scales():
+def test_gmm_from_centres_weighs_nearest_centre_clusters_with_valid_scales():
     x = np.array([-5.0, -1.0, -0.9, 0.0, 0.1, 0.2, 7.0])
     locs, weights, scales = gmm_from_centres(x, np.array([-1.0, 0.1, 3.0]))
-    assert locs[0] == -5.0 and locs[-1] == 7.0
-    assert weights.sum() == pytest.approx(1.0)
+    np.testing.assert_array_equal(locs, [-1.0, 0.1, 3.0])  # the centres, as given
+    np.testing.assert_allclose(weights, np.array([3, 3, 1]) / 7)  # clusters split at -0.45 and 1.55
+    assert scales[1] == pytest.approx(np.std([0.0, 0.1, 0.2]))
     assert np.all(scales > 0) and np.all(np.isfinite(scales))
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sqs_pyro import SQSConfig
-from sqs_pyro.compressed import CompressedNetwork, materialize
+from sqs_pyro.compressed import CompressedLayer, CompressedNetwork, materialize
 from sqs_pyro.compressed.accounting import accounting, binary_entropy
 from sqs_pyro.infer import compress
 
@@ -178,3 +178,46 @@ def test_adaptive_bits_materialise_fewer_levels_and_round_trip(tmp_path):
     for a, b in zip(loaded.layers, adaptive.layers):
         assert torch.equal(a.weight(), b.weight())
     assert size <= save_compressed(plain, tmp_path / "p.sqs")
+
+
+def _layer(name, shape, kept, levels, seed=0):
+    """A hand-made layer: the first ``kept`` weights kept, codes cycling over ``levels`` levels."""
+    n = math.prod(shape)
+    mask = (torch.arange(n) < kept).reshape(shape)
+    codes = torch.where(mask, torch.arange(n).reshape(shape) % levels, 0)
+    codebook = torch.linspace(-1.0, 1.0, levels) if levels > 1 else torch.tensor([0.5])
+    return CompressedLayer(name, shape, mask, codes, codebook, torch.zeros(levels, dtype=torch.long))
+
+
+def test_a_one_level_layer_costs_no_code_bits_in_the_accounting_as_in_the_file(tmp_path):
+    from sqs_pyro.format import read_header, save_compressed
+    from sqs_pyro.format.container import layer_table
+
+    network = CompressedNetwork([_layer("one", (8, 10), 30, 1), _layer("four", (8, 10), 40, 4)], {})
+    acc = accounting(network)
+    save_compressed(network, tmp_path / "n.sqs")
+    header = read_header(tmp_path / "n.sqs")
+    file_layers = layer_table(header)
+    assert [l["bits"] for l in acc["layers"]] == [f["bits"] for f in file_layers] == [0, 2]
+    assert header["layers"][0]["codes"]["bytes"] == 0  # the file stores no codes for one level
+    assert acc["layers"][0]["bytes_packed"] == math.ceil(80 / 8) + 0 + 4 * 1  # mask, no codes, codebook
+    assert acc["layers"][0]["code_entropy_bits"] == 0.0
+    # the CR formula of both: 32 N over the kept weights' code bits, 32 * 160 / (30 * 0 + 40 * 2)
+    assert acc["cr_formula"] == pytest.approx(32 * 160 / 80) and header["accounting"]["cr_formula"] == pytest.approx(64.0)
+
+
+def test_the_cr_formula_weighs_each_layers_bits_by_its_kept_weights():
+    """Layers of 2 and 16 levels (1 and 4 bits, as ``adaptive_bits`` leaves them): the formula's
+    ``b`` is the kept weights' mean width ``(60 * 1 + 20 * 4) / 80``, not the widest layer's 4."""
+    network = CompressedNetwork([_layer("two", (10, 10), 60, 2), _layer("sixteen", (10, 10), 20, 16)], {})
+    acc = accounting(network)
+    assert [l["bits"] for l in acc["layers"]] == [1, 4] and acc["bits"] == 4
+    assert acc["cr_formula"] == pytest.approx(32 * 200 / 140)  # = 32 / ((1 - s) * mean_bits), s = 0.6
+    assert acc["mean_bits"] == pytest.approx(140 / 80)
+
+
+def test_averaged_module_refuses_zero_members():
+    result, _ = run()
+    with pytest.raises(ValueError, match="num_members must be >= 1, got 0"):
+        result.averaged_module(num_members=0)
+    assert len(result.averaged_module().member_weights) == result.config.num_averaged

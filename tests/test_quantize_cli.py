@@ -91,6 +91,17 @@ def test_bad_input_exits_2_before_any_work(folder, tmp_path, capsys, options, me
     assert message in capsys.readouterr().err and not out.exists()
 
 
+@pytest.mark.parametrize("option", ["--data", "--eval-data"])
+def test_a_missing_text_file_is_reported_before_the_model_loads(folder, tmp_path, capsys, monkeypatch, option):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input files were checked")
+
+    monkeypatch.setattr("sqs_pyro.hf.load_model", refuse)
+    assert main(["quantize", "--hf", str(folder / "model"), "--out", str(tmp_path / "q"),
+                 option, str(tmp_path / "MISSING.txt")]) == 2
+    assert f"{option}: no such file: {tmp_path / 'MISSING.txt'}" in capsys.readouterr().err
+
+
 def test_compress_starts_from_a_quantized_file(folder, tmp_path, capsys):
     """`quantize` then `compress --start`: with every rate at 0 the trained file is the one-shot
     file exactly (the guide starts on its codes, levels and scales); without --start it is not."""

@@ -19,6 +19,9 @@ from sqs_pyro.infer.devices import DEVICE_CHOICES
 
 # The default job's settings, chosen for the MNIST CNN on a 2-core machine (see docs/results.md).
 DEFAULTS = {"epochs": 3.0, "batch_size": 256}
+# What computed the guide's O(N K) terms (SpikeGMMGuide.kernel_path), as a run's table prints it.
+KERNEL_PATHS = {"fused": "the fused C kernels", "mixed": "the fused C kernels for some layers, eager PyTorch for others",
+                "eager": "eager PyTorch (the fused C kernels are unavailable: a much slower run)"}
 
 
 class Progress:
@@ -50,6 +53,14 @@ def add_device_option(p: argparse.ArgumentParser) -> None:
     """``--device auto|cpu|cuda|cuda:N`` (default auto: CUDA when present)."""
     p.add_argument("--device", default="auto", metavar="DEVICE",
                    help=f"where to run: {DEVICE_CHOICES} (default auto: CUDA when present, else the CPU)")
+
+
+def check_files(option: str, paths: list[Path] | None) -> None:
+    """:class:`SQSInputError` naming ``option`` for the first of ``paths`` that is not a file: input
+    files are checked before a model is loaded."""
+    for path in paths or ():
+        if not path.is_file():
+            raise SQSInputError(f"{option}: no such file: {path}")
 
 
 CONFIG_OPTIONS = ("sparsity", "components", "windows", "epochs", "batch_size", "mode", "seed", "num_averaged",
@@ -97,7 +108,8 @@ def run_summary(result: SQSResult, task: str, dense: dict[str, float], greedy: d
     acc = result.accounting()
     table = {"task": task, "sparsity (achieved)": f"{acc['sparsity']:.4f}", "bits per kept weight": acc["bits"],
              "CR formula 32/((1-s)b)": f"{acc['cr_formula']:.1f}x",
-             "compressed parameters": f"{acc['compressed_params']:,}", "wall time": f"{seconds:.0f} s"}
+             "compressed parameters": f"{acc['compressed_params']:,}", "wall time": f"{seconds:.0f} s",
+             "O(N K) terms computed by": KERNEL_PATHS[result.guide.kernel_path()]}
     for name, value in dense.items():
         table[f"{name}, dense"] = f"{value:.4f}"
     for name, value in greedy.items():
@@ -106,5 +118,6 @@ def run_summary(result: SQSResult, task: str, dense: dict[str, float], greedy: d
             "bits": acc["bits"], "cr_formula": acc["cr_formula"], "bytes_fp32": acc["bytes_fp32"],
             "bytes_packed": acc["bytes_packed"], "packed_ratio": acc["bytes_fp32"] / acc["bytes_packed"],
             "entropy_bound_bytes": acc["entropy_bound_bytes"], "compressed_params": acc["compressed_params"],
-            "seconds": seconds, "train_seconds": result.seconds, "config": result.config.to_dict(),
+            "seconds": seconds, "train_seconds": result.seconds, "kernels": result.guide.kernel_path(),
+            "config": result.config.to_dict(),
             "layers": acc["layers"], "table": table}

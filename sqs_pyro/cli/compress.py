@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
-from sqs_pyro.cli.common import add_device_option, config_from_args, non_negative_int, positive_int, write_outputs
 from sqs_pyro.cli import compress_hf, compress_user
+from sqs_pyro.cli.common import (KERNEL_PATHS, add_device_option, config_from_args, non_negative_int, positive_int,
+                                 write_outputs)
 from sqs_pyro.config import WINDOW_MODES
 from sqs_pyro.data import calibration, load_mnist, load_mnist_cnn, predictive_probs
 from sqs_pyro.errors import SQSInputError
@@ -112,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
 
 def build_summary(result: SQSResult, metrics: dict[str, dict[str, Any]], seconds: float) -> dict[str, Any]:
     """The run's ``summary.json``: test metrics of the ``dense``, ``greedy`` (the headline network)
-    and ``averaged`` predictors (accuracy, NLL, Brier, ECE with reliability bins), size accounting."""
+    and ``averaged`` predictors (accuracy, NLL, Brier, ECE with reliability bins), size accounting,
+    and which code ran the guide's ``O(N K)`` terms (``kernels``: fused, eager or mixed)."""
     acc = result.accounting()
     return {
         "accuracy_dense": metrics["dense"]["accuracy"], "accuracy_greedy": metrics["greedy"]["accuracy"],
@@ -121,7 +123,8 @@ def build_summary(result: SQSResult, metrics: dict[str, dict[str, Any]], seconds
         "bytes_fp32": acc["bytes_fp32"], "bytes_packed": acc["bytes_packed"],
         "packed_ratio": acc["bytes_fp32"] / acc["bytes_packed"],
         "entropy_bound_bytes": acc["entropy_bound_bytes"], "seconds": seconds,
-        "train_seconds": result.seconds, "config": result.config.to_dict(), "layers": acc["layers"],
+        "train_seconds": result.seconds, "kernels": result.guide.kernel_path(), "config": result.config.to_dict(),
+        "layers": acc["layers"],
     }
 
 
@@ -138,6 +141,7 @@ def format_table(s: dict[str, Any]) -> str:
         ("CR formula 32/((1-s)b)", f"{s['cr_formula']:.1f}x"),
         ("fp32 bytes / packed bytes", f"{s['bytes_fp32']:,} / {s['bytes_packed']:,} = {s['packed_ratio']:.1f}x"),
         ("wall time", f"{s['seconds']:.0f} s"),
+        ("O(N K) terms computed by", KERNEL_PATHS[s["kernels"]]),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

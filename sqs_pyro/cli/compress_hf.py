@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from sqs_pyro import hf
-from sqs_pyro.cli.common import config_from_args, run_summary, write_outputs
+from sqs_pyro.cli.common import check_files, config_from_args, run_summary, write_outputs
 from sqs_pyro.config import SQSConfig
 from sqs_pyro.data import accuracy, labelled_sentences
 from sqs_pyro.errors import SQSInputError
@@ -96,6 +96,8 @@ def _check(args: argparse.Namespace) -> None:
         raise SQSInputError("--train-limit / --test-limit are for the MNIST job; trim the --data files instead")
     if args.seq_len < 2 or args.max_length < 2:
         raise SQSInputError("--seq-len and --max-length must be >= 2")
+    check_files("--data", args.data)
+    check_files("--eval-data", args.eval_data)
     if args.start is not None:
         read_header(args.start)  # a missing or damaged file is refused before the model loads
 

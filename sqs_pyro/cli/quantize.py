@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sqs_pyro import hf
-from sqs_pyro.cli.common import Progress, non_negative_int, positive_int
+from sqs_pyro.cli.common import Progress, check_files, non_negative_int, positive_int
 from sqs_pyro.compressed import accounting
 from sqs_pyro.compressed.error_feedback import SHRINK_GRID, hessian_scores, input_hessians
 from sqs_pyro.compressed.oneshot import quantize_network
@@ -73,6 +73,8 @@ def _check(args: argparse.Namespace) -> None:
         raise SQSInputError(f"--out {args.out} exists and is not a folder")
     if (args.natural_order or args.absmax_scales) and not args.data:
         raise SQSInputError("--natural-order / --absmax-scales change the error feedback: they need --data")
+    check_files("--data", args.data)
+    check_files("--eval-data", args.eval_data)
 
 
 def run(args: argparse.Namespace) -> int:

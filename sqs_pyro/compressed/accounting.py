@@ -2,7 +2,9 @@ r"""Honest size accounting of a compressed network, from its materialised weight
 
 Reported side by side:
 
-* the paper's formula over the compressed layers, ``CR = 32 / ((1 - s) b)``;
+* the paper's formula over the compressed layers, ``CR = 32 / ((1 - s) b)``, with ``b`` the
+  kept weights' mean code width ``sum_l nnz_l b_l / sum_l nnz_l`` (every layer at its own
+  ``b_l = ceil(log2 K_l)``: one width for all unless ``adaptive_bits``);
 * ``bytes_packed``: a plain packed layout (1-bit mask per weight, ``b`` bits per kept
   weight, fp32 codebooks, fp32 for every uncompressed tensor);
 * the entropy lower bound per compressed layer,
@@ -14,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from sqs_pyro.compressed.materialize import CompressedLayer, CompressedNetwork
@@ -26,18 +29,25 @@ def binary_entropy(p: float) -> float:
     return -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
 
 
-def code_entropy(layer: CompressedLayer) -> float:
-    """Entropy in bits of the empirical code usage among kept weights."""
-    codes = layer.codes[layer.mask]
-    if codes.numel() == 0:
+def usage_entropy(counts: torch.Tensor | np.ndarray) -> float:
+    """Entropy in bits ``H = -sum_k p_k log2 p_k`` of the empirical distribution ``p_k = n_k / sum n``
+    of the usage ``counts`` (0 when there is none): the bits per code an entropy coder needs."""
+    c = torch.as_tensor(counts, dtype=torch.float64).reshape(-1)
+    total = c.sum()
+    if total <= 0:
         return 0.0
-    p = torch.bincount(codes.reshape(-1), minlength=layer.components).double() / codes.numel()
-    p = p[p > 0]
+    p = c[c > 0] / total
     return float(-(p * p.log2()).sum())
 
 
-def bits_per_code(layer: CompressedLayer) -> int:
-    return max(1, math.ceil(math.log2(layer.components)))
+def code_entropy(layer: CompressedLayer) -> float:
+    """Entropy in bits of the empirical code usage among kept weights."""
+    return usage_entropy(torch.bincount(layer.codes[layer.mask].reshape(-1), minlength=layer.components))
+
+
+def code_width(components: int) -> int:
+    """Bits per stored code, ``ceil(log2 K)``: 0 for a one-level layer, whose codes carry no information."""
+    return (components - 1).bit_length()
 
 
 SCALE_BYTES = 2  # group scales are stored as float16
@@ -55,7 +65,7 @@ def layer_accounting(layer: CompressedLayer) -> dict[str, Any]:
     information (group scales, exact weights) is counted in bytes and bits per weight."""
     n, nnz = layer.numel, layer.nnz
     density = (nnz + layer.num_exact) / n
-    b = bits_per_code(layer)
+    b = code_width(layer.components)
     side = side_bytes(layer)
     packed = math.ceil(n / 8) + math.ceil(nnz * b / 8) + 4 * layer.components + side
     bound_bits = n * binary_entropy(nnz / n) + nnz * code_entropy(layer) + 8 * side
@@ -81,15 +91,17 @@ def accounting(compressed: CompressedNetwork) -> dict[str, Any]:
     n = sum(l["numel"] for l in layers)
     nnz = sum(l["nnz"] + l["exact"] for l in layers)
     sparsity = 1.0 - nnz / n
-    bits = max(l["bits"] for l in layers)
+    coded_bits = sum((l["nnz"] + l["exact"]) * l["bits"] for l in layers)
+    mean_bits = coded_bits / nnz if nnz else 0.0  # per kept weight, each layer at its own width
     other = dense_params(compressed.dense_state)
     return {
         "layers": layers,
         "compressed_params": n,
         "other_params": other,
         "sparsity": sparsity,
-        "bits": bits,
-        "cr_formula": (32.0 / ((1.0 - sparsity) * bits)) if nnz else float("inf"),
+        "bits": max(l["bits"] for l in layers),
+        "mean_bits": mean_bits,
+        "cr_formula": (32.0 / ((1.0 - sparsity) * mean_bits)) if coded_bits else float("inf"),
         "bytes_fp32": 4 * (n + other),
         "bytes_packed": sum(l["bytes_packed"] for l in layers) + 4 * other,
         "side_bytes": sum(l["side_bytes"] for l in layers),

@@ -19,7 +19,7 @@ Grid file keys (paths are relative to the grid file's folder)::
 Each run is keyed by workload, method, sparsity, K, seed and a digest of every setting that
 affects it; a run whose key is already in the output file is skipped, so an interrupted grid
 resumes where it stopped, and changed settings never reuse stale lines. Lines are appended
-whole, flushed and fsynced; a torn last line (a crash mid-write) is ignored and fenced off.
+whole, flushed and fsynced; a torn last line (a crash mid-write) is ignored and cut off.
 """
 from __future__ import annotations
 
@@ -192,9 +192,22 @@ _KEY_NEUTRAL = {"group_size": 0, "responsibility_scale": "own", "distill_weight"
 _BASELINE_KEY_PINNED = {"gate_init": 3.0, "group_size": 0, "responsibility_scale": "own", "slab_scale_rate": 1.0}
 
 
+# Fields removed in issue 37 (never set away from these values) and the prior's scale as it was spelled:
+# the digest still covers them as they were, so that the recorded runs keep their keys.
+_REMOVED_FIELDS = {"codebook_fit": "kept", "forced_extremes": False, "responsibility_temperature": 1.0,
+                   "slab_weights": (1.0,), "slab_locs": (0.0,), "weight_decay": 0.0}
+
+
+def _digest_values(config: SQSConfig) -> dict[str, Any]:
+    """``config``'s fields as the digest has always seen them (see ``_REMOVED_FIELDS``)."""
+    values = {**config.to_dict(), **_REMOVED_FIELDS}
+    values["slab_scales"] = (values.pop("slab_scale"),)
+    return values
+
+
 def run_key(workload: str, method: MethodSpec, config: SQSConfig, grid: Grid) -> str:
     """``workload/method/s=../K=../seed=../digest``: the digest covers every setting of the run."""
-    values = {**config.to_dict(), **(_BASELINE_KEY_PINNED if method.kind != SQS else {})}
+    values = {**_digest_values(config), **(_BASELINE_KEY_PINNED if method.kind != SQS else {})}
     values = {k: v for k, v in values.items() if k not in _KEY_NEUTRAL or v != _KEY_NEUTRAL[k]}
     settings = {"workload": workload, "kind": method.kind, "config": values,
                 "train_limit": grid.train_limit, "test_limit": grid.test_limit,
@@ -221,33 +234,48 @@ def expand_grid(grid: Grid) -> list[RunSpec]:
 
 
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The complete JSON lines of ``path`` (a torn or invalid line is skipped)."""
+    """The records of ``path``, one JSON object with a ``key`` per line (none if the file is missing).
+
+    A last line without its newline that is not valid JSON is a write torn by a crash: it is left
+    out (and :func:`append_record` removes it). Any other line that is not a record raises
+    :class:`SQSInputError` naming the file and the line.
+    """
     path = Path(path)
     if not path.exists():
         return []
+    text = path.read_text()
+    lines = text.splitlines()
     records = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "key" in record:
-            records.append(record)
+        except json.JSONDecodeError as exc:
+            if number == len(lines) and not text.endswith("\n"):
+                break  # a torn last line
+            raise SQSInputError(f"{path}, line {number}: not valid JSON ({exc.msg}); fix or remove the line") from exc
+        if not (isinstance(record, dict) and "key" in record):
+            raise SQSInputError(f"{path}, line {number}: not a result record (a JSON object with a 'key')")
+        records.append(record)
     return records
 
 
 def append_record(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
-    """Append one JSON line in a single write, then flush and fsync. A torn last line left by
-    a crash is first closed with a newline so that it cannot corrupt this one."""
+    """Append one JSON line in a single write, then flush and fsync. A torn last line left by a
+    crash (no newline, not valid JSON) is first cut off; a complete last line without its
+    newline gets one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record, sort_keys=True, allow_nan=False, default=str) + "\n"
     with open(path, "ab+") as f:
-        f.seek(0, os.SEEK_END)
-        if f.tell() > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
+        f.seek(0)
+        text = f.read()
+        if text and not text.endswith(b"\n"):
+            start = text.rfind(b"\n") + 1
+            try:
+                json.loads(text[start:])
                 line = "\n" + line
+            except ValueError:
+                f.truncate(start)
         f.write(line.encode())
         f.flush()
         os.fsync(f.fileno())
@@ -299,6 +327,7 @@ def execute_run(spec: RunSpec, workload: Workload) -> dict[str, Any]:
         "entropy_bound_bytes": acc["entropy_bound_bytes"],
         "file_bytes": file_bytes, "file_ratio": acc["bytes_fp32"] / file_bytes, "code_stream_bytes": code_bytes,
         "train_seconds": train_seconds, "eval_seconds": eval_seconds, "predictive_seconds": predictive_seconds,
+        "kernels": result.guide.kernel_path() if spec.method.kind == SQS else None,
         "layers": [{k: layer[k] for k in ("name", "numel", "nnz", "density", "codes_used", "code_entropy_bits")}
                    for layer in acc["layers"]],
     }

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sqs_pyro.compressed.accounting import code_width, usage_entropy
 from sqs_pyro.errors import CompressedFileError
 
 MAX_RICE_K = 40
@@ -77,20 +78,6 @@ class Encoded:
     coding: str
     data: bytes
     params: dict[str, int | bool] = field(default_factory=dict)
-
-
-def code_width(components: int) -> int:
-    """Bits per code, ``ceil(log2 K)``."""
-    return (components - 1).bit_length()
-
-
-def usage_entropy(codes: np.ndarray, components: int) -> float:
-    """Entropy in bits of the empirical usage of ``codes`` in ``[0, K)`` (0 for no codes)."""
-    if codes.size == 0:
-        return 0.0
-    usage = np.bincount(codes, minlength=components) / codes.size
-    usage = usage[usage > 0]
-    return float(-(usage * np.log2(usage)).sum())
 
 
 def pack_bits(bits: np.ndarray) -> bytes:
@@ -387,7 +374,7 @@ def encode_codes(codes: np.ndarray, components: int) -> Encoded:
     values = np.asarray(codes, dtype=np.int64).ravel()
     packed = pack_uints(values, width)
     candidates = [Encoded("packed", packed)]
-    if values.size and values.size * usage_entropy(values, components) / 8 < len(packed):
+    if values.size and values.size * usage_entropy(np.bincount(values, minlength=components)) / 8 < len(packed):
         candidates.append(Encoded("tree", _tree_encode(values, width)))
     return _smallest(candidates, packed)
 

@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from sqs_pyro.format import codecs as coding
-from sqs_pyro.compressed.accounting import binary_entropy, dense_params
+from sqs_pyro.compressed.accounting import binary_entropy, dense_params, usage_entropy
 from sqs_pyro.format.atomic import write_bytes_atomic
 from sqs_pyro.errors import CompressedFileError, SQSInputError
 from sqs_pyro.compressed.materialize import CompressedLayer, CompressedNetwork
@@ -158,7 +158,7 @@ def _side_segments(layer: CompressedLayer, mask: np.ndarray) -> tuple[dict[str, 
 def _entropy_bound_bits(numel: int, kept_codes: np.ndarray, components: int) -> float:
     """``N H2(nnz / N) + nnz H(code usage)``."""
     density = kept_codes.size / numel if numel else 0.0
-    return numel * binary_entropy(density) + kept_codes.size * coding.usage_entropy(kept_codes, components)
+    return numel * binary_entropy(density) + kept_codes.size * usage_entropy(np.bincount(kept_codes, minlength=components))
 
 
 def _encode_layer(layer: CompressedLayer, codebook_dtype: str | None) -> tuple[dict[str, Any], list[bytes]]:
@@ -205,10 +205,11 @@ def _totals(layers: list[dict[str, Any]], dense: dict[str, torch.Tensor]) -> dic
     numel = sum(_numel(e["shape"]) for e in layers)
     nnz = sum(e["nnz"] for e in layers)
     other = dense_params(dense)
-    bits = max((max(1, coding.code_width(len(e["windows"]))) for e in layers), default=0)
+    widths = [coding.code_width(len(e["windows"])) for e in layers]
+    coded_bits = sum(e["nnz"] * b for e, b in zip(layers, widths))
     return {"compressed_params": numel, "nnz": nnz, "other_params": other,
-            "sparsity": 1.0 - nnz / numel if numel else 0.0, "bits": bits,
-            "cr_formula": 32.0 * numel / (nnz * bits) if nnz else None, "bytes_fp32": 4 * (numel + other),
+            "sparsity": 1.0 - nnz / numel if numel else 0.0, "bits": max(widths, default=0),
+            "cr_formula": 32.0 * numel / coded_bits if coded_bits else None, "bytes_fp32": 4 * (numel + other),
             "entropy_bound_bytes": sum(e["bound_bits"] for e in layers) / 8}
 
 

@@ -35,8 +35,9 @@ class SQSResult:
         return self.compressed().load_into(copy.deepcopy(self.skeleton)).eval()
 
     def averaged_module(self, num_members: int | None = None, output: str = "probs") -> AveragedPredictor:
-        """The posterior predictive over ``num_members`` (default ``config.num_averaged``) networks drawn from ``q``."""
-        members = num_members or self.config.num_averaged
+        """The posterior predictive over ``num_members`` (default ``config.num_averaged``) networks drawn
+        from ``q``; ``ValueError`` unless ``num_members >= 1``."""
+        members = self.config.num_averaged if num_members is None else num_members
         return AveragedPredictor(self.guide, self.skeleton, self.compressed(), members, seed=self.config.seed,
                                  output=output).eval()
 

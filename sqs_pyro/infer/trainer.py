@@ -79,8 +79,7 @@ class Trainer:
         self.bf16 = bf16  # the loss's forward pass under bfloat16 autocast
         config = result.config
         self.loss_fn = ctx.wrap(SQSMeanFieldELBO()(result.model, result.guide))
-        self.optimizer = AdamWithSignGroups(param_groups(result.model, result.guide, config),
-                                            weight_decay=config.weight_decay)
+        self.optimizer = AdamWithSignGroups(param_groups(result.model, result.guide, config))
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.step = 0

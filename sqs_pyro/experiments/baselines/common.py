@@ -132,7 +132,7 @@ def fit(method: str, net: nn.Module, train_data: Any, config: SQSConfig,
     groups = compressor.param_groups(config)
     if dense:
         groups.append({"params": dense, "lr": config.lr_dense, "name": "dense"})
-    optimizer = torch.optim.Adam(groups, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam(groups)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     minibatches = Minibatches(dataset, config.batch_size, config.seed)
     schedule = Schedule.from_config(config, minibatches.per_epoch)

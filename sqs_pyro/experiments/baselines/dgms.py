@@ -53,7 +53,7 @@ def init_mixture(weight: torch.Tensor, components: int) -> tuple[torch.Tensor, t
         span = max(hi - lo, 1e-3)
         extra = np.linspace(lo - span, hi + span, components + 1 - len(centres) + 2)[1:-1]
         centres = np.sort(np.concatenate([centres, extra]))
-    locs, mix, scales = gmm_from_centres(values, centres, keep_extremes=False)
+    locs, mix, scales = gmm_from_centres(values, centres)
     order = np.argsort(np.abs(locs), kind="stable")
     zero, rest = order[0], np.sort(order[1:])
     idx = np.concatenate([[zero], rest])
