@@ -287,11 +287,10 @@ class Minibatches:
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int,
-                 shard: Callable[[torch.Tensor], torch.Tensor] = lambda idx: idx,
-                 device: torch.device | None = None) -> None:
+                 shard: Callable[[torch.Tensor], torch.Tensor] = lambda idx: idx) -> None:
         if batch_size > len(dataset):
             raise SQSInputError(f"batch_size {batch_size} exceeds the {len(dataset)} training examples")
-        self.dataset, self.batch_size, self.seed, self.shard, self.device = dataset, batch_size, seed, shard, device
+        self.dataset, self.batch_size, self.seed, self.shard = dataset, batch_size, seed, shard
         self.per_epoch = len(dataset) // batch_size
 
     def indices(self, step: int) -> torch.Tensor:
@@ -299,14 +298,14 @@ class Minibatches:
         epoch, b = divmod(step, self.per_epoch)
         return epoch_permutation(len(self.dataset), self.seed, epoch)[b * self.batch_size:(b + 1) * self.batch_size]
 
-    def from_step(self, step: int = 0) -> Iterator[list[torch.Tensor]]:
+    def from_step(self, step: int = 0) -> Iterator[Any]:
         epoch, first = divmod(step, self.per_epoch)
         size = self.batch_size
         while True:
             order = epoch_permutation(len(self.dataset), self.seed, epoch)
             for b in range(first, self.per_epoch):
                 batch = fetch(self.dataset, self.shard(order[b * size:(b + 1) * size]))
-                yield to_device(batch, self.device)
+                yield batch
             epoch, first = epoch + 1, 0
 
 
