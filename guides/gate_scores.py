@@ -13,12 +13,14 @@ import torch
 from torch import nn
 
 from sqs_pyro.models.likelihoods import sparse_token_log_likelihood
+from sqs_pyro.models.network import network_arguments
 from sqs_pyro.models.selection import CompressedSite
 
 
 def task_loss(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The mean negative log-likelihood of a task (up to constants), for saliency scores."""
-    if task == "classification":
+    """The mean negative log-likelihood of a task (up to constants), for saliency scores; ``distill``'s
+    targets are the teacher's probabilities, for which ``cross_entropy`` is the soft-target loss."""
+    if task in ("classification", "distill"):
         return torch.nn.functional.cross_entropy
     if task == "lm":
         return _token_loss
@@ -33,13 +35,15 @@ def _token_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def gate_scores(net: nn.Module, sites: Sequence[CompressedSite], batches: Sequence[Sequence[torch.Tensor]],
-                task: str, gate_score: str) -> dict[str, torch.Tensor]:
+                task: str, gate_score: str,
+                loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The scores that place the initial gates (:class:`~sqs_pyro.guides.SpikeGMMGuide`; it
-    scores magnitudes itself): first-order saliencies (``gate_score="saliency"``) or
-    activation-aware scores (``"activation"``) on the given minibatches."""
+    scores magnitudes itself): first-order saliencies (``gate_score="saliency"``) of ``loss`` (a
+    minibatch's mean loss; default the task's, :func:`task_loss`) or activation-aware scores
+    (``"activation"``) on the given minibatches."""
     if gate_score == "activation":
         return activation_scores(net, sites, batches)
-    return first_order_saliency(net, [s.name for s in sites], batches, task_loss(task))
+    return first_order_saliency(net, [s.name for s in sites], batches, loss or task_loss(task))
 
 
 def first_order_saliency(net: torch.nn.Module, names: Sequence[str],
@@ -55,7 +59,7 @@ def first_order_saliency(net: torch.nn.Module, names: Sequence[str],
     total = {n: torch.zeros_like(w) for n, w in weights.items()}
     count = 0
     for x, y in batches:
-        out = torch.func.functional_call(net, weights, (x,), strict=False)
+        out = torch.func.functional_call(net, weights, *network_arguments(x), strict=False)
         grads = torch.autograd.grad(loss(out, y), list(weights.values()))
         for (n, w), g in zip(weights.items(), grads):
             total[n] += (w.detach() * g) ** 2
@@ -89,7 +93,8 @@ def activation_scores(net: torch.nn.Module, sites: Sequence, batches: Iterable[t
     handles = [modules[s.name].register_forward_pre_hook(hook(s.name)) for s in sites if s.layer_type == "linear"]
     try:
         for x, _ in batches:
-            net(x)
+            args, kwargs = network_arguments(x)
+            net(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()

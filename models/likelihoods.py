@@ -6,6 +6,8 @@ true size.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -54,6 +56,28 @@ class GaussianLikelihood(_PlateLikelihood):
             if pred.dim() > 1:
                 d = d.to_event(pred.dim() - 1)
             return pyro.sample("obs", d, obs=y)
+
+
+class LossLikelihood(_PlateLikelihood):
+    r"""A user's loss as the likelihood ``p(y_i | x_i, W) \propto exp(-loss_fn(f(x_i; W), y_i))``.
+
+    ``loss_fn(outputs, targets)`` returns the per-example losses, shape ``(B,)`` (e.g. a torch loss with
+    ``reduction="none"``, summed over any further dimensions by the caller); the site is the factor
+    ``-loss_i`` inside the data plate, so the data term is ``-(N/B) sum_i loss_i``: the loss summed over
+    the N training examples, weighed against the KL in nats. ``cross_entropy`` gives
+    :class:`CategoricalLikelihood`'s data term and ``0.5 * squared error`` :class:`GaussianLikelihood`'s with
+    unit scale (up to constants); a loss in other units should be rescaled to a negative log-likelihood.
+    """
+
+    def __init__(self, num_data: int, loss_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]) -> None:
+        super().__init__(num_data)
+        if not callable(loss_fn):
+            raise SQSInputError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        self.loss_fn = loss_fn
+
+    def __call__(self, outputs: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        with self._plate(outputs.shape[0]):
+            return pyro.factor("obs", -self.loss_fn(outputs, y))
 
 
 class TokenCategoricalLikelihood(_PlateLikelihood):

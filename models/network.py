@@ -17,6 +17,16 @@ from sqs_pyro.models.priors import EmpiricalBayesPrior, SpikeSlabGMM, kl_weighti
 from sqs_pyro.models.selection import CompressedSite
 
 
+def network_arguments(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` of the call ``net(*args, **kwargs)`` for a batch's inputs: a tensor is the one
+    positional input, a tuple or list the positional inputs, a dict the keyword inputs."""
+    if isinstance(inputs, dict):
+        return (), inputs
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
 class SQSModel(PyroModule):
     r"""``W_l ~ SpikeSlabGMM`` for each compressed weight tensor, then ``y ~ likelihood(net(x; W))``.
 
@@ -114,13 +124,16 @@ class SQSModel(PyroModule):
                 sites[site.name] = (apply_group_scales(u, sigma, self.group_size), u, sigma)
         return sites
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: Any, y: torch.Tensor | None = None) -> torch.Tensor:
+        """``likelihood(net(x; W), y)`` with ``W ~`` the prior; ``x`` is a tensor, a tuple of positional inputs or a
+        dict of keyword inputs (:func:`network_arguments`)."""
         sites = self._sample_sites()
         products = [(w, u, sigma, self.group_size) for w, u, sigma in sites.values() if sigma is not None]
         blocks = [self.net.get_submodule(name) for name in self.blocks]
         # the network's matrix products save u, not sigma * u; checkpointed blocks save their inputs only
         with recomputed_products(products), checkpointed_blocks(blocks, products):
-            out = functional_call(self.net, {name: w for name, (w, _, _) in sites.items()}, (x,), strict=False)
+            out = functional_call(self.net, {name: w for name, (w, _, _) in sites.items()}, *network_arguments(x),
+                                  strict=False)
         return self.likelihood(out, y)
 
 

@@ -247,6 +247,16 @@ def test_the_recorded_standard_grid_keeps_its_keys(name):
     assert not missing, missing[:3]
 
 
+@pytest.mark.parametrize("progress", [True, False])
+def test_runner_progress_bar_counts_the_runs(tmp_path, capsys, progress):
+    grid, calls, execute, loader = _fake_grid(tmp_path)
+    logs = []
+    run_grid(grid, execute, logs.append, limit=3, workload_loader=loader, progress=progress)
+    err = capsys.readouterr().err
+    assert ("ablate: 100%" in err and "3/3" in err) == progress
+    assert len(logs) == 5  # a custom log keeps every line either way
+
+
 def test_run_keys_stay_those_of_the_recorded_runs():
     """Keys pinned at d9aff61, before issue 37 removed config fields: recorded grids keep resuming (those
     recorded before issue 38's posterior phase say posterior_epochs: 0). The phase is a new SQS run (a new

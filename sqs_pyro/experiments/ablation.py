@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import yaml
+from tqdm.auto import tqdm
 
 from sqs_pyro.config import SQSConfig
 from sqs_pyro.data import calibration, predictive_probs
@@ -357,9 +358,11 @@ def grid_workload(name: str, grid: Grid) -> Workload:
 
 def run_grid(grid: Grid, execute: Callable[[RunSpec, Workload], dict[str, Any]] = execute_run,
              log: Callable[[str], None] = print, limit: int | None = None,
-             workload_loader: Callable[[str, Grid], Workload] | None = None) -> list[dict[str, Any]]:
+             workload_loader: Callable[[str, Grid], Workload] | None = None,
+             progress: bool = False) -> list[dict[str, Any]]:
     """Run every grid point whose key is not yet in ``grid.output`` (at most ``limit`` new runs)
-    and append one line per run; returns the new records."""
+    and append one line per run; returns the new records. ``progress``: a bar over the runs (the
+    log lines are written above it)."""
     loader = workload_loader or grid_workload
     runs = expand_grid(grid)
     done = {r["key"] for r in read_records(grid.output)}
@@ -368,7 +371,11 @@ def run_grid(grid: Grid, execute: Callable[[RunSpec, Workload], dict[str, Any]] 
     workloads: dict[str, tuple[Workload, float]] = {}
     new = []
     digest = source_digest()
-    for i, spec in enumerate(todo[:limit] if limit is not None else todo, 1):
+    chosen = todo[:limit] if limit is not None else todo
+    bar = tqdm(total=len(chosen), disable=not progress, desc="ablate", unit="run")
+    if progress and log is print:
+        log = tqdm.write  # the lines above the bar
+    for i, spec in enumerate(chosen, 1):
         if spec.workload not in workloads:
             w = loader(spec.workload, grid)
             workloads[spec.workload] = (w, dense_accuracy(w))
@@ -389,6 +396,8 @@ def run_grid(grid: Grid, execute: Callable[[RunSpec, Workload], dict[str, Any]] 
         new.append(record)
         log(f"[{i}/{len(todo)}] {spec.key}: validation accuracy {record['accuracy_val_greedy']:.4f}, sparsity "
             f"{record['sparsity']:.4f}, file {record['file_ratio']:.1f}x, {record['wall_seconds']:.0f} s")
+        bar.update(1)
+    bar.close()
     return new
 
 

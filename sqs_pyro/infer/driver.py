@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping
 import pyro
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from sqs_pyro.compressed.materialize import CompressedNetwork
 from sqs_pyro.config import SQSConfig
@@ -38,13 +39,17 @@ from sqs_pyro.guides.gate_scores import gate_scores
 from sqs_pyro.guides.initialization import StartCoding
 from sqs_pyro.guides.spike_gmm import GateState, SpikeGMMGuide
 from sqs_pyro.infer.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from sqs_pyro.infer.data import TASKS, as_dataset, check_data, distillation_targets, saliency_batches
+from sqs_pyro.infer.batchnorm import BATCHNORM_MODES, copy_batchnorm_statistics, freeze_batchnorm, recalibrate_batchnorm
+from sqs_pyro.infer.data import (TASKS, BatchSource, DatasetBatches, LoaderBatches, TeacherTargets, as_data, check_data,
+                                 distillation_targets)
+from sqs_pyro.infer.devices import resolve_device
 from sqs_pyro.infer.distributed import distributed_context
 from sqs_pyro.infer.result import SQSResult
 from sqs_pyro.infer.schedules import Schedule
 from sqs_pyro.infer.trainer import Trainer
 from sqs_pyro.models.block_checkpoints import repeated_blocks
-from sqs_pyro.models.likelihoods import CategoricalLikelihood, GaussianLikelihood, TokenCategoricalLikelihood
+from sqs_pyro.models.likelihoods import (CategoricalLikelihood, GaussianLikelihood, LossLikelihood,
+                                         TokenCategoricalLikelihood)
 from sqs_pyro.models.network import SQSModel
 from sqs_pyro.models.selection import CompressedSite, select_layers
 
@@ -103,13 +108,14 @@ def _check_start_mask(start: CompressedNetwork | None, sparsity: float) -> None:
                             f"{1.0 - kept:.4f} is not sparsity={sparsity}; increase epochs or prune_fraction")
 
 
-def _initial_scores(net: nn.Module, sites: list[CompressedSite], dataset: Any, task: str, config: SQSConfig,
-                    coding: dict[str, StartCoding], device: torch.device) -> dict[str, torch.Tensor] | None:
+def _initial_scores(net: nn.Module, sites: list[CompressedSite], source: BatchSource, task: str, config: SQSConfig,
+                    coding: dict[str, StartCoding], loss_fn: Callable[..., torch.Tensor] | None
+                    ) -> dict[str, torch.Tensor] | None:
     """The guide's gate scores (``None``: magnitudes); a pruned start's masks rank them first."""
     scores = None
     if config.gate_score != "magnitude":
-        batches = saliency_batches(dataset, config.batch_size, config.saliency_batches, config.seed, device)
-        scores = gate_scores(net, sites, batches, task, config.gate_score)
+        mean_loss = None if loss_fn is None else (lambda out, y: loss_fn(out, y).mean())
+        scores = gate_scores(net, sites, source.first(config.saliency_batches), task, config.gate_score, mean_loss)
     if any(c.mask is not None for c in coding.values()):
         base = scores or {s.name: net.get_parameter(s.name).detach().abs() for s in sites}
         scores = {name: coding[name].gate_scores(score) for name, score in base.items()}
@@ -150,16 +156,29 @@ def compress(
     max_rollbacks: int = 3,
     start: CompressedNetwork | None = None,
     checkpoint_blocks: bool = False,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
+    batchnorm: str = "frozen",
+    device: str | torch.device | None = None,
+    bf16: bool = False,
 ) -> SQSResult:
     """Learn the SQS posterior of ``net`` on ``train_data`` and return an :class:`SQSResult`.
 
     Args:
         net: a trained network; it is copied, never modified.
-        train_data: ``(inputs, targets)`` tensors or a torch ``Dataset`` of such pairs.
+        train_data: tensors ``(inputs..., targets)`` of equal length; a map-style ``Dataset`` of examples; a
+            ``DataLoader``, ``IterableDataset`` or any re-iterable of batches (a list, not a generator). A
+            batch (or example) is a tuple ``(inputs..., target)``, the network called as ``net(*inputs)``,
+            or a dict of keyword inputs ``net(**inputs)`` with the target under ``"labels"``; with
+            ``task="distill"`` every entry is an input. A map-style dataset is drawn in the seeded order of
+            ``config.batch_size`` minibatches (resumes exactly); a re-iterable's own batches are used as
+            they come, one epoch a pass (``config.batch_size`` then only batches an ``IterableDataset``).
         config: an :class:`SQSConfig` (defaults if ``None``).
         task: ``"classification"`` (categorical likelihood on logits), ``"regression"``
             (Gaussian likelihood with standard deviation ``noise_scale``) or ``"lm"`` (token
-            ids ``(N, L)`` in, next-token targets ``(N, L)``, logits ``(N, L, V)``; N counts sequences).
+            ids ``(N, L)`` in, next-token targets ``(N, L)``, logits ``(N, L, V)``; N counts sequences) or
+            ``"distill"`` (no labels: the targets are the dense network's predictive distribution
+            ``softmax(f(x; W_dense))``, the site the factor ``sum_c t_c log softmax(f(x; W))_c``, so the data term
+            is minus N times the cross-entropy to the dense network, ``-N (KL + H(t))`` on average).
         eval_fn: called with the current greedy module at each phase end, every
             ``eval_every`` steps (if > 0) and at the end; its numbers join the history.
         progress: show a progress bar with the NLL, KL, sparsity and bits.
@@ -185,6 +204,20 @@ def compress(
         checkpoint_blocks: recompute the network's repeated blocks (the members of its
             ``nn.ModuleList`` objects: a transformer's layers) in the backward pass instead of keeping
             their activations; the same loss and gradients for a second forward pass of the blocks.
+        loss_fn: a per-example loss ``loss_fn(outputs, targets) -> (B,)`` that replaces the task's likelihood:
+            it becomes the Pyro factor ``-loss_i`` in the data plate (:class:`~sqs_pyro.models.LossLikelihood`),
+            ``p(y_i | x_i, W)`` proportional to ``exp(-loss_i)``, scaled by ``N/B`` so that the data term is the loss summed
+            over the N examples; it should be a negative log-likelihood in nats to weigh correctly against the
+            KL. ``task`` still decides the targets (``"distill"``: the dense network's probabilities).
+        batchnorm: ``"frozen"`` (default) keeps the pretrained running statistics of BatchNorm layers during SVI
+            (they normalise with them, as at inference); ``"recalibrate"`` also re-estimates them on one pass
+            over the training inputs through the greedy compressed network at the end (the file then holds
+            those); ``"train"`` leaves BatchNorm layers in the network's mode (train mode: batch statistics,
+            running statistics drifting to the compression data). The file holds the statistics in every case.
+        device: where to train: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` (CUDA when present) or ``None``
+            (the network's device). The data may stay on the CPU: each batch is moved to the device.
+        bf16: run the loss's forward pass (network and likelihood) under ``torch.autocast`` in bfloat16 (for
+            GPUs with bfloat16 units; parameters, optimiser state and the KL stay float32).
 
     Everything a user passes is checked (raising :class:`SQSInputError`) before the guide is
     built or any step runs.
@@ -194,30 +227,39 @@ def compress(
         raise SQSInputError(f"config must be an SQSConfig, got {type(config).__name__}")
     if task not in TASKS:
         raise SQSInputError(f"task must be one of {TASKS}, got {task!r}")
+    if batchnorm not in BATCHNORM_MODES:
+        raise SQSInputError(f"batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}")
     path = _check_checkpoint_options(checkpoint_dir, checkpoint_every, resume, max_rollbacks)
-    dataset = as_dataset(train_data)
+    if device is not None:
+        net = copy.deepcopy(net).to(resolve_device(device))
+    data = as_data(train_data, config.batch_size)
+    if distributed and not isinstance(data, Dataset):
+        raise SQSInputError("distributed runs need tensors or a map-style Dataset (each rank draws its share of "
+                            "the seeded minibatches), not a DataLoader or an iterable of batches")
     sites = select_layers(net, config.include_types, config.include, config.exclude)
-    if config.distill_weight > 0 and task == "regression":
-        raise SQSInputError("distill_weight applies to classification and lm tasks, not to a regression task")
-    check_data(net, dataset, task)
+    if config.distill_weight > 0 and task in ("regression", "distill"):
+        raise SQSInputError(f"distill_weight applies to classification and lm tasks, not to a {task} task")
+    num_data, num_batches = check_data(net, data, task, loss_fn)
     coding = _start_coding(start, sites, config)
     blocks = repeated_blocks(net) if checkpoint_blocks else []
     if checkpoint_blocks and not blocks:
         raise SQSInputError("checkpoint_blocks needs repeated blocks (members of an nn.ModuleList, such as a "
                             f"transformer's layers); {type(net).__name__} has none")
-    num_data = len(dataset)
-    if config.batch_size > num_data:
+    if num_batches is None and config.batch_size > num_data:
         raise SQSInputError(f"batch_size {config.batch_size} exceeds the {num_data} training examples")
     if config.distill_weight > 0:  # the teacher's pass, once every input is checked
-        dataset = distillation_targets(net, dataset, config.distill_weight, task=task,
-                                       **({"batch_size": config.batch_size} if task == "lm" else {}))
+        if not isinstance(data, Dataset):
+            raise SQSInputError("distill_weight > 0 needs the train data as (inputs, labels) tensors; "
+                                "task='distill' distils from any data")
+        data = distillation_targets(net, data, config.distill_weight, task=task,
+                                    **({"batch_size": config.batch_size} if task == "lm" else {}))
 
     started = time.perf_counter()
     with distributed_context(distributed) as ctx:
         if config.batch_size % ctx.world_size:
             raise SQSInputError(f"batch_size {config.batch_size} (the global batch) must be divisible by the "
                                 f"{ctx.world_size} processes")
-        schedule = Schedule.from_config(config, num_data // config.batch_size)
+        schedule = Schedule.from_config(config, num_batches or num_data // config.batch_size)
         if config.sparsity > 0 and schedule.prune_end == schedule.prune_start:
             _check_start_mask(start, config.sparsity)
         saved = load_checkpoint(path) if resume else None
@@ -226,26 +268,39 @@ def compress(
         if ctx.device is not None:
             net = copy.deepcopy(net).to(ctx.device)
         device = next(net.parameters()).device
+        source: BatchSource = (DatasetBatches(data, config.batch_size, config.seed, task, ctx.shard, device)
+                               if num_batches is None else LoaderBatches(data, task, num_data, num_batches, device))
+        if task == "distill":
+            source = TeacherTargets(source, copy.deepcopy(net))
         pyro.set_rng_seed(config.seed)
         with pyro.settings.context(module_local_params=True):
-            likelihood = {"classification": lambda: CategoricalLikelihood(num_data),
-                          "lm": lambda: TokenCategoricalLikelihood(num_data),
-                          "regression": lambda: GaussianLikelihood(num_data, noise_scale)}[task]()
+            likelihood = (LossLikelihood(num_data, loss_fn) if loss_fn is not None else
+                          {"classification": lambda: CategoricalLikelihood(num_data),
+                           "distill": lambda: CategoricalLikelihood(num_data),
+                           "lm": lambda: TokenCategoricalLikelihood(num_data),
+                           "regression": lambda: GaussianLikelihood(num_data, noise_scale)}[task]())
             model = SQSModel(net, sites, config, likelihood,
                              {n: c.scales for n, c in coding.items() if c.scales is not None}, blocks)
+            if batchnorm != "train":
+                freeze_batchnorm(model.net)
             # the scores are passed, not kept: a weight-sized tensor per site, needed only here
-            guide = SpikeGMMGuide(net, sites, config, _initial_scores(net, sites, dataset, task, config, coding, device),
+            guide = SpikeGMMGuide(net, sites, config, _initial_scores(net, sites, source, task, config, coding, loss_fn),
                                   coding)
             if config.empirical_bayes:
                 model.update_hyperpriors(guide.distributions())
             result = SQSResult(config, net, model, guide)  # net: the architecture, never modified
-            trainer = Trainer(result, schedule, dataset, task, ctx, device, started)
+            trainer = Trainer(result, schedule, source, task, ctx, device, started, bf16)
             if saved is not None:
                 trainer.load_state_dict(saved)
             trainer.train(eval_fn, eval_every, progress, path if ctx.is_main else None, checkpoint_every,
                           max_rollbacks)
             if guide.layers[0].state != GateState.FROZEN:
                 guide.freeze_mask()
+    if batchnorm == "recalibrate":
+        greedy = result.greedy_module()
+        batches = source.from_step(0)
+        recalibrate_batchnorm(greedy, (next(batches)[0] for _ in range(source.per_epoch)))
+        copy_batchnorm_statistics(greedy, result.model.net)
     result.seconds = trainer.seconds
     result.evaluate(eval_fn, schedule.end, "final")
     return result

@@ -10,14 +10,13 @@ from typing import Any, Callable, Iterator, Mapping
 import pyro
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from sqs_pyro.config import SQSConfig
 from sqs_pyro.errors import SQSDivergenceError
 from sqs_pyro.guides.spike_gmm import GateState, SpikeGMMGuide
 from sqs_pyro.infer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from sqs_pyro.infer.data import Minibatches
+from sqs_pyro.infer.data import BatchSource
 from sqs_pyro.infer.distributed import DistContext
 from sqs_pyro.infer.elbo import SQSMeanFieldELBO, log_record
 from sqs_pyro.infer.optim import AdamWithSignGroups
@@ -76,16 +75,16 @@ class Trainer:
     as an uninterrupted one would (bit-identical on one thread).
     """
 
-    def __init__(self, result: SQSResult, schedule: Schedule, dataset: Dataset, task: str, ctx: DistContext,
-                 device: torch.device, started: float) -> None:
+    def __init__(self, result: SQSResult, schedule: Schedule, source: BatchSource, task: str, ctx: DistContext,
+                 device: torch.device, started: float, bf16: bool = False) -> None:
         self.result = result
         self.schedule = schedule
-        self.dataset = dataset
-        self.num_data = len(dataset)
-        self.minibatches = Minibatches(dataset, result.config.batch_size, result.config.seed, ctx.shard, device)
+        self.num_data = source.num_data
+        self.minibatches = source
         self.task = task
         self.ctx = ctx
         self.device = device
+        self.bf16 = bf16  # the loss's forward pass under bfloat16 autocast
         config = result.config
         self.loss_fn = ctx.wrap(SQSMeanFieldELBO()(result.model, result.guide))
         self.optimizer = AdamWithSignGroups(param_groups(result.model, result.guide, config))
@@ -153,8 +152,8 @@ class Trainer:
             phase, beta = self._apply_schedule(step, eval_fn)
             x, y = next(batches)
             self.optimizer.zero_grad(set_to_none=True)
-            with pyro.validation_enabled(False):  # a NaN must reach the divergence check, not raise
-                loss = self.loss_fn(x, y)
+            with pyro.validation_enabled(False), torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
+                loss = self.loss_fn(x, y)  # validation off: a NaN must reach the divergence check, not raise
             (loss / self.num_data).backward()
             if self.ctx.any(not self._finite(loss), self.device):
                 self._rollback(good, step, max_rollbacks, checkpoint_path)
