@@ -1,15 +1,21 @@
 """``sqs-pyro quantize --hf PATH --out DIR``: one-shot (no training) dense-and-sparse, group-scaled
-codebook quantisation of a causal LM's attention and MLP matrices (:mod:`sqs_pyro.compressed.oneshot`).
+codebook quantisation of a causal LM's attention and MLP matrices and of its token embeddings
+(:mod:`sqs_pyro.compressed.oneshot`); the other tensors (norms, biases) are stored in fp16.
 
 With ``--data`` calibration text, every matrix is coded with GPTQ error feedback under its input
 second moments (:mod:`sqs_pyro.compressed.error_feedback`; activation order, searched group
-scales) and the exact weights are the largest ``|w| ||x||``; without it, nearest-level coding and the largest ``|w|``. ``--eval-data`` gives
-the held-out perplexity of the dense and of the quantised model (from the written file).
+scales), gathered one decoder block at a time (:mod:`sqs_pyro.hf.oneshot`), and the exact weights
+are the largest ``|w| ||x||``; the embedding table is coded by nearest level with searched scales.
+Without it, nearest-level coding and the largest ``|w|``. ``--eval-data`` gives the held-out
+perplexity of the dense and of the quantised model (from the written file). The summary reports
+the process's peak resident memory, also per parameter and against the fp32 model's bytes.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -18,10 +24,12 @@ import torch
 from sqs_pyro import hf
 from sqs_pyro.cli.common import non_negative_int, positive_int
 from sqs_pyro.compressed import accounting
-from sqs_pyro.compressed.error_feedback import SHRINK_GRID, hessian_scores, input_hessians
-from sqs_pyro.compressed.oneshot import quantize_network
+from sqs_pyro.compressed.error_feedback import SHRINK_GRID, hessian_scores
+from sqs_pyro.compressed.oneshot import oneshot_config, oneshot_network, quantize_sites
 from sqs_pyro.errors import SQSInputError
 from sqs_pyro.format import save_compressed
+from sqs_pyro.format.container import FLOAT_DTYPES
+from sqs_pyro.hf.oneshot import blockwise_hessians, embedding_sites
 from sqs_pyro.models import select_layers, transformer_include
 
 
@@ -36,6 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a transformers causal LM folder, a folder or file with one .gguf, or an installed package")
     p.add_argument("--out", type=Path, required=True, help="output folder: model.sqs and summary.json")
     p.add_argument("--components", "-K", type=positive_int, default=16, help="codebook levels per matrix (16)")
+    p.add_argument("--embedding-components", type=non_negative_int, metavar="K",
+                   help="codebook levels of the token-embedding table (and of an untied LM head); default -K; "
+                        "0 keeps them as they are (stored in --tensor-dtype), as a file that starts "
+                        "`compress --start` needs")
+    p.add_argument("--tensor-dtype", choices=FLOAT_DTYPES, default="float16",
+                   help="dtype the other floating-point tensors (norms, biases) are stored in (float16)")
     p.add_argument("--group-size", type=non_negative_int, default=64,
                    help="weights of a row per fp16 scale (64); 0: no scales, one codebook on the raw weights")
     p.add_argument("--exact-outliers", type=float, default=16, metavar="N",
@@ -59,8 +73,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    if args.components < 2:
-        raise SQSInputError("--components must be >= 2")
+    if args.components < 2 or args.embedding_components == 1:
+        raise SQSInputError("--components and --embedding-components must be >= 2 (--embedding-components 0: "
+                            "embeddings kept)")
     if args.exact_outliers < 0 or (args.exact_outliers >= 1 and args.exact_outliers != int(args.exact_outliers)):
         raise SQSInputError("--exact-outliers is a count (an integer >= 0) or a fraction in [0, 1)")
     if not 0.0 <= args.sparsity < 1.0:
@@ -85,35 +100,66 @@ def run(args: argparse.Namespace) -> int:
         windows = hf.text_windows(tokenizer, args.data, args.seq_len)
         pick = torch.randperm(len(windows), generator=torch.Generator().manual_seed(args.seed))[:args.calib_windows]
         calib = windows[pick, :-1]
+    dense = {"perplexity_dense": hf.perplexity(net, held)} if held is not None else {}
     started = time.perf_counter()
-    sites = select_layers(net, include=transformer_include(model.config.model_type))
-    hessians = scores = None
-    if calib is not None:
-        hessians = input_hessians(net, sites, calib.split(8))
-        scores = hessian_scores(net, sites, hessians)
-    count, fraction = (0, args.exact_outliers) if args.exact_outliers < 1 else (int(args.exact_outliers), 0.0)
-    network = quantize_network(net, sites, args.components, args.group_size, count, scores, hessians,
-                               act_order=not args.natural_order, shrink=(1.0,) if args.absmax_scales else SHRINK_GRID,
-                               exact_fraction=fraction, sparsity=args.sparsity)
+    network = _quantize(args, net, calib)
     seconds = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "model.sqs"
-    file_bytes = save_compressed(network, path, model=net)
+    file_bytes = save_compressed(network, path, model=net, tensor_dtype=args.tensor_dtype)
     acc = accounting(network)
     n = acc["compressed_params"]
-    summary = {"hf": str(args.hf), "components": args.components, "group_size": args.group_size,
-               "sparsity": acc["sparsity"],
+    params = n + acc["other_params"]
+    summary = {"hf": str(args.hf), "components": args.components, "embedding_components": _embedding_k(args),
+               "group_size": args.group_size, "sparsity": acc["sparsity"],
                "exact_outliers": args.exact_outliers, "calib_windows": 0 if calib is None else len(calib),
                "error_feedback": calib is not None, "act_order": calib is not None and not args.natural_order,
                "scale_search": calib is not None and not args.absmax_scales, "seconds": seconds,
-               "file_bytes": file_bytes, "compressed_params": n, "bits": acc["bits"],
-               "side_bits_per_weight": 8 * acc["side_bytes"] / n,
-               "exact_weights": sum(layer["exact"] for layer in acc["layers"])}
+               "file_bytes": file_bytes, "params": params, "bits_per_param": 8 * file_bytes / params,
+               "compressed_params": n, "bits": acc["bits"], "side_bits_per_weight": 8 * acc["side_bytes"] / n,
+               "exact_weights": sum(layer["exact"] for layer in acc["layers"]), **dense}
+    del network, net, model
+    gc.collect()
     if held is not None:
-        summary["perplexity_dense"] = hf.perplexity(net, held)
         summary["perplexity"] = hf.perplexity(hf.CausalLM(hf.load_transformers(path)), held)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
+    summary.update(peak_rss_bytes=peak, peak_bytes_per_param=peak / params, peak_over_fp32=peak / (4 * params))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     for key, value in summary.items():
         print(f"{key:<24} {value:.4g}" if isinstance(value, float) else f"{key:<24} {value}")
     print(f"wrote {path} (load it with sqs_pyro.hf.load_transformers('{path}'), or sqs-pyro export)")
     return 0
+
+
+def _embedding_k(args: argparse.Namespace) -> int:
+    return args.components if args.embedding_components is None else args.embedding_components
+
+
+def _quantize(args: argparse.Namespace, net: torch.nn.Module, calib: torch.Tensor | None):
+    """The one-shot network: the matrices of each decoder block coded under that block's input moments
+    (gathered one block at a time), then the embedding tables (never pruned) by nearest level, with
+    searched scales when calibrated."""
+    sites = select_layers(net, include=transformer_include(net.lm.config.model_type))
+    tables = embedding_sites(net) if _embedding_k(args) else []
+    count, fraction = (0, args.exact_outliers) if args.exact_outliers < 1 else (int(args.exact_outliers), 0.0)
+    shrink = (1.0,) if args.absmax_scales else SHRINK_GRID
+    options = dict(act_order=not args.natural_order, shrink=shrink, exact_fraction=fraction, sparsity=args.sparsity)
+    layers = {}
+    if calib is not None:
+        for block, hessians in blockwise_hessians(net, sites, calib.split(8)):
+            scores = hessian_scores(net, block, hessians)
+            for layer in quantize_sites(net, block, args.components, args.group_size, count, scores, hessians, **options):
+                layers[layer.name] = layer
+            del hessians, scores
+    rest = [s for s in sites if s.name not in layers]
+    for layer in quantize_sites(net, rest, args.components, args.group_size, count, **options):
+        layers[layer.name] = layer
+    for s in tables:  # identity moments: nearest level, with the scale search when calibrated
+        identity = {s.name: torch.eye(s.shape[1])} if calib is not None else None
+        layer, = quantize_sites(net, [s], _embedding_k(args), args.group_size, count, None, identity,
+                                **{**options, "sparsity": 0.0})
+        layers[layer.name] = layer
+    order = [s.name for s in tables] + [s.name for s in sites]
+    config = oneshot_config(args.components, args.group_size, count, fraction, calib is not None,
+                            not args.natural_order, shrink, args.sparsity, embedding_components=_embedding_k(args))
+    return oneshot_network(net, [layers[name] for name in order], config)

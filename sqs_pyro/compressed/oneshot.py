@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from sqs_pyro.compressed.error_feedback import SHRINK_GRID, feedback_quantize
-from sqs_pyro.compressed.materialize import CompressedLayer, CompressedNetwork, uncompressed_state
+from sqs_pyro.compressed.materialize import (CompressedLayer, CompressedNetwork, code_dtype, tied_to_compressed,
+                                             uncompressed_state)
 from sqs_pyro.guides.kmeans import kmeans_codebook
 from sqs_pyro.models.group_scales import normalise
 from sqs_pyro.models.selection import CompressedSite
@@ -57,26 +58,25 @@ def quantize_layer(name: str, weight: torch.Tensor, components: int, group_size:
     prune = round(sparsity * int(mask.sum()))
     if prune:  # the smallest scores among the coded weights
         mask[torch.argsort(s.masked_fill(~mask, float("inf")), stable=True)[:prune]] = False
-    layer = CompressedLayer(name, tuple(w.shape), mask.reshape(w.shape), torch.zeros(w.shape, dtype=torch.long),
+    layer = CompressedLayer(name, tuple(w.shape), mask.reshape(w.shape), torch.zeros(w.shape, dtype=code_dtype(components)),
                             torch.zeros(components), torch.zeros(components, dtype=torch.long), group_size,
                             scales, index, values)
     u = u.reshape(-1)[mask]
     codebook = kmeans_codebook(u, components)
-    codes = torch.zeros(flat.numel(), dtype=torch.long)
-    codes[mask] = torch.bucketize(u, (codebook[1:] + codebook[:-1]) / 2)  # nearest level of sorted levels
+    codes = torch.zeros(flat.numel(), dtype=code_dtype(components))
+    codes[mask] = torch.bucketize(u, (codebook[1:] + codebook[:-1]) / 2).to(codes.dtype)  # nearest sorted level
     layer.codes, layer.codebook = codes.reshape(w.shape), codebook.to(weight.dtype)
     return layer
 
 
 @torch.no_grad()
-def quantize_network(net: nn.Module, sites: list[CompressedSite], components: int, group_size: int,
-                     exact: int = 0, scores: dict[str, torch.Tensor] | None = None,
-                     hessians: dict[str, torch.Tensor] | None = None, act_order: bool = True,
-                     shrink: Sequence[float] = SHRINK_GRID, exact_fraction: float = 0.0,
-                     sparsity: float = 0.0) -> CompressedNetwork:
-    """:func:`quantize_layer` for every selected weight of ``net``; the other tensors as they are
-    (a tied tensor stays one tensor). Each matrix keeps ``exact + round(exact_fraction numel)``
-    exact weights. A weight with an input second moment in ``hessians``
+def quantize_sites(net: nn.Module, sites: Sequence[CompressedSite], components: int, group_size: int,
+                   exact: int = 0, scores: dict[str, torch.Tensor] | None = None,
+                   hessians: dict[str, torch.Tensor] | None = None, act_order: bool = True,
+                   shrink: Sequence[float] = SHRINK_GRID, exact_fraction: float = 0.0,
+                   sparsity: float = 0.0) -> list[CompressedLayer]:
+    """:func:`quantize_layer` for every selected weight of ``net``. Each matrix keeps ``exact +
+    round(exact_fraction numel)`` exact weights. A weight with an input second moment in ``hessians``
     (:func:`~sqs_pyro.compressed.error_feedback.input_hessians`) is then re-coded by
     :func:`~sqs_pyro.compressed.error_feedback.feedback_quantize` (GPTQ error feedback, with its
     ``act_order`` and scale ``shrink`` options; with ``sparsity``, SparseGPT's mask)."""
@@ -89,7 +89,32 @@ def quantize_network(net: nn.Module, sites: list[CompressedSite], components: in
             layer = feedback_quantize(layer, weight, hessians[s.name], act_order=act_order, shrink=shrink,
                                       sparsity=sparsity)
         layers.append(layer)
-    config = {"method": "oneshot", "components": components, "group_size": group_size, "exact": exact,
-              "exact_fraction": exact_fraction, "error_feedback": bool(hessians), "act_order": act_order, "shrink": list(shrink),
-              "sparsity": sparsity}
-    return CompressedNetwork(layers, uncompressed_state(net, {s.name for s in sites}), config)
+    return layers
+
+
+def oneshot_network(net: nn.Module, layers: list[CompressedLayer], config: dict) -> CompressedNetwork:
+    """The network of ``layers`` and every other tensor of ``net``; a tensor tied to a compressed
+    weight (e.g. an LM head tied to the token embeddings) is recorded as tied to its layer."""
+    names = {layer.name for layer in layers}
+    return CompressedNetwork(layers, uncompressed_state(net, names), config, tied_to_compressed(net, names))
+
+
+@torch.no_grad()
+def quantize_network(net: nn.Module, sites: list[CompressedSite], components: int, group_size: int,
+                     exact: int = 0, scores: dict[str, torch.Tensor] | None = None,
+                     hessians: dict[str, torch.Tensor] | None = None, act_order: bool = True,
+                     shrink: Sequence[float] = SHRINK_GRID, exact_fraction: float = 0.0,
+                     sparsity: float = 0.0) -> CompressedNetwork:
+    """:func:`quantize_sites` over ``sites`` as a :func:`oneshot_network` (the other tensors as they are)."""
+    layers = quantize_sites(net, sites, components, group_size, exact, scores, hessians, act_order, shrink,
+                            exact_fraction, sparsity)
+    return oneshot_network(net, layers, oneshot_config(components, group_size, exact, exact_fraction, bool(hessians),
+                                                       act_order, shrink, sparsity))
+
+
+def oneshot_config(components: int, group_size: int, exact: int, exact_fraction: float, error_feedback: bool,
+                   act_order: bool, shrink: Sequence[float], sparsity: float, **more) -> dict:
+    """The config a one-shot file records."""
+    return {"method": "oneshot", "components": components, "group_size": group_size, "exact": exact,
+            "exact_fraction": exact_fraction, "error_feedback": error_feedback, "act_order": act_order,
+            "shrink": list(shrink), "sparsity": sparsity, **more}
