@@ -152,6 +152,15 @@ def test_every_tensor_is_compressed_and_the_tied_head_follows_the_table(tied_fol
 
     held = text_windows(word_tokenizer(), [folder / "eval.txt"], 8)
     assert math.isclose(perplexity(Wrapped(), held), summary["perplexity"], rel_tol=1e-5)
+    two = tmp_path / "two"
+    assert main(["quantize", "--hf", str(tied_folder), "--out", str(two), "-K", "4", "--group-size", "8",
+                 "--eval-data", str(folder / "eval.txt"), str(folder / "train.txt"), "--seq-len", "8",
+                 "--max-eval-windows", "5"]) == 0
+    summary = json.loads((two / "summary.json").read_text())
+    for key in ("perplexity", "perplexity_dense"):
+        by_file = summary[f"{key}_by_file"]
+        assert sorted(by_file) == sorted(str(folder / f) for f in ("eval.txt", "train.txt"))
+        assert min(by_file.values()) < summary[key] < max(by_file.values())
     kept = tmp_path / "kept"
     assert main(["quantize", "--hf", str(tied_folder), "--out", str(kept), "-K", "4", "--embedding-components", "0",
                  "--group-size", "8", "--tensor-dtype", "float32"]) == 0

@@ -65,9 +65,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "reached (default: decreasing input energy, scales fixed up front)")
     p.add_argument("--absmax-scales", action="store_true",
                    help="group scale = max |w| (default: the best of 0.7..1.1 x max |w| by weighted coding error)")
-    p.add_argument("--eval-data", type=Path, nargs="+", metavar="FILE", help="held-out text: perplexity")
+    p.add_argument("--weighted-codebook", action="store_true",
+                   help="sensitivity-weighted k-means codebooks (SqueezeLLM): each normalised weight counts "
+                        "H_cc sigma^2, its input's second moment times its group scale squared")
+    p.add_argument("--rate-penalty", type=float, default=0.0, metavar="LAMBDA",
+                   help="entropy-constrained codes: a weight takes argmin_k (u - mu_k)^2 + LAMBDA (-log2 p_k) "
+                        "(p_k: level usage), fewer bits in the entropy-coded file for a larger error (0)")
+    p.add_argument("--eval-data", type=Path, nargs="+", metavar="FILE",
+                   help="held-out text: perplexity over all files, and of each file when there are several")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window (128)")
-    p.add_argument("--max-eval-windows", type=positive_int, help="evaluate on the first N held-out windows only")
+    p.add_argument("--max-eval-windows", type=positive_int,
+                   help="evaluate on the first N windows of each held-out file only")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration pick (0)")
     p.set_defaults(func=run)
 
@@ -84,8 +92,11 @@ def _check(args: argparse.Namespace) -> None:
         raise SQSInputError("--seq-len must be >= 2")
     if args.out.exists() and not args.out.is_dir():
         raise SQSInputError(f"--out {args.out} exists and is not a folder")
-    if (args.natural_order or args.absmax_scales) and not args.data:
-        raise SQSInputError("--natural-order / --absmax-scales change the error feedback: they need --data")
+    if args.rate_penalty < 0:
+        raise SQSInputError(f"--rate-penalty must be >= 0, got {args.rate_penalty}")
+    if (args.natural_order or args.absmax_scales or args.weighted_codebook or args.rate_penalty) and not args.data:
+        raise SQSInputError("--natural-order / --absmax-scales / --weighted-codebook / --rate-penalty change the "
+                            "error feedback: they need --data")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,13 +105,13 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     tokenizer, model = hf.load_model(args.hf, causal=True)
     net = hf.CausalLM(model)
-    held = hf.text_windows(tokenizer, args.eval_data, args.seq_len)[:args.max_eval_windows] if args.eval_data else None
+    held = {str(f): hf.text_windows(tokenizer, [f], args.seq_len)[:args.max_eval_windows] for f in args.eval_data or ()}
     calib = None
     if args.data:
         windows = hf.text_windows(tokenizer, args.data, args.seq_len)
         pick = torch.randperm(len(windows), generator=torch.Generator().manual_seed(args.seed))[:args.calib_windows]
         calib = windows[pick, :-1]
-    dense = {"perplexity_dense": hf.perplexity(net, held)} if held is not None else {}
+    dense = _perplexities(net, held, "perplexity_dense")
     started = time.perf_counter()
     network = _quantize(args, net, calib)
     seconds = time.perf_counter() - started
@@ -120,15 +131,28 @@ def run(args: argparse.Namespace) -> int:
                "exact_weights": sum(layer["exact"] for layer in acc["layers"]), **dense}
     del network, net, model
     gc.collect()
-    if held is not None:
-        summary["perplexity"] = hf.perplexity(hf.CausalLM(hf.load_transformers(path)), held)
+    if held:
+        summary.update(_perplexities(hf.CausalLM(hf.load_transformers(path)), held, "perplexity"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
     summary.update(peak_rss_bytes=peak, peak_bytes_per_param=peak / params, peak_over_fp32=peak / (4 * params))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     for key, value in summary.items():
-        print(f"{key:<24} {value:.4g}" if isinstance(value, float) else f"{key:<24} {value}")
+        if isinstance(value, dict):
+            print(key, *(f"  {k}: {v:.4g}" for k, v in value.items()), sep="\n")
+        else:
+            print(f"{key:<24} {value:.4g}" if isinstance(value, float) else f"{key:<24} {value}")
     print(f"wrote {path} (load it with sqs_pyro.hf.load_transformers('{path}'), or sqs-pyro export)")
     return 0
+
+
+def _perplexities(net: torch.nn.Module, held: dict[str, torch.Tensor], key: str) -> dict:
+    """``{key: perplexity over every held-out window}``, and ``{key}_by_file`` with several files."""
+    if not held:
+        return {}
+    out = {key: hf.perplexity(net, torch.cat(list(held.values())))}
+    if len(held) > 1:
+        out[f"{key}_by_file"] = {name: hf.perplexity(net, windows) for name, windows in held.items()}
+    return out
 
 
 def _embedding_k(args: argparse.Namespace) -> int:
@@ -143,7 +167,8 @@ def _quantize(args: argparse.Namespace, net: torch.nn.Module, calib: torch.Tenso
     tables = embedding_sites(net) if _embedding_k(args) else []
     count, fraction = (0, args.exact_outliers) if args.exact_outliers < 1 else (int(args.exact_outliers), 0.0)
     shrink = (1.0,) if args.absmax_scales else SHRINK_GRID
-    options = dict(act_order=not args.natural_order, shrink=shrink, exact_fraction=fraction, sparsity=args.sparsity)
+    options = dict(act_order=not args.natural_order, shrink=shrink, exact_fraction=fraction, sparsity=args.sparsity,
+                   weighted_codebook=args.weighted_codebook, rate_penalty=args.rate_penalty)
     layers = {}
     if calib is not None:
         for block, hessians in blockwise_hessians(net, sites, calib.split(8)):
@@ -161,5 +186,6 @@ def _quantize(args: argparse.Namespace, net: torch.nn.Module, calib: torch.Tenso
         layers[layer.name] = layer
     order = [s.name for s in tables] + [s.name for s in sites]
     config = oneshot_config(args.components, args.group_size, count, fraction, calib is not None,
-                            not args.natural_order, shrink, args.sparsity, embedding_components=_embedding_k(args))
+                            not args.natural_order, shrink, args.sparsity, embedding_components=_embedding_k(args),
+                            weighted_codebook=args.weighted_codebook, rate_penalty=args.rate_penalty)
     return oneshot_network(net, [layers[name] for name in order], config)

@@ -9,7 +9,9 @@ For a weight viewed as ``R`` rows of ``C`` values:
    consecutive weights of row ``r``), rounded to fp16;
 3. **codebook on the normalised values** ``u = w / sigma`` in ``[-1, 1]``: K levels by 1-D
    k-means (:func:`~sqs_pyro.guides.kmeans.kmeans_1d`: exact on up to ``max_points`` bins,
-   then Lloyd polishing), each weight coded by its nearest level.
+   then Lloyd polishing), each weight coded by its nearest level. With input second moments
+   the k-means may be sensitivity-weighted (SqueezeLLM): weight ``u_{rc}`` by
+   ``H_cc sigma_{r,g}^2``, its share of the layer's output error ``sum_c H_cc (w_rc - q_rc)^2``.
 
 With a target ``sparsity``, the fraction ``sparsity`` of the other weights with the smallest
 scores is pruned and the codebook is fit on the survivors only (with input second moments,
@@ -32,15 +34,17 @@ from sqs_pyro.compressed.error_feedback import SHRINK_GRID, feedback_quantize
 from sqs_pyro.compressed.materialize import (CompressedLayer, CompressedNetwork, code_dtype, tied_to_compressed,
                                              uncompressed_state)
 from sqs_pyro.guides.kmeans import kmeans_codebook
-from sqs_pyro.models.group_scales import normalise
+from sqs_pyro.models.group_scales import apply_group_scales, normalise
 from sqs_pyro.models.selection import CompressedSite
 
 
 @torch.no_grad()
 def quantize_layer(name: str, weight: torch.Tensor, components: int, group_size: int, exact: int = 0,
-                   scores: torch.Tensor | None = None, sparsity: float = 0.0) -> CompressedLayer:
+                   scores: torch.Tensor | None = None, sparsity: float = 0.0,
+                   input_energy: torch.Tensor | None = None) -> CompressedLayer:
     """The dense-and-sparse group-scaled layer of ``weight`` (see the module docstring);
-    ``group_size = 0`` gives one codebook over the raw weights (no scales)."""
+    ``group_size = 0`` gives one codebook over the raw weights (no scales). ``input_energy``
+    (``H_cc`` per column of a 2-D weight) weights the k-means by ``H_cc sigma^2``."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     w = weight.detach().float().cpu()
@@ -61,8 +65,12 @@ def quantize_layer(name: str, weight: torch.Tensor, components: int, group_size:
     layer = CompressedLayer(name, tuple(w.shape), mask.reshape(w.shape), torch.zeros(w.shape, dtype=code_dtype(components)),
                             torch.zeros(components), torch.zeros(components, dtype=torch.long), group_size,
                             scales, index, values)
+    weights = None
+    if input_energy is not None:
+        sigma = apply_group_scales(torch.ones_like(rest), scales, group_size) if group_size else torch.ones_like(rest)
+        weights = (sigma ** 2 * input_energy.float().cpu()[None, :]).reshape(-1)[mask]
     u = u.reshape(-1)[mask]
-    codebook = kmeans_codebook(u, components)
+    codebook = kmeans_codebook(u, components, weights)
     codes = torch.zeros(flat.numel(), dtype=code_dtype(components))
     codes[mask] = torch.bucketize(u, (codebook[1:] + codebook[:-1]) / 2).to(codes.dtype)  # nearest sorted level
     layer.codes, layer.codebook = codes.reshape(w.shape), codebook.to(weight.dtype)
@@ -74,20 +82,25 @@ def quantize_sites(net: nn.Module, sites: Sequence[CompressedSite], components: 
                    exact: int = 0, scores: dict[str, torch.Tensor] | None = None,
                    hessians: dict[str, torch.Tensor] | None = None, act_order: bool = True,
                    shrink: Sequence[float] = SHRINK_GRID, exact_fraction: float = 0.0,
-                   sparsity: float = 0.0) -> list[CompressedLayer]:
+                   sparsity: float = 0.0, weighted_codebook: bool = False,
+                   rate_penalty: float = 0.0) -> list[CompressedLayer]:
     """:func:`quantize_layer` for every selected weight of ``net``. Each matrix keeps ``exact +
     round(exact_fraction numel)`` exact weights. A weight with an input second moment in ``hessians``
     (:func:`~sqs_pyro.compressed.error_feedback.input_hessians`) is then re-coded by
     :func:`~sqs_pyro.compressed.error_feedback.feedback_quantize` (GPTQ error feedback, with its
-    ``act_order`` and scale ``shrink`` options; with ``sparsity``, SparseGPT's mask)."""
+    ``act_order``, scale ``shrink`` and ``rate_penalty`` options; with ``sparsity``, SparseGPT's
+    mask); with ``weighted_codebook`` its k-means is weighted by ``H_cc sigma^2``."""
     layers = []
     for s in sites:
         weight = net.get_parameter(s.name)
         budget = exact + round(exact_fraction * weight.numel())
-        layer = quantize_layer(s.name, weight, components, group_size, budget, (scores or {}).get(s.name), sparsity)
-        if hessians and s.name in hessians:
-            layer = feedback_quantize(layer, weight, hessians[s.name], act_order=act_order, shrink=shrink,
-                                      sparsity=sparsity)
+        hessian = (hessians or {}).get(s.name)
+        energy = hessian.diagonal() if weighted_codebook and hessian is not None else None
+        layer = quantize_layer(s.name, weight, components, group_size, budget, (scores or {}).get(s.name), sparsity,
+                               energy)
+        if hessian is not None:
+            layer = feedback_quantize(layer, weight, hessian, act_order=act_order, shrink=shrink,
+                                      sparsity=sparsity, rate_penalty=rate_penalty)
         layers.append(layer)
     return layers
 
