@@ -142,25 +142,6 @@ def test_sparse_feedback_lowers_the_output_error_of_a_pruned_layer():
     assert output_error(x, w, fed.weight()) < 0.8 * output_error(x, w, plain.weight())
 
 
-def test_rate_penalty_trades_code_entropy_for_error():
-    """Entropy-constrained codes: lambda = 0 is nearest-level coding; a larger lambda gives a lower
-    entropy of the level usage and a larger coding error, monotonically."""
-    from sqs_pyro.compressed.accounting import code_entropy
-
-    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(3))
-    plain = feedback_quantize(quantize_layer("w", w, 16, 32), w, torch.eye(128), damp=0.0, shrink=(1.0,))
-    entropies, errors = [], []
-    for penalty in (0.0, 0.002, 0.01, 0.05):
-        layer = feedback_quantize(quantize_layer("w", w, 16, 32), w, torch.eye(128), damp=0.0, shrink=(1.0,),
-                                  rate_penalty=penalty)
-        if penalty == 0.0:
-            assert torch.equal(layer.codes, plain.codes)
-        entropies.append(code_entropy(layer))
-        errors.append(float((layer.weight() - w).pow(2).sum()))
-    assert all(a > b for a, b in zip(entropies, entropies[1:])), entropies
-    assert all(a < b for a, b in zip(errors, errors[1:])), errors
-
-
 def test_sensitivity_weighted_codebook_follows_the_busy_inputs():
     """With the input energy on the first half of the columns only, the weighted codebook is the
     k-means of those columns' values alone (planted: they sit on 4 values), unlike the plain one."""

@@ -68,9 +68,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--weighted-codebook", action="store_true",
                    help="sensitivity-weighted k-means codebooks (SqueezeLLM): each normalised weight counts "
                         "H_cc sigma^2, its input's second moment times its group scale squared")
-    p.add_argument("--rate-penalty", type=float, default=0.0, metavar="LAMBDA",
-                   help="entropy-constrained codes: a weight takes argmin_k (u - mu_k)^2 + LAMBDA (-log2 p_k) "
-                        "(p_k: level usage), fewer bits in the entropy-coded file for a larger error (0)")
     p.add_argument("--eval-data", type=Path, nargs="+", metavar="FILE",
                    help="held-out text: perplexity over all files, and of each file when there are several")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window (128)")
@@ -92,11 +89,9 @@ def _check(args: argparse.Namespace) -> None:
         raise SQSInputError("--seq-len must be >= 2")
     if args.out.exists() and not args.out.is_dir():
         raise SQSInputError(f"--out {args.out} exists and is not a folder")
-    if args.rate_penalty < 0:
-        raise SQSInputError(f"--rate-penalty must be >= 0, got {args.rate_penalty}")
-    if (args.natural_order or args.absmax_scales or args.weighted_codebook or args.rate_penalty) and not args.data:
-        raise SQSInputError("--natural-order / --absmax-scales / --weighted-codebook / --rate-penalty change the "
-                            "error feedback: they need --data")
+    if (args.natural_order or args.absmax_scales or args.weighted_codebook) and not args.data:
+        raise SQSInputError("--natural-order / --absmax-scales / --weighted-codebook use the calibration data: "
+                            "they need --data")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -168,7 +163,7 @@ def _quantize(args: argparse.Namespace, net: torch.nn.Module, calib: torch.Tenso
     count, fraction = (0, args.exact_outliers) if args.exact_outliers < 1 else (int(args.exact_outliers), 0.0)
     shrink = (1.0,) if args.absmax_scales else SHRINK_GRID
     options = dict(act_order=not args.natural_order, shrink=shrink, exact_fraction=fraction, sparsity=args.sparsity,
-                   weighted_codebook=args.weighted_codebook, rate_penalty=args.rate_penalty)
+                   weighted_codebook=args.weighted_codebook)
     layers = {}
     if calib is not None:
         for block, hessians in blockwise_hessians(net, sites, calib.split(8)):
@@ -187,5 +182,5 @@ def _quantize(args: argparse.Namespace, net: torch.nn.Module, calib: torch.Tenso
     order = [s.name for s in tables] + [s.name for s in sites]
     config = oneshot_config(args.components, args.group_size, count, fraction, calib is not None,
                             not args.natural_order, shrink, args.sparsity, embedding_components=_embedding_k(args),
-                            weighted_codebook=args.weighted_codebook, rate_penalty=args.rate_penalty)
+                            weighted_codebook=args.weighted_codebook)
     return oneshot_network(net, [layers[name] for name in order], config)

@@ -21,12 +21,6 @@ With a target ``sparsity`` the same pass also prunes (Frantar & Alistarh, 2023, 
 at the start of each block of columns, the fraction ``sparsity`` of its (non-exact) weights with
 the smallest optimal-brain-surgeon saliency ``w^2 / U_{cc}^2`` (on the error-fed values) is
 coded as zero, and their errors are fed forward like the quantisation errors.
-
-With a ``rate_penalty`` ``lambda`` the codes are entropy-constrained: a normalised value ``u``
-takes the level ``argmin_k (u - mu_k)^2 + lambda (-log2 p_k)``, with ``p_k`` the levels' usage
-under nearest-level coding, so rarely used levels are used still less and the code stream,
-entropy-coded in the file, costs fewer bits (Chou, Lookabaugh and Gray's entropy-constrained
-quantiser, one assignment step).
 """
 from __future__ import annotations
 
@@ -103,12 +97,9 @@ def _inverse_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, t
     return torch.linalg.cholesky(inverse, upper=True).float(), dead
 
 
-def _nearest(values: torch.Tensor, levels: torch.Tensor, cost: torch.Tensor | None = None) -> torch.Tensor:
-    """Index of the nearest of the sorted ``levels`` for every value; with ``cost`` (per level), of
-    the level that minimises ``(v - mu_k)^2 + cost_k``."""
-    if cost is None:
-        return torch.bucketize(values.contiguous(), (levels[1:] + levels[:-1]) / 2)
-    return ((values[:, None] - levels[None, :]) ** 2 + cost[None, :]).argmin(1)
+def _nearest(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest of the sorted ``levels`` for every value."""
+    return torch.bucketize(values.contiguous(), (levels[1:] + levels[:-1]) / 2)
 
 
 def group_scales(values: torch.Tensor, excluded: torch.Tensor, levels: torch.Tensor,
@@ -135,7 +126,7 @@ def group_scales(values: torch.Tensor, excluded: torch.Tensor, levels: torch.Ten
 @torch.no_grad()
 def feedback_quantize(layer: CompressedLayer, weight: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01,
                       block: int = 128, act_order: bool = True, shrink: Sequence[float] = SHRINK_GRID,
-                      sparsity: float = 0.0, rate_penalty: float = 0.0) -> CompressedLayer:
+                      sparsity: float = 0.0) -> CompressedLayer:
     """Re-code ``layer`` (its codebook and exact positions kept) by GPTQ error feedback under the
     input second moment ``hessian`` (``C x C`` for a ``(R, C)`` weight); see the module docstring.
 
@@ -144,8 +135,7 @@ def feedback_quantize(layer: CompressedLayer, weight: torch.Tensor, hessian: tor
     the weights as given ("static groups"), else set from the error-fed values when a group starts.
     ``shrink``: candidate factors of a group's ``max |w|`` (:func:`group_scales`, ``H_cc`` as importance).
     Both defaults were chosen on validation text (SmolLM2, docs/results.md). ``sparsity``: the
-    fraction of each block's weights pruned on the way; ``rate_penalty``: entropy-constrained codes
-    (both: see the module docstring). Returns ``layer``
+    fraction of each block's weights pruned on the way (see the module docstring). Returns ``layer``
     with new codes, mask, group scales and exact values."""
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"feedback_quantize needs a (R, C) weight and a (C, C) hessian, got "
@@ -159,10 +149,6 @@ def feedback_quantize(layer: CompressedLayer, weight: torch.Tensor, hessian: tor
     energy = torch.diagonal(hessian).float()
     importance = energy[order]
     levels = layer.codebook.float()
-    cost = None
-    if rate_penalty > 0:
-        usage = torch.bincount(layer.codes[layer.mask].reshape(-1).long(), minlength=len(levels)).double() + 1.0
-        cost = (rate_penalty * -(usage / usage.sum()).log2()).float()
     exact_given = torch.zeros(rows * cols, dtype=torch.bool)
     if layer.num_exact:
         exact_given[layer.exact_index] = True
@@ -197,7 +183,7 @@ def feedback_quantize(layer: CompressedLayer, weight: torch.Tensor, hessian: tor
                 scales[:, c // g] = group_scales(part[:, j:j + g], exact[:, c:c + g], levels, importance[c:c + g], shrink)
                 scale = scales[:, c // g].float()
             column = part[:, j]
-            code = _nearest(column / scale, levels, cost)
+            code = _nearest(column / scale, levels)
             q = torch.where(exact[:, c], column.half().float(), scale * levels[code])
             q = q.masked_fill(pruned[:, c], 0.0)
             codes[:, c], coded[:, c] = code.to(codes.dtype), q

@@ -82,14 +82,13 @@ def quantize_sites(net: nn.Module, sites: Sequence[CompressedSite], components: 
                    exact: int = 0, scores: dict[str, torch.Tensor] | None = None,
                    hessians: dict[str, torch.Tensor] | None = None, act_order: bool = True,
                    shrink: Sequence[float] = SHRINK_GRID, exact_fraction: float = 0.0,
-                   sparsity: float = 0.0, weighted_codebook: bool = False,
-                   rate_penalty: float = 0.0) -> list[CompressedLayer]:
+                   sparsity: float = 0.0, weighted_codebook: bool = False) -> list[CompressedLayer]:
     """:func:`quantize_layer` for every selected weight of ``net``. Each matrix keeps ``exact +
     round(exact_fraction numel)`` exact weights. A weight with an input second moment in ``hessians``
     (:func:`~sqs_pyro.compressed.error_feedback.input_hessians`) is then re-coded by
     :func:`~sqs_pyro.compressed.error_feedback.feedback_quantize` (GPTQ error feedback, with its
-    ``act_order``, scale ``shrink`` and ``rate_penalty`` options; with ``sparsity``, SparseGPT's
-    mask); with ``weighted_codebook`` its k-means is weighted by ``H_cc sigma^2``."""
+    ``act_order`` and scale ``shrink`` options; with ``sparsity``, SparseGPT's mask); with
+    ``weighted_codebook`` its k-means is weighted by ``H_cc sigma^2``."""
     layers = []
     for s in sites:
         weight = net.get_parameter(s.name)
@@ -100,7 +99,7 @@ def quantize_sites(net: nn.Module, sites: Sequence[CompressedSite], components: 
                                energy)
         if hessian is not None:
             layer = feedback_quantize(layer, weight, hessian, act_order=act_order, shrink=shrink,
-                                      sparsity=sparsity, rate_penalty=rate_penalty)
+                                      sparsity=sparsity)
         layers.append(layer)
     return layers
 
