@@ -24,8 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def totals(header: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """File bytes, fp32 bytes of every floating-point value, and the compressed layers' bytes and bound."""
-    other = sum(math.prod(t["shape"]) for t in header["tensors"] if t["dtype"] in FLOAT_DTYPES)
+    """File bytes, fp32 bytes of every floating-point value (a tied tensor once), and the compressed
+    layers' bytes and bound."""
+    other = sum(math.prod(t["shape"]) for t in header["tensors"] if t["dtype"] in FLOAT_DTYPES and "same_as" not in t)
     return {
         "file_bytes": header["file_bytes"], "header_bytes": header["file_bytes"] - header["payload_bytes"],
         "bytes_fp32": 4 * (sum(r["numel"] for r in rows) + other),
