@@ -190,3 +190,24 @@ def test_blockwise_moments_equal_the_full_forward_pass():
     late = dict(next(h for b, h in blockwise_hessians(net, sites, batches) if "layers.2." in b[0].name))
     name = "lm.model.layers.2.self_attn.q_proj.weight"
     assert not torch.allclose(late[name], full[name], rtol=1e-3)
+
+
+def test_tied_head_moments_and_head_feedback(tied_folder, folder, tmp_path):
+    """The tied table's moments are those of the head's input (the final normed hidden states);
+    with --head-feedback the table is coded under them, unlike by nearest level."""
+    from sqs_pyro.hf import CausalLM
+    from sqs_pyro.hf.oneshot import embedding_sites, tied_head_hessian
+
+    net = CausalLM(tiny_llama(tied=True)).eval()
+    batches = torch.randint(0, 40, (8, 9), generator=torch.Generator().manual_seed(1)).split(4)
+    table, = embedding_sites(net)
+    hidden = torch.cat([net.lm.model(input_ids=x).last_hidden_state.reshape(-1, 16) for x in batches]).detach()
+    torch.testing.assert_close(tied_head_hessian(net, table, batches), hidden.T @ hidden / len(hidden),
+                               rtol=1e-5, atol=1e-6)
+    common = ["quantize", "--hf", str(tied_folder), "-K", "4", "--group-size", "8", "--data", str(folder / "train.txt"),
+              "--calib-windows", "16", "--seq-len", "8"]
+    assert main([*common, "--out", str(tmp_path / "near")]) == 0
+    assert main([*common, "--head-feedback", "--out", str(tmp_path / "fed")]) == 0
+    near, fed = (load_compressed(tmp_path / d / "model.sqs") for d in ("near", "fed"))
+    assert not torch.equal(near.layers[0].weight(), fed.layers[0].weight())
+    assert all(torch.equal(a.weight(), b.weight()) for a, b in zip(near.layers[1:], fed.layers[1:]))

@@ -29,7 +29,7 @@ from sqs_pyro.compressed.oneshot import oneshot_config, oneshot_network, quantiz
 from sqs_pyro.errors import SQSInputError
 from sqs_pyro.format import save_compressed
 from sqs_pyro.format.container import FLOAT_DTYPES
-from sqs_pyro.hf.oneshot import blockwise_hessians, embedding_sites
+from sqs_pyro.hf.oneshot import blockwise_hessians, embedding_sites, tied_head_hessian
 from sqs_pyro.models import select_layers, transformer_include
 
 
@@ -48,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="codebook levels of the token-embedding table (and of an untied LM head); default -K; "
                         "0 keeps them as they are (stored in --tensor-dtype), as a file that starts "
                         "`compress --start` needs")
+    p.add_argument("--head-feedback", action="store_true",
+                   help="code a token table that is also the LM head (tied) with error feedback under the head's "
+                        "input moments (default: nearest level); needs --data")
     p.add_argument("--tensor-dtype", choices=FLOAT_DTYPES, default="float16",
                    help="dtype the other floating-point tensors (norms, biases) are stored in (float16)")
     p.add_argument("--group-size", type=non_negative_int, default=64,
@@ -89,9 +92,9 @@ def _check(args: argparse.Namespace) -> None:
         raise SQSInputError("--seq-len must be >= 2")
     if args.out.exists() and not args.out.is_dir():
         raise SQSInputError(f"--out {args.out} exists and is not a folder")
-    if (args.natural_order or args.absmax_scales or args.weighted_codebook) and not args.data:
-        raise SQSInputError("--natural-order / --absmax-scales / --weighted-codebook use the calibration data: "
-                            "they need --data")
+    if (args.natural_order or args.absmax_scales or args.weighted_codebook or args.head_feedback) and not args.data:
+        raise SQSInputError("--natural-order / --absmax-scales / --weighted-codebook / --head-feedback use the "
+                            "calibration data: they need --data")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -157,7 +160,8 @@ def _embedding_k(args: argparse.Namespace) -> int:
 def _quantize(args: argparse.Namespace, net: torch.nn.Module, calib: torch.Tensor | None):
     """The one-shot network: the matrices of each decoder block coded under that block's input moments
     (gathered one block at a time), then the embedding tables (never pruned) by nearest level, with
-    searched scales when calibrated."""
+    searched scales when calibrated, or (``--head-feedback``) a table tied to the LM head with error
+    feedback under the head's input moments."""
     sites = select_layers(net, include=transformer_include(net.lm.config.model_type))
     tables = embedding_sites(net) if _embedding_k(args) else []
     count, fraction = (0, args.exact_outliers) if args.exact_outliers < 1 else (int(args.exact_outliers), 0.0)
@@ -174,13 +178,17 @@ def _quantize(args: argparse.Namespace, net: torch.nn.Module, calib: torch.Tenso
     rest = [s for s in sites if s.name not in layers]
     for layer in quantize_sites(net, rest, args.components, args.group_size, count, **options):
         layers[layer.name] = layer
-    for s in tables:  # identity moments: nearest level, with the scale search when calibrated
-        identity = {s.name: torch.eye(s.shape[1])} if calib is not None else None
-        layer, = quantize_sites(net, [s], _embedding_k(args), args.group_size, count, None, identity,
-                                **{**options, "sparsity": 0.0})
+    for s in tables:  # nearest level (identity moments), or the tied head's moments; the scale search when calibrated
+        moments = None
+        if args.head_feedback:
+            moments = tied_head_hessian(net, s, calib.split(8))
+        if calib is not None and moments is None:
+            moments = torch.eye(s.shape[1])
+        layer, = quantize_sites(net, [s], _embedding_k(args), args.group_size, count, None,
+                                None if moments is None else {s.name: moments}, **{**options, "sparsity": 0.0})
         layers[layer.name] = layer
     order = [s.name for s in tables] + [s.name for s in sites]
     config = oneshot_config(args.components, args.group_size, count, fraction, calib is not None,
                             not args.natural_order, shrink, args.sparsity, embedding_components=_embedding_k(args),
-                            weighted_codebook=args.weighted_codebook)
+                            weighted_codebook=args.weighted_codebook, head_feedback=args.head_feedback)
     return oneshot_network(net, [layers[name] for name in order], config)

@@ -83,3 +83,19 @@ def embedding_sites(net: nn.Module) -> list[CompressedSite]:
         tables.append((output.weight, "linear"))
     names = {id(p): n for n, p in net.named_parameters()}  # the first name of a tied tensor
     return [CompressedSite(name=names[id(w)], shape=tuple(w.shape), layer_type=kind) for w, kind in tables]
+
+
+@torch.no_grad()
+def tied_head_hessian(net: nn.Module, table: CompressedSite, batches: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The input second moment of the Linear module whose weight is ``table`` (an LM head, tied to
+    the token table or itself the site: the final hidden states' ``X^T X / n`` over ``batches``,
+    each passed as ``net(x)``), or ``None`` when no Linear module of ``net`` holds it."""
+    weight = net.get_parameter(table.name)
+    heads = [path for path, m in net.named_modules() if isinstance(m, nn.Linear) and m.weight is weight]
+    if not heads:
+        return None
+    head = CompressedSite(name=f"{heads[0]}.weight", shape=table.shape, layer_type="linear")
+    with recorded_hessians(net, [head]) as hessians:
+        for x in batches:
+            net(x)
+    return hessians[head.name]
