@@ -47,27 +47,40 @@ def _segment_dp(counts: np.ndarray, sums: np.ndarray, sqsums: np.ndarray, k: int
 def kmeans_1d(values: np.ndarray, k: int, max_points: int = 512, lloyd_iters: int = 5,
               weights: np.ndarray | None = None) -> np.ndarray:
     """Sorted k-means centres of ``values`` (1-D), optionally ``weights``-weighted (non-negative,
-    with a positive sum); ``k`` is capped at the number of distinct values."""
-    x = np.asarray(values, dtype=np.float64).ravel()
-    h = np.ones_like(x) if weights is None else np.asarray(weights, dtype=np.float64).ravel()
+    with a positive sum); ``k`` is capped at the number of distinct values. The values keep their
+    floating dtype (no float64 copy of a large float32 input); sums are taken in float64 per bin."""
+    x = np.asarray(values).ravel()
+    if x.dtype.kind != "f":
+        x = x.astype(np.float64)
+    h = None if weights is None else np.asarray(weights, dtype=np.float64).ravel()
     if x.size == 0:
         raise ValueError("kmeans_1d needs at least one value")
-    if h.shape != x.shape or np.any(h < 0) or not h.sum() > 0:
+    if h is not None and (h.shape != x.shape or np.any(h < 0) or not h.sum() > 0):
         raise ValueError("kmeans_1d: weights must be non-negative, one per value, with a positive sum")
     if np.any(x[1:] < x[:-1]):
-        order = np.argsort(x, kind="stable")
-        x, h = x[order], h[order]
+        if h is None:
+            x = np.sort(x)
+        else:
+            order = np.argsort(x, kind="stable")
+            x, h = x[order], h[order]
     if np.count_nonzero(np.diff(x)) + 1 <= k:
-        return np.unique(x)
+        return np.unique(x).astype(np.float64)
     edges = np.linspace(0, x.size, min(x.size, max_points) + 1).astype(np.int64)
-    cut_sums = lambda v: np.diff(np.concatenate([[0.0], np.cumsum(v)])[edges])  # noqa: E731
-    counts, sums, sqsums = cut_sums(h), cut_sums(h * x), cut_sums(h * x * x)
+    counts, sums, sqsums = (np.array(v) for v in zip(*(_moments(x, h, a, b) for a, b in zip(edges[:-1], edges[1:]))))
     centres = np.sort(_segment_dp(counts, sums, sqsums, k))
     for _ in range(lloyd_iters):
-        cut = np.searchsorted(x, (centres[1:] + centres[:-1]) / 2)
-        centres = np.array([(px * ph).sum() / ph.sum() if ph.sum() > 0 else c
-                            for px, ph, c in zip(np.split(x, cut), np.split(h, cut), centres)])
+        cut = np.concatenate([[0], np.searchsorted(x, (centres[1:] + centres[:-1]) / 2), [x.size]])
+        parts = [_moments(x, h, a, b) for a, b in zip(cut[:-1], cut[1:])]
+        centres = np.array([s / n if n > 0 else c for (n, s, _), c in zip(parts, centres)])
     return np.sort(centres)
+
+
+def _moments(x: np.ndarray, h: np.ndarray | None, start: int, stop: int) -> tuple[float, float, float]:
+    """``(sum h, sum h x, sum h x^2)`` over ``x[start:stop]`` in float64 (``h = 1`` if None)."""
+    seg = x[start:stop].astype(np.float64)
+    w = np.ones_like(seg) if h is None else h[start:stop]
+    hx = w * seg
+    return float(w.sum()), float(hx.sum()), float(hx @ seg)
 
 
 def gmm_from_centres(values: np.ndarray, centres: np.ndarray, keep_extremes: bool = True):
@@ -100,6 +113,7 @@ def kmeans_codebook(values: torch.Tensor, components: int, weights: torch.Tensor
     if values.numel() == 0:
         return values.new_zeros(components)
     h = None if weights is None else weights.detach().cpu().double().numpy()
-    centres = torch.as_tensor(kmeans_1d(values.detach().cpu().double().numpy(), components, weights=h),
-                              dtype=values.dtype, device=values.device)
+    x = values.detach().cpu()
+    x = x.numpy() if x.dtype in (torch.float32, torch.float64) else x.double().numpy()
+    centres = torch.as_tensor(kmeans_1d(x, components, weights=h), dtype=values.dtype, device=values.device)
     return torch.cat([centres, centres[-1:].expand(components - centres.numel())])

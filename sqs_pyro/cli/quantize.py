@@ -158,10 +158,10 @@ def _embedding_k(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace, net: torch.nn.Module, calib: torch.Tensor | None):
-    """The one-shot network: the matrices of each decoder block coded under that block's input moments
-    (gathered one block at a time), then the embedding tables (never pruned) by nearest level, with
-    searched scales when calibrated, or (``--head-feedback``) a table tied to the LM head with error
-    feedback under the head's input moments."""
+    """The one-shot network: the embedding tables (never pruned) by nearest level, with searched scales
+    when calibrated, or (``--head-feedback``) a table tied to the LM head with error feedback under the
+    head's input moments; then the matrices of each decoder block under that block's input moments
+    (gathered one block at a time)."""
     sites = select_layers(net, include=transformer_include(net.lm.config.model_type))
     tables = embedding_sites(net) if _embedding_k(args) else []
     count, fraction = (0, args.exact_outliers) if args.exact_outliers < 1 else (int(args.exact_outliers), 0.0)
@@ -169,6 +169,15 @@ def _quantize(args: argparse.Namespace, net: torch.nn.Module, calib: torch.Tenso
     options = dict(act_order=not args.natural_order, shrink=shrink, exact_fraction=fraction, sparsity=args.sparsity,
                    weighted_codebook=args.weighted_codebook)
     layers = {}
+    for s in tables:  # first, while little else is held: a table's temporaries are the quantiser's peak
+        moments = None
+        if args.head_feedback:
+            moments = tied_head_hessian(net, s, calib.split(8))
+        if calib is not None and moments is None:
+            moments = torch.eye(s.shape[1])  # nearest level, with the scale search
+        layer, = quantize_sites(net, [s], _embedding_k(args), args.group_size, count, None,
+                                None if moments is None else {s.name: moments}, **{**options, "sparsity": 0.0})
+        layers[layer.name] = layer
     if calib is not None:
         for block, hessians in blockwise_hessians(net, sites, calib.split(8)):
             scores = hessian_scores(net, block, hessians)
@@ -177,15 +186,6 @@ def _quantize(args: argparse.Namespace, net: torch.nn.Module, calib: torch.Tenso
             del hessians, scores
     rest = [s for s in sites if s.name not in layers]
     for layer in quantize_sites(net, rest, args.components, args.group_size, count, **options):
-        layers[layer.name] = layer
-    for s in tables:  # nearest level (identity moments), or the tied head's moments; the scale search when calibrated
-        moments = None
-        if args.head_feedback:
-            moments = tied_head_hessian(net, s, calib.split(8))
-        if calib is not None and moments is None:
-            moments = torch.eye(s.shape[1])
-        layer, = quantize_sites(net, [s], _embedding_k(args), args.group_size, count, None,
-                                None if moments is None else {s.name: moments}, **{**options, "sparsity": 0.0})
         layers[layer.name] = layer
     order = [s.name for s in tables] + [s.name for s in sites]
     config = oneshot_config(args.components, args.group_size, count, fraction, calib is not None,

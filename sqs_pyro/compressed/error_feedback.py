@@ -144,7 +144,7 @@ def feedback_quantize(layer: CompressedLayer, weight: torch.Tensor, hessian: tor
     g = layer.group_size or 0
     order = torch.argsort(torch.diagonal(hessian), descending=True, stable=True) if act_order else torch.arange(cols)
     factor, dead = _inverse_factor(hessian[order][:, order], damp)
-    w = weight.detach().float().cpu()[:, order].clone()
+    w = weight.detach().float().cpu()[:, order]  # a copy (advanced indexing)
     w[:, dead] = 0.0
     energy = torch.diagonal(hessian).float()
     importance = energy[order]
