@@ -33,7 +33,8 @@ def test_quantize_with_calibration_writes_a_loadable_file_with_its_perplexity(fo
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     # 14 matrices, the token table and the untied head
-    assert summary["error_feedback"] and summary["exact_weights"] == 16 * 2 and summary["bits"] == 2
+    assert summary["error_feedback"] and summary["exact_weights"] == 16 * 2
+    assert summary["embedding_components"] == 8 and summary["bits"] == 3  # the tables get twice -K levels
     assert summary["calib_windows"] == 16
     network = load_compressed(out / "model.sqs")
     assert [layer.name for layer in network.layers[:2]] == ["lm.model.embed_tokens.weight", "lm.lm_head.weight"]

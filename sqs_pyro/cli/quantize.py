@@ -45,9 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder: model.sqs and summary.json")
     p.add_argument("--components", "-K", type=positive_int, default=16, help="codebook levels per matrix (16)")
     p.add_argument("--embedding-components", type=non_negative_int, metavar="K",
-                   help="codebook levels of the token-embedding table (and of an untied LM head); default -K; "
-                        "0 keeps them as they are (stored in --tensor-dtype), as a file that starts "
-                        "`compress --start` needs")
+                   help="codebook levels of the token-embedding table (and of an untied LM head); default 2 x -K "
+                        "(one bit more: the table is the most sensitive tensor); 0 keeps them as they are (stored "
+                        "in --tensor-dtype), as a file that starts `compress --start` needs")
     p.add_argument("--head-feedback", action="store_true",
                    help="code a token table that is also the LM head (tied) with error feedback under the head's "
                         "input moments (default: nearest level); needs --data")
@@ -154,7 +154,7 @@ def _perplexities(net: torch.nn.Module, held: dict[str, torch.Tensor], key: str)
 
 
 def _embedding_k(args: argparse.Namespace) -> int:
-    return args.components if args.embedding_components is None else args.embedding_components
+    return 2 * args.components if args.embedding_components is None else args.embedding_components
 
 
 def _quantize(args: argparse.Namespace, net: torch.nn.Module, calib: torch.Tensor | None):
