@@ -34,7 +34,7 @@ from sqs_pyro.compressed.error_feedback import SHRINK_GRID, feedback_quantize
 from sqs_pyro.compressed.materialize import (CompressedLayer, CompressedNetwork, code_dtype, tied_to_compressed,
                                              uncompressed_state)
 from sqs_pyro.guides.kmeans import kmeans_codebook
-from sqs_pyro.models.group_scales import apply_group_scales, normalise
+from sqs_pyro.models.group_scales import apply_group_scales, group_absmax, normalise
 from sqs_pyro.models.selection import CompressedSite
 
 
@@ -52,29 +52,43 @@ def quantize_layer(name: str, weight: torch.Tensor, components: int, group_size:
     exact = min(exact, flat.numel() - 1)
     index = values = None
     mask = torch.ones(flat.numel(), dtype=torch.bool)
-    s = (flat.abs() if scores is None else scores.detach().float().cpu().reshape(-1))
+    s = None
+    if exact > 0 or sparsity > 0:
+        s = flat.abs() if scores is None else scores.detach().float().cpu().reshape(-1)
     if exact > 0:
         index = torch.sort(torch.topk(s, exact).indices).values
         values = flat[index].to(torch.float16)
         mask[index] = False
-    rest = torch.where(mask, flat, torch.zeros(())).reshape(w.shape)
-    u, scales = normalise(rest, group_size) if group_size else (rest, None)
+    u = flat.masked_fill(~mask, 0.0).reshape(w.shape)
+    scales = group_absmax(u, group_size) if group_size else None
+    if group_size:
+        u = _over_scales(u, scales, group_size)
     prune = round(sparsity * int(mask.sum()))
     if prune:  # the smallest scores among the coded weights
         mask[torch.argsort(s.masked_fill(~mask, float("inf")), stable=True)[:prune]] = False
-    layer = CompressedLayer(name, tuple(w.shape), mask.reshape(w.shape), torch.zeros(w.shape, dtype=code_dtype(components)),
+    del s
+    layer = CompressedLayer(name, tuple(w.shape), mask.reshape(w.shape), torch.zeros(0, dtype=code_dtype(components)),
                             torch.zeros(components), torch.zeros(components, dtype=torch.long), group_size,
                             scales, index, values)
     weights = None
     if input_energy is not None:
-        sigma = apply_group_scales(torch.ones_like(rest), scales, group_size) if group_size else torch.ones_like(rest)
+        sigma = apply_group_scales(torch.ones(w.shape), scales, group_size) if group_size else torch.ones(w.shape)
         weights = (sigma ** 2 * input_energy.float().cpu()[None, :]).reshape(-1)[mask]
-    u = u.reshape(-1)[mask]
+    u = u.reshape(-1) if bool(mask.all()) else u.reshape(-1)[mask]
     codebook = kmeans_codebook(u, components, weights)
     codes = torch.zeros(flat.numel(), dtype=code_dtype(components))
     codes[mask] = torch.bucketize(u, (codebook[1:] + codebook[:-1]) / 2).to(codes.dtype)  # nearest sorted level
     layer.codes, layer.codebook = codes.reshape(w.shape), codebook.to(weight.dtype)
     return layer
+
+
+def _over_scales(values: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``u = w / sigma`` (:func:`~sqs_pyro.models.group_scales.normalise`'s values), group by group
+    without a full tensor of scales when the groups tile the rows."""
+    rows = values.shape[0]
+    if (values.numel() // rows) % group_size:
+        return normalise(values, group_size, scales)[0]
+    return (values.reshape(rows, -1, group_size) / scales.float()[..., None]).reshape(values.shape)
 
 
 @torch.no_grad()
