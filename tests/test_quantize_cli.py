@@ -195,7 +195,7 @@ def test_blockwise_moments_equal_the_full_forward_pass():
 
 def test_tied_head_moments_and_head_feedback(tied_folder, folder, tmp_path):
     """The tied table's moments are those of the head's input (the final normed hidden states);
-    with --head-feedback the table is coded under them, unlike by nearest level."""
+    with --head-feedback (the default with --data) the table is coded under them, unlike by nearest level."""
     from sqs_pyro.hf import CausalLM
     from sqs_pyro.hf.oneshot import embedding_sites, tied_head_hessian
 
@@ -207,8 +207,8 @@ def test_tied_head_moments_and_head_feedback(tied_folder, folder, tmp_path):
                                rtol=1e-5, atol=1e-6)
     common = ["quantize", "--hf", str(tied_folder), "-K", "4", "--group-size", "8", "--data", str(folder / "train.txt"),
               "--calib-windows", "16", "--seq-len", "8"]
-    assert main([*common, "--out", str(tmp_path / "near")]) == 0
-    assert main([*common, "--head-feedback", "--out", str(tmp_path / "fed")]) == 0
+    assert main([*common, "--no-head-feedback", "--out", str(tmp_path / "near")]) == 0
+    assert main([*common, "--out", str(tmp_path / "fed")]) == 0  # the default with --data
     near, fed = (load_compressed(tmp_path / d / "model.sqs") for d in ("near", "fed"))
     assert not torch.equal(near.layers[0].weight(), fed.layers[0].weight())
     assert all(torch.equal(a.weight(), b.weight()) for a, b in zip(near.layers[1:], fed.layers[1:]))

@@ -5,7 +5,8 @@ codebook quantisation of a causal LM's attention and MLP matrices and of its tok
 With ``--data`` calibration text, every matrix is coded with GPTQ error feedback under its input
 second moments (:mod:`sqs_pyro.compressed.error_feedback`; activation order, searched group
 scales), gathered one decoder block at a time (:mod:`sqs_pyro.hf.oneshot`), and the exact weights
-are the largest ``|w| ||x||``; the embedding table is coded by nearest level with searched scales.
+are the largest ``|w| ||x||``; the token table, tied to the LM head, is coded with error feedback
+under the head's input moments (``--no-head-feedback``: nearest level with searched scales).
 Without it, nearest-level coding and the largest ``|w|``. ``--eval-data`` gives the held-out
 perplexity of the dense and of the quantised model (from the written file). The summary reports
 the process's peak resident memory, also per parameter and against the fp32 model's bytes.
@@ -48,9 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="codebook levels of the token-embedding table (and of an untied LM head); default 2 x -K "
                         "(one bit more: the table is the most sensitive tensor); 0 keeps them as they are (stored "
                         "in --tensor-dtype), as a file that starts `compress --start` needs")
-    p.add_argument("--head-feedback", action="store_true",
-                   help="code a token table that is also the LM head (tied) with error feedback under the head's "
-                        "input moments (default: nearest level); needs --data")
+    p.add_argument("--head-feedback", action=argparse.BooleanOptionalAction,
+                   help="code a token table that is also the LM head (tied), or an untied head, with error feedback "
+                        "under the head's input moments (default: on with --data; --no-head-feedback: nearest level)")
     p.add_argument("--tensor-dtype", choices=FLOAT_DTYPES, default="float16",
                    help="dtype the other floating-point tensors (norms, biases) are stored in (float16)")
     p.add_argument("--group-size", type=non_negative_int, default=64,
@@ -92,6 +93,8 @@ def _check(args: argparse.Namespace) -> None:
         raise SQSInputError("--seq-len must be >= 2")
     if args.out.exists() and not args.out.is_dir():
         raise SQSInputError(f"--out {args.out} exists and is not a folder")
+    if args.head_feedback is None:
+        args.head_feedback = bool(args.data)
     if (args.natural_order or args.absmax_scales or args.weighted_codebook or args.head_feedback) and not args.data:
         raise SQSInputError("--natural-order / --absmax-scales / --weighted-codebook / --head-feedback use the "
                             "calibration data: they need --data")
