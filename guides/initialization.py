@@ -55,7 +55,7 @@ class StartCoding(NamedTuple):
     def latents(self, values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         """The start of the latent weights: each kept one on its coded level of ``levels``, each
         pruned one at its own (normalised) value in ``values``."""
-        coded = levels[self.codes.to(values.device)]
+        coded = levels[self.codes.to(values.device).long()]  # uint8 codes would index as a mask
         return coded if self.mask is None else torch.where(self.mask.to(values.device), coded, values)
 
     def gate_scores(self, scores: torch.Tensor) -> torch.Tensor:

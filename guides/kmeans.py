@@ -4,7 +4,9 @@ Sorted 1-D data makes k-means a segmentation problem solved exactly by dynamic
 programming: ``D[k, j] = min_i D[k-1, i] + SSE(i, j)`` with segment costs from prefix
 sums. Large inputs are first summarised by ``max_points`` equal-count bins (count, sum and
 sum of squares per bin), the DP runs exactly on the bins, and a few Lloyd iterations on the
-full data polish the centres. No randomness is involved.
+full data polish the centres. No randomness is involved. With weights ``h_i >= 0`` the
+objective is ``sum_i h_i (x_i - c_{a(i)})^2`` (weighted bins and weighted means; SqueezeLLM's
+sensitivity-weighted codebooks take ``h`` from the loss's curvature).
 """
 from __future__ import annotations
 
@@ -42,29 +44,43 @@ def _segment_dp(counts: np.ndarray, sums: np.ndarray, sqsums: np.ndarray, k: int
                      ((s[b] - s[a], c[b] - c[a]) for a, b in zip(bounds[:-1], bounds[1:]))])
 
 
-def kmeans_1d(values: np.ndarray, k: int, max_points: int = 512, lloyd_iters: int = 5) -> np.ndarray:
-    """Sorted k-means centres of ``values`` (1-D); ``k`` is capped at the number of distinct values."""
-    x = np.asarray(values, dtype=np.float64).ravel()
+def kmeans_1d(values: np.ndarray, k: int, max_points: int = 512, lloyd_iters: int = 5,
+              weights: np.ndarray | None = None) -> np.ndarray:
+    """Sorted k-means centres of ``values`` (1-D), optionally ``weights``-weighted (non-negative,
+    with a positive sum); ``k`` is capped at the number of distinct values. The values keep their
+    floating dtype (no float64 copy of a large float32 input); sums are taken in float64 per bin."""
+    x = np.asarray(values).ravel()
+    if x.dtype.kind != "f":
+        x = x.astype(np.float64)
+    h = None if weights is None else np.asarray(weights, dtype=np.float64).ravel()
     if x.size == 0:
         raise ValueError("kmeans_1d needs at least one value")
+    if h is not None and (h.shape != x.shape or np.any(h < 0) or not h.sum() > 0):
+        raise ValueError("kmeans_1d: weights must be non-negative, one per value, with a positive sum")
     if np.any(x[1:] < x[:-1]):
-        x = np.sort(x)
+        if h is None:
+            x = np.sort(x)
+        else:
+            order = np.argsort(x, kind="stable")
+            x, h = x[order], h[order]
     if np.count_nonzero(np.diff(x)) + 1 <= k:
-        return np.unique(x)
-    if x.size <= max_points:
-        counts, sums, sqsums = np.ones_like(x), x, x * x
-    else:
-        edges = np.linspace(0, x.size, max_points + 1).astype(np.int64)
-        counts = np.diff(edges).astype(np.float64)
-        cs = np.concatenate([[0.0], np.cumsum(x)])
-        cq = np.concatenate([[0.0], np.cumsum(x * x)])
-        sums, sqsums = cs[edges[1:]] - cs[edges[:-1]], cq[edges[1:]] - cq[edges[:-1]]
+        return np.unique(x).astype(np.float64)
+    edges = np.linspace(0, x.size, min(x.size, max_points) + 1).astype(np.int64)
+    counts, sums, sqsums = (np.array(v) for v in zip(*(_moments(x, h, a, b) for a, b in zip(edges[:-1], edges[1:]))))
     centres = np.sort(_segment_dp(counts, sums, sqsums, k))
     for _ in range(lloyd_iters):
-        cut = np.searchsorted(x, (centres[1:] + centres[:-1]) / 2)
-        parts = np.split(x, cut)
-        centres = np.array([p.mean() if p.size else c for p, c in zip(parts, centres)])
+        cut = np.concatenate([[0], np.searchsorted(x, (centres[1:] + centres[:-1]) / 2), [x.size]])
+        parts = [_moments(x, h, a, b) for a, b in zip(cut[:-1], cut[1:])]
+        centres = np.array([s / n if n > 0 else c for (n, s, _), c in zip(parts, centres)])
     return np.sort(centres)
+
+
+def _moments(x: np.ndarray, h: np.ndarray | None, start: int, stop: int) -> tuple[float, float, float]:
+    """``(sum h, sum h x, sum h x^2)`` over ``x[start:stop]`` in float64 (``h = 1`` if None)."""
+    seg = x[start:stop].astype(np.float64)
+    w = np.ones_like(seg) if h is None else h[start:stop]
+    hx = w * seg
+    return float(w.sum()), float(hx.sum()), float(hx @ seg)
 
 
 def gmm_from_centres(values: np.ndarray, centres: np.ndarray):
@@ -87,11 +103,14 @@ def gmm_from_centres(values: np.ndarray, centres: np.ndarray):
     return locs, weights, scales
 
 
-def kmeans_codebook(values: torch.Tensor, components: int) -> torch.Tensor:
-    """Exact 1-D k-means centres of ``values``, sorted; with fewer distinct values than
-    ``components`` the largest centre is repeated (unused levels), and all zeros if empty."""
+def kmeans_codebook(values: torch.Tensor, components: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact 1-D k-means centres of ``values`` (``weights``-weighted if given), sorted; with fewer
+    distinct values than ``components`` the largest centre is repeated (unused levels), and all
+    zeros if empty."""
     if values.numel() == 0:
         return values.new_zeros(components)
-    centres = torch.as_tensor(kmeans_1d(values.detach().cpu().double().numpy(), components),
-                              dtype=values.dtype, device=values.device)
+    h = None if weights is None else weights.detach().cpu().double().numpy()
+    x = values.detach().cpu()
+    x = x.numpy() if x.dtype in (torch.float32, torch.float64) else x.double().numpy()
+    centres = torch.as_tensor(kmeans_1d(x, components, weights=h), dtype=values.dtype, device=values.device)
     return torch.cat([centres, centres[-1:].expand(components - centres.numel())])

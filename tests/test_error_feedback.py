@@ -140,3 +140,15 @@ def test_sparse_feedback_lowers_the_output_error_of_a_pruned_layer():
     fed = feedback_quantize(quantize_layer("w", w, 16, 16, scores=scores, sparsity=0.5), w, h, sparsity=0.5)
     assert 1 - fed.nnz / fed.numel == 0.5 and 1 - plain.nnz / plain.numel == 0.5
     assert output_error(x, w, fed.weight()) < 0.8 * output_error(x, w, plain.weight())
+
+
+def test_sensitivity_weighted_codebook_follows_the_busy_inputs():
+    """With the input energy on the first half of the columns only, the weighted codebook is the
+    k-means of those columns' values alone (planted: they sit on 4 values), unlike the plain one."""
+    g = torch.Generator().manual_seed(4)
+    busy = torch.tensor([-0.9, -0.3, 0.4, 0.8])[torch.randint(0, 4, (32, 16), generator=g)]
+    w = torch.cat([busy, torch.rand(32, 16, generator=g) * 2 - 1], dim=1)
+    energy = torch.cat([torch.ones(16), torch.zeros(16)])
+    weighted = quantize_layer("w", w, 4, 0, input_energy=energy)
+    torch.testing.assert_close(weighted.codebook, torch.tensor([-0.9, -0.3, 0.4, 0.8]))
+    assert not torch.allclose(quantize_layer("w", w, 4, 0).codebook, weighted.codebook, atol=1e-2)

@@ -371,26 +371,18 @@ def mutant(rng, data: bytes, header: dict, kind: str, part: str | None = None) -
     return mutated[:16] + data[16:48] + mutated[48:] if kind == "stale_edit" else mutated
 
 
-def test_fuzz_every_mutation_loads_exactly_or_raises(tmp_path):
-    """600 seeded mutations of a valid file: truncations, byte flips, header edits with a stale
-    checksum and header edits re-signed with a valid checksum (hostile writer)."""
-    net = mlp()
-    network = planted(net, 0.3, 8)
-    network.layers[1].mask[:] = False  # an empty layer, and a dense one below: varied codings
-    network.layers[1].codes[:] = 0
-    network.layers[2].mask[:] = True
-    path = tmp_path / "valid.sqs"
-    save_compressed(network, path, model=net)
+def fuzz(path, skeleton, expected: dict, rounds: int, seed: int) -> dict:
+    """``rounds`` seeded mutations of the valid file at ``path`` (truncations, byte flips, header edits
+    with a stale checksum, header edits re-signed with a valid one: a hostile writer), each loaded
+    into ``skeleton`` (first filled with NaN): it must load exactly ``expected`` or raise."""
     data = path.read_bytes()
     header = header_of(data)
-    expected = network.state_dict()
-    rng = np.random.default_rng(12345)
-    skeleton = mlp(seed=3)
+    rng = np.random.default_rng(seed)
     outcomes = {"loaded": 0, "refused": 0}
-    for i in range(600):
+    for i in range(rounds):
         kind = ("truncate", "flip", "stale_edit", "resigned_edit")[i % 4]
         mutated = mutant(rng, data, header, kind)
-        target = tmp_path / "mutant.sqs"
+        target = path.parent / "mutant.sqs"
         target.write_bytes(mutated)
         with torch.no_grad():
             for p in skeleton.parameters():
@@ -403,6 +395,19 @@ def test_fuzz_every_mutation_loads_exactly_or_raises(tmp_path):
         assert kind == "resigned_edit" or mutated == data, (i, kind)
         assert_same_state(loaded.state_dict(), expected)
         outcomes["loaded"] += 1
+    return outcomes
+
+
+def test_fuzz_every_mutation_loads_exactly_or_raises(tmp_path):
+    """600 seeded mutations of a valid file."""
+    net = mlp()
+    network = planted(net, 0.3, 8)
+    network.layers[1].mask[:] = False  # an empty layer, and a dense one below: varied codings
+    network.layers[1].codes[:] = 0
+    network.layers[2].mask[:] = True
+    path = tmp_path / "valid.sqs"
+    save_compressed(network, path, model=net)
+    outcomes = fuzz(path, mlp(seed=3), network.state_dict(), 600, 12345)
     assert outcomes["refused"] >= 450 and outcomes["loaded"] >= 10, outcomes
 
 
@@ -441,15 +446,17 @@ def test_posterior_section_round_trip_and_greedy_unchanged(tmp_path, capsys):
     with pytest.raises(CompressedFileError, match="no posterior section"):
         load_compressed(plain, mlp(), predictive=True)
     assert main(["inspect", str(path)]) == 0
-    assert (f"posterior section: {section_bytes(header):,} bytes (threshold 0.05, 3-bit probabilities)"
-            in capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert f"posterior section: {section_bytes(header):,} bytes (" in out
+    assert "; threshold 0.05, 3-bit probabilities)" in out
     assert header["payload_bytes"] - plain_header["payload_bytes"] == section_bytes(header)
 
 
 def predictor_summaries(path) -> dict[str, RunnerUps]:
     """The decoded posterior summaries of a file (through the container's decoder)."""
-    from sqs_pyro.format.container import _decode
-    return _decode(path, None, None, True)[3]
+    from sqs_pyro.format.container import _decode_posterior, _decoded_layers, _parse
+    parsed = _parse(path)
+    return _decode_posterior(parsed, list(_decoded_layers(parsed)))
 
 
 def test_posterior_section_hostile_headers(tmp_path):
@@ -707,3 +714,121 @@ def test_tied_tensors_are_stored_once_and_load_tied(tmp_path):
 
     assert accounting(loaded)["other_params"] == 408
     assert torch.equal(loaded.dense_state["head.weight"], shared)
+
+
+# ------------------------------------------------------------------ format version 3: narrower tensors, ties to layers
+
+
+class TiedNet(nn.Module):
+    """A token table, a projection and a head tied to the table (a tiny tied LM's weight layout)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(12, 8)
+        self.proj = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 12, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def tied_network(net: TiedNet) -> CompressedNetwork:
+    """The table and the projection planted as compressed layers, the head tied to the table."""
+    layers = []
+    gen = torch.Generator().manual_seed(1)
+    for name, shape in (("embed.weight", (12, 8)), ("proj.weight", (8, 8))):
+        codes = torch.randint(0, 4, shape, generator=gen)
+        scales = (torch.rand(shape[0], 2, generator=gen) + 0.5).half()
+        layers.append(CompressedLayer(name, shape, torch.ones(shape, dtype=torch.bool), codes,
+                                      torch.tensor([-1.0, -0.3, 0.2, 1.0]), torch.zeros(4, dtype=torch.long), 4, scales))
+    names = {"embed.weight", "proj.weight", "head.weight"}
+    dense = {k: v.detach().clone() + 1e-4 for k, v in net.state_dict().items() if k not in names}
+    return CompressedNetwork(layers, dense, {}, {"head.weight": "embed.weight"})
+
+
+def test_fp16_tensors_and_a_head_tied_to_a_compressed_layer_round_trip(tmp_path):
+    net = TiedNet()
+    network = tied_network(net)
+    path = tmp_path / "v3.sqs"
+    size = save_compressed(network, path, model=net, tensor_dtype="float16")
+    header = read_header(path)
+    assert header["format_version"] == 3 and header["file_bytes"] == size
+    entries = {t["name"]: t for t in header["tensors"]}
+    assert entries["head.weight"] == {"name": "head.weight", "shape": [12, 8], "dtype": "float32", "bytes": 0,
+                                      "same_as": "embed.weight"}
+    assert entries["norm.weight"]["stored_dtype"] == "float16" and entries["norm.weight"]["bytes"] == 16
+    expected = {k: v.half().float() for k, v in network.dense_state.items()}
+    expected.update({layer.name: layer.weight() for layer in network.layers}, **{"head.weight": network.layers[0].weight()})
+    loaded = load_compressed(path)
+    assert loaded.tied == {"head.weight": "embed.weight"}
+    assert_same_state(loaded.state_dict(), expected)
+    skeleton = TiedNet()
+    with torch.no_grad():
+        for p in skeleton.parameters():
+            p.fill_(float("nan"))
+    filled = load_compressed(path, skeleton)
+    assert_same_state(filled.state_dict(), expected)
+    assert filled.head.weight is filled.embed.weight
+    # without tensor_dtype every tensor keeps its bytes, and without a tie the file stays version 2
+    assert read_header(tmp_path / "v3.sqs")["payload_bytes"] < save_compressed(network, tmp_path / "f32.sqs")
+    plain = CompressedNetwork(network.layers, network.dense_state, {})
+    save_compressed(plain, tmp_path / "v2.sqs")
+    assert read_header(tmp_path / "v2.sqs")["format_version"] == 2
+
+
+def test_version_3_fields_are_refused_in_older_versions_and_when_inconsistent(tmp_path):
+    net = TiedNet()
+    path = tmp_path / "v3.sqs"
+    save_compressed(tied_network(net), path, model=net, tensor_dtype="float16")
+    data = path.read_bytes()
+    header = header_of(data)
+    older = {**copy.deepcopy(header), "format_version": 2}
+    bad = tmp_path / "v2.sqs"
+    bad.write_bytes(resigned(data, older, version=2))
+    with pytest.raises(CompressedFileError, match="stored_dtype"):
+        load_compressed(bad)
+    for t in older["tensors"]:
+        t.pop("stored_dtype", None)
+    bad.write_bytes(resigned(data, older, version=2))
+    with pytest.raises(CompressedFileError):  # a tie to a layer (and the segments no longer tile the payload)
+        load_compressed(bad)
+    for edit, message in ((lambda t: t.update(stored_dtype="float64"), "stored_dtype"),
+                          (lambda t: t.update(same_as="proj.weight"), "same_as"),
+                          (lambda t: t.update(same_as="nowhere"), "same_as")):
+        mutated = copy.deepcopy(header)
+        edit(next(t for t in mutated["tensors"] if t["name"] in ("norm.weight", "head.weight")
+                  and ("stored_dtype" in t) == (message == "stored_dtype")))
+        target = tmp_path / "mutant.sqs"
+        target.write_bytes(resigned(data, mutated))
+        with pytest.raises(CompressedFileError, match=message):
+            load_compressed(target)
+
+
+def test_fuzz_a_version_3_file_loads_exactly_or_raises(tmp_path):
+    """300 seeded mutations of a file with fp16 tensors and a head tied to a compressed layer."""
+    net = TiedNet()
+    path = tmp_path / "v3.sqs"
+    save_compressed(tied_network(net), path, model=net, tensor_dtype="float16")
+    expected = load_compressed(path, TiedNet()).state_dict()
+    outcomes = fuzz(path, TiedNet(), expected, 300, 7)
+    assert outcomes["refused"] >= 200 and outcomes["loaded"] >= 5, outcomes
+
+
+def test_cli_inspect_lists_every_tensor_and_its_share(tmp_path, capsys):
+    net = TiedNet()
+    path = tmp_path / "v3.sqs"
+    size = save_compressed(tied_network(net), path, model=net, tensor_dtype="float16")
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    header = read_header(path)
+    for t in header["tensors"]:
+        line = next(l for l in out.splitlines() if l.startswith(t["name"] + " "))
+        assert f"{100 * t['bytes'] / size:.2f}%" in line
+    assert "= embed.weight" in next(l for l in out.splitlines() if l.startswith("head.weight "))
+    assert "float16" in next(l for l in out.splitlines() if l.startswith("norm.bias "))
+    rows = layer_table(header)
+    for row in rows:
+        assert f"{100 * row['bytes'] / size:.2f}%" in next(l for l in out.splitlines() if l.startswith(row["name"] + " "))
+    assert main(["inspect", str(path), "--json"]) == 0
+    parsed = json.loads(capsys.readouterr().out)
+    assert sum(t["bytes"] for t in parsed["tensors"]) + parsed["totals"]["layer_bytes"] == header["payload_bytes"]

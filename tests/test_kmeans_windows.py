@@ -112,3 +112,17 @@ def test_level_allocation_equals_the_naive_greedy_that_recomputes_every_sse():
             groups.append(np.array([1.0, 1.0, 2.0]))  # fewer distinct values than levels it may get
         total = int(rng.integers(len(groups), 20))
         assert allocate_levels(groups, total) == _naive_allocation(groups, total)
+
+
+def test_weighted_kmeans_ignores_weightless_points_and_checks_weights():
+    import numpy as np
+    import pytest
+
+    from sqs_pyro.guides.kmeans import kmeans_1d
+
+    x = np.array([0.0, 0.0, 1.0, 1.0, 10.0])
+    np.testing.assert_allclose(kmeans_1d(x, 2, weights=np.array([1, 1, 1, 1, 0.0])), [0.0, 1.0])
+    np.testing.assert_allclose(kmeans_1d(x, 2), [0.5, 10.0])  # unweighted: the far point gets a level
+    np.testing.assert_allclose(kmeans_1d(x, 2, weights=np.full(5, 3.0)), [0.5, 10.0])  # a constant weight changes nothing
+    with pytest.raises(ValueError, match="weights"):
+        kmeans_1d(x, 2, weights=np.array([1, 1, 1, 1, -1.0]))

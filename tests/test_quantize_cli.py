@@ -32,9 +32,12 @@ def test_quantize_with_calibration_writes_a_loadable_file_with_its_perplexity(fo
                "--eval-data", str(folder / "eval.txt"), "--seq-len", "8"])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["error_feedback"] and summary["exact_weights"] == 14 * 2 and summary["bits"] == 2
+    # 14 matrices, the token table and the untied head
+    assert summary["error_feedback"] and summary["exact_weights"] == 16 * 2
+    assert summary["embedding_components"] == 8 and summary["bits"] == 3  # the tables get twice -K levels
     assert summary["calib_windows"] == 16
     network = load_compressed(out / "model.sqs")
+    assert [layer.name for layer in network.layers[:2]] == ["lm.model.embed_tokens.weight", "lm.lm_head.weight"]
     q = next(layer for layer in network.layers if layer.name.endswith("layers.0.self_attn.q_proj.weight"))
     assert q.group_size == 8 and q.scales.shape == (16, 2) and q.num_exact == 2 and q.components == 4
     loaded = load_transformers(out / "model.sqs")
@@ -64,7 +67,8 @@ def test_sparse_quantize_starts_a_sparse_compress(folder, tmp_path):
     with every rate at 0 writes that file's network exactly."""
     q = tmp_path / "q"
     assert main(["quantize", "--hf", str(folder / "model"), "--out", str(q), "-K", "4", "--group-size", "8",
-                 "--exact-outliers", "0", "--sparsity", "0.5", "--data", str(folder / "train.txt"),
+                 "--exact-outliers", "0", "--embedding-components", "0", "--sparsity", "0.5",
+                 "--data", str(folder / "train.txt"),
                  "--calib-windows", "8", "--seq-len", "8"]) == 0
     assert json.loads((q / "summary.json").read_text())["sparsity"] == pytest.approx(0.5, abs=1e-3)
     frozen = {"group_size": 8, "sparsity": 0.5, "lr_weights": 0.0, "lr_codebook": 0.0, "lr_dense": 0.0,
@@ -107,8 +111,8 @@ def test_compress_starts_from_a_quantized_file(folder, tmp_path, capsys):
     file exactly (the guide starts on its codes, levels and scales); without --start it is not."""
     q = tmp_path / "q"
     assert main(["quantize", "--hf", str(folder / "model"), "--out", str(q), "-K", "4", "--group-size", "8",
-                 "--exact-outliers", "0", "--data", str(folder / "train.txt"), "--calib-windows", "8",
-                 "--seq-len", "8"]) == 0
+                 "--exact-outliers", "0", "--embedding-components", "0", "--data", str(folder / "train.txt"),
+                 "--calib-windows", "8", "--seq-len", "8"]) == 0
     frozen = {"group_size": 8, "sparsity": 0.0, "initial_sparsity": 0.0, "prune_fraction": 0.0, "lr_weights": 0.0,
               "lr_codebook": 0.0, "lr_dense": 0.0, "lr_gates": 0.0, "responsibility_scale": "pooled", "mode": "hard"}
     (tmp_path / "frozen.json").write_text(json.dumps(frozen))
@@ -134,5 +138,100 @@ def test_quantize_reports_its_passes_unless_no_progress(folder, tmp_path, capsys
                "--seq-len", "8", *(["--no-progress"] if quiet else [])])
     assert rc == 0
     err = capsys.readouterr().err
-    stages = ("loading the model", "calibration", "quantising 14 matrices with error feedback", "perplexity of the dense")
-    assert [stage in err for stage in stages] == [not quiet] * 4
+    stages = ("loading the model", "calibration on 16 windows", "quantising the matrices with error feedback",
+              "perplexity of the dense", "perplexity of the quantised")
+    assert [stage in err for stage in stages] == [not quiet] * 5
+
+
+@pytest.fixture(scope="module")
+def tied_folder(tmp_path_factory, folder):
+    path = tmp_path_factory.mktemp("tied")
+    tiny_llama(tied=True).save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_every_tensor_is_compressed_and_the_tied_head_follows_the_table(tied_folder, folder, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", "--hf", str(tied_folder), "--out", str(out), "-K", "4", "--embedding-components", "8",
+                 "--group-size", "8", "--exact-outliers", "1", "--data", str(folder / "train.txt"),
+                 "--calib-windows", "16", "--eval-data", str(folder / "eval.txt"), "--seq-len", "8"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    network = load_compressed(out / "model.sqs")
+    table = network.layers[0]
+    assert table.name == "lm.model.embed_tokens.weight" and table.components == 8 and table.scales.shape == (40, 2)
+    assert network.tied == {"lm.lm_head.weight": "lm.model.embed_tokens.weight"}
+    assert all(v.dtype == torch.float32 and torch.equal(v, v.half().float()) for v in network.dense_state.values())
+    assert summary["params"] == sum(p.numel() for p in tiny_llama(tied=True).parameters())
+    assert summary["bits_per_param"] == pytest.approx(8 * summary["file_bytes"] / summary["params"])
+    assert summary["peak_rss_bytes"] > 0 and summary["peak_over_fp32"] == pytest.approx(
+        summary["peak_rss_bytes"] / (4 * summary["params"]))
+    loaded = load_transformers(out / "model.sqs")
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    torch.testing.assert_close(loaded.model.embed_tokens.weight, table.weight())
+
+    class Wrapped(torch.nn.Module):
+        def forward(self, ids):
+            return loaded(input_ids=ids).logits
+
+    held = text_windows(word_tokenizer(), [folder / "eval.txt"], 8)
+    assert math.isclose(perplexity(Wrapped(), held), summary["perplexity"], rel_tol=1e-5)
+    two = tmp_path / "two"
+    assert main(["quantize", "--hf", str(tied_folder), "--out", str(two), "-K", "4", "--group-size", "8",
+                 "--eval-data", str(folder / "eval.txt"), str(folder / "train.txt"), "--seq-len", "8",
+                 "--max-eval-windows", "5"]) == 0
+    summary = json.loads((two / "summary.json").read_text())
+    for key in ("perplexity", "perplexity_dense"):
+        by_file = summary[f"{key}_by_file"]
+        assert sorted(by_file) == sorted(str(folder / f) for f in ("eval.txt", "train.txt"))
+        assert min(by_file.values()) < summary[key] < max(by_file.values())
+    kept = tmp_path / "kept"
+    assert main(["quantize", "--hf", str(tied_folder), "--out", str(kept), "-K", "4", "--embedding-components", "0",
+                 "--group-size", "8", "--tensor-dtype", "float32"]) == 0
+    network = load_compressed(kept / "model.sqs")
+    assert not network.tied and "lm.model.embed_tokens.weight" in network.dense_state
+    assert torch.equal(network.dense_state["lm.model.embed_tokens.weight"], tiny_llama(tied=True).model.embed_tokens.weight)
+
+
+def test_blockwise_moments_equal_the_full_forward_pass():
+    from sqs_pyro.compressed.error_feedback import input_hessians
+    from sqs_pyro.hf import CausalLM
+    from sqs_pyro.hf.oneshot import blockwise_hessians
+    from sqs_pyro.models import select_layers, transformer_include
+
+    net = CausalLM(tiny_llama(layers=3)).eval()
+    sites = select_layers(net, include=transformer_include("llama"))
+    batches = torch.randint(0, 40, (12, 9), generator=torch.Generator().manual_seed(0)).split(4)
+    full = input_hessians(net, sites, batches)
+    seen = []
+    for block, hessians in blockwise_hessians(net, sites, batches):
+        seen += [s.name for s in block]
+        assert sorted(hessians) == sorted(s.name for s in block)
+        for name, h in hessians.items():
+            torch.testing.assert_close(h, full[name], rtol=1e-5, atol=1e-6)
+    assert seen == [s.name for s in sites]
+    net.lm.model.layers[1].mlp.down_proj.weight.data.mul_(3.0)  # negative control: block 2's inputs change
+    late = dict(next(h for b, h in blockwise_hessians(net, sites, batches) if "layers.2." in b[0].name))
+    name = "lm.model.layers.2.self_attn.q_proj.weight"
+    assert not torch.allclose(late[name], full[name], rtol=1e-3)
+
+
+def test_tied_head_moments_and_head_feedback(tied_folder, folder, tmp_path):
+    """The tied table's moments are those of the head's input (the final normed hidden states);
+    with --head-feedback (the default with --data) the table is coded under them, unlike by nearest level."""
+    from sqs_pyro.hf import CausalLM
+    from sqs_pyro.hf.oneshot import embedding_sites, tied_head_hessian
+
+    net = CausalLM(tiny_llama(tied=True)).eval()
+    batches = torch.randint(0, 40, (8, 9), generator=torch.Generator().manual_seed(1)).split(4)
+    table, = embedding_sites(net)
+    hidden = torch.cat([net.lm.model(input_ids=x).last_hidden_state.reshape(-1, 16) for x in batches]).detach()
+    torch.testing.assert_close(tied_head_hessian(net, table, batches), hidden.T @ hidden / len(hidden),
+                               rtol=1e-5, atol=1e-6)
+    common = ["quantize", "--hf", str(tied_folder), "-K", "4", "--group-size", "8", "--data", str(folder / "train.txt"),
+              "--calib-windows", "16", "--seq-len", "8"]
+    assert main([*common, "--no-head-feedback", "--out", str(tmp_path / "near")]) == 0
+    assert main([*common, "--out", str(tmp_path / "fed")]) == 0  # the default with --data
+    near, fed = (load_compressed(tmp_path / d / "model.sqs") for d in ("near", "fed"))
+    assert not torch.equal(near.layers[0].weight(), fed.layers[0].weight())
+    assert all(torch.equal(a.weight(), b.weight()) for a, b in zip(near.layers[1:], fed.layers[1:]))

@@ -24,13 +24,14 @@ coded as zero, and their errors are fed forward like the quantisation errors.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from sqs_pyro.compressed.materialize import CompressedLayer
+from sqs_pyro.compressed.materialize import CompressedLayer, code_dtype
 from sqs_pyro.models.selection import CompressedSite
 
 # Candidate factors of a group's max |w| for its scale (chosen per group by weighted coding error).
@@ -41,8 +42,18 @@ SHRINK_GRID = tuple(x / 40 for x in range(28, 45))  # 0.7, 0.725, ..., 1.1
 def input_hessians(net: nn.Module, sites: Sequence[CompressedSite], batches: Iterable[torch.Tensor]
                    ) -> dict[str, torch.Tensor]:
     r"""``H = X^T X / n`` of the inputs of every selected Linear weight, over all tokens / examples
-    of ``batches`` (each passed as ``net(x)``; collected with forward pre-hooks, float64 sums of
-    float32 batch products)."""
+    of ``batches`` (each passed as ``net(x)``; see :func:`recorded_hessians`)."""
+    with recorded_hessians(net, sites) as hessians:
+        for x in batches:
+            net(x)
+    return hessians
+
+
+@contextlib.contextmanager
+def recorded_hessians(net: nn.Module, sites: Sequence[CompressedSite]) -> Iterator[dict[str, torch.Tensor]]:
+    r"""While the ``with`` block runs, the inputs of every selected Linear weight of ``net`` are recorded
+    (forward pre-hooks, float64 sums of float32 batch products); on leaving it, the dict it gave holds
+    ``H = X^T X / n`` per weight name. Raises ``ValueError`` if no selected Linear weight saw an input."""
     modules = {s.name: net.get_submodule(s.name.rpartition(".")[0]) for s in sites if s.layer_type == "linear"}
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -54,16 +65,17 @@ def input_hessians(net: nn.Module, sites: Sequence[CompressedSite], batches: Ite
             counts[name] = counts.get(name, 0) + x.shape[0]
         return record
 
+    hessians: dict[str, torch.Tensor] = {}
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in modules.items()]
     try:
-        for x in batches:
-            net(x)
+        yield hessians
     finally:
         for h in handles:
             h.remove()
     if not counts:
         raise ValueError("input_hessians: no selected Linear layer saw an input")
-    return {name: (sums[name] / counts[name]).float() for name in sums}
+    for name in list(sums):
+        hessians[name] = (sums.pop(name) / counts[name]).float()
 
 
 def hessian_scores(net: nn.Module, sites: Sequence[CompressedSite], hessians: dict[str, torch.Tensor]
@@ -132,7 +144,7 @@ def feedback_quantize(layer: CompressedLayer, weight: torch.Tensor, hessian: tor
     g = layer.group_size or 0
     order = torch.argsort(torch.diagonal(hessian), descending=True, stable=True) if act_order else torch.arange(cols)
     factor, dead = _inverse_factor(hessian[order][:, order], damp)
-    w = weight.detach().float().cpu()[:, order].clone()
+    w = weight.detach().float().cpu()[:, order]  # a copy (advanced indexing)
     w[:, dead] = 0.0
     energy = torch.diagonal(hessian).float()
     importance = energy[order]
@@ -153,7 +165,7 @@ def feedback_quantize(layer: CompressedLayer, weight: torch.Tensor, hessian: tor
             scales[:, k] = group_scales(original[:, cut], exact_given[:, cut], levels, energy[cut], shrink)
     elif g:
         block = g * max(1, math.ceil(block / g))  # a group never straddles two blocks
-    codes = torch.zeros(rows, cols, dtype=torch.long)
+    codes = torch.zeros(rows, cols, dtype=code_dtype(layer.components))
     coded = torch.zeros(rows, cols)
     pruned = torch.zeros(rows, cols, dtype=torch.bool)
     scale = torch.ones(rows)
@@ -174,7 +186,7 @@ def feedback_quantize(layer: CompressedLayer, weight: torch.Tensor, hessian: tor
             code = _nearest(column / scale, levels)
             q = torch.where(exact[:, c], column.half().float(), scale * levels[code])
             q = q.masked_fill(pruned[:, c], 0.0)
-            codes[:, c], coded[:, c] = code, q
+            codes[:, c], coded[:, c] = code.to(codes.dtype), q
             err = (column - q) / factor[c, c]
             part[:, j:] -= err[:, None] * factor[c, c:stop][None, :]
             errors[:, j] = err

@@ -26,6 +26,11 @@ if TYPE_CHECKING:
     from sqs_pyro.compressed.posterior import MixturePosterior
 
 
+def code_dtype(components: int) -> torch.dtype:
+    """The smallest dtype that indexes ``components`` levels: uint8 up to 256, else int32."""
+    return torch.uint8 if components <= 256 else torch.int32
+
+
 @dataclass
 class CompressedLayer:
     r"""A compressed weight tensor: sparsity mask, code of each kept weight and the codebook;
@@ -47,7 +52,7 @@ class CompressedLayer:
     name: str
     shape: tuple[int, ...]
     mask: torch.Tensor  # bool, shape
-    codes: torch.Tensor  # int64, shape (0 where pruned)
+    codes: torch.Tensor  # integer (int64, or uint8 when K <= 256 to save memory), shape (0 where pruned)
     codebook: torch.Tensor  # (K,) float
     component_windows: torch.Tensor  # (K,) int64: window of each level
     group_size: int = 0
@@ -81,7 +86,8 @@ class CompressedLayer:
 
     def weight(self) -> torch.Tensor:
         """The dense weight tensor (see the class docstring)."""
-        w = self.scaled(torch.where(self.mask, self.codebook[self.codes], torch.zeros((), dtype=self.codebook.dtype)))
+        levels = self.codebook[self.codes.int()]  # int32 indices: a uint8 index would be read as a mask
+        w = self.scaled(torch.where(self.mask, levels, torch.zeros((), dtype=self.codebook.dtype)))
         if self.num_exact:
             w = w.reshape(-1).index_put((self.exact_index,), self.exact_values.to(w.dtype)).reshape(self.shape)
         return w
@@ -96,7 +102,7 @@ class CompressedLayer:
         the data cannot tell apart) is merged into their usage-weighted mean level, with the
         pooled scale, until no pair qualifies. At least one level is kept.
         """
-        counts = torch.bincount(self.codes[self.mask].reshape(-1), minlength=self.components).double().cpu()
+        counts = torch.bincount(self.codes[self.mask].reshape(-1).long(), minlength=self.components).double().cpu()
         locs, sc = self.codebook.detach().double().cpu(), scales.detach().double().cpu()
         win = self.component_windows.cpu()
         members = [[k] for k in range(self.components) if counts[k] > 0] or [[0]]
@@ -116,7 +122,7 @@ class CompressedLayer:
         remap = torch.zeros(self.components, dtype=torch.long)
         for new, g in enumerate(groups):
             remap[list(g)] = new
-        codes = torch.where(self.mask, remap.to(self.codes.device)[self.codes], torch.zeros_like(self.codes))
+        codes = torch.where(self.mask, remap.to(self.codes.device)[self.codes.long()], 0)
         codebook = torch.tensor([level[g][0] for g in groups], dtype=self.codebook.dtype, device=self.codebook.device)
         windows = torch.tensor([int(win[g[0]]) for g in groups], dtype=self.component_windows.dtype,
                                device=self.component_windows.device)
@@ -126,16 +132,21 @@ class CompressedLayer:
 
 @dataclass
 class CompressedNetwork:
-    """All compressed layers plus every other tensor of the network, stored as it is."""
+    """All compressed layers plus every other tensor of the network, stored as it is; ``tied``
+    names state-dict entries that are a compressed layer under another name (``alias -> layer``,
+    e.g. an LM head tied to compressed token embeddings)."""
 
     layers: list[CompressedLayer]
     dense_state: dict[str, torch.Tensor]
     config: dict[str, Any] = field(default_factory=dict)
+    tied: dict[str, str] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = dict(self.dense_state)
         for layer in self.layers:
             state[layer.name] = layer.weight()
+        for alias, name in self.tied.items():
+            state[alias] = state[name]
         return state
 
     def load_into(self, skeleton: nn.Module) -> nn.Module:
@@ -179,16 +190,28 @@ def materialize(guide: SpikeGMMGuide, net: nn.Module, config: dict[str, Any] | N
     return CompressedNetwork(layers, uncompressed_state(net, {layer.name for layer in layers}), config)
 
 
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    return tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype
+
+
 def uncompressed_state(net: nn.Module, compressed: set[str]) -> dict[str, torch.Tensor]:
-    """Copies of every state-dict tensor of ``net`` not in ``compressed``; tied tensors (e.g.
-    embeddings and an LM head) stay one tensor."""
+    """Copies of every state-dict tensor of ``net`` not in ``compressed`` and not tied to a compressed
+    one (:func:`tied_to_compressed`); tied tensors (e.g. embeddings and an LM head) stay one tensor."""
     clones: dict[tuple, torch.Tensor] = {}
     dense = {}
+    skip = compressed | set(tied_to_compressed(net, compressed))
     for k, v in net.state_dict().items():
-        if k not in compressed:
-            key = (v.data_ptr(), tuple(v.shape), v.stride(), v.dtype)
-            dense[k] = clones.setdefault(key, v.detach().clone())
+        if k not in skip:
+            dense[k] = clones.setdefault(_storage_key(v), v.detach().clone())
     return dense
+
+
+def tied_to_compressed(net: nn.Module, compressed: set[str]) -> dict[str, str]:
+    """``alias -> name`` for every state-dict entry of ``net`` outside ``compressed`` that is the same
+    tensor as the compressed weight ``name`` (a tied LM head when the embeddings are compressed)."""
+    state = net.state_dict()
+    owners = {_storage_key(state[name]): name for name in compressed if name in state}
+    return {k: owners[_storage_key(v)] for k, v in state.items() if k not in compressed and _storage_key(v) in owners}
 
 
 class AveragedPredictor(nn.Module):

@@ -9,7 +9,9 @@ For a weight viewed as ``R`` rows of ``C`` values:
    consecutive weights of row ``r``), rounded to fp16;
 3. **codebook on the normalised values** ``u = w / sigma`` in ``[-1, 1]``: K levels by 1-D
    k-means (:func:`~sqs_pyro.guides.kmeans.kmeans_1d`: exact on up to ``max_points`` bins,
-   then Lloyd polishing), each weight coded by its nearest level.
+   then Lloyd polishing), each weight coded by its nearest level. With input second moments
+   the k-means may be sensitivity-weighted (SqueezeLLM): weight ``u_{rc}`` by
+   ``H_cc sigma_{r,g}^2``, its share of the layer's output error ``sum_c H_cc (w_rc - q_rc)^2``.
 
 With a target ``sparsity``, the fraction ``sparsity`` of the other weights with the smallest
 scores is pruned and the codebook is fit on the survivors only (with input second moments,
@@ -29,17 +31,20 @@ import torch
 from torch import nn
 
 from sqs_pyro.compressed.error_feedback import SHRINK_GRID, feedback_quantize
-from sqs_pyro.compressed.materialize import CompressedLayer, CompressedNetwork, uncompressed_state
+from sqs_pyro.compressed.materialize import (CompressedLayer, CompressedNetwork, code_dtype, tied_to_compressed,
+                                             uncompressed_state)
 from sqs_pyro.guides.kmeans import kmeans_codebook
-from sqs_pyro.models.group_scales import normalise
+from sqs_pyro.models.group_scales import apply_group_scales, group_absmax, normalise
 from sqs_pyro.models.selection import CompressedSite
 
 
 @torch.no_grad()
 def quantize_layer(name: str, weight: torch.Tensor, components: int, group_size: int, exact: int = 0,
-                   scores: torch.Tensor | None = None, sparsity: float = 0.0) -> CompressedLayer:
+                   scores: torch.Tensor | None = None, sparsity: float = 0.0,
+                   input_energy: torch.Tensor | None = None) -> CompressedLayer:
     """The dense-and-sparse group-scaled layer of ``weight`` (see the module docstring);
-    ``group_size = 0`` gives one codebook over the raw weights (no scales)."""
+    ``group_size = 0`` gives one codebook over the raw weights (no scales). ``input_energy``
+    (``H_cc`` per column of a 2-D weight) weights the k-means by ``H_cc sigma^2``."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     w = weight.detach().float().cpu()
@@ -47,25 +52,77 @@ def quantize_layer(name: str, weight: torch.Tensor, components: int, group_size:
     exact = min(exact, flat.numel() - 1)
     index = values = None
     mask = torch.ones(flat.numel(), dtype=torch.bool)
-    s = (flat.abs() if scores is None else scores.detach().float().cpu().reshape(-1))
+    s = None
+    if exact > 0 or sparsity > 0:
+        s = flat.abs() if scores is None else scores.detach().float().cpu().reshape(-1)
     if exact > 0:
         index = torch.sort(torch.topk(s, exact).indices).values
         values = flat[index].to(torch.float16)
         mask[index] = False
-    rest = torch.where(mask, flat, torch.zeros(())).reshape(w.shape)
-    u, scales = normalise(rest, group_size) if group_size else (rest, None)
+    u = flat.masked_fill(~mask, 0.0).reshape(w.shape)
+    scales = group_absmax(u, group_size) if group_size else None
+    if group_size:
+        u = _over_scales(u, scales, group_size)
     prune = round(sparsity * int(mask.sum()))
     if prune:  # the smallest scores among the coded weights
         mask[torch.argsort(s.masked_fill(~mask, float("inf")), stable=True)[:prune]] = False
-    layer = CompressedLayer(name, tuple(w.shape), mask.reshape(w.shape), torch.zeros(w.shape, dtype=torch.long),
+    del s
+    layer = CompressedLayer(name, tuple(w.shape), mask.reshape(w.shape), torch.zeros(0, dtype=code_dtype(components)),
                             torch.zeros(components), torch.zeros(components, dtype=torch.long), group_size,
                             scales, index, values)
-    u = u.reshape(-1)[mask]
-    codebook = kmeans_codebook(u, components)
-    codes = torch.zeros(flat.numel(), dtype=torch.long)
-    codes[mask] = torch.bucketize(u, (codebook[1:] + codebook[:-1]) / 2)  # nearest level of sorted levels
+    weights = None
+    if input_energy is not None:
+        sigma = apply_group_scales(torch.ones(w.shape), scales, group_size) if group_size else torch.ones(w.shape)
+        weights = (sigma ** 2 * input_energy.float().cpu()[None, :]).reshape(-1)[mask]
+    u = u.reshape(-1) if bool(mask.all()) else u.reshape(-1)[mask]
+    codebook = kmeans_codebook(u, components, weights)
+    codes = torch.zeros(flat.numel(), dtype=code_dtype(components))
+    codes[mask] = torch.bucketize(u, (codebook[1:] + codebook[:-1]) / 2).to(codes.dtype)  # nearest sorted level
     layer.codes, layer.codebook = codes.reshape(w.shape), codebook.to(weight.dtype)
     return layer
+
+
+def _over_scales(values: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``u = w / sigma`` (:func:`~sqs_pyro.models.group_scales.normalise`'s values), group by group
+    without a full tensor of scales when the groups tile the rows."""
+    rows = values.shape[0]
+    if (values.numel() // rows) % group_size:
+        return normalise(values, group_size, scales)[0]
+    return (values.reshape(rows, -1, group_size) / scales.float()[..., None]).reshape(values.shape)
+
+
+@torch.no_grad()
+def quantize_sites(net: nn.Module, sites: Sequence[CompressedSite], components: int, group_size: int,
+                   exact: int = 0, scores: dict[str, torch.Tensor] | None = None,
+                   hessians: dict[str, torch.Tensor] | None = None, act_order: bool = True,
+                   shrink: Sequence[float] = SHRINK_GRID, exact_fraction: float = 0.0,
+                   sparsity: float = 0.0, weighted_codebook: bool = False) -> list[CompressedLayer]:
+    """:func:`quantize_layer` for every selected weight of ``net``. Each matrix keeps ``exact +
+    round(exact_fraction numel)`` exact weights. A weight with an input second moment in ``hessians``
+    (:func:`~sqs_pyro.compressed.error_feedback.input_hessians`) is then re-coded by
+    :func:`~sqs_pyro.compressed.error_feedback.feedback_quantize` (GPTQ error feedback, with its
+    ``act_order`` and scale ``shrink`` options; with ``sparsity``, SparseGPT's mask); with
+    ``weighted_codebook`` its k-means is weighted by ``H_cc sigma^2``."""
+    layers = []
+    for s in sites:
+        weight = net.get_parameter(s.name)
+        budget = exact + round(exact_fraction * weight.numel())
+        hessian = (hessians or {}).get(s.name)
+        energy = hessian.diagonal() if weighted_codebook and hessian is not None else None
+        layer = quantize_layer(s.name, weight, components, group_size, budget, (scores or {}).get(s.name), sparsity,
+                               energy)
+        if hessian is not None:
+            layer = feedback_quantize(layer, weight, hessian, act_order=act_order, shrink=shrink,
+                                      sparsity=sparsity)
+        layers.append(layer)
+    return layers
+
+
+def oneshot_network(net: nn.Module, layers: list[CompressedLayer], config: dict) -> CompressedNetwork:
+    """The network of ``layers`` and every other tensor of ``net``; a tensor tied to a compressed
+    weight (e.g. an LM head tied to the token embeddings) is recorded as tied to its layer."""
+    names = {layer.name for layer in layers}
+    return CompressedNetwork(layers, uncompressed_state(net, names), config, tied_to_compressed(net, names))
 
 
 @torch.no_grad()
@@ -74,22 +131,16 @@ def quantize_network(net: nn.Module, sites: list[CompressedSite], components: in
                      hessians: dict[str, torch.Tensor] | None = None, act_order: bool = True,
                      shrink: Sequence[float] = SHRINK_GRID, exact_fraction: float = 0.0,
                      sparsity: float = 0.0) -> CompressedNetwork:
-    """:func:`quantize_layer` for every selected weight of ``net``; the other tensors as they are
-    (a tied tensor stays one tensor). Each matrix keeps ``exact + round(exact_fraction numel)``
-    exact weights. A weight with an input second moment in ``hessians``
-    (:func:`~sqs_pyro.compressed.error_feedback.input_hessians`) is then re-coded by
-    :func:`~sqs_pyro.compressed.error_feedback.feedback_quantize` (GPTQ error feedback, with its
-    ``act_order`` and scale ``shrink`` options; with ``sparsity``, SparseGPT's mask)."""
-    layers = []
-    for s in sites:
-        weight = net.get_parameter(s.name)
-        budget = exact + round(exact_fraction * weight.numel())
-        layer = quantize_layer(s.name, weight, components, group_size, budget, (scores or {}).get(s.name), sparsity)
-        if hessians and s.name in hessians:
-            layer = feedback_quantize(layer, weight, hessians[s.name], act_order=act_order, shrink=shrink,
-                                      sparsity=sparsity)
-        layers.append(layer)
-    config = {"method": "oneshot", "components": components, "group_size": group_size, "exact": exact,
-              "exact_fraction": exact_fraction, "error_feedback": bool(hessians), "act_order": act_order, "shrink": list(shrink),
-              "sparsity": sparsity}
-    return CompressedNetwork(layers, uncompressed_state(net, {s.name for s in sites}), config)
+    """:func:`quantize_sites` over ``sites`` as a :func:`oneshot_network` (the other tensors as they are)."""
+    layers = quantize_sites(net, sites, components, group_size, exact, scores, hessians, act_order, shrink,
+                            exact_fraction, sparsity)
+    return oneshot_network(net, layers, oneshot_config(components, group_size, exact, exact_fraction, bool(hessians),
+                                                       act_order, shrink, sparsity))
+
+
+def oneshot_config(components: int, group_size: int, exact: int, exact_fraction: float, error_feedback: bool,
+                   act_order: bool, shrink: Sequence[float], sparsity: float, **more) -> dict:
+    """The config a one-shot file records."""
+    return {"method": "oneshot", "components": components, "group_size": group_size, "exact": exact,
+            "exact_fraction": exact_fraction, "error_feedback": error_feedback, "act_order": act_order,
+            "shrink": list(shrink), "sparsity": sparsity, **more}

@@ -331,7 +331,7 @@ def decode_mask(coding: str, params: dict, data: bytes | memoryview, numel: int,
 
 def _partition(values: np.ndarray, bits: np.ndarray) -> list[np.ndarray]:
     """``[values where not bits, values where bits]``, each in its original order."""
-    return [values[np.flatnonzero(~bits)], values[np.flatnonzero(bits)]]
+    return [values[~bits], values[bits]]  # boolean masks: no int64 index arrays (memory on large layers)
 
 
 def _tree_encode(codes: np.ndarray, width: int) -> bytes:

@@ -4,7 +4,7 @@ Layout (integers little-endian, offsets in bytes)::
 
     offset   size  field
     0        8     magic 89 53 51 53 0D 0A 1A 0A  (b"\x89SQS\r\n\x1a\n")
-    8        4     u32 format version (this reader: 1)
+    8        4     u32 format version (this reader: 1 to 3)
     12       4     u32 header length H (at most 16 MiB)
     16       32    SHA-256 of the H header bytes
     48       H     header: a UTF-8 JSON object (below)
@@ -36,11 +36,13 @@ of the K codebook levels, the window it belongs to; K = its length, ``1 <= K <= 
 zlib CRC-32 of ``packbits_le(mask) || codes of the kept weights as <u2 || codebook bytes``: it
 checks what the decoders produced, not just what was read.
 
-``tensors`` (every other entry of the state dict, stored as it is), each with ``name``,
-``shape``, ``dtype`` (float32/64/16, bfloat16, int8/16/32/64, uint8, bool) and ``bytes``
-(= numel x item size). Segment: the raw little-endian values, row-major. A tensor tied to an
-earlier one (the same tensor in the state dict, e.g. an LM head tied to the embeddings) has
-``same_as`` = that tensor's name, ``bytes`` = 0 and no segment.
+``tensors`` (every other entry of the state dict), each with ``name``, ``shape``, ``dtype``
+(float32/64/16, bfloat16, int8/16/32/64, uint8, bool) and ``bytes`` (= numel x item size of
+the stored dtype). Segment: the raw little-endian values, row-major. A floating-point tensor
+may be stored in a narrower floating dtype, named by ``stored_dtype`` (format version 3; e.g.
+fp32 norms as ``float16``), and is read back as ``dtype``. A tensor tied to an earlier one (the
+same tensor in the state dict, e.g. an LM head tied to the embeddings) has ``same_as`` = that
+tensor's name, or the name of a compressed layer (format version 3), ``bytes`` = 0 and no segment.
 
 ``posterior`` (what the posterior predictive needs, :mod:`sqs_pyro.format.posterior`):
 ``threshold`` (eps in [0, 1)), ``prob_bits`` (1 to 16) and ``layers``, one entry per compressed
@@ -78,7 +80,7 @@ from sqs_pyro.compressed.materialize import AveragedPredictor, CompressedLayer, 
 from sqs_pyro.compressed.posterior import MixturePosterior, RunnerUps, guide_runner_ups
 
 MAGIC = b"\x89SQS\r\n\x1a\n"
-FORMAT_VERSION = 3  # 3 with a posterior section; 2 when a layer has group scales or exact weights; otherwise 1
+FORMAT_VERSION = 3  # 3: a posterior section, a tensor stored narrower or tied to a layer; 2: group scales or exact weights; else 1
 PREAMBLE = struct.Struct("<8sII32s")
 MAX_HEADER_BYTES = 1 << 24
 MAX_COMPONENTS = 1 << coding.MAX_WIDTH
@@ -185,9 +187,10 @@ def _encode_layer(layer: CompressedLayer, codebook_dtype: str | None) -> tuple[d
     if weight_dtype not in FLOAT_DTYPES or stored_dtype not in FLOAT_DTYPES:
         raise SQSInputError(f"layer {layer.name}: codebooks must be floating point ({FLOAT_DTYPES})")
     mask = np.asarray(layer.mask.detach().cpu().numpy(), dtype=bool).ravel()
-    kept = layer.codes.detach().cpu().numpy().ravel()[np.flatnonzero(mask)].astype(np.int64)
+    kept = layer.codes.detach().cpu().numpy().ravel()[mask]
     if kept.size and (kept.min() < 0 or kept.max() >= components):
         raise SQSInputError(f"layer {layer.name}: codes of kept weights must lie in [0, {components})")
+    kept = kept.astype(np.uint16, copy=False)  # K <= 2^16
     windows = [int(w) for w in layer.component_windows.tolist()]
     if any(not 0 <= w < components for w in windows):
         raise SQSInputError(f"layer {layer.name}: window ids must lie in [0, {components})")
@@ -258,19 +261,25 @@ def _posterior_layer(layer: CompressedLayer, summary: RunnerUps, codebook_dtype:
 
 
 def encode_file(network: CompressedNetwork, codebook_dtype: str | None = None,
-                architecture: dict[str, Any] | None = None, posterior: dict[str, RunnerUps] | None = None,
+                architecture: dict[str, Any] | None = None, tensor_dtype: str | None = None,
+                posterior: dict[str, RunnerUps] | None = None,
                 posterior_coding: post.PosteriorCoding = post.PosteriorCoding()) -> bytes:
     """The bytes of the ``.sqs`` file of ``network`` (see the module docstring for the layout).
 
     ``codebook_dtype``: ``None`` stores each codebook in its own dtype (exact round trip);
-    ``"float16"`` halves the codebooks' bytes and rounds their values. ``posterior``: the
-    posterior summary of every layer, by name, stored with ``posterior_coding``.
+    ``"float16"`` halves the codebooks' bytes and rounds their values. ``tensor_dtype``: likewise
+    for the other floating-point tensors wider than it (norms, biases; ``stored_dtype``).
+    ``posterior``: the posterior summary of every layer, by name, stored with ``posterior_coding``.
     """
-    if codebook_dtype is not None and codebook_dtype not in FLOAT_DTYPES:
-        raise SQSInputError(f"codebook_dtype must be None or one of {FLOAT_DTYPES}, got {codebook_dtype!r}")
-    names = [layer.name for layer in network.layers] + list(network.dense_state)
+    for key, value in (("codebook_dtype", codebook_dtype), ("tensor_dtype", tensor_dtype)):
+        if value is not None and value not in FLOAT_DTYPES:
+            raise SQSInputError(f"{key} must be None or one of {FLOAT_DTYPES}, got {value!r}")
+    names = [layer.name for layer in network.layers] + list(network.dense_state) + list(network.tied)
     if len(set(names)) != len(names):
         raise SQSInputError("tensor names must be unique across compressed layers and other tensors")
+    shapes = {layer.name: (list(layer.shape), dtype_name(layer.codebook.dtype)) for layer in network.layers}
+    if any(name not in shapes for name in network.tied.values()):
+        raise SQSInputError("every tied name must name a compressed layer")
     layers, segments = [], []
     for layer in network.layers:
         entry, parts = _encode_layer(layer, codebook_dtype)
@@ -282,10 +291,16 @@ def encode_file(network: CompressedNetwork, codebook_dtype: str | None = None,
         if id(tensor) in stored:  # a tied tensor is stored once
             tensors.append({**entry, "bytes": 0, "same_as": stored[id(tensor)]})
             continue
+        if _narrower(entry["dtype"], tensor_dtype):
+            entry["stored_dtype"] = tensor_dtype
+            tensor = tensor.to(DTYPES[tensor_dtype][0])
         data = tensor_bytes(tensor)
         tensors.append({**entry, "bytes": len(data)})
         segments.append(data)
-        stored[id(tensor)] = name
+        stored[id(network.dense_state[name])] = name
+    for alias, name in network.tied.items():
+        shape, dtype = shapes[name]
+        tensors.append({"name": alias, "shape": shape, "dtype": dtype, "bytes": 0, "same_as": name})
     section = None
     if posterior is not None:
         missing = [layer.name for layer in network.layers if layer.name not in posterior]
@@ -297,7 +312,8 @@ def encode_file(network: CompressedNetwork, codebook_dtype: str | None = None,
             section["layers"].append(entry)
             segments += parts
     payload = b"".join(segments)
-    version = 3 if section else 2 if any("group_size" in e or "exact" in e for e in layers) else 1
+    version = (FORMAT_VERSION if section or network.tied or any("stored_dtype" in t for t in tensors)
+               else 2 if any("group_size" in e or "exact" in e for e in layers) else 1)
     header = {
         "format": "sqs-pyro", "format_version": version,
         "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest(),
@@ -311,13 +327,21 @@ def encode_file(network: CompressedNetwork, codebook_dtype: str | None = None,
     return PREAMBLE.pack(MAGIC, version, len(text), hashlib.sha256(text).digest()) + text + payload
 
 
+def _narrower(dtype: str, target: str | None) -> bool:
+    """Whether a tensor of ``dtype`` is stored as the floating dtype ``target`` (a narrower one)."""
+    size = lambda name: np.dtype(DTYPES[name][1]).itemsize  # noqa: E731
+    return target is not None and dtype in FLOAT_DTYPES and size(target) < size(dtype)
+
+
 def save_compressed(obj: Any, path: str | os.PathLike, *, codebook_dtype: str | None = None,
-                    model: nn.Module | None = None, posterior: bool | post.PosteriorCoding = False) -> int:
+                    model: nn.Module | None = None, tensor_dtype: str | None = None,
+                    posterior: bool | post.PosteriorCoding = False) -> int:
     """Save an :class:`~sqs_pyro.infer.result.SQSResult` or a :class:`CompressedNetwork` to ``path``
     (atomically) and return the file's size in bytes.
 
     ``model`` supplies the architecture hints (default: the result's skeleton).
-    ``codebook_dtype="float16"`` stores fp16 codebooks (smaller, no longer bit-exact).
+    ``codebook_dtype="float16"`` stores fp16 codebooks (smaller, no longer bit-exact);
+    ``tensor_dtype="float16"`` stores the other floating-point tensors (norms, biases) in fp16.
     ``posterior`` (a result's only): also store the posterior section, so that
     ``load_compressed(..., predictive=True)`` serves the posterior predictive; ``True`` codes it
     with the default :class:`~sqs_pyro.format.posterior.PosteriorCoding`.
@@ -334,7 +358,8 @@ def save_compressed(obj: Any, path: str | os.PathLike, *, codebook_dtype: str | 
             summaries = guide_runner_ups(obj.guide, network, spec.threshold)
     else:
         raise SQSInputError(f"save_compressed takes an SQSResult or a CompressedNetwork, got {type(obj).__name__}")
-    data = encode_file(network, codebook_dtype, architecture_hints(model), summaries, spec or post.PosteriorCoding())
+    data = encode_file(network, codebook_dtype, architecture_hints(model), tensor_dtype, summaries,
+                       spec or post.PosteriorCoding())
     write_bytes_atomic(path, data)  # a crash or a full disk leaves any previous file untouched
     return len(data)
 
@@ -349,6 +374,12 @@ class _Tensor:
     dtype: str
     nbytes: int
     same_as: str | None = None
+    stored_dtype: str | None = None
+
+    @property
+    def stored(self) -> str:
+        """The dtype of the stored bytes."""
+        return self.stored_dtype or self.dtype
 
 
 @dataclass(frozen=True)
@@ -455,11 +486,16 @@ def _parse_layer(value: Any, where: str) -> _Layer:
     return layer
 
 
-def _parse_tensor(value: Any, where: str) -> _Tensor:
+def _parse_tensor(value: Any, where: str, version: int) -> _Tensor:
     obj = _obj(value, where)
     tensor = _Tensor(_str(obj, "name", where), _shape(obj, where), _str(obj, "dtype", where, tuple(DTYPES)),
-                     _int(obj, "bytes", where), _str(obj, "same_as", where) if "same_as" in obj else None)
-    expected = 0 if tensor.same_as is not None else _numel(tensor.shape) * np.dtype(DTYPES[tensor.dtype][1]).itemsize
+                     _int(obj, "bytes", where), _str(obj, "same_as", where) if "same_as" in obj else None,
+                     _str(obj, "stored_dtype", where, FLOAT_DTYPES) if "stored_dtype" in obj else None)
+    if tensor.stored_dtype is not None and (version < 3 or not _narrower(tensor.dtype, tensor.stored_dtype)
+                                            or tensor.same_as is not None):
+        raise _fail(f"{where}.stored_dtype", "needs format version 3, a floating dtype narrower than dtype and no "
+                                             "same_as")
+    expected = 0 if tensor.same_as is not None else _numel(tensor.shape) * np.dtype(DTYPES[tensor.stored][1]).itemsize
     if tensor.nbytes != expected:
         raise _fail(f"{where}.bytes", f"is {tensor.nbytes}, but shape {list(tensor.shape)} of {tensor.dtype} "
                                       f"takes {expected}")
@@ -548,17 +584,19 @@ def _parse(path: str | os.PathLike) -> _Parsed:
     if not isinstance(layers_raw, list) or not isinstance(tensors_raw, list):
         raise CompressedFileError("header: layers and tensors must be lists")
     layers = [_parse_layer(v, f"layers[{i}]") for i, v in enumerate(layers_raw)]
-    tensors = [_parse_tensor(v, f"tensors[{i}]") for i, v in enumerate(tensors_raw)]
+    tensors = [_parse_tensor(v, f"tensors[{i}]", version) for i, v in enumerate(tensors_raw)]
     names = [e.name for e in layers] + [e.name for e in tensors]
     if len(set(names)) != len(names):
         raise CompressedFileError("header: tensor names are not unique")
-    earlier: dict[str, _Tensor] = {}
+    earlier: dict[str, tuple[tuple[int, ...], str, str | None]] = {}  # name -> (shape, dtype, same_as)
+    if version >= 3:  # a tensor may be tied to a compressed layer
+        earlier.update((e.name, (e.shape, e.dtype, None)) for e in layers)
     for i, t in enumerate(tensors):
-        first = earlier.get(t.same_as) if t.same_as is not None else t
-        if first is None or first.same_as is not None or (first.shape, first.dtype) != (t.shape, t.dtype):
-            raise CompressedFileError(f"header: tensors[{i}].same_as must name an earlier stored tensor of the "
-                                      "same shape and dtype")
-        earlier[t.name] = t
+        first = earlier.get(t.same_as) if t.same_as is not None else (t.shape, t.dtype, None)
+        if first is None or first[2] is not None or first[:2] != (t.shape, t.dtype):
+            raise CompressedFileError(f"header: tensors[{i}].same_as must name an earlier stored tensor "
+                                      f"{'or a layer ' if version >= 3 else ''}of the same shape and dtype")
+        earlier[t.name] = (t.shape, t.dtype, t.same_as)
     posterior = None
     if "posterior" in header:
         if version < 3:
@@ -589,10 +627,12 @@ def _wrap(path: str | os.PathLike, fn: Callable[..., Any], *args: Any) -> Any:
         raise CompressedFileError(f"{os.fspath(path)}: {exc}") from None
 
 
-def _check_skeleton(parsed: _Parsed, model: nn.Module) -> None:
-    """Same names, shapes and dtypes as the model's state dict, checked before anything is decoded."""
+def _check_skeleton(parsed: _Parsed, model: nn.Module, prefix: str) -> None:
+    """Same names (those under ``prefix``, without it), shapes and dtypes as the model's state dict,
+    checked before anything is decoded."""
     state = model.state_dict()
-    entries = {e.name: (e.shape, e.dtype) for e in [*parsed.layers, *parsed.tensors]}
+    entries = {e.name[len(prefix):]: (e.shape, e.dtype) for e in [*parsed.layers, *parsed.tensors]
+               if e.name.startswith(prefix)}
     missing = sorted(set(state) - set(entries))
     unexpected = sorted(set(entries) - set(state))
     if missing or unexpected:
@@ -608,12 +648,11 @@ def _check_skeleton(parsed: _Parsed, model: nn.Module) -> None:
 
 @dataclass(frozen=True)
 class _Decoded:
-    """One decoded compressed layer: its flat mask, the positions and codes of its kept
-    weights, its codebook in the weight's dtype, and its group scales and exact weights."""
+    """One decoded compressed layer: its flat mask, the codes of its kept weights (the smallest
+    unsigned dtype), its codebook in the weight's dtype, and its group scales and exact weights."""
 
     entry: _Layer
     mask: np.ndarray
-    positions: np.ndarray
     kept: np.ndarray
     codebook: torch.Tensor
     scales: torch.Tensor | None = None
@@ -622,7 +661,7 @@ class _Decoded:
 
     def layer(self) -> CompressedLayer:
         codes = np.zeros(self.mask.size, dtype=np.int64)
-        codes[self.positions] = self.kept
+        codes[self.mask] = self.kept
         return CompressedLayer(self.entry.name, self.entry.shape, torch.from_numpy(self.mask).reshape(self.entry.shape),
                                torch.from_numpy(codes).reshape(self.entry.shape), self.codebook,
                                torch.tensor(self.entry.windows, dtype=torch.int64), self.entry.group_size,
@@ -633,7 +672,7 @@ class _Decoded:
         if self.scales is not None or self.exact_index is not None:
             return self.layer().weight()
         weight = torch.zeros(self.mask.size, dtype=self.codebook.dtype)
-        weight[torch.from_numpy(self.positions)] = self.codebook[torch.from_numpy(self.kept)]
+        weight[torch.from_numpy(self.mask)] = self.codebook[torch.from_numpy(self.kept.astype(np.int32))]
         return weight.reshape(self.entry.shape)
 
 
@@ -661,12 +700,15 @@ def _decode_layer(entry: _Layer, payload: memoryview, offset: int) -> _Decoded:
             raise CompressedFileError(f"layer {entry.name}: exact positions must be increasing, inside the layer "
                                       "and outside the mask")
         exact_index, exact_values = torch.from_numpy(index), tensor_from_bytes(side[1], "float16", (entry.exact,))
-    return _Decoded(entry, mask, np.flatnonzero(mask), kept, codebook, scales, exact_index, exact_values)
+    kept = kept.astype(np.uint8 if components <= 256 else np.uint16)
+    return _Decoded(entry, mask, kept, codebook, scales, exact_index, exact_values)
 
 
-def _decode_posterior(parsed: _Parsed, layers: list[_Decoded], offset: int) -> dict[str, RunnerUps]:
-    """The posterior summary of every layer, its segments starting at ``offset``."""
+def _decode_posterior(parsed: _Parsed, layers: list[_Decoded]) -> dict[str, RunnerUps]:
+    """The posterior summary of every decoded layer of a checked file with a posterior section (its segments
+    follow the layers' and the other tensors')."""
     spec, entries = parsed.posterior
+    offset = sum(sum(e.segments) for e in parsed.layers) + sum(t.nbytes for t in parsed.tensors)
     summaries = {}
     for entry, decoded in zip(entries, layers):
         parts = []
@@ -675,53 +717,109 @@ def _decode_posterior(parsed: _Parsed, layers: list[_Decoded], offset: int) -> d
             offset += length
         try:
             summaries[decoded.entry.name] = post.decode_layer(
-                entry, parts, decoded.kept, decoded.codebook.double().numpy(), np.array(decoded.entry.windows), spec)
+                entry, parts, decoded.kept.astype(np.int64), decoded.codebook.double().numpy(),
+                np.array(decoded.entry.windows), spec)
         except CompressedFileError as exc:
             raise CompressedFileError(f"layer {decoded.entry.name}: {exc}") from None
     return summaries
 
 
-def _decode(path: str | os.PathLike, model: nn.Module | None, max_elements: int | None, predictive: bool = False
-            ) -> tuple[list[_Decoded], dict[str, torch.Tensor], dict[str, Any], dict[str, RunnerUps] | None]:
-    """The decoded layers, the other tensors, the config and (if ``predictive``) the posterior
-    summaries of a checked file."""
+def _dense_tensors(parsed: _Parsed, layer_names: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The other tensors of a checked file (tied ones as the same tensor) and ``alias -> layer`` of
+    the tensors tied to a compressed layer."""
+    dense, tied = {}, {}
+    offset = sum(sum(e.segments) for e in parsed.layers)
+    for entry in parsed.tensors:
+        if entry.same_as in layer_names:
+            tied[entry.name] = entry.same_as
+        elif entry.same_as is not None:
+            dense[entry.name] = dense[entry.same_as]
+        else:
+            raw = tensor_from_bytes(parsed.payload[offset:offset + entry.nbytes], entry.stored, entry.shape)
+            dense[entry.name] = raw.to(DTYPES[entry.dtype][0])
+            offset += entry.nbytes
+    return dense, tied
+
+
+def _decoded_layers(parsed: _Parsed):
+    """Each compressed layer of a checked file, decoded one at a time."""
+    offset = 0
+    for entry in parsed.layers:
+        yield _decode_layer(entry, parsed.payload, offset)
+        offset += sum(entry.segments)
+
+
+def _decode(path: str | os.PathLike, max_elements: int | None) -> CompressedNetwork:
+    """The :class:`CompressedNetwork` of a checked file, its decoded size capped by ``max_elements``."""
     parsed = _parse(path)
-    if predictive and parsed.posterior is None:
+    limit = max_elements if max_elements is not None else ELEMENTS_PER_FILE_BYTE * parsed.file_bytes
+    declared = sum(_numel(e.shape) for e in parsed.layers)
+    if declared > limit:
+        raise CompressedFileError(f"the compressed layers declare {declared} weights, more than the limit "
+                                  f"{limit} (pass max_elements or a model to allow it)")
+    layers = [decoded.layer() for decoded in _decoded_layers(parsed)]
+    dense, tied = _dense_tensors(parsed, {layer.name for layer in layers})
+    config = parsed.header.get("config")
+    return CompressedNetwork(layers, dense, config if isinstance(config, dict) else {}, tied)
+
+
+@torch.no_grad()
+def _fill(path: str | os.PathLike, model: nn.Module, prefix: str) -> nn.Module:
+    """``model`` (checked against the file's entries under ``prefix`` before decoding) filled in
+    place, one layer at a time, so that at most one decoded weight is held beside the model."""
+    parsed = _parse(path)
+    _check_skeleton(parsed, model, prefix)
+    state = {prefix + k: v for k, v in model.state_dict().items()}
+    decoded = list(_decoded_layers(parsed))  # every layer decodes (and is CRC-checked) before anything is filled
+    dense, tied = _dense_tensors(parsed, {d.entry.name for d in decoded})
+    aliases: dict[str, list[str]] = {}
+    for alias, name in tied.items():
+        aliases.setdefault(name, []).append(alias)
+    while decoded:  # one decoded weight at a time
+        layer = decoded.pop(0)
+        weight = layer.weight()
+        for name in (layer.entry.name, *aliases.get(layer.entry.name, ())):
+            if name in state:
+                state[name].copy_(weight)
+    for name, tensor in dense.items():
+        if name in state:
+            state[name].copy_(tensor)
+    return model
+
+
+def _predictive(path: str | os.PathLike, model: nn.Module, members: int | None, seed: int | None
+                ) -> AveragedPredictor:
+    """The posterior predictive of a checked file with a posterior section, ``model`` filled with its greedy
+    network."""
+    parsed = _parse(path)
+    if parsed.posterior is None:
         raise CompressedFileError("the file has no posterior section, so it cannot serve the posterior predictive "
                                   "(write it with save_compressed(result, path, posterior=True))")
-    if model is not None:
-        _check_skeleton(parsed, model)
-    else:
-        limit = max_elements if max_elements is not None else ELEMENTS_PER_FILE_BYTE * parsed.file_bytes
-        declared = sum(_numel(e.shape) for e in parsed.layers)
-        if declared > limit:
-            raise CompressedFileError(f"the compressed layers declare {declared} weights, more than the limit "
-                                      f"{limit} (pass max_elements or a model to allow it)")
-    layers, offset = [], 0
-    for entry in parsed.layers:
-        layers.append(_decode_layer(entry, parsed.payload, offset))
-        offset += sum(entry.segments)
-    dense = {}
-    for entry in parsed.tensors:
-        if entry.same_as is not None:
-            dense[entry.name] = dense[entry.same_as]
-            continue
-        dense[entry.name] = tensor_from_bytes(parsed.payload[offset:offset + entry.nbytes], entry.dtype, entry.shape)
-        offset += entry.nbytes
+    _check_skeleton(parsed, model, "")
+    decoded = list(_decoded_layers(parsed))
+    dense, tied = _dense_tensors(parsed, {d.entry.name for d in decoded})
+    summaries = _decode_posterior(parsed, decoded)
     config = parsed.header.get("config")
-    summaries = _decode_posterior(parsed, layers, offset) if predictive else None
-    return layers, dense, config if isinstance(config, dict) else {}, summaries
+    config = config if isinstance(config, dict) else {}
+    network = CompressedNetwork([d.layer() for d in decoded], dense, config, tied)
+    network.load_into(model)
+    members = members if members is not None else _setting(config, "num_averaged", 10)
+    seed = seed if seed is not None else _setting(config, "seed", 0)
+    return AveragedPredictor(MixturePosterior(network, summaries), model, network, members, seed).eval()
 
 
 def load_compressed(path: str | os.PathLike, model: nn.Module | None = None, *, max_elements: int | None = None,
-                    predictive: bool = False, members: int | None = None, seed: int | None = None
+                    prefix: str = "", predictive: bool = False, members: int | None = None, seed: int | None = None
                     ) -> nn.Module | CompressedNetwork | AveragedPredictor:
     """Load a ``.sqs`` file.
 
     With ``model`` (a skeleton of the original architecture, e.g. ``MNISTNet(28)`` or a
     transformers model built from the header's ``architecture.transformers_config``): its
     state dict must have exactly the file's names, shapes and dtypes (checked before
-    decoding); it is filled in place and returned. Without: the decoded
+    decoding); it is filled in place, one decoded layer at a time, and returned (every layer
+    is decoded and checked, in a compact form, before anything is filled). With ``prefix`` (e.g.
+    ``"lm."``), only the file's entries whose names start with it are matched to ``model``, without
+    it (a transformers model stored inside a wrapper); the others are ignored. Without: the decoded
     :class:`CompressedNetwork` (masks, codes, codebooks, windows, other tensors, config);
     its ``state_dict()`` gives plain tensors and ``load_into(skeleton)`` fills a module.
     ``max_elements`` caps the compressed weights decoded without a model (default
@@ -738,18 +836,12 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None, *, 
     tampered, unknown-version or mismatching file, or a predictive asked of a file without a
     posterior section (``OSError`` if it cannot be opened).
     """
-    if predictive and model is None:
-        raise SQSInputError("predictive=True needs the model (a skeleton of the original architecture)")
-    layers, dense, config, summaries = _wrap(path, _decode, model, max_elements, predictive)
-    if model is None:
-        return CompressedNetwork([decoded.layer() for decoded in layers], dense, config)
-    model.load_state_dict({**dense, **{decoded.entry.name: decoded.weight() for decoded in layers}}, strict=True)
-    if not predictive:
-        return model
-    network = CompressedNetwork([decoded.layer() for decoded in layers], dense, config)
-    members = members if members is not None else _setting(config, "num_averaged", 10)
-    seed = seed if seed is not None else _setting(config, "seed", 0)
-    return AveragedPredictor(MixturePosterior(network, summaries), model, network, members, seed).eval()
+    if predictive:
+        if model is None or prefix:
+            raise SQSInputError("predictive=True needs the model (a skeleton of the original architecture), "
+                                "without a prefix")
+        return _wrap(path, _predictive, model, members, seed)
+    return _wrap(path, _decode, max_elements) if model is None else _wrap(path, _fill, model, prefix)
 
 
 def _setting(config: dict[str, Any], key: str, default: int) -> int:
@@ -779,3 +871,12 @@ def layer_table(header: dict[str, Any]) -> list[dict[str, Any]]:
             "bytes_fp32": 4 * numel, "bound_bytes": entry["bound_bits"] / 8,
         })
     return rows
+
+
+def tensor_table(header: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per other tensor of a (checked) header: shape, dtype, stored dtype, bytes in the file (0 when
+    tied), the tensor or layer it is tied to, and fp32 bytes (of a floating-point tensor)."""
+    return [{"name": t["name"], "shape": t["shape"], "dtype": t["dtype"], "stored_dtype": t.get("stored_dtype", t["dtype"]),
+             "bytes": t["bytes"], "same_as": t.get("same_as"),
+             "bytes_fp32": 4 * _numel(t["shape"]) if t["dtype"] in FLOAT_DTYPES and "same_as" not in t else 0}
+            for t in header["tensors"]]

@@ -88,7 +88,8 @@ def load_model(path: str | os.PathLike, causal: bool):
 
 def load_transformers(path: str | os.PathLike) -> nn.Module:
     """The transformers model stored (possibly inside a wrapper) in a ``.sqs`` file, rebuilt from
-    the header's config as the same transformers class and filled with the decompressed weights."""
+    the header's config as the same transformers class and filled with the decompressed weights, one
+    layer at a time (the file's entries outside the transformers model, e.g. a wrapper's head, are ignored)."""
     _offline()
     import transformers
 
@@ -102,18 +103,4 @@ def load_transformers(path: str | os.PathLike) -> nn.Module:
         raise SQSInputError(f"{path}: unknown transformers class {hints['transformers_class']!r}")
     model = cls(config)
     prefix = hints["transformers_prefix"] + "." if hints["transformers_prefix"] else ""
-    state = load_compressed(path).state_dict()
-    mine = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    missing, unexpected = model.load_state_dict(mine, strict=False)
-    tied = {k for k in missing if _is_tied(model, k)}
-    if set(missing) - tied or unexpected:
-        raise SQSInputError(f"{path} does not fit {cls.__name__}: missing {sorted(set(missing) - tied)}, "
-                            f"unexpected {sorted(unexpected)}")
-    return model.eval()
-
-
-def _is_tied(model: nn.Module, name: str) -> bool:
-    """Whether parameter ``name`` shares its storage with another parameter (tied embeddings)."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    target = params.get(name)
-    return target is not None and any(p is target for k, p in params.items() if k != name)
+    return load_compressed(path, model, prefix=prefix).eval()
