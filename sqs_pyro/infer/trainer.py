@@ -189,15 +189,11 @@ class Trainer:
         if step == schedule.prune_start and phase == PRUNE:
             guide.set_gate_state(GateState.LEARN)
         if step == schedule.prune_end and phase == FINETUNE:
-            guide.freeze_mask()
-            for layer in guide.layers:  # the gate logits never step again: drop their Adam moments
-                self.optimizer.state.pop(layer.gate_logits, None)
+            self._freeze_gates()
             self.result.evaluate(eval_fn, step, "prune_end")
         if step == schedule.total_steps and phase == POSTERIOR:
             if guide.layers[0].state != GateState.FROZEN:  # a schedule without fine-tuning steps
-                guide.freeze_mask()
-                for layer in guide.layers:
-                    self.optimizer.state.pop(layer.gate_logits, None)
+                self._freeze_gates()
             guide.fix_point_codes()
             self.result.evaluate(eval_fn, step, "point_end")
         guide.mode = "sample" if phase == POSTERIOR else self.result.config.mode
@@ -212,6 +208,12 @@ class Trainer:
                 own = posterior_lr if group["name"] in POSTERIOR_GROUPS else 0.0
             group["lr"] = own * self.lr_scale
         return phase, beta
+
+    def _freeze_gates(self) -> None:
+        """Freeze the mask; the gate logits never step again, so their Adam moments are dropped."""
+        self.result.guide.freeze_mask()
+        for layer in self.result.guide.layers:
+            self.optimizer.state.pop(layer.gate_logits, None)
 
     def _finite(self, loss: torch.Tensor) -> bool:
         """Whether the loss and every gradient are finite: ``max_j |grad_j|`` (the inf-norm, NaN-propagating)
