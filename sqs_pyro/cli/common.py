@@ -120,11 +120,18 @@ def write_outputs(out: Path, result: SQSResult, summary: dict[str, Any], posteri
     build_report(out)  # report.html, built from the files above
 
 
-def sparsity_row(config: Mapping[str, Any], achieved: float) -> tuple[str, str]:
-    """The summary table's sparsity line from a run's config fields: which mode ran, what was asked,
-    and the sparsity the file holds."""
+def sparsity_row(config: Mapping[str, Any], achieved: float, search: Mapping[str, Any] | None = None
+                 ) -> tuple[str, str]:
+    """The summary table's sparsity line from a run's config fields: which mode ran, what was asked (or
+    searched: ``--max-error``), and the sparsity the file holds."""
+    if search is not None:
+        met = "met" if search["met"] else "NOT met by any rung"
+        return (f"sparsity (searched: validation error <= {search['max_error']:g}, {met}; "
+                f"{len(search['trials'])} runs)", f"{achieved:.4f}")
     if config["sparsity_mode"] == "auto":
         return "sparsity (auto: the posterior chose)", f"{achieved:.4f}"
+    if config["sparsity_mode"] == "median":
+        return f"sparsity (median rule g > 0.5, at least {config['sparsity']:g})", f"{achieved:.4f}"
     return f"sparsity (exact: asked {config['sparsity']:g})", f"{achieved:.4f}"
 
 
@@ -133,7 +140,7 @@ def run_summary(result: SQSResult, task: str, dense: dict[str, float], greedy: d
     """A ``summary.json`` of a run on the user's or a transformers model: held-out ``dense`` and ``greedy``
     metrics by name, the size accounting, the config, ``extra`` (what was compressed) and a printable ``table``."""
     acc = result.accounting()
-    table = {"task": task, **dict([sparsity_row(result.config.to_dict(), acc["sparsity"])]), "bits per kept weight": acc["bits"],
+    table = {"task": task, **dict([sparsity_row(result.config.to_dict(), acc["sparsity"], extra.get("sparsity_search"))]), "bits per kept weight": acc["bits"],
              "CR formula 32/((1-s)b)": f"{acc['cr_formula']:.1f}x",
              "compressed parameters": f"{acc['compressed_params']:,}", "wall time": f"{seconds:.0f} s",
              "O(N K) terms computed by": KERNEL_PATHS[result.guide.kernel_path()]}
