@@ -223,3 +223,19 @@ def test_averaged_module_refuses_zero_members():
     with pytest.raises(ValueError, match="num_members must be >= 1, got 0"):
         result.averaged_module(num_members=0)
     assert len(result.averaged_module().member_weights) == result.config.num_averaged
+
+
+def test_partially_stochastic_predictive_draws_only_the_named_layers():
+    """``layers`` draws the named layers as the full predictive does (same draws) and keeps the rest greedy:
+    none drawn is the greedy network's softmax; all named is the default predictive."""
+    result, x = run()
+    greedy, full = result.greedy_module(), result.averaged_module(num_members=3)
+    first, last = (layer.name for layer in result.compressed().layers)
+    torch.testing.assert_close(result.averaged_module(3, layers=[])(x), torch.softmax(greedy(x), -1))
+    torch.testing.assert_close(result.averaged_module(3, layers=[first, last])(x), full(x))
+    partial = result.averaged_module(3, layers=[last])
+    assert all(list(w) == [last] and torch.equal(w[last], f[last])
+               for w, f in zip(partial.member_weights, full.member_weights))
+    assert not torch.allclose(partial(x), full(x)) and not torch.allclose(partial(x), torch.softmax(greedy(x), -1))
+    with pytest.raises(ValueError, match="not compressed layers"):
+        result.averaged_module(3, layers=["nope.weight"])

@@ -4,7 +4,6 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 from sqs_pyro import SQSConfig
 from sqs_pyro.cli import main
@@ -12,22 +11,13 @@ from sqs_pyro.data import accuracy
 from sqs_pyro.errors import SQSInputError
 from sqs_pyro.infer import compress
 from sqs_pyro.infer.sparsity_search import SPARSITY_LADDER, search_sparsity
+from trained_mlp import X, Y, trained_mlp
 
-g = torch.Generator().manual_seed(0)
-X = torch.randn(1024, 16, generator=g)
-Y = (X @ torch.randn(16, 4, generator=g)).argmax(1)
 CONFIG = SQSConfig(components=4, epochs=4, batch_size=64, posterior_epochs=0.0)
 
 
 def run(config: SQSConfig):
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
-    with torch.no_grad():  # a trained start: least squares onto the one-hot labels through the random features
-        h = torch.relu(net[0](X))
-        sol = torch.linalg.lstsq(torch.cat([h, torch.ones(len(h), 1)], 1), nn.functional.one_hot(Y, 4).float()).solution
-        net[2].weight.copy_(sol[:-1].T)
-        net[2].bias.copy_(sol[-1])
-    return compress(net, (X[:768], Y[:768]), config, progress=False)
+    return compress(trained_mlp(), (X[:768], Y[:768]), config, progress=False)
 
 
 def val_error(result) -> float:

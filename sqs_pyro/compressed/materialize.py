@@ -12,7 +12,7 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -222,11 +222,14 @@ class AveragedPredictor(nn.Module):
     ``a_j ~ phi_j`` and slab noise ``s_{a_j} eps_j``; or by :meth:`MixturePosterior.draw
     <sqs_pyro.compressed.posterior.MixturePosterior.draw>` from a file's posterior summary.
     ``forward`` returns the mean of the members' softmax probabilities (``output="probs"``) or
-    of their raw outputs (``"mean"``). It reproduces from the seed.
+    of their raw outputs (``"mean"``). It reproduces from the seed. With ``layers`` only those
+    compressed layers are drawn, the others keep their greedy weights: the predictive of a
+    partially stochastic network (the same draws of the named layers as with all layers drawn).
     """
 
     def __init__(self, guide: SpikeGMMGuide | MixturePosterior, skeleton: nn.Module, compressed: CompressedNetwork,
-                 num_members: int = 10, seed: int = 0, output: str = "probs") -> None:
+                 num_members: int = 10, seed: int = 0, output: str = "probs",
+                 layers: Sequence[str] | None = None) -> None:
         super().__init__()
         if output not in ("probs", "mean"):
             raise ValueError(f"output must be 'probs' or 'mean', got {output!r}")
@@ -235,8 +238,11 @@ class AveragedPredictor(nn.Module):
         self.net = compressed.load_into(copy.deepcopy(skeleton))
         self.output = output
         draws = guide.draw(num_members, torch.Generator().manual_seed(seed))
-        layers = {layer.name: layer for layer in compressed.layers}
-        self.member_weights = [{name: layers[name].scaled(d.weight[m]) for name, d in draws.items()}
+        unknown = sorted(set(layers or ()) - set(draws))
+        if unknown:
+            raise ValueError(f"layers {unknown} are not compressed layers; those are {sorted(draws)}")
+        drawn = {layer.name: layer for layer in compressed.layers if layers is None or layer.name in layers}
+        self.member_weights = [{name: drawn[name].scaled(d.weight[m]) for name, d in draws.items() if name in drawn}
                                for m in range(num_members)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

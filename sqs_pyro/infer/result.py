@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from torch import nn
 
@@ -43,12 +43,14 @@ class SQSResult:
         """A plain module of the original architecture with the greedy compressed weights."""
         return self.compressed().load_into(copy.deepcopy(self.skeleton)).eval()
 
-    def averaged_module(self, num_members: int | None = None, output: str = "probs") -> AveragedPredictor:
+    def averaged_module(self, num_members: int | None = None, output: str = "probs",
+                        layers: Sequence[str] | None = None) -> AveragedPredictor:
         """The posterior predictive over ``num_members`` (default ``config.num_averaged``) networks drawn
-        from ``q``; ``ValueError`` unless ``num_members >= 1``."""
+        from ``q`` (only the compressed ``layers`` named, if given; the rest greedy); ``ValueError`` unless
+        ``num_members >= 1``."""
         members = self.config.num_averaged if num_members is None else num_members
         return AveragedPredictor(self.guide, self.skeleton, self.compressed(), members, seed=self.config.seed,
-                                 output=output).eval()
+                                 output=output, layers=layers).eval()
 
     def accounting(self) -> dict[str, Any]:
         return accounting(self.compressed())

@@ -52,9 +52,10 @@ class Schedule:
         frac = min(1.0, max(0, step - self.total_steps) / max(1, self.posterior_steps))
         return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * frac))
 
-    def target_sparsity(self, step: int) -> float:
-        """Cubic ramp ``s_t = s_f + (s_i - s_f) (1 - (t - t0)/(t1 - t0))^3`` (Zhu & Gupta, 2017)."""
-        s_i, s_f = self.config.initial_sparsity, self.config.sparsity
+    def target_sparsity(self, step: int, final: float | None = None) -> float:
+        """Cubic ramp ``s_t = s_f + (s_i - s_f) (1 - (t - t0)/(t1 - t0))^3`` (Zhu & Gupta, 2017); ``s_f`` is
+        ``final`` when given (``sparsity_mode="auto"``'s ladder), else the config's sparsity."""
+        s_i, s_f = self.config.initial_sparsity, self.config.sparsity if final is None else final
         if step < self.prune_start:
             return s_i
         span = self.prune_end - self.prune_start - 1  # the last pruning step reaches s_f

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from sqs_pyro.config import SQSConfig
 from sqs_pyro.errors import SQSDivergenceError
 from sqs_pyro.guides.spike_gmm import GateState, SpikeGMMGuide
+from sqs_pyro.infer.auto_sparsity import AUTO_BATCHES, AUTO_MAX, AutoSparsity
 from sqs_pyro.infer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from sqs_pyro.infer.data import BatchSource
 from sqs_pyro.infer.distributed import DistContext
@@ -28,10 +29,6 @@ from sqs_pyro.models.network import SQSModel
 #: the Adam groups that learn at ``lr_posterior`` in the posterior phase: what only the sampled ELBO's data term
 #: (and the KL) can teach, the widths and the mixing weights
 POSTERIOR_GROUPS = ("slab_scales", "mixing")
-#: sparsity_mode="auto": the candidate sparsities (besides the gates' own g_j > 0.5) and the training
-#: minibatches that score each one's negative ELBO
-AUTO_SPARSITIES = (0.0, 0.5, 0.75, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995)
-AUTO_BATCHES = 4
 
 
 def _rms(t: torch.Tensor) -> float:
@@ -94,6 +91,7 @@ class Trainer:
         self.optimizer = AdamWithSignGroups(param_groups(result.model, result.guide, config))
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.auto = AutoSparsity(config.sparsity) if config.sparsity_mode == "auto" else None
         self.step = 0
         self.lr_scale = 1.0
         self.rollbacks = 0
@@ -113,6 +111,7 @@ class Trainer:
             "world_size": self.ctx.world_size, "sites": [(s.name, s.shape) for s in r.model.sites],
             "model": r.model.state_dict(), "guide": r.guide.state_dict(), "optimizer": self.optimizer.state_dict(),
             "rng": rng_state(self.device), "history": r.history,
+            "auto_sparsity": None if self.auto is None else self.auto.state_dict(),
         })
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -125,6 +124,8 @@ class Trainer:
         self.step, self.lr_scale, self.rollbacks = int(state["step"]), float(state["lr_scale"]), int(state["rollbacks"])
         self._clock = time.perf_counter() - float(state["seconds"])
         self.result.history[:] = state["history"]
+        if self.auto is not None:
+            self.auto.load_state_dict(state["auto_sparsity"])
 
     def batches(self) -> Iterator[list[torch.Tensor]]:
         """This rank's share of the global batches from the current step on (drop-last epochs)."""
@@ -170,7 +171,7 @@ class Trainer:
             kl = guide.total_kl(self.result.model.priors()) if logging else 0.0  # at the loss's parameters
             self.optimizer.step()
             if phase == PRUNE:
-                guide.prune_to_quantile(schedule.target_sparsity(step), config.pruned_logit, config.prune_scope)
+                self._prune(step)
             if self.result.model.hyperpriors is not None and phase != POSTERIOR:  # empirical Bayes: the M-step (the
                 # posterior phase keeps the prior of the point estimate it fits around)
                 self.result.model.update_hyperpriors(guide.distributions())
@@ -214,36 +215,43 @@ class Trainer:
         return phase, beta
 
     def _freeze_gates(self) -> None:
-        """Freeze the mask (``sparsity_mode="auto"``: at :meth:`_choose_sparsity`); the gate logits never step
-        again, so their Adam moments are dropped."""
-        auto = self.result.config.sparsity_mode == "auto"
-        self.result.guide.freeze_mask(self._choose_sparsity() if auto else None)
+        """Freeze the mask (``sparsity_mode="auto"``: at the ladder's best rung); the gate logits never step again,
+        so their Adam moments are dropped."""
+        if self.auto is not None:
+            self.result.history.append({"step": self.step, **self.auto.summary()})
+        self.result.guide.freeze_mask(None if self.auto is None else self.auto.best)
         for layer in self.result.guide.layers:
             self.optimizer.state.pop(layer.gate_logits, None)
 
-    def _choose_sparsity(self) -> float:
-        """``sparsity_mode="auto"``: of the sparsities ``s >= s_f`` in :data:`AUTO_SPARSITIES` and the gates' own
-        (``g_j > 0.5``), the one whose mask (the top ``1 - s`` gates over all layers, frozen) gives the lowest
-        negative ELBO ``-E_q[log p(D | W)] + beta KL(q || p)`` on :data:`AUTO_BATCHES` training minibatches: the
-        prior's inclusion rate prices every kept weight, the data its fit (a two-part code length, MDL). The
-        scores and the choice go into the history."""
-        guide, floor = self.result.guide, self.result.config.sparsity
-        own = 1.0 - sum(int((layer.gate_logits > 0).sum()) for layer in guide.layers) / sum(
-            layer.gate_logits.numel() for layer in guide.layers)
-        candidates = sorted({s for s in AUTO_SPARSITIES if s >= floor} | {max(own, floor)})
+    def _prune(self, step: int) -> None:
+        """One step of the cubic ramp: reset the gates below its target (``"auto"``: score the ladder's rungs
+        the ramp reaches, stop it where the ELBO worsens; :mod:`.auto_sparsity`)."""
+        config, guide, auto = self.result.config, self.result.guide, self.auto
+        if auto is None:
+            guide.prune_to_quantile(self.schedule.target_sparsity(step), config.pruned_logit, config.prune_scope)
+            return
+        target = auto.target(self.schedule.target_sparsity(step, AUTO_MAX))
+        guide.prune_to_quantile(target, config.pruned_logit, "global")
+        rung = auto.due(target)
+        if rung is not None and auto.record(rung, self._score_mask(rung), [l.gate_logits for l in guide.layers]):
+            with torch.no_grad():  # back to the best rung's gates; the ramp holds there
+                for layer, logits in zip(guide.layers, auto.best_logits):
+                    layer.gate_logits.copy_(logits)
+
+    def _score_mask(self, sparsity: float) -> float:
+        """The negative ELBO (the run's ``kl_weight`` as beta) of the network with its mask at the top ``1 - sparsity``
+        gates over all layers, on :data:`AUTO_BATCHES` training minibatches; the gates learn again afterwards."""
+        model, guide = self.result.model, self.result.guide
         batches = self.minibatches.from_step(self.step)
         data = [next(batches) for _ in range(AUTO_BATCHES)]
-        scores = {}
-        for sparsity in candidates:
-            guide.set_gate_state(GateState.LEARN)
-            guide.freeze_mask(sparsity)
-            with torch.no_grad(), pyro.validation_enabled(False):
-                scores[sparsity] = sum(self.ctx.mean(self.loss_fn(x, y)) for x, y in data) / len(data)
+        guide.freeze_mask(sparsity)
+        beta = model.kl_weight
+        model.kl_weight = guide.kl_weight = self.result.config.kl_weight
+        with torch.no_grad(), pyro.validation_enabled(False):
+            score = sum(self.ctx.mean(self.loss_fn(x, y)) for x, y in data) / len(data)
+        model.kl_weight = guide.kl_weight = beta
         guide.set_gate_state(GateState.LEARN)
-        chosen = min(scores, key=scores.__getitem__)
-        self.result.history.append({"step": self.step, "phase": "auto_sparsity", "gates_own": own, "chosen": chosen,
-                                    "negative_elbo": {f"{s:.4f}": v for s, v in scores.items()}})
-        return chosen
+        return score
 
     def _finite(self, loss: torch.Tensor) -> bool:
         """Whether the loss and every gradient are finite: ``max_j |grad_j|`` (the inf-norm, NaN-propagating)
