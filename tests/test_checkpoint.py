@@ -196,3 +196,30 @@ def test_the_gates_moments_are_dropped_once_the_mask_is_frozen(tmp_path, monkeyp
         assert all((i in optimizer["state"]) != frozen for i in gates["params"])
         others = [i for group in optimizer["param_groups"][1:] for i in group["params"]]
         assert all(i in optimizer["state"] for i in others)
+
+
+def test_auto_sparsity_resumes_mid_ladder_exactly(tmp_path):
+    """``sparsity_mode="auto"`` keeps its ladder (scores, best rung, its gates) in the checkpoint: a run that
+    crashes mid-pruning and resumes ends as the uninterrupted run does."""
+    config = worker.CONFIG.replace(sparsity=0.0, sparsity_mode="auto")
+
+    def evaluator(crash: bool):
+        def eval_fn(module):
+            if crash:
+                raise KeyboardInterrupt
+            return {"nonzero": float(sum(int((p != 0).sum()) for p in module.parameters()))}
+        return eval_fn
+
+    net, x, y = worker.tiny_problem()
+    reference = compress(net, (x, y), config, eval_fn=evaluator(False), eval_every=worker.EVAL_EVERY, progress=False)
+    ladder = [h for h in reference.history if h.get("phase") == "auto_sparsity"]
+    assert len(ladder) == 1 and len(ladder[0]["negative_elbo"]) >= 2
+    with pytest.raises(KeyboardInterrupt):  # at step 25, mid-pruning (steps 10-38), after a checkpoint at 20
+        compress(net, (x, y), config, eval_fn=evaluator(True), eval_every=worker.EVAL_EVERY, progress=False,
+                 checkpoint_dir=tmp_path, checkpoint_every=10)
+    state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert state["step"] == 20 and state["auto_sparsity"]["scores"]
+    resumed = compress(net, (x, y), config, eval_fn=evaluator(False), eval_every=worker.EVAL_EVERY, progress=False,
+                       checkpoint_dir=tmp_path, resume=True)
+    assert _same(resumed.compressed().state_dict(), reference.compressed().state_dict())
+    assert resumed.history == reference.history
