@@ -14,11 +14,11 @@ bound), then materialise the compressed network. Two phases, as the driver runs 
     python examples/svi_script.py --smoke-test  # a few steps on 512 images (CI)
 """
 import argparse
+import math
 
 import pyro
 import torch
 from pyro.infer import SVI, TraceMeanField_ELBO
-from pyro.optim import Adam
 
 from sqs_pyro import SQSConfig
 from sqs_pyro.compressed.materialize import AveragedPredictor
@@ -28,6 +28,13 @@ from sqs_pyro.guides import GateState, SpikeGMMGuide
 from sqs_pyro.infer.schedules import PRUNE, Schedule
 from sqs_pyro.compressed.materialize import materialize
 from sqs_pyro.models import CategoricalLikelihood, SQSModel, select_layers
+
+
+def epoch_batches(n: int, batch: int, generator: torch.Generator):
+    """Minibatch indices: a seeded permutation per epoch, walked in order (the last partial batch dropped)."""
+    while True:
+        order = torch.randperm(n, generator=generator)
+        yield from (order[i:i + batch] for i in range(0, n - batch + 1, batch))
 
 
 def main() -> None:
@@ -58,12 +65,14 @@ def main() -> None:
                                          config.lr_codebook if "group_scales" in name else config.lr_dense)}
     optim = pyro.optim.LambdaLR({"optimizer": torch.optim.Adam, "optim_args": rate, "lr_lambda": schedule.lr_factor})
     svi = SVI(model, guide, optim, TraceMeanField_ELBO())
+    order = torch.Generator().manual_seed(0)
+    batches = epoch_batches(n_train, batch, order)
 
     for step in range(schedule.total_steps):
         model.kl_weight = guide.kl_weight = schedule.kl_weight(step)
         guide.gate_temperature.fill_(schedule.gate_temperature(step))
         guide.assign_temperature.fill_(schedule.assign_temperature(step))
-        idx = torch.randint(0, n_train, (batch,))
+        idx = next(batches)
         loss = svi.step(x[idx], y[idx])
         optim.step()
         if schedule.phase(step) == PRUNE:  # the cubic ramp; the mask freezes where pruning ends
@@ -80,11 +89,15 @@ def main() -> None:
     guide.mode = "sample"
     model.kl_weight = guide.kl_weight = config.posterior_kl_weight
     learns = lambda name: name.endswith(("scale_raw", "mix_logits"))  # noqa: E731
-    posterior = SVI(model, guide, Adam(lambda name: {"lr": config.lr_posterior if learns(name) else 0.0}),
-                    TraceMeanField_ELBO())
-    for step in range(max(1, int(config.posterior_epochs * n_train // batch))):
-        idx = torch.randint(0, n_train, (batch,))
+    posterior_steps = max(1, int(config.posterior_epochs * n_train // batch))
+    cosine = lambda step: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / posterior_steps)))  # noqa: E731
+    posterior_optim = pyro.optim.LambdaLR({"optimizer": torch.optim.Adam, "lr_lambda": cosine, "optim_args": lambda
+                                           name: {"lr": config.lr_posterior if learns(name) else 0.0}})
+    posterior = SVI(model, guide, posterior_optim, TraceMeanField_ELBO())
+    for step in range(posterior_steps):
+        idx = next(batches)
         loss = posterior.step(x[idx], y[idx])
+        posterior_optim.step()
     print(f"posterior phase  -ELBO {loss:12.1f}")
 
     compressed = materialize(guide, model.net, group_scales=model.group_scales())  # one fp16 scale per row

@@ -215,9 +215,12 @@ class SpikeGMMGuide(PyroModule):
             return [None] * len(self.layers)
         logits = [layer.gate_logits.detach() for layer in self.layers]
         if scope == "lamp":
-            if self.layer_sparsity is None:
+            if self.config.sparsity_mode == "auto":  # no fixed target: the budgets at this sparsity, from the latents
+                shares = lamp_sparsities([layer.latent.detach() for layer in self.layers], sparsity)
+            elif self.layer_sparsity is None:
                 raise ValueError("prune scope 'lamp' needs a guide built with prune_scope='lamp'")
-            shares = [s_l * sparsity / self.config.sparsity for s_l in self.layer_sparsity]
+            else:
+                shares = [s_l * sparsity / self.config.sparsity for s_l in self.layer_sparsity]
             return [_kthvalue(t, share) for t, share in zip(logits, shares)]
         return scoped_kthvalues(logits, scope, lambda n: min(n, math.ceil(sparsity * n - 1e-9)))
 
@@ -225,14 +228,14 @@ class SpikeGMMGuide(PyroModule):
     def freeze_mask(self, sparsity: float | None = None) -> None:
         """Fix the mask of the layers whose gates learn, and stop every gate from learning.
 
-        The mask keeps the weights above the ``sparsity`` quantile of the gate logits, so that
-        exactly that fraction goes (up to ties): by default (``sparsity_mode="exact"``) ``s_f``
-        within the prune scope; a given ``sparsity`` ranks all layers' gates together (the
-        posterior's own allocation; ``"auto"``'s choice). Otherwise (``"median"``, or ``"auto"`` without
+        The mask keeps the weights above the prune scope's ``sparsity`` quantile of the gate
+        logits, so that exactly that fraction goes (up to ties): by default
+        (``sparsity_mode="exact"``) ``s_f``, or a given ``sparsity`` (``"auto"``'s choice; its
+        ``"lamp"`` budgets are taken from the latent weights at that sparsity). Otherwise (``"median"``, or ``"auto"`` without
         a choice) the mask keeps ``g_j > 0.5`` (the posterior median rule). Gates that never learned (still open) leave the
         mask the guide started with: a pruned start's, else every weight; a frozen mask stays."""
         if sparsity is not None:
-            thresholds = self._gate_thresholds(sparsity, "global")
+            thresholds = self._gate_thresholds(sparsity, self.config.prune_scope)
         elif self.config.sparsity_mode == "exact":
             thresholds = self._gate_thresholds(self.config.sparsity, self.config.prune_scope)
         else:

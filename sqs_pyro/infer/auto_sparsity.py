@@ -1,7 +1,7 @@
 """``sparsity_mode="auto"``: the pruning ramp climbs a ladder of sparsities and stops where the ELBO does.
 
 The ramp runs towards :data:`AUTO_MAX`. Each time it reaches a rung, the mask of that rung (the top
-``1 - s`` gate logits over all layers) is scored by the negative ELBO
+``1 - s`` gate logits of the prune scope; ``"lamp"``: at budgets from the latent weights) is scored by the negative ELBO
 
     L(s) = -E_q[log p(D | W)] + beta KL(q || p),    beta = the run's kl_weight,
 

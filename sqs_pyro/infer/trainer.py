@@ -231,7 +231,7 @@ class Trainer:
             guide.prune_to_quantile(self.schedule.target_sparsity(step), config.pruned_logit, config.prune_scope)
             return
         target = auto.target(self.schedule.target_sparsity(step, AUTO_MAX))
-        guide.prune_to_quantile(target, config.pruned_logit, "global")
+        guide.prune_to_quantile(target, config.pruned_logit, config.prune_scope)
         rung = auto.due(target)
         if rung is not None and auto.record(rung, self._score_mask(rung), [l.gate_logits for l in guide.layers]):
             with torch.no_grad():  # back to the best rung's gates; the ramp holds there
@@ -240,7 +240,7 @@ class Trainer:
 
     def _score_mask(self, sparsity: float) -> float:
         """The negative ELBO (the run's ``kl_weight`` as beta) of the network with its mask at the top ``1 - sparsity``
-        gates over all layers, on :data:`AUTO_BATCHES` training minibatches; the gates learn again afterwards."""
+        gates of the prune scope, on :data:`AUTO_BATCHES` training minibatches; the gates learn again afterwards."""
         model, guide = self.result.model, self.result.guide
         batches = self.minibatches.from_step(self.step)
         data = [next(batches) for _ in range(AUTO_BATCHES)]
