@@ -33,6 +33,7 @@ from sqs_pyro.errors import SQSInputError
 from sqs_pyro.format import save_compressed
 from sqs_pyro.format.container import FLOAT_DTYPES
 from sqs_pyro.hf.oneshot import blockwise_hessians, embedding_sites, tied_head_hessian
+from sqs_pyro.infer.allocator import return_freed_memory
 from sqs_pyro.infer.devices import resolve_device
 from sqs_pyro.models import select_layers, transformer_include
 
@@ -82,6 +83,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="evaluate on the first N windows of each held-out file only")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration pick (0)")
     p.add_argument("--no-progress", action="store_true", help="hide the pass-by-pass progress on stderr")
+    p.add_argument("--return-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="return freed large tensors to the system at once (glibc), so that a stage's peak is its "
+                        "own tensors, not the heap left by the stages before (default: on)")
     add_device_option(p)
     p.set_defaults(func=run)
 
@@ -112,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
     """Load, calibrate, quantise, write and (optionally) evaluate."""
     _check(args)
     torch.set_num_threads(1)
+    if args.return_freed_memory:
+        return_freed_memory()
     say = Progress(not args.no_progress)
     say("loading the model")
     tokenizer, model = hf.load_model(args.hf, causal=True)
@@ -133,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         say("quantising the matrices")
     network = _quantize(args, net, calib)
     seconds = time.perf_counter() - started
+    model.to("meta")  # every weight is coded or copied into the network: free them before writing (config stays)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "model.sqs"
     file_bytes = save_compressed(network, path, model=net, tensor_dtype=args.tensor_dtype)
