@@ -8,7 +8,9 @@ call of ``quantize_layer`` (the token table apart from the matrices), of ``feedb
 each decoder block's moments, writing the file and loading it back. At a mark the peak since the
 previous mark (``VmHWM``, reset after each mark) and the RSS now are read from /proc. Prints, for
 each stretch between two consecutive marks (the same stretch over many matrices merged), its
-highest peak and the RSS at its end, in GB, sorted by peak, and writes them to ``--out``.
+highest peak and the RSS at its end, in GB, sorted by peak, and writes them to ``--out`` with the
+run's peak (the highest of them). Resetting ``VmHWM`` also resets ``getrusage``'s maximum, so the
+``peak_rss_bytes`` that ``quantize`` prints under this probe is only its last stretch's.
 """
 import argparse
 import json
@@ -80,8 +82,9 @@ def main() -> None:
     for r in rows:
         print(f"{r['peak_gb']:6.3f} GB peak, {r['rss_after_gb']:6.3f} GB after ({r['times']:3d}x)  "
               f"{r['from']} -> {r['to']}")
+    print(f"peak of the run: {rows[0]['peak_gb']:.3f} GB")
     args.out.write_text(json.dumps({"command": "sqs-pyro quantize " + " ".join(options), "rc": rc,
-                                    "stretches": rows}, indent=1))
+                                    "peak_bytes": max(v[0] for v in stretches.values()), "stretches": rows}, indent=1))
 
 
 if __name__ == "__main__":
