@@ -16,6 +16,7 @@ OTHER five novels (seed 0, the same windowing).
     python benchmarks/lm_anchors.py --austen assets/austen --method rtn --group 64        # min/max round-to-nearest
     python benchmarks/lm_anchors.py --austen assets/austen --method hqq --group 64        # HQQ 4-bit (hqq package)
     venv-llmc/bin/python benchmarks/lm_anchors.py --austen assets/austen --method gptq --group 64   # llmcompressor GPTQ int4 (128 refused: 576 % 128)
+    venv-llmc/bin/python benchmarks/lm_anchors.py --austen assets/austen --method gptq --bits 3 --group 64   # GPTQ int3
     venv-llmc/bin/python benchmarks/lm_anchors.py --austen assets/austen --method sparsegpt  # llmcompressor SparseGPT 50% (~25 min)
     venv-llmc/bin/python benchmarks/lm_anchors.py --austen assets/austen --method wanda      # llmcompressor Wanda 50%
     venv-llmc/bin/python benchmarks/lm_anchors.py --austen assets/austen --method sparsegpt_w4 --group 64  # SparseGPT 50%, then W4
@@ -208,8 +209,8 @@ def wanda_dense(lm: nn.Module, calib: torch.Tensor, sparsity: float, batch_size:
             "variant": "Wanda, per-output-row 50% unstructured, input norms from the dense model (one pass)"}
 
 
-def llmc(lm: nn.Module, tokenizer, calib: torch.Tensor, method: str, group: int, sparsity: float) -> dict:
-    """llmcompressor one-shot (GPTQ W4A16 / SparseGPT / Wanda) on CPU with the Austen calibration windows."""
+def llmc(lm: nn.Module, tokenizer, calib: torch.Tensor, method: str, group: int, sparsity: float, bits: int = 4) -> dict:
+    """llmcompressor one-shot (GPTQ W``bits``A16 / SparseGPT / Wanda) on CPU with the Austen calibration windows."""
     from datasets import Dataset
     from llmcompressor import oneshot
 
@@ -219,15 +220,16 @@ def llmc(lm: nn.Module, tokenizer, calib: torch.Tensor, method: str, group: int,
         from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
         scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-            num_bits=4, type="int", symmetric=True, strategy="group", group_size=group))
+            num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group))
         recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=ignore)
-        info = {"bits_per_weight": 4 + 16 / group, "side_info": "one 16-bit scale per group (symmetric, no zero)"}
+        info = {"bits": bits, "bits_per_weight": bits + 16 / group,
+                "side_info": "one 16-bit scale per group (symmetric, no zero)"}
         if method == "sparsegpt_w4":  # prune, then round the survivors to the symmetric grid (zero stays zero)
             from llmcompressor.modifiers.pruning import SparseGPTModifier
 
             recipe = [SparseGPTModifier(sparsity=sparsity, mask_structure="0:0", targets=["Linear"], ignore=ignore),
                       QuantizationModifier(config_groups={"group_0": scheme}, ignore=ignore)]
-            info = {"bits_per_weight": (1 - sparsity) * 4 + 1 + 16 / group,
+            info = {"bits": bits, "bits_per_weight": (1 - sparsity) * bits + 1 + 16 / group,
                     "side_info": "4-bit kept values + 1-bit mask + one 16-bit scale per group"}
     elif method == "sparsegpt":
         from llmcompressor.modifiers.pruning import SparseGPTModifier  # noqa: F401 (location differs by version)
@@ -323,7 +325,7 @@ def main() -> None:
     else:
         row.update(group=args.group if args.method in W4_GROUP_METHODS else None, calib_windows=len(calib),
                    calib_tokens=int(calib.numel()),
-                   **llmc(lm, tok, calib, args.method, args.group, args.sparsity))
+                   **llmc(lm, tok, calib, args.method, args.group, args.sparsity, args.bits))
     row["compress_seconds"] = time.perf_counter() - t1
     row["sparsity_measured"] = sparsity_of(lm)
     t2 = time.perf_counter()

@@ -7,7 +7,7 @@ import torch
 
 from sqs_pyro.cli import main
 from sqs_pyro.format import load_compressed
-from sqs_pyro.hf import load_transformers, perplexity, text_windows
+from sqs_pyro.hf import CausalLM, load_transformers, perplexity, text_windows
 
 transformers = pytest.importorskip("transformers", reason="transformers not installed")
 from tiny_hf import WORDS, tiny_llama, word_tokenizer  # noqa: E402 (after the skip)
@@ -129,6 +129,37 @@ def test_compress_starts_from_a_quantized_file(folder, tmp_path, capsys):
     eight = [("8" if a == "4" else a) for a in common]  # -K 8 against a 4-level file
     assert main([*eight, "--start", str(q / "model.sqs"), "--out", str(tmp_path / "bad")]) == 2
     assert "4 levels" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_device_option_runs_the_forward_passes_there(folder, tmp_path, device):
+    common = ["quantize", "--hf", str(folder / "model"), "-K", "4", "--group-size", "8", "--data",
+              str(folder / "train.txt"), "--calib-windows", "16", "--eval-data", str(folder / "eval.txt"),
+              "--seq-len", "8", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "there"), "--device", device]) == 0
+    assert main([*common, "--out", str(tmp_path / "cpu"), "--device", "cpu"]) == 0
+    there, cpu = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("there", "cpu"))
+    assert there["device"].startswith(device) and cpu["device"] == "cpu"
+    if device == "cpu":  # the same run, the same file
+        assert (tmp_path / "there" / "model.sqs").read_bytes() == (tmp_path / "cpu" / "model.sqs").read_bytes()
+    # the reported perplexity is the written file's, on the CPU too
+    held = text_windows(word_tokenizer(), [folder / "eval.txt"], 8)
+    ppl = perplexity(CausalLM(load_transformers(tmp_path / "there" / "model.sqs")), held)
+    assert math.isclose(there["perplexity"], ppl, rel_tol=1e-4)
+    assert math.isclose(there["perplexity"], cpu["perplexity"], rel_tol=1e-2)
+
+
+@pytest.mark.parametrize("device, message", [("tpu", "device must be auto, cpu, cuda or cuda:N"),
+                                             ("cuda:99", "device 'cuda:99'")])
+def test_a_bad_device_is_one_clear_error_before_the_model_loads(folder, tmp_path, capsys, monkeypatch, device, message):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the device was checked")
+
+    monkeypatch.setattr("sqs_pyro.hf.load_model", refuse)
+    assert main(["quantize", "--hf", str(folder / "model"), "--out", str(tmp_path / "q"), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not (tmp_path / "q").exists()
 
 
 @pytest.mark.parametrize("quiet", [False, True])

@@ -8,8 +8,10 @@ scales), gathered one decoder block at a time (:mod:`sqs_pyro.hf.oneshot`), and 
 are the largest ``|w| ||x||``; the token table, tied to the LM head, is coded with error feedback
 under the head's input moments (``--no-head-feedback``: nearest level with searched scales).
 Without it, nearest-level coding and the largest ``|w|``. ``--eval-data`` gives the held-out
-perplexity of the dense and of the quantised model (from the written file). The summary reports
-the process's peak resident memory, also per parameter and against the fp32 model's bytes.
+perplexity of the dense and of the quantised model (from the written file). ``--device`` is where
+the model's forward passes run (the calibration moments and the perplexities); the coding itself
+runs on the CPU. The summary reports the process's peak resident memory, also per parameter and
+against the fp32 model's bytes.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 
 from sqs_pyro import hf
-from sqs_pyro.cli.common import Progress, check_files, non_negative_int, positive_int
+from sqs_pyro.cli.common import Progress, add_device_option, check_files, non_negative_int, positive_int
 from sqs_pyro.compressed import accounting
 from sqs_pyro.compressed.error_feedback import SHRINK_GRID, hessian_scores
 from sqs_pyro.compressed.oneshot import oneshot_config, oneshot_network, quantize_sites
@@ -31,6 +33,8 @@ from sqs_pyro.errors import SQSInputError
 from sqs_pyro.format import save_compressed
 from sqs_pyro.format.container import FLOAT_DTYPES
 from sqs_pyro.hf.oneshot import blockwise_hessians, embedding_sites, tied_head_hessian
+from sqs_pyro.infer.allocator import return_freed_memory
+from sqs_pyro.infer.devices import resolve_device
 from sqs_pyro.models import select_layers, transformer_include
 
 
@@ -79,6 +83,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="evaluate on the first N windows of each held-out file only")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration pick (0)")
     p.add_argument("--no-progress", action="store_true", help="hide the pass-by-pass progress on stderr")
+    p.add_argument("--return-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="return freed large tensors to the system at once (glibc), so that a stage's peak is its "
+                        "own tensors, not the heap left by the stages before (default: on)")
+    add_device_option(p)
     p.set_defaults(func=run)
 
 
@@ -101,22 +109,25 @@ def _check(args: argparse.Namespace) -> None:
                             "calibration data: they need --data")
     check_files("--data", args.data)
     check_files("--eval-data", args.eval_data)
+    args.device = resolve_device(args.device)
 
 
 def run(args: argparse.Namespace) -> int:
     """Load, calibrate, quantise, write and (optionally) evaluate."""
     _check(args)
     torch.set_num_threads(1)
+    if args.return_freed_memory:
+        return_freed_memory()
     say = Progress(not args.no_progress)
     say("loading the model")
     tokenizer, model = hf.load_model(args.hf, causal=True)
-    net = hf.CausalLM(model)
+    net = hf.CausalLM(model).to(args.device)
     held = {str(f): hf.text_windows(tokenizer, [f], args.seq_len)[:args.max_eval_windows] for f in args.eval_data or ()}
     calib = None
     if args.data:
         windows = hf.text_windows(tokenizer, args.data, args.seq_len)
         pick = torch.randperm(len(windows), generator=torch.Generator().manual_seed(args.seed))[:args.calib_windows]
-        calib = windows[pick, :-1]
+        calib = windows[pick, :-1].to(args.device)
     if held:
         say(f"perplexity of the dense model on {sum(len(w) for w in held.values())} windows")
     dense = _perplexities(net, held, "perplexity_dense")
@@ -128,13 +139,14 @@ def run(args: argparse.Namespace) -> int:
         say("quantising the matrices")
     network = _quantize(args, net, calib)
     seconds = time.perf_counter() - started
+    model.to("meta")  # every weight is coded or copied into the network: free them before writing (config stays)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "model.sqs"
     file_bytes = save_compressed(network, path, model=net, tensor_dtype=args.tensor_dtype)
     acc = accounting(network)
     n = acc["compressed_params"]
     params = n + acc["other_params"]
-    summary = {"hf": str(args.hf), "components": args.components, "embedding_components": _embedding_k(args),
+    summary = {"hf": str(args.hf), "device": str(args.device), "components": args.components, "embedding_components": _embedding_k(args),
                "group_size": args.group_size, "sparsity": acc["sparsity"],
                "exact_outliers": args.exact_outliers, "calib_windows": 0 if calib is None else len(calib),
                "error_feedback": calib is not None, "act_order": calib is not None and not args.natural_order,
@@ -146,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     gc.collect()
     if held:
         say(f"perplexity of the quantised model on {sum(len(w) for w in held.values())} windows")
-        summary.update(_perplexities(hf.CausalLM(hf.load_transformers(path)), held, "perplexity"))
+        summary.update(_perplexities(hf.CausalLM(hf.load_transformers(path)).to(args.device), held, "perplexity"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
     summary.update(peak_rss_bytes=peak, peak_bytes_per_param=peak / params, peak_over_fp32=peak / (4 * params))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -189,6 +201,7 @@ def _quantize(args: argparse.Namespace, net: torch.nn.Module, calib: torch.Tenso
         moments = None
         if args.head_feedback:
             moments = tied_head_hessian(net, s, calib.split(8))
+            moments = None if moments is None else moments.cpu()
         if calib is not None and moments is None:
             moments = torch.eye(s.shape[1])  # nearest level, with the scale search
         layer, = quantize_sites(net, [s], _embedding_k(args), args.group_size, count, None,
@@ -197,12 +210,14 @@ def _quantize(args: argparse.Namespace, net: torch.nn.Module, calib: torch.Tenso
     if calib is not None:
         for block, hessians in blockwise_hessians(net, sites, calib.split(8)):
             scores = hessian_scores(net, block, hessians)
+            hessians = {name: h.cpu() for name, h in hessians.items()}
             for layer in quantize_sites(net, block, args.components, args.group_size, count, scores, hessians, **options):
                 layers[layer.name] = layer
             del hessians, scores
     rest = [s for s in sites if s.name not in layers]
     for layer in quantize_sites(net, rest, args.components, args.group_size, count, **options):
         layers[layer.name] = layer
+    net.cpu()  # the forward passes are done: the file is written from the CPU
     order = [s.name for s in tables] + [s.name for s in sites]
     config = oneshot_config(args.components, args.group_size, count, fraction, calib is not None,
                             not args.natural_order, shrink, args.sparsity, embedding_components=_embedding_k(args),

@@ -36,6 +36,7 @@ from sqs_pyro.models.selection import CompressedSite
 
 # Candidate factors of a group's max |w| for its scale (chosen per group by weighted coding error).
 SHRINK_GRID = tuple(x / 40 for x in range(28, 45))  # 0.7, 0.725, ..., 1.1
+ROW_CHUNK = 4096  # rows per step of the error update of the columns not yet coded (bounds its temporary)
 
 
 @torch.no_grad()
@@ -166,8 +167,10 @@ def feedback_quantize(layer: CompressedLayer, weight: torch.Tensor, hessian: tor
     elif g:
         block = g * max(1, math.ceil(block / g))  # a group never straddles two blocks
     codes = torch.zeros(rows, cols, dtype=code_dtype(layer.components))
-    coded = torch.zeros(rows, cols)
     pruned = torch.zeros(rows, cols, dtype=torch.bool)
+    # the exact weights' error-fed values (at their sorted flat positions), written when their column is reached
+    exact_values = torch.zeros(layer.num_exact, dtype=torch.float16)
+    exact_columns = exact.any(0).tolist()
     scale = torch.ones(rows)
     for start in range(0, cols, block):
         stop = min(start + block, cols)
@@ -186,18 +189,22 @@ def feedback_quantize(layer: CompressedLayer, weight: torch.Tensor, hessian: tor
             code = _nearest(column / scale, levels)
             q = torch.where(exact[:, c], column.half().float(), scale * levels[code])
             q = q.masked_fill(pruned[:, c], 0.0)
-            codes[:, c], coded[:, c] = code.to(codes.dtype), q
+            codes[:, c] = code.to(codes.dtype)
+            if exact_columns[c]:
+                r = exact[:, c].nonzero().squeeze(1)
+                exact_values[torch.searchsorted(layer.exact_index, r * cols + int(order[c]))] = q[r].half()
             err = (column - q) / factor[c, c]
             part[:, j:] -= err[:, None] * factor[c, c:stop][None, :]
             errors[:, j] = err
-        w[:, stop:] -= errors @ factor[start:stop, stop:]
-    codes, coded = _unpermute(codes, order), _unpermute(coded, order)
+        for top in range(0, rows, ROW_CHUNK):  # the update in chunks of rows: no full-width temporary
+            w[top:top + ROW_CHUNK, stop:] -= errors[top:top + ROW_CHUNK] @ factor[start:stop, stop:]
+    codes = _unpermute(codes, order)
     layer.mask = (~exact_given & ~_unpermute(pruned, order)).reshape(layer.shape).to(layer.mask.device)
     layer.codes = torch.where(layer.mask, codes.reshape(layer.shape), 0).to(layer.codes.device)
     if g:
         layer.scales = scales
     if layer.num_exact:
-        layer.exact_values = coded.reshape(-1)[layer.exact_index].half()
+        layer.exact_values = exact_values
     return layer
 
 

@@ -37,6 +37,8 @@ from sqs_pyro.guides.kmeans import kmeans_codebook
 from sqs_pyro.models.group_scales import apply_group_scales, group_absmax, normalise
 from sqs_pyro.models.selection import CompressedSite
 
+CHUNK = 1 << 20  # values per step of the nearest-level coding of a large tensor
+
 
 @torch.no_grad()
 def quantize_layer(name: str, weight: torch.Tensor, components: int, group_size: int, exact: int = 0,
@@ -59,36 +61,58 @@ def quantize_layer(name: str, weight: torch.Tensor, components: int, group_size:
         index = torch.sort(torch.topk(s, exact).indices).values
         values = flat[index].to(torch.float16)
         mask[index] = False
-    u = flat.masked_fill(~mask, 0.0).reshape(w.shape)
-    scales = group_absmax(u, group_size) if group_size else None
-    if group_size:
-        u = _over_scales(u, scales, group_size)
+    u = flat.masked_fill(~mask, 0.0).reshape(w.shape)  # the exact weights zeroed: a copy of w
     prune = round(sparsity * int(mask.sum()))
     if prune:  # the smallest scores among the coded weights
         mask[torch.argsort(s.masked_fill(~mask, float("inf")), stable=True)[:prune]] = False
     del s
+    scales = _group_absmax(u, group_size) if group_size else None
+    if group_size:
+        u = _over_scales_(u, scales, group_size)
     layer = CompressedLayer(name, tuple(w.shape), mask.reshape(w.shape), torch.zeros(0, dtype=code_dtype(components)),
                             torch.zeros(components), torch.zeros(components, dtype=torch.long), group_size,
                             scales, index, values)
     weights = None
+    select = (lambda x: x.reshape(-1)) if bool(mask.all()) else (lambda x: torch.masked_select(x.reshape(-1), mask))
     if input_energy is not None:
-        sigma = apply_group_scales(torch.ones(w.shape), scales, group_size) if group_size else torch.ones(w.shape)
-        weights = (sigma ** 2 * input_energy.float().cpu()[None, :]).reshape(-1)[mask]
-    u = u.reshape(-1) if bool(mask.all()) else u.reshape(-1)[mask]
+        energy = input_energy.float().cpu()
+        if group_size and w.shape[1] % group_size == 0:  # sigma^2 H_cc group by group, no full tensor of scales
+            weights = scales.float()[..., None] ** 2 * energy.view(1, -1, group_size)
+        else:
+            sigma = apply_group_scales(torch.ones(w.shape), scales, group_size) if group_size else torch.ones(w.shape)
+            weights = sigma ** 2 * energy[None, :]
+        weights = select(weights)
+    u = select(u)  # masked_select: no int64 positions
     codebook = kmeans_codebook(u, components, weights)
-    codes = torch.zeros(flat.numel(), dtype=code_dtype(components))
-    codes[mask] = torch.bucketize(u, (codebook[1:] + codebook[:-1]) / 2).to(codes.dtype)  # nearest sorted level
+    mids = (codebook[1:] + codebook[:-1]) / 2
+    nearest = torch.empty(u.numel(), dtype=code_dtype(components))
+    for start in range(0, u.numel(), CHUNK):  # nearest sorted level, without a full int64 tensor
+        nearest[start:start + CHUNK] = torch.bucketize(u[start:start + CHUNK], mids)
+    del u, weights
+    codes = torch.zeros(flat.numel(), dtype=nearest.dtype).masked_scatter_(mask, nearest)
     layer.codes, layer.codebook = codes.reshape(w.shape), codebook.to(weight.dtype)
     return layer
 
 
-def _over_scales(values: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+def _group_absmax(values: torch.Tensor, group_size: int) -> torch.Tensor:
+    """:func:`~sqs_pyro.models.group_scales.group_absmax`, as ``max(max w, -min w)`` per group (no copy of
+    ``|w|``) when the groups tile the rows."""
+    rows = values.shape[0]
+    if (values.numel() // rows) % group_size:
+        return group_absmax(values, group_size)
+    groups = values.reshape(rows, -1, group_size)
+    peak = torch.maximum(groups.amax(-1), groups.amin(-1).neg_())
+    return peak.clamp_min(torch.finfo(torch.float16).tiny).to(torch.float16)
+
+
+def _over_scales_(values: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
     """``u = w / sigma`` (:func:`~sqs_pyro.models.group_scales.normalise`'s values), group by group
-    without a full tensor of scales when the groups tile the rows."""
+    in place of ``values`` (contiguous) when the groups tile the rows, else a new tensor."""
     rows = values.shape[0]
     if (values.numel() // rows) % group_size:
         return normalise(values, group_size, scales)[0]
-    return (values.reshape(rows, -1, group_size) / scales.float()[..., None]).reshape(values.shape)
+    values.view(rows, -1, group_size).div_(scales.float()[..., None])
+    return values
 
 
 @torch.no_grad()

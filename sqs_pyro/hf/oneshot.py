@@ -22,7 +22,7 @@ from sqs_pyro.models.selection import CompressedSite
 
 
 class _Caught(Exception):
-    """Raised by the hook on the first block once its inputs are recorded (the rest is not run)."""
+    """Raised by a hook once the inputs it waits for are recorded (the rest of the pass is not run)."""
 
 
 def decoder_blocks(model: nn.Module, sites: Sequence[CompressedSite]) -> tuple[str, nn.ModuleList]:
@@ -89,13 +89,24 @@ def embedding_sites(net: nn.Module) -> list[CompressedSite]:
 def tied_head_hessian(net: nn.Module, table: CompressedSite, batches: Sequence[torch.Tensor]) -> torch.Tensor | None:
     """The input second moment of the Linear module whose weight is ``table`` (an LM head, tied to
     the token table or itself the site: the final hidden states' ``X^T X / n`` over ``batches``,
-    each passed as ``net(x)``), or ``None`` when no Linear module of ``net`` holds it."""
+    each passed as ``net(x)`` and stopped at the head, so that no logits are made), or ``None`` when
+    no Linear module of ``net`` holds it."""
     weight = net.get_parameter(table.name)
     heads = [path for path, m in net.named_modules() if isinstance(m, nn.Linear) and m.weight is weight]
     if not heads:
         return None
     head = CompressedSite(name=f"{heads[0]}.weight", shape=table.shape, layer_type="linear")
-    with recorded_hessians(net, [head]) as hessians:
-        for x in batches:
-            net(x)
+    def stop(module, args):
+        raise _Caught
+
+    with recorded_hessians(net, [head]) as hessians:  # its hook records before this one stops the pass
+        handle = net.get_submodule(heads[0]).register_forward_pre_hook(stop)
+        try:
+            for x in batches:
+                try:
+                    net(x)
+                except _Caught:
+                    pass
+        finally:
+            handle.remove()
     return hessians[head.name]

@@ -23,11 +23,13 @@ def token_windows(tokenizer, text: str, length: int, stride: int | None = None,
 
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
-    """``exp`` of the mean next-token negative log-likelihood over all target tokens of ``windows``."""
+    """``exp`` of the mean next-token negative log-likelihood over all target tokens of ``windows``
+    (moved batch by batch to the device of ``model``'s parameters, if it has any)."""
     model.eval()
+    device = next(model.parameters(), torch.empty(0)).device  # CPU for a module without parameters
     total, count = 0.0, 0
     for i in range(0, len(windows), batch_size):
-        w = windows[i:i + batch_size]
+        w = windows[i:i + batch_size].to(device)
         logits = model(w[:, :-1])
         nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1), reduction="sum")
         total += float(nll)
