@@ -1,6 +1,6 @@
 """Validation perplexity of ``sqs-pyro quantize`` files (issue 41): the text settings are chosen on.
 
-    python benchmarks/lm_validation.py --data emma.txt mansfieldpark.txt northangerabbey.txt \\
+    python benchmarks/probes/lm_validation.py --data emma.txt mansfieldpark.txt northangerabbey.txt \\
         prideprejudice.txt sensesensibility.txt --files OUT1/model.sqs OUT2/model.sqs ...
 
 The validation windows are the last 64 of the seeded order (seed 0) over the windows of the
@@ -19,7 +19,7 @@ import torch
 
 from sqs_pyro.hf import CausalLM, load_smollm, load_transformers, perplexity, text_windows
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
