@@ -203,28 +203,49 @@ class SpikeGMMGuide(PyroModule):
         (they may recover); the quantile is taken over all compressed weights (``scope="global"``),
         within each layer (``"layer"``), within each output row (``"row"``) or within each layer
         at its share ``s_l * sparsity / s`` of its LAMP budget ``s_l`` (``"lamp"``)."""
+        for layer, threshold in zip(self.layers, self._gate_thresholds(sparsity, scope)):
+            if threshold is not None:
+                below = layer.gate_logits <= threshold
+                layer.gate_logits.masked_fill_(below & (layer.gate_logits > pruned_logit), pruned_logit)
+
+    def _gate_thresholds(self, sparsity: float, scope: str) -> list[torch.Tensor | None]:
+        """Per layer, the gate logit at the ``sparsity`` quantile of ``scope`` (see :meth:`prune_to_quantile`);
+        ``None`` where nothing is to go."""
         if sparsity <= 0:
-            return
-        logits = [layer.gate_logits for layer in self.layers]
+            return [None] * len(self.layers)
+        logits = [layer.gate_logits.detach() for layer in self.layers]
         if scope == "lamp":
             if self.layer_sparsity is None:
                 raise ValueError("prune scope 'lamp' needs a guide built with prune_scope='lamp'")
             shares = [s_l * sparsity / self.config.sparsity for s_l in self.layer_sparsity]
-            thresholds = [_kthvalue(t, share) for t, share in zip(logits, shares)]
-        else:
-            thresholds = scoped_kthvalues(logits, scope, lambda n: min(n, math.ceil(sparsity * n - 1e-9)))
-        for gate_logits, threshold in zip(logits, thresholds):
-            if threshold is not None:
-                below = gate_logits <= threshold
-                gate_logits.masked_fill_(below & (gate_logits > pruned_logit), pruned_logit)
+            return [_kthvalue(t, share) for t, share in zip(logits, shares)]
+        return scoped_kthvalues(logits, scope, lambda n: min(n, math.ceil(sparsity * n - 1e-9)))
 
     @torch.no_grad()
-    def freeze_mask(self) -> None:
-        """Fix the mask at ``g_j > 0.5`` and stop the gates from learning. Gates that never learned
-        (still open) leave the mask the guide started with: a pruned start's, else every weight."""
-        for layer in self.layers:
-            if layer.state != GateState.OPEN:
+    def freeze_mask(self, sparsity: float | None = None) -> None:
+        """Fix the mask of the layers whose gates learn, and stop every gate from learning.
+
+        The mask keeps the weights above the ``sparsity`` quantile of the gate logits, so that
+        exactly that fraction goes (up to ties): by default (``sparsity_mode="exact"``) ``s_f``
+        within the prune scope; a given ``sparsity`` ranks all layers' gates together (the
+        posterior's own allocation; ``"auto"``'s choice). Otherwise (``"median"``, or ``"auto"`` without
+        a choice) the mask keeps ``g_j > 0.5`` (the posterior median rule). Gates that never learned (still open) leave the
+        mask the guide started with: a pruned start's, else every weight; a frozen mask stays."""
+        if sparsity is not None:
+            thresholds = self._gate_thresholds(sparsity, "global")
+        elif self.config.sparsity_mode == "exact":
+            thresholds = self._gate_thresholds(self.config.sparsity, self.config.prune_scope)
+        else:
+            thresholds = None
+        for i, layer in enumerate(self.layers):
+            if layer.state != GateState.LEARN:
+                continue
+            if thresholds is None:
                 layer.mask.copy_(layer.kept_mask())
+            elif thresholds[i] is None:
+                layer.mask.fill_(True)
+            else:
+                layer.mask.copy_(layer.gate_logits > thresholds[i])
         self.set_gate_state(GateState.FROZEN)
 
     @torch.no_grad()

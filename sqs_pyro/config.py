@@ -14,6 +14,7 @@ WINDOW_MODES = ("none", "equal", "outlier")
 SAMPLING_MODES = ("sample", "expected", "hard")
 RESPONSIBILITY_SCALES = ("own", "pooled")
 PRUNE_SCOPES = ("global", "layer", "row", "lamp")
+SPARSITY_MODES = ("exact", "auto", "median")
 GATE_RULES = ("adam", "sign")
 ROW_GROUP = 1 << 30  # a group_size at least any row's length: one scale per row (per output channel)
 
@@ -54,6 +55,7 @@ class SQSConfig:
 
     # --- schedule: warm-up (gates open), cubic pruning ramp, fine-tuning with the mask frozen, posterior phase ---
     sparsity: float = 0.75  # s_f, the target fraction of pruned weights in [0, 1) (CLI --sparsity)
+    sparsity_mode: str = "exact"  # mask: "exact" 1 - s_f kept; "auto" the ELBO's choice (--sparsity auto); "median" g_j > 0.5
     initial_sparsity: float = 0.0  # sparsity the ramp starts from (--hf: the target, pruning at once)
     prune_scope: str = "lamp"  # where the threshold is taken: "global", per "layer", per "row", or "lamp" layer budgets
     pruned_logit: float = -6.0  # gate logit a pruning step resets the weights below the threshold to (at most)
@@ -106,6 +108,8 @@ class SQSConfig:
         _check(0.0 <= self.distill_weight <= 1.0, f"distill_weight must lie in [0, 1], got {self.distill_weight!r}")
         _check(self.mode in SAMPLING_MODES, f"mode must be one of {SAMPLING_MODES}, got {self.mode!r}")
         _check(self.gate_rule in GATE_RULES, f"gate_rule must be one of {GATE_RULES}, got {self.gate_rule!r}")
+        _check(self.sparsity_mode in SPARSITY_MODES,
+               f"sparsity_mode must be one of {SPARSITY_MODES}, got {self.sparsity_mode!r}")
         _check(self.prune_scope in PRUNE_SCOPES, f"prune_scope must be one of {PRUNE_SCOPES}, got {self.prune_scope!r}")
         _check(self.gate_score in ("saliency", "magnitude", "activation"),
                f"gate_score must be 'saliency', 'magnitude' or 'activation', got {self.gate_score!r}")

@@ -259,11 +259,13 @@ def test_runner_progress_bar_counts_the_runs(tmp_path, capsys, progress):
 
 def test_run_keys_stay_those_of_the_recorded_runs():
     """Keys pinned at d9aff61, before issue 37 removed config fields: recorded grids keep resuming (those
-    recorded before issue 38's posterior phase say posterior_epochs: 0). The phase is a new SQS run (a new
-    key); a baseline never reads it (the same key)."""
+    recorded before issue 38's posterior phase say posterior_epochs: 0, before issue 39's exact sparsity
+    sparsity_mode: median). Either is a new SQS run (a new key); a baseline never reads them (the same key)."""
     spec = {"output": "x.jsonl", "workloads": ["lenet300"], "methods": ["sqs", "magnitude_kmeans"],
-            "sparsity": [0.9], "components": [4], "seeds": [1], "config": {"epochs": 2.0, "posterior_epochs": 0.0}}
+            "sparsity": [0.9], "components": [4], "seeds": [1],
+            "config": {"epochs": 2.0, "posterior_epochs": 0.0, "sparsity_mode": "median"}}
     recorded = ["lenet300/sqs/s=0.9/K=4/seed=1/d458576f5f", "lenet300/magnitude_kmeans/s=0.9/K=4/seed=1/bc5dbd3dfb"]
     assert [run.key for run in expand_grid(parse_grid(spec))] == recorded
-    now = [run.key for run in expand_grid(parse_grid({**spec, "config": {"epochs": 2.0}}))]
-    assert now[0] != recorded[0] and now[1] == recorded[1]
+    for config in ({"epochs": 2.0, "sparsity_mode": "median"}, {"epochs": 2.0, "posterior_epochs": 0.0}):
+        now = [run.key for run in expand_grid(parse_grid({**spec, "config": config}))]
+        assert now[0] != recorded[0] and now[1] == recorded[1]

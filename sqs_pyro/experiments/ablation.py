@@ -194,11 +194,12 @@ def load_grid(path: str | os.PathLike) -> Grid:
 # Config fields added after results were recorded: left out of the digest at the value that
 # reproduces those results, so that their keys (and the runs behind them) stay valid.
 _KEY_NEUTRAL = {"group_size": 0, "responsibility_scale": "own", "distill_weight": 0.0, "slab_scale_rate": 1.0,
-                "gate_rule": "adam", "posterior_epochs": 0.0, "lr_posterior": 0.1, "posterior_kl_weight": 1.0}
+                "gate_rule": "adam", "posterior_epochs": 0.0, "lr_posterior": 0.1, "posterior_kl_weight": 1.0,
+                "sparsity_mode": "median"}
 # Fields a baseline never reads (SQS's gates), held in a baseline's key at the values its recorded runs
 # were keyed with: a change of SQS's defaults keeps the baselines' rows.
 _BASELINE_KEY_PINNED = {"gate_init": 3.0, "group_size": 0, "responsibility_scale": "own", "slab_scale_rate": 1.0,
-                        "posterior_epochs": 0.0}
+                        "posterior_epochs": 0.0, "sparsity_mode": "median"}
 
 
 # Fields removed in issue 37 (never set away from these values) and the prior's scale as it was spelled:

@@ -28,6 +28,10 @@ from sqs_pyro.models.network import SQSModel
 #: the Adam groups that learn at ``lr_posterior`` in the posterior phase: what only the sampled ELBO's data term
 #: (and the KL) can teach, the widths and the mixing weights
 POSTERIOR_GROUPS = ("slab_scales", "mixing")
+#: sparsity_mode="auto": the candidate sparsities (besides the gates' own g_j > 0.5) and the training
+#: minibatches that score each one's negative ELBO
+AUTO_SPARSITIES = (0.0, 0.5, 0.75, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995)
+AUTO_BATCHES = 4
 
 
 def _rms(t: torch.Tensor) -> float:
@@ -210,10 +214,36 @@ class Trainer:
         return phase, beta
 
     def _freeze_gates(self) -> None:
-        """Freeze the mask; the gate logits never step again, so their Adam moments are dropped."""
-        self.result.guide.freeze_mask()
+        """Freeze the mask (``sparsity_mode="auto"``: at :meth:`_choose_sparsity`); the gate logits never step
+        again, so their Adam moments are dropped."""
+        auto = self.result.config.sparsity_mode == "auto"
+        self.result.guide.freeze_mask(self._choose_sparsity() if auto else None)
         for layer in self.result.guide.layers:
             self.optimizer.state.pop(layer.gate_logits, None)
+
+    def _choose_sparsity(self) -> float:
+        """``sparsity_mode="auto"``: of the sparsities ``s >= s_f`` in :data:`AUTO_SPARSITIES` and the gates' own
+        (``g_j > 0.5``), the one whose mask (the top ``1 - s`` gates over all layers, frozen) gives the lowest
+        negative ELBO ``-E_q[log p(D | W)] + beta KL(q || p)`` on :data:`AUTO_BATCHES` training minibatches: the
+        prior's inclusion rate prices every kept weight, the data its fit (a two-part code length, MDL). The
+        scores and the choice go into the history."""
+        guide, floor = self.result.guide, self.result.config.sparsity
+        own = 1.0 - sum(int((layer.gate_logits > 0).sum()) for layer in guide.layers) / sum(
+            layer.gate_logits.numel() for layer in guide.layers)
+        candidates = sorted({s for s in AUTO_SPARSITIES if s >= floor} | {max(own, floor)})
+        batches = self.minibatches.from_step(self.step)
+        data = [next(batches) for _ in range(AUTO_BATCHES)]
+        scores = {}
+        for sparsity in candidates:
+            guide.set_gate_state(GateState.LEARN)
+            guide.freeze_mask(sparsity)
+            with torch.no_grad(), pyro.validation_enabled(False):
+                scores[sparsity] = sum(self.ctx.mean(self.loss_fn(x, y)) for x, y in data) / len(data)
+        guide.set_gate_state(GateState.LEARN)
+        chosen = min(scores, key=scores.__getitem__)
+        self.result.history.append({"step": self.step, "phase": "auto_sparsity", "gates_own": own, "chosen": chosen,
+                                    "negative_elbo": {f"{s:.4f}": v for s, v in scores.items()}})
+        return chosen
 
     def _finite(self, loss: torch.Tensor) -> bool:
         """Whether the loss and every gradient are finite: ``max_j |grad_j|`` (the inf-norm, NaN-propagating)
