@@ -21,7 +21,9 @@ compression rate, our rows beside the published ones.
 
 Methods: ``sqs``, ``sqs_noprior`` (SQS without the prior's KL) and ``magnitude_kmeans`` (Deep
 Compression: gradual magnitude pruning + per-layer k-means + codebook fine-tuning). Writes
-``benchmarks/results/literature.jsonl`` (one line per run, resumable) and ``literature.md``.
+``benchmarks/results/literature.jsonl`` (one line per run, resumable) and ``literature.md``
+(``--sparsity-mode median``: SQS's mask by the rule before a173854, ``g > 0.5``, which prunes past the
+target; its report is ``literature_median.md``; the baselines' runs serve both).
 """
 from __future__ import annotations
 
@@ -68,7 +70,8 @@ def choose(records: Iterable[Mapping[str, Any]], network: str, method: str, comp
     runs = {r["sparsity_target"]: r for r in records
             if r["workload"] == network and r["method"] == method and r["seed"] == 0
             and r["components"] == components and r["sparsity_target"] in set(sweep)
-            and r["config"]["epochs"] == config["epochs"]}
+            and r["config"]["epochs"] == config["epochs"]
+            and (r["kind"] != "sqs" or r["config"].get("sparsity_mode", "median") == config["sparsity_mode"])}
     if not runs:
         return None
     val_error = {s: 100 * (1 - r["accuracy_val_greedy"]) for s, r in runs.items()}
@@ -100,8 +103,9 @@ def report(records: list[Mapping[str, Any]], networks: Iterable[str], components
     seeds = tuple(seeds)
     budget = "; ".join(f"{n}: {configs[n]['epochs']:g} epochs of {records[0]['train_examples'] if records else '?'} "
                        f"training images" for n in networks)
-    lines = [f"# Literature table: {len(records)} runs, K = {components}, batch 128; the budget of every method "
-             f"({budget})", ""]
+    mode = next(iter(configs.values()))["sparsity_mode"]
+    lines = [f"# Literature table: {len(records)} runs, K = {components}, batch 128, SQS's mask rule "
+             f"`sparsity_mode: {mode}`; the budget of every method ({budget})", ""]
     if with_dense:
         lines += ["| network | dense recipe | validation error | test error |", "|---|---|---|---|"]
         for network in networks:
@@ -165,6 +169,8 @@ def main() -> None:
     parser.add_argument("-K", "--components", type=int, default=4, help="codebook levels per layer")
     parser.add_argument("--stage", choices=("select", "final", "all"), default="all",
                         help="select: the seed-0 sweep; final: the chosen points at every seed; all: both")
+    parser.add_argument("--sparsity-mode", choices=("exact", "median"), default="exact",
+                        help="SQS's mask rule: exact (1 - s kept), or median (g > 0.5: the rule before a173854)")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from the JSON lines")
     add_smoke_flag(parser)
     args = parser.parse_args()
@@ -177,6 +183,7 @@ def main() -> None:
         configs = {networks[0]: SMOKE["config"]}
         limits = {"train_limit": SMOKE["train_limit"], "test_limit": SMOKE["test_limit"]}
         output = smoke_folder() / "literature.jsonl"
+    configs = {n: {**c, "sparsity_mode": args.sparsity_mode} for n, c in configs.items()}
     execute = functools.partial(execute_run, measures=paper_counts)
     if not args.report_only:
         for network in networks:
@@ -193,11 +200,13 @@ def main() -> None:
                     run_grid(parse_grid(grid_raw(output, network, [method], [s], seeds, args.components,
                                                  configs[network], limits)), execute=execute)
     records = [r for r in read_records(output) if r["workload"] in networks and r["components"] == args.components
-               and r["config"]["epochs"] == configs[r["workload"]]["epochs"]]
+               and r["config"]["epochs"] == configs[r["workload"]]["epochs"] and (
+                   r["kind"] != "sqs" or r["config"].get("sparsity_mode", "median") == args.sparsity_mode)]
     text = report(records, networks, args.components, configs, seeds, with_dense=not args.smoke)
-    output.with_suffix(".md").write_text(text)
+    md = output.with_name(f"{output.stem}{'' if args.sparsity_mode == 'exact' else '_' + args.sparsity_mode}.md")
+    md.write_text(text)
     print(text)
-    print(f"wrote {output.with_suffix('.md')}")
+    print(f"wrote {md}")
 
 
 if __name__ == "__main__":
