@@ -88,6 +88,23 @@ def test_image_suite(monkeypatch, tmp_path):
     assert one(folder, "smoke_pareto.png").stat().st_size > 0
 
 
+def test_literature(monkeypatch, tmp_path):
+    folder = run("literature.py", monkeypatch=monkeypatch, tmp_path=tmp_path)
+    records = [json.loads(line) for line in one(folder, "literature.jsonl").read_text().splitlines()]
+    # the seed-0 sweep (2 sparsities x 3 methods), then the chosen point at seed 1 (every smoke point meets
+    # the smoke's 100% error bound, so the higher sparsity is chosen)
+    assert sorted((r["method"], r["sparsity_target"], r["seed"]) for r in records) == sorted(
+        [(m, s, 0) for m in ("sqs", "sqs_noprior", "magnitude_kmeans") for s in (0.5, 0.75)]
+        + [(m, 0.75, 1) for m in ("sqs", "sqs_noprior", "magnitude_kmeans")])
+    for r in records:
+        assert r["sparsity"] == pytest.approx(r["sparsity_target"], abs=0.01)
+        assert r["file_bytes"] > 0 and r["file_ratio"] == pytest.approx(r["bytes_fp32"] / r["file_bytes"])
+        assert 0 < r["cr_bc"] and 0 < r["cr_dc"] <= r["cr_dc_huffman"]
+        assert r["cr_dc"] == pytest.approx(32 * r["weights"] / r["bits_dc"])
+    text = one(folder, "literature.md").read_text()
+    assert "| mnist_cnn | sqs | 0.75 |" in text and "(sd, n)" in text
+
+
 def test_speed_measures_every_mode_and_saves_with_group_scales(monkeypatch, tmp_path):
     out = json.loads(one(run("speed.py", monkeypatch=monkeypatch, tmp_path=tmp_path), "speed.json").read_text())
     for network in ("mlp", "minilm"):

@@ -15,6 +15,7 @@ Grid file keys (paths are relative to the grid file's folder)::
     test_limit: 2000                   # first N test images (default: all 10k)
     reference_epochs: 4                # training epochs of the reference LeNets
     reference_seed: 0
+    reference_recipe: short            # or "literature": the LeNets at the papers' dense accuracy
 
 Each run is keyed by workload, method, sparsity, K, seed and a digest of every setting that
 affects it; a run whose key is already in the output file is skipped, so an interrupted grid
@@ -43,7 +44,8 @@ from sqs_pyro.config import SQSConfig
 from sqs_pyro.data import calibration, predictive_probs
 from sqs_pyro.errors import SQSInputError
 from sqs_pyro.experiments.baselines import BASELINES, baseline_accounting, file_network
-from sqs_pyro.experiments.workloads import WORKLOADS, Workload, dense_accuracy, load_workload
+from sqs_pyro.compressed.materialize import CompressedNetwork
+from sqs_pyro.experiments.workloads import LITERATURE, WORKLOADS, Workload, dense_accuracy, load_workload
 from sqs_pyro.format.container import read_header, save_compressed
 from sqs_pyro.infer import compress
 
@@ -63,7 +65,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 # learn from step 0, and its codebook rate was chosen on its own).
 BASELINE_RECIPE = {"warmup_fraction": 0.1, "lr_codebook": 1e-3}
 GRID_KEYS = {"output", "cache_dir", "workloads", "methods", "sparsity", "components", "seeds", "config",
-             "train_limit", "test_limit", "reference_epochs", "reference_seed", "data_dir"}
+             "train_limit", "test_limit", "reference_epochs", "reference_seed", "reference_recipe", "data_dir"}
+REFERENCE_RECIPES = ("short", "literature")
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ class Grid:
     reference_epochs: int = 4
     reference_seed: int = 0
     data_dir: Path | None = None
+    reference_recipe: str = "short"
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,9 @@ def parse_grid(raw: Mapping[str, Any], base_dir: Path = Path(".")) -> Grid:
     if not methods:
         raise SQSInputError("grid key 'methods' must be a non-empty list")
     sparsity = tuple(float(s) for s in _list(raw, "sparsity", (int, float), "numbers"))
+    recipe = raw.get("reference_recipe", "short")
+    if recipe not in REFERENCE_RECIPES:
+        raise SQSInputError(f"grid key 'reference_recipe' must be one of {REFERENCE_RECIPES}, got {recipe!r}")
     config = raw.get("config") or {}
     if not isinstance(config, Mapping):
         raise SQSInputError("grid key 'config' must be a mapping of SQSConfig fields")
@@ -168,7 +175,8 @@ def parse_grid(raw: Mapping[str, Any], base_dir: Path = Path(".")) -> Grid:
                 test_limit=_optional_int(raw, "test_limit", None),
                 reference_epochs=_optional_int(raw, "reference_epochs", 4),
                 reference_seed=_optional_int(raw, "reference_seed", 0),
-                data_dir=Path(os.path.normpath(base_dir / str(raw["data_dir"]))) if "data_dir" in raw else None)
+                data_dir=Path(os.path.normpath(base_dir / str(raw["data_dir"]))) if "data_dir" in raw else None,
+                reference_recipe=recipe)
     expand_grid(grid)  # validates every SQSConfig of the grid now, not mid-run
     return grid
 
@@ -214,6 +222,8 @@ def run_key(workload: str, method: MethodSpec, config: SQSConfig, grid: Grid) ->
     settings = {"workload": workload, "kind": method.kind, "config": values,
                 "train_limit": grid.train_limit, "test_limit": grid.test_limit,
                 "reference_epochs": grid.reference_epochs, "reference_seed": grid.reference_seed}
+    if grid.reference_recipe != "short":  # the short recipe's runs keep their keys
+        settings["reference_recipe"] = grid.reference_recipe
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{workload}/{method.name}/s={config.sparsity:g}/K={config.components}/seed={config.seed}/{digest}"
 
@@ -287,9 +297,11 @@ def _json_number(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else value
 
 
-def execute_run(spec: RunSpec, workload: Workload) -> dict[str, Any]:
+def execute_run(spec: RunSpec, workload: Workload,
+                measures: Callable[[CompressedNetwork], Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Train one method on a workload and measure it: accuracies, achieved sparsity, bits, the
-    CR formula, packed bytes, the real ``.sqs`` file size, and wall times."""
+    CR formula, packed bytes, the real ``.sqs`` file size, and wall times; ``measures`` adds its
+    fields, measured on the compressed network (e.g. :func:`sqs_pyro.experiments.literature.paper_counts`)."""
     started = time.perf_counter()
     if spec.method.kind == SQS:
         result = compress(workload.net, workload.train, spec.config, progress=False)
@@ -333,6 +345,8 @@ def execute_run(spec: RunSpec, workload: Workload) -> dict[str, Any]:
         "layers": [{k: layer[k] for k in ("name", "numel", "nnz", "density", "codes_used", "code_entropy_bits")}
                    for layer in acc["layers"]],
     }
+    if measures is not None:
+        record.update(measures(compressed))
     if averaged:  # the posterior predictive needs q: fp32 latents, a mask bit per weight, the rest dense
         record["averaged_bytes_est"] = acc["bytes_fp32"] + acc["compressed_params"] // 8
         record["averaged_ratio_est"] = acc["bytes_fp32"] / record["averaged_bytes_est"]
@@ -353,8 +367,9 @@ def source_digest() -> str:
 
 def grid_workload(name: str, grid: Grid) -> Workload:
     """Workload ``name`` with the grid's data limits and reference-network settings."""
+    recipe = LITERATURE.get(name) if grid.reference_recipe == "literature" else None
     return load_workload(name, grid.cache_dir, grid.train_limit, grid.test_limit, grid.reference_epochs,
-                         grid.reference_seed, grid.data_dir)
+                         grid.reference_seed, grid.data_dir, recipe)
 
 
 def run_grid(grid: Grid, execute: Callable[[RunSpec, Workload], dict[str, Any]] = execute_run,
