@@ -162,6 +162,31 @@ def report(records: list[Mapping[str, Any]], networks: Iterable[str], components
     return "\n".join(lines) + "\n"
 
 
+def plot_pareto(records: list[Mapping[str, Any]], networks: Iterable[str], path: Path) -> None:
+    """Validation error (seed 0) against the real ``.sqs`` bytes of every sweep point, one panel per network and
+    one line per method: the Pareto view of issue 39 (lower left is better)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    networks = list(networks)
+    fig, axes = plt.subplots(1, len(networks), figsize=(5.5 * len(networks), 4.0), squeeze=False)
+    for ax, network in zip(axes[0], networks):
+        for method in METHODS:
+            points = sorted((r["file_bytes"], 100 * (1 - r["accuracy_val_greedy"]), r["sparsity_target"])
+                            for r in records if r["workload"] == network and r["method"] == method and r["seed"] == 0)
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=LABELS.get(method, method))
+                for size, error, target in points:
+                    ax.annotate(f"{target:g}", (size, error), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(xscale="log", xlabel="real .sqs file bytes", ylabel="validation error (%), seed 0", title=network)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--networks", nargs="+", default=["lenet300", "lenet5"], choices=["lenet300", "lenet5"])
@@ -205,8 +230,9 @@ def main() -> None:
     text = report(records, networks, args.components, configs, seeds, with_dense=not args.smoke)
     md = output.with_name(f"{output.stem}{'' if args.sparsity_mode == 'exact' else '_' + args.sparsity_mode}.md")
     md.write_text(text)
+    plot_pareto(records, networks, md.with_name(f"{md.stem}_pareto.png"))
     print(text)
-    print(f"wrote {md}")
+    print(f"wrote {md} and {md.stem}_pareto.png")
 
 
 if __name__ == "__main__":

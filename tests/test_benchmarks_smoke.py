@@ -101,6 +101,7 @@ def test_literature(monkeypatch, tmp_path):
         assert r["file_bytes"] > 0 and r["file_ratio"] == pytest.approx(r["bytes_fp32"] / r["file_bytes"])
         assert 0 < r["cr_bc"] and 0 < r["cr_dc"] <= r["cr_dc_huffman"]
         assert r["cr_dc"] == pytest.approx(32 * r["weights"] / r["bits_dc"])
+    assert one(folder, "literature_pareto.png").stat().st_size > 1000
     text = one(folder, "literature.md").read_text()
     assert "| mnist_cnn | sqs | 0.75 |" in text and "(sd, n)" in text
 
