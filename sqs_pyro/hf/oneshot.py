@@ -12,7 +12,7 @@ and the moments equal those of the full forward pass.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -36,6 +36,21 @@ def decoder_blocks(model: nn.Module, sites: Sequence[CompressedSite]) -> tuple[s
     return best
 
 
+def _run_until(net: nn.Module, batches: Sequence[torch.Tensor], module: nn.Module, hook: Callable,
+               with_kwargs: bool = False) -> None:
+    """Pass each batch as ``net(x)`` with ``hook`` as ``module``'s forward pre-hook; a hook that raises
+    :class:`_Caught` ends that batch's pass there. The hook is removed afterwards, whatever happens."""
+    handle = module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
+    try:
+        for x in batches:
+            try:
+                net(x)
+            except _Caught:
+                pass
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def blockwise_hessians(net: nn.Module, sites: Sequence[CompressedSite], batches: Sequence[torch.Tensor]
                        ) -> Iterator[tuple[list[CompressedSite], dict[str, torch.Tensor]]]:
@@ -52,15 +67,7 @@ def blockwise_hessians(net: nn.Module, sites: Sequence[CompressedSite], batches:
                        {k: v for k, v in kwargs.items() if k != "hidden_states"}))
         raise _Caught
 
-    handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        for x in batches:
-            try:
-                net(x)
-            except _Caught:
-                pass
-    finally:
-        handle.remove()
+    _run_until(net, batches, blocks[0], catch, with_kwargs=True)
     for i, block in enumerate(blocks):
         mine = [s for s in sites if s.name.startswith(f"{path}.{i}.")]
         with recorded_hessians(net, mine) if mine else contextlib.nullcontext({}) as hessians:
@@ -100,13 +107,5 @@ def tied_head_hessian(net: nn.Module, table: CompressedSite, batches: Sequence[t
         raise _Caught
 
     with recorded_hessians(net, [head]) as hessians:  # its hook records before this one stops the pass
-        handle = net.get_submodule(heads[0]).register_forward_pre_hook(stop)
-        try:
-            for x in batches:
-                try:
-                    net(x)
-                except _Caught:
-                    pass
-        finally:
-            handle.remove()
+        _run_until(net, batches, net.get_submodule(heads[0]), stop)
     return hessians[head.name]
