@@ -34,7 +34,7 @@ def test_auto_departs_from_the_asked_fraction_only_when_asked():
     assert achieved(0.75, prior_inclusion=1e-4) == achieved(0.75)  # exact: the prior does not move the mask
 
 
-def test_cli_sparsity_auto_runs_in_auto_mode_and_says_so(tmp_path, capsys):
+def test_cli_sparsity_auto_runs_in_auto_mode_and_says_so(tmp_path, capsys, monkeypatch):
     x, y = X.reshape(-1, 1, 4, 4), Y
     torch.save({"x": x, "y": y}, tmp_path / "data.pt")
     (tmp_path / "tiny_net.py").write_text(
@@ -42,15 +42,11 @@ def test_cli_sparsity_auto_runs_in_auto_mode_and_says_so(tmp_path, capsys):
         "    return nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))\n")
     common = ["compress", "--model", "tiny_net:build", "--data", str(tmp_path / "data.pt"), "--epochs", "1",
               "-K", "4", "--batch-size", "64", "--no-progress"]
-    import sys
-    sys.path.insert(0, str(tmp_path))
-    try:
-        assert main([*common, "--sparsity", "auto", "--out", str(tmp_path / "auto")]) == 0
-        assert "sparsity (auto: the posterior chose)" in capsys.readouterr().out
-        assert main([*common, "--sparsity", "0.8", "--out", str(tmp_path / "exact")]) == 0
-        assert "sparsity (exact: asked 0.8)" in capsys.readouterr().out
-    finally:
-        sys.path.remove(str(tmp_path))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main([*common, "--sparsity", "auto", "--out", str(tmp_path / "auto")]) == 0
+    assert "sparsity (auto: the posterior chose)" in capsys.readouterr().out
+    assert main([*common, "--sparsity", "0.8", "--out", str(tmp_path / "exact")]) == 0
+    assert "sparsity (exact: asked 0.8)" in capsys.readouterr().out
     auto = json.loads((tmp_path / "auto" / "summary.json").read_text())
     exact = json.loads((tmp_path / "exact" / "summary.json").read_text())
     assert auto["sparsity_mode"] == "auto" and auto["config"]["sparsity"] == 0.0

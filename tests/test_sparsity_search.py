@@ -1,6 +1,5 @@
 """``--max-error``: the bisection over the sparsity ladder picks the sparsest run that meets the bound."""
 import json
-import sys
 
 import pytest
 import torch
@@ -43,7 +42,7 @@ def test_search_rejects_what_it_cannot_do():
         search_sparsity(run, val_error, CONFIG.replace(sparsity_mode="auto"), 0.1)
 
 
-def test_cli_max_error_with_a_user_model(tmp_path, capsys):
+def test_cli_max_error_with_a_user_model(tmp_path, capsys, monkeypatch):
     torch.save({"x": X[:768], "y": Y[:768]}, tmp_path / "train.pt")
     torch.save({"x": X[768:], "y": Y[768:]}, tmp_path / "val.pt")
     (tmp_path / "search_net.py").write_text(
@@ -54,11 +53,8 @@ def test_cli_max_error_with_a_user_model(tmp_path, capsys):
     assert "not with --sparsity" in capsys.readouterr().err
     assert main([*common, "--max-error", "0.5"]) == 2  # no --val-data
     assert "needs --val-data" in capsys.readouterr().err
-    sys.path.insert(0, str(tmp_path))
-    try:
-        assert main([*common, "--max-error", "0.99", "--val-data", str(tmp_path / "val.pt")]) == 0
-    finally:
-        sys.path.remove(str(tmp_path))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main([*common, "--max-error", "0.99", "--val-data", str(tmp_path / "val.pt")]) == 0
     assert "sparsity (searched: validation error <= 0.99, met" in capsys.readouterr().out
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["sparsity_search"]["met"] and abs(summary["sparsity"] - SPARSITY_LADDER[-1]) <= 0.005

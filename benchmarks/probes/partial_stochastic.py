@@ -56,8 +56,7 @@ def main() -> None:
         for name, probs in (("greedy", g), ("ts", torch.softmax(g.log() / T, -1))):
             row[f"{name}_{deg}"] = {k: round(v, 4) for k, v in calibration(probs, ys).items() if k in ("accuracy", "nll", "ece")}
     for label, subset in subsets.items():
-        averaged.member_weights = [{k: v for k, v in w.items() if k.rsplit(".", 1)[0] in subset or k in subset}
-                                   for w in full]
+        averaged.member_weights = [{k: v for k, v in w.items() if k in subset} for w in full]
         for deg, (xs, ys) in views.items():
             c = calibration(predictive_probs(averaged, xs, outputs="probs"), ys)
             row[f"avg[{label}]_{deg}"] = {k: round(c[k], 4) for k in ("accuracy", "nll", "ece")}

@@ -21,7 +21,7 @@ from sqs_pyro.infer import SQSResult, compress
 from sqs_pyro.infer.checkpoint import CHECKPOINT_NAME
 from sqs_pyro.infer.devices import resolve_device
 from sqs_pyro.infer.distributed import distributed_context
-from sqs_pyro.infer.sparsity_search import search_sparsity
+from sqs_pyro.infer.sparsity_search import check_max_error, search_sparsity
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -97,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
         raise SQSInputError(f"--resume: no checkpoint at {args.out / CHECKPOINT_NAME}")
     if args.max_error is not None and (args.sparsity is not None or args.distributed or args.resume or args.hf):
         raise SQSInputError("--max-error picks the sparsity itself: not with --sparsity, --distributed, --resume or --hf")
-    if args.max_error is not None and not 0.0 < args.max_error < 1.0:
-        raise SQSInputError(f"--max-error must lie in (0, 1), got {args.max_error}")
+    if args.max_error is not None:
+        check_max_error(args.max_error)
     if args.model is not None:
         return compress_user.run_user(args)
     if args.hf is None and (args.data or args.task or args.val_data or args.weights):

@@ -27,6 +27,12 @@ class Trial:
                 "seconds": self.seconds}
 
 
+def check_max_error(max_error: float) -> None:
+    """:class:`SQSInputError` unless the bound is an error rate in (0, 1) (checked before any run or load)."""
+    if not 0.0 < max_error < 1.0:
+        raise SQSInputError(f"--max-error must lie in (0, 1), got {max_error}")
+
+
 def search_sparsity(run: Callable[[SQSConfig], SQSResult], error: Callable[[SQSResult], float], config: SQSConfig,
                     max_error: float, ladder: tuple[float, ...] = SPARSITY_LADDER
                     ) -> tuple[SQSResult, list[Trial], bool]:
@@ -34,8 +40,7 @@ def search_sparsity(run: Callable[[SQSConfig], SQSResult], error: Callable[[SQSR
     (exact sparsity; the smallest file at the run's K), found by bisection: the error is taken to grow with
     ``s``, so ``ceil(log2(len(ladder) + 1))`` runs suffice. Returns that result, every trial, and whether the
     bound was met; when no rung meets it, the run at the lowest rung tried (the most accurate) is returned."""
-    if not 0.0 < max_error < 1.0:
-        raise SQSInputError(f"--max-error must lie in (0, 1), got {max_error}")
+    check_max_error(max_error)
     if config.sparsity_mode != "exact":
         raise SQSInputError("--max-error picks the sparsity itself: it needs sparsity_mode 'exact'")
     lo, hi = 0, len(ladder) - 1  # the answer's index lies in [lo - 1, hi]
