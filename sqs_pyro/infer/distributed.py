@@ -24,6 +24,7 @@ Launch (one process per CPU socket or GPU; gloo on CPU, NCCL on GPUs)::
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -107,8 +108,8 @@ def distributed_context(enabled: bool) -> Iterator[DistContext]:
 
     With ``enabled`` it uses the default process group if one is initialised, or else
     initialises one from the environment ``torchrun`` sets (NCCL/XCCL/... on an
-    accelerator at ``LOCAL_RANK``, gloo on CPU) and destroys it on exit. Raises
-    :class:`SQSInputError` when neither is available.
+    accelerator at ``LOCAL_RANK``, gloo on CPU) and destroys it on exit, after a barrier
+    when the body succeeded. Raises :class:`SQSInputError` when neither is available.
     """
     if not enabled:
         yield DistContext()
@@ -130,8 +131,11 @@ def distributed_context(enabled: bool) -> Iterator[DistContext]:
         device = _accelerator_device() if dist.get_backend() != "gloo" else None
     try:
         yield DistContext(dist.get_rank(), dist.get_world_size(), True, device)
+        if created:  # no rank tears down while another is still in a collective
+            dist.barrier()
     finally:
         if created:
+            gc.collect()  # DDP reducers left in reference cycles go while their group still exists
             dist.destroy_process_group()
 
 
