@@ -19,8 +19,11 @@ compression rate, our rows beside the published ones.
    (``sqs_pyro/experiments/literature.py``: Deep Compression's sparse format, fixed-width and
    Huffman-coded, and the BC code release's), and wall time.
 
-Methods: ``sqs``, ``sqs_noprior`` (SQS without the prior's KL) and ``magnitude_kmeans`` (Deep
-Compression: gradual magnitude pruning + per-layer k-means + codebook fine-tuning). Writes
+Methods: ``sqs``, ``sqs_noprior`` (SQS without the prior's KL), ``magnitude_kmeans`` (Deep
+Compression: gradual magnitude pruning + per-layer k-means + codebook fine-tuning) and
+``soft_weight_sharing`` (Ullrich et al., 2017: retraining under a learned GMM prior, then quantisation; it
+reads the target sparsity as the zero component's fixed weight ``pi_0``, and its achieved sparsity is
+whatever the prior gives). Writes
 ``benchmarks/results/literature.jsonl`` (one line per run, resumable) and ``literature.md``
 (``--sparsity-mode median``: SQS's mask by the rule before a173854, ``g > 0.5``, which prunes past the
 target; its report is ``literature_median.md``; the baselines' runs serve both).
@@ -42,8 +45,9 @@ from sqs_pyro.experiments.workloads import LITERATURE, reference_net
 from smoke import add_smoke_flag, smoke_folder
 
 HERE = Path(__file__).parent
-METHODS = ("sqs", "sqs_noprior", "magnitude_kmeans")
-LABELS = {"magnitude_kmeans": "Deep Compression (magnitude + k-means), ours"}
+METHODS = ("sqs", "sqs_noprior", "magnitude_kmeans", "soft_weight_sharing")
+LABELS = {"magnitude_kmeans": "Deep Compression (magnitude + k-means), ours",
+          "soft_weight_sharing": "Soft weight-sharing, ours (target s: pi_0)"}
 SWEEP = {"lenet300": (0.9, 0.95, 0.98), "lenet5": (0.95, 0.98), "mnist_cnn": (0.5, 0.75)}
 EPOCHS = {"lenet300": 6.0, "lenet5": 3.0}  # the budget of every method, as this CPU allows (--epochs: one for all)
 TARGET_ERROR = {"lenet300": 1.9, "lenet5": 1.0, "mnist_cnn": 100.0}  # percent, on validation for the choice

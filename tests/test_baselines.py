@@ -72,8 +72,8 @@ def test_baselines_reach_the_target_and_materialise_k_levels(compress_fn):
     assert {h["phase"] for h in result.history} == {"warmup", "prune", "finetune"}
 
 
-def test_registry_names_the_three_baselines():
-    assert set(BASELINES) == {"magnitude_kmeans", "magnitude_uniform", "dgms"}
+def test_registry_names_the_four_baselines():
+    assert set(BASELINES) == {"magnitude_kmeans", "magnitude_uniform", "dgms", "soft_weight_sharing"}
 
 
 def test_kmeans_codebook_is_the_cluster_means_and_codes_the_nearest_level():

@@ -9,7 +9,7 @@ pruning / fine-tuning fractions, cosine learning-rate decay), the same Adam lear
 (``lr_weights`` for weights, ``lr_codebook`` for codebooks and scales, ``lr_dense`` for the
 uncompressed tensors), the same minibatches (:class:`~sqs_pyro.infer.data.Minibatches`: the
 same indices for the same seed and step as SQS's trainer) and seed, with the plain
-cross-entropy loss.
+cross-entropy loss (plus a weighted prior term for the methods that have one, :meth:`Compressor.prior_loss`).
 """
 from __future__ import annotations
 
@@ -40,6 +40,10 @@ class Compressor(Protocol):
     def weights(self, phase: str, temperature: float) -> dict[str, torch.Tensor]:
         """The effective compressed weights for the forward pass, by parameter path
         (``temperature``: the schedule's annealed assignment temperature, for soft methods)."""
+
+    def prior_loss(self) -> torch.Tensor | None:
+        """``-log p(w)`` of a prior on the compressed weights, added to the loss at ``config.kl_weight / N``
+        per example (``N`` training examples); ``None``: the plain cross-entropy."""
 
     def prune(self, sparsity: float) -> None:
         """Apply the global target ``sparsity`` (called after every pruning step)."""
@@ -149,6 +153,9 @@ def fit(method: str, net: nn.Module, train_data: Any, config: SQSConfig,
         optimizer.zero_grad(set_to_none=True)
         weights = compressor.weights(phase, schedule.assign_temperature(step))
         loss = nn.functional.cross_entropy(functional_call(work, weights, (x,)), y)
+        prior = compressor.prior_loss()
+        if prior is not None:
+            loss = loss + config.kl_weight * prior / len(dataset)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {float(loss)} at step {step} ({phase})")
         loss.backward()

@@ -117,6 +117,9 @@ class DGMSCompressor:
         nonzero_only = phase == FINETUNE
         return {n: g.soft_weight(temperature, nonzero_only) * self.mask[n] for n, g in self.gmm.items()}
 
+    def prior_loss(self) -> None:
+        """No prior: the plain cross-entropy."""
+
     @torch.no_grad()
     def prune(self, sparsity: float) -> None:
         self.mask = magnitude_masks({n: g.latent * self.mask[n] for n, g in self.gmm.items()}, sparsity)

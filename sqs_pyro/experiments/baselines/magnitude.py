@@ -39,6 +39,9 @@ class MagnitudePruner:
     def param_groups(self, config: SQSConfig) -> list[dict[str, Any]]:
         return [{"params": list(self.latent.values()), "lr": config.lr_weights, "name": "latent"}]
 
+    def prior_loss(self) -> None:
+        """No prior: the plain cross-entropy."""
+
     def masked_weights(self) -> dict[str, torch.Tensor]:
         return {n: w * self.mask[n] for n, w in self.latent.items()}
 
