@@ -42,16 +42,17 @@ def main() -> None:
     parser.add_argument("--smoke-test", action="store_true", help="tiny run for CI")
     parser.add_argument("--sparsity", type=float, default=0.75)
     parser.add_argument("--components", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    pyro.set_rng_seed(0)
+    pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
 
     n_train, epochs, batch = (512, 1, 64) if args.smoke_test else (10000, 2, 128)
     x, y = load_mnist("train", n_train)
     x_test, y_test = load_mnist("test", 500 if args.smoke_test else 10000)
     net = load_mnist_cnn()
-    config = SQSConfig(components=args.components, sparsity=args.sparsity)
+    config = SQSConfig(components=args.components, sparsity=args.sparsity, seed=args.seed)
 
     sites = select_layers(net)
     model = SQSModel(net, sites, config, CategoricalLikelihood(num_data=n_train))
@@ -65,7 +66,7 @@ def main() -> None:
                                          config.lr_codebook if "group_scales" in name else config.lr_dense)}
     optim = pyro.optim.LambdaLR({"optimizer": torch.optim.Adam, "optim_args": rate, "lr_lambda": schedule.lr_factor})
     svi = SVI(model, guide, optim, TraceMeanField_ELBO())
-    order = torch.Generator().manual_seed(0)
+    order = torch.Generator().manual_seed(args.seed)
     batches = epoch_batches(n_train, batch, order)
 
     for step in range(schedule.total_steps):
@@ -102,7 +103,7 @@ def main() -> None:
 
     compressed = materialize(guide, model.net, group_scales=model.group_scales())  # one fp16 scale per row
     greedy = compressed.load_into(load_mnist_cnn())
-    averaged = AveragedPredictor(guide, load_mnist_cnn(), compressed, config.num_averaged, seed=0)
+    averaged = AveragedPredictor(guide, load_mnist_cnn(), compressed, config.num_averaged, seed=args.seed)
     kept = sum(layer.nnz for layer in compressed.layers) / sum(layer.numel for layer in compressed.layers)
     greedy_nll = calibration(predictive_probs(greedy, x_test), y_test)["nll"]
     averaged_stats = calibration(predictive_probs(averaged, x_test, outputs="probs"), y_test)
