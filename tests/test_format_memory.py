@@ -142,7 +142,7 @@ def test_a_large_layer_is_written_and_read_in_a_few_bytes_per_weight(monkeypatch
     net = CompressedNetwork([layer], {"norm": torch.ones(90)}, {}, {})
     write = numpy_peak(lambda: save_compressed(net, path)) / n
     read = numpy_peak(lambda: load_compressed(path, Skeleton(net))) / n
-    assert write < 7 and read < 5, (write, read)  # the int64 writer and reader: 23 and 13 bytes per weight
+    assert write < 7 and read < 5, (write, read)  # the int64 writer and reader of ab8bdaa: 20.8 and 13.5
     # negative control: the measure sees a weight-sized int64 copy of the codes
     assert numpy_peak(lambda: layer.codes.numpy().astype(np.int64)) / n >= 8
 
