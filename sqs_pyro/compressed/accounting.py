@@ -40,9 +40,26 @@ def usage_entropy(counts: torch.Tensor | np.ndarray) -> float:
     return float(-(p * p.log2()).sum())
 
 
+COUNT_CHUNK = 1 << 20  # weights per step of code_usage
+
+
+def code_usage(layer: CompressedLayer) -> torch.Tensor:
+    """How often each code occurs among the kept weights (int64, at least K entries), counted
+    ``COUNT_CHUNK`` weights at a time (``bincount`` and ``unique`` of a whole table copy it to int64)."""
+    codes, mask = layer.codes.reshape(-1), layer.mask.reshape(-1)
+    counts = torch.zeros(layer.components, dtype=torch.int64)
+    for start in range(0, codes.numel(), COUNT_CHUNK):
+        part = codes[start:start + COUNT_CHUNK][mask[start:start + COUNT_CHUNK]].long().cpu()
+        found = torch.bincount(part, minlength=layer.components)
+        if found.numel() > counts.numel():
+            counts = torch.cat([counts, counts.new_zeros(found.numel() - counts.numel())])
+        counts[:found.numel()] += found
+    return counts
+
+
 def code_entropy(layer: CompressedLayer) -> float:
     """Entropy in bits of the empirical code usage among kept weights."""
-    return usage_entropy(torch.bincount(layer.codes[layer.mask].reshape(-1), minlength=layer.components))
+    return usage_entropy(code_usage(layer))
 
 
 def code_width(components: int) -> int:
@@ -68,12 +85,13 @@ def layer_accounting(layer: CompressedLayer) -> dict[str, Any]:
     b = code_width(layer.components)
     side = side_bytes(layer)
     packed = math.ceil(n / 8) + math.ceil(nnz * b / 8) + 4 * layer.components + side
-    bound_bits = n * binary_entropy(nnz / n) + nnz * code_entropy(layer) + 8 * side
+    usage = code_usage(layer)
+    entropy = usage_entropy(usage)
+    bound_bits = n * binary_entropy(nnz / n) + nnz * entropy + 8 * side
     return {
         "name": layer.name, "shape": list(layer.shape), "numel": n, "nnz": nnz, "exact": layer.num_exact,
         "density": density, "bits": b, "group_size": layer.group_size,
-        "codes_used": int(torch.unique(layer.codes[layer.mask]).numel()),
-        "code_entropy_bits": code_entropy(layer), "bytes_fp32": 4 * n, "bytes_packed": packed,
+        "codes_used": int((usage > 0).sum()), "code_entropy_bits": entropy, "bytes_fp32": 4 * n, "bytes_packed": packed,
         "side_bytes": side, "side_bits_per_weight": 8 * side / n, "entropy_bound_bytes": bound_bits / 8,
     }
 

@@ -66,7 +66,7 @@ class CompressedLayer:
 
     @property
     def nnz(self) -> int:
-        return int(self.mask.sum())
+        return int(torch.count_nonzero(self.mask))  # a bool sum would copy the mask to int64
 
     @property
     def num_exact(self) -> int:

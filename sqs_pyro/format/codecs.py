@@ -47,12 +47,17 @@ bit ``w-1-t`` of those codes, in their original order. Nodes are written as bina
 ``t = 0 .. w-1`` and ``p = 0 .. 2^t - 1``, skipping empty nodes (their lengths follow from
 the depth above). By the chain rule the node entropies add up to ``nnz H(code usage)``, so
 skewed usage costs fewer than ``w`` bits per code.
+
+Memory: codes travel as the smallest unsigned dtype of their width (uint8 up to 8 bits, uint16
+up to 16), masks as bool, and the int64 positions, gaps and quotients of the Rice coder exist
+only ``CHUNK`` values at a time, so coding a layer of N weights holds a few bytes per weight.
 """
 from __future__ import annotations
 
 import lzma
 import zlib
 from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -69,6 +74,8 @@ LZMA_DICT_MIN, LZMA_DICT_MAX = 1 << 12, 1 << 23
 LZMA_MEMLIMIT = 1 << 26
 _RICE_TAG = 0x80
 _INVERT_TAG = 0x40
+CHUNK = 1 << 22  # values per step of the chunked loops (a multiple of 8, so packed chunks end on a byte)
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
 @dataclass(frozen=True)
@@ -99,10 +106,18 @@ def _container(width: int) -> int:
     return 1 if width <= 8 else 2 if width <= 16 else 4 if width <= 32 else 8
 
 
-def pack_uints(values: np.ndarray, width: int) -> bytes:
-    """Pack non-negative integers below ``2^width`` (``width <= 63``) as ``width``-bit fields."""
-    if width == 0 or values.size == 0:
-        return b""
+def uint_dtype(width: int) -> np.dtype:
+    """The smallest unsigned dtype that holds ``width``-bit values (uint8 up to 8 bits, then 16, 32, 64)."""
+    return np.dtype(f"u{_container(width)}")
+
+
+def _chunks(values: np.ndarray) -> Iterator[np.ndarray]:
+    """``values`` (flat) in consecutive slices of ``CHUNK``."""
+    for start in range(0, values.size, CHUNK):
+        yield values[start:start + CHUNK]
+
+
+def _pack_chunk(values: np.ndarray, width: int) -> bytes:
     if 8 % width == 0:
         per = 8 // width
         fields = np.zeros((-(-values.size // per), per), dtype=np.uint8)
@@ -118,87 +133,154 @@ def pack_uints(values: np.ndarray, width: int) -> bytes:
     return pack_bits(np.unpackbits(le, axis=1, bitorder="little")[:, :width])
 
 
+def pack_uints(values: np.ndarray, width: int) -> bytes:
+    """Pack non-negative integers below ``2^width`` (``width <= 63``) as ``width``-bit fields
+    (``CHUNK`` values at a time: each chunk fills whole bytes)."""
+    if width == 0 or values.size == 0:
+        return b""
+    return b"".join(_pack_chunk(part, width) for part in _chunks(np.asarray(values).ravel()))
+
+
 def unpack_uints(data: bytes | memoryview, count: int, width: int) -> np.ndarray:
-    """Inverse of :func:`pack_uints` (int64), validating the stream length and padding."""
+    """Inverse of :func:`pack_uints` (as :func:`uint_dtype`), validating the stream length and padding."""
+    dtype = uint_dtype(width)
     if width == 0:
         if len(data):
             raise CompressedFileError(f"a 0-bit integer stream must be empty, got {len(data)} bytes")
-        return np.zeros(count, dtype=np.int64)
+        return np.zeros(count, dtype=dtype)
+    raw = np.frombuffer(data, dtype=np.uint8)
     if 8 % width == 0 and width < 8:
         per = 8 // width
-        raw = np.frombuffer(data, dtype=np.uint8)
         if raw.size != -(-count // per):
             raise CompressedFileError(f"integer stream holds {raw.size} bytes, expected {-(-count // per)}")
-        fields = (raw[:, None] >> np.arange(0, 8, width, dtype=np.uint8)) & ((1 << width) - 1)
+        fields = (raw[:, None] >> np.arange(0, 8, width, dtype=np.uint8)) & np.uint8((1 << width) - 1)
         values = fields.ravel()
         if values[count:].any():
             raise CompressedFileError("integer stream has non-zero padding bits")
-        return values[:count].astype(np.int64)
+        return values[:count]
     c = _container(width)
     if width == 8 * c:
-        if len(data) != count * c:
-            raise CompressedFileError(f"integer stream holds {len(data)} bytes, expected {count * c}")
-        return np.frombuffer(data, dtype=f"<u{c}").astype(np.int64)
-    bits = unpack_bits(data, count * width).reshape(count, width)
-    packed = np.packbits(bits, axis=1, bitorder="little")
-    if packed.shape[1] < c:
-        packed = np.concatenate([packed, np.zeros((count, c - packed.shape[1]), np.uint8)], axis=1)
-    return np.ascontiguousarray(packed).view(f"<u{c}").ravel().astype(np.int64)
+        if raw.size != count * c:
+            raise CompressedFileError(f"integer stream holds {raw.size} bytes, expected {count * c}")
+        return raw.view(f"<u{c}").astype(dtype)
+    if raw.size != (count * width + 7) // 8:
+        raise CompressedFileError(f"bit stream holds {raw.size} bytes, expected {(count * width + 7) // 8} for "
+                                  f"{count * width} bits")
+    if (count * width) % 8 and raw[-1] >> ((count * width) % 8):
+        raise CompressedFileError("bit stream has non-zero padding bits")
+    values = np.empty(count, dtype=dtype)
+    for start in range(0, count, CHUNK):
+        n = min(CHUNK, count - start)
+        bits = np.unpackbits(raw[start * width // 8:-(-(start + n) * width // 8)], bitorder="little")
+        packed = np.packbits(bits[:n * width].reshape(n, width), axis=1, bitorder="little")
+        if packed.shape[1] < c:
+            packed = np.concatenate([packed, np.zeros((n, c - packed.shape[1]), np.uint8)], axis=1)
+        values[start:start + n] = np.ascontiguousarray(packed).view(f"<u{c}").ravel()
+    return values
+
+
+def _rice_streams(chunks: Callable[[], Iterable[np.ndarray]], k: int) -> tuple[bytes, bytes]:
+    """The two Rice streams of the values ``chunks()`` yields (int64 slices), built a slice at a time."""
+    length = count = 0
+    for v in chunks():
+        length, count = length + int((v >> k).sum()) + v.size, count + v.size
+    unary = np.zeros(length, dtype=bool)
+    remainders = np.empty(count, dtype=uint_dtype(k))
+    end, at = -1, 0
+    for v in chunks():
+        ends = end + np.cumsum((v >> k) + 1)
+        unary[ends] = True
+        remainders[at:at + v.size] = v & ((1 << k) - 1)
+        end, at = int(ends[-1]), at + v.size
+    return pack_bits(unary), pack_uints(remainders, k)
 
 
 def rice_encode(values: np.ndarray, k: int) -> tuple[bytes, bytes]:
     """Golomb-Rice code of non-negative integers: ``(unary stream, remainder stream)``."""
-    v = np.asarray(values, dtype=np.int64)
-    if v.size == 0:
-        return b"", b""
-    ends = np.cumsum((v >> k) + 1) - 1
-    unary = np.zeros(int(ends[-1]) + 1, dtype=bool)
-    unary[ends] = True
-    return pack_bits(unary), pack_uints(v & ((1 << k) - 1), k)
+    v = np.asarray(values, dtype=np.int64).ravel()
+    return _rice_streams(lambda: _chunks(v), k)
+
+
+def _popcount(data: bytes | memoryview) -> int:
+    """The number of one bits in ``data``."""
+    return int(_POPCOUNT[np.frombuffer(data, dtype=np.uint8)].sum(dtype=np.int64))
+
+
+def _rice_chunks(unary: bytes | memoryview, remainders: bytes | memoryview, k: int) -> Iterator[np.ndarray]:
+    """The values of two Rice streams (checked first), as int64 slices of at most ``CHUNK``."""
+    if not 0 <= k <= MAX_RICE_K:
+        raise CompressedFileError(f"Rice parameter k={k} outside [0, {MAX_RICE_K}]")
+    raw = np.frombuffer(unary, dtype=np.uint8)
+    if raw.size and raw[-1] == 0:
+        raise CompressedFileError("Rice unary stream has trailing zero bytes")
+    rest = unpack_uints(remainders, _popcount(unary), k)
+    end, at = -1, 0
+    for start in range(0, raw.size, CHUNK // 8):
+        ends = np.flatnonzero(np.unpackbits(raw[start:start + CHUNK // 8], bitorder="little")) + 8 * start
+        if not ends.size:
+            continue
+        q = np.diff(ends, prepend=end) - 1
+        if int(q.max()) >= 1 << (62 - k):
+            raise CompressedFileError("Rice quotient overflows 64 bits")
+        yield (q << k) | rest[at:at + q.size].astype(np.int64)
+        end, at = int(ends[-1]), at + q.size
 
 
 def rice_decode(unary: bytes | memoryview, remainders: bytes | memoryview, k: int) -> np.ndarray:
     """Inverse of :func:`rice_encode`; the number of values is the number of one bits in ``unary``."""
-    if not 0 <= k <= MAX_RICE_K:
-        raise CompressedFileError(f"Rice parameter k={k} outside [0, {MAX_RICE_K}]")
-    ends = np.flatnonzero(np.unpackbits(np.frombuffer(unary, dtype=np.uint8), bitorder="little"))
-    if len(unary) and (ends.size == 0 or ends[-1] < 8 * (len(unary) - 1)):
-        raise CompressedFileError("Rice unary stream has trailing zero bytes")
-    q = np.diff(ends, prepend=-1) - 1
-    if q.size and int(q.max()) >= 1 << (62 - k):
-        raise CompressedFileError("Rice quotient overflows 64 bits")
-    return (q << k) | unpack_uints(remainders, ends.size, k)
+    return np.concatenate([np.zeros(0, dtype=np.int64), *_rice_chunks(unary, remainders, k)])
 
 
-def _rice_cost(values: np.ndarray) -> tuple[int, int]:
-    """The cheapest Rice parameter for ``values`` and its total bytes (both streams)."""
-    m = values.size
+def _rice_cost(chunks: Callable[[], Iterable[np.ndarray]]) -> tuple[int, int]:
+    """The cheapest Rice parameter for the values ``chunks()`` yields and its total bytes (both streams)."""
+    m = total = 0
+    for v in chunks():
+        m, total = m + v.size, total + int(v.sum())
     if m == 0:
         return 0, 0
-    guess = int(np.log2(float(values.mean()) + 1.0))  # the optimum for geometric gaps is guess - 1 or guess
+    guess = int(np.log2(total / m + 1.0))  # the optimum for geometric gaps is guess - 1 or guess
     high = min(MAX_RICE_K, guess + 1)
+    ks = range(max(0, min(guess - 1, high)), high + 1)
+    quotients = dict.fromkeys(ks, 0)
+    for v in chunks():
+        for k in ks:
+            quotients[k] += int((v >> k).sum())
     best = None
-    for k in range(max(0, min(guess - 1, high)), high + 1):
-        size = (int((values >> k).sum()) + m + 7) // 8 + (m * k + 7) // 8
+    for k in ks:
+        size = (quotients[k] + m + 7) // 8 + (m * k + 7) // 8
         if best is None or size < best[1]:
             best = (k, size)
     return best
 
 
-def _gaps(bits: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Gaps between the minority value's positions, and whether the minority value is zero."""
+def _gap_chunks(bits: np.ndarray, invert: bool) -> Iterator[np.ndarray]:
+    """Gaps ``p_i - p_{i-1} - 1`` between the minority value's positions (``p_0 = -1``), as int64
+    slices, ``CHUNK`` bits of the sequence at a time."""
+    last = -1
+    for start in range(0, bits.size, CHUNK):
+        part = bits[start:start + CHUNK]
+        positions = np.flatnonzero(~part if invert else part) + start
+        if positions.size:
+            yield np.diff(positions, prepend=last) - 1
+            last = int(positions[-1])
+
+
+def _gap_coding(bits: np.ndarray) -> tuple[Callable[[], Iterator[np.ndarray]], bool]:
+    """The gaps of the minority value (as a re-startable source of slices), and whether it is zero."""
     invert = 2 * int(np.count_nonzero(bits)) > bits.size
-    positions = np.flatnonzero(~bits if invert else bits)
-    return np.diff(positions, prepend=-1) - 1, invert
+    return (lambda: _gap_chunks(bits, invert)), invert
 
 
-def _gaps_to_bits(gaps: np.ndarray, invert: bool, count: int) -> np.ndarray:
-    positions = np.cumsum(gaps + 1) - 1
-    if positions.size and positions[-1] >= count:
-        raise CompressedFileError(f"gap-coded position {int(positions[-1])} beyond the sequence length {count}")
+def _gaps_to_bits(gaps: Iterable[np.ndarray], invert: bool, count: int) -> np.ndarray:
     bits = np.zeros(count, dtype=bool)
-    bits[positions] = True
-    return ~bits if invert else bits
+    last = -1
+    for part in gaps:
+        positions = last + np.cumsum(part + 1)
+        if positions[-1] >= count:
+            raise CompressedFileError(f"gap-coded position {int(positions[-1])} beyond the sequence length {count}")
+        bits[positions] = True
+        last = int(positions[-1])
+    return np.logical_not(bits, out=bits) if invert else bits
 
 
 def _varint(value: int) -> bytes:
@@ -225,12 +307,12 @@ def _read_varint(buf: memoryview, offset: int) -> tuple[int, int]:
 
 def encode_binary(bits: np.ndarray) -> bytes:
     """A binary record of a bit sequence: raw or gap coded, whichever is smaller."""
-    gaps, invert = _gaps(bits)
+    gaps, invert = _gap_coding(bits)
     k, size = _rice_cost(gaps)
     raw = (bits.size + 7) // 8
     if size + len(_varint(size)) >= raw:
         return b"\x00" + pack_bits(bits)
-    unary, rem = rice_encode(gaps, k)
+    unary, rem = _rice_streams(gaps, k)
     return bytes([_RICE_TAG | (_INVERT_TAG if invert else 0) | k]) + _varint(len(unary)) + unary + rem
 
 
@@ -252,11 +334,10 @@ def decode_binary(buf: memoryview, offset: int, count: int) -> tuple[np.ndarray,
     if offset + unary_len > len(buf):
         raise CompressedFileError("Rice unary stream runs past the end of the stream")
     unary = buf[offset:offset + unary_len]
-    m = int(np.unpackbits(np.frombuffer(unary, dtype=np.uint8)).sum())
-    end = offset + unary_len + (m * k + 7) // 8
+    end = offset + unary_len + (_popcount(unary) * k + 7) // 8
     if end > len(buf):
         raise CompressedFileError("Rice remainder stream runs past the end of the stream")
-    gaps = rice_decode(unary, buf[offset + unary_len:end], k)
+    gaps = _rice_chunks(unary, buf[offset + unary_len:end], k)
     return _gaps_to_bits(gaps, bool(tag & _INVERT_TAG), count), end
 
 
@@ -303,9 +384,9 @@ def encode_mask(mask: np.ndarray) -> Encoded:
     """The smallest of the mask codings for a boolean mask (flattened in row-major order)."""
     bits = np.asarray(mask, dtype=bool).ravel()
     bitmask = pack_bits(bits)
-    gaps, invert = _gaps(bits)
+    gaps, invert = _gap_coding(bits)
     k, _ = _rice_cost(gaps)
-    unary, rem = rice_encode(gaps, k)
+    unary, rem = _rice_streams(gaps, k)
     rice = Encoded("rice", unary + rem, {"k": k, "invert": invert, "unary_bytes": len(unary)})
     return _smallest([Encoded("bitmask", bitmask), rice], bitmask)
 
@@ -318,7 +399,7 @@ def decode_mask(coding: str, params: dict, data: bytes | memoryview, numel: int,
         k, invert, unary_bytes = params["k"], params["invert"], params["unary_bytes"]
         if unary_bytes > len(data):
             raise CompressedFileError(f"Rice unary stream of {unary_bytes} bytes exceeds the {len(data)}-byte mask")
-        bits = _gaps_to_bits(rice_decode(data[:unary_bytes], data[unary_bytes:], k), invert, numel)
+        bits = _gaps_to_bits(_rice_chunks(data[:unary_bytes], data[unary_bytes:], k), invert, numel)
     elif coding in ("zlib", "lzma"):
         bits = unpack_bits(_decompress(coding, data, (numel + 7) // 8), numel)
     else:
@@ -336,11 +417,13 @@ def _partition(values: np.ndarray, bits: np.ndarray) -> list[np.ndarray]:
 
 def _tree_encode(codes: np.ndarray, width: int) -> bytes:
     out = bytearray()
-    nodes = [codes.astype(np.uint16)]
+    nodes = [codes]
     for t in range(width):
         children = []
-        for block in nodes:
-            bits = ((block >> (width - 1 - t)) & 1).astype(bool)
+        for p, block in enumerate(nodes):
+            nodes[p] = None  # freed once partitioned
+            bits = np.empty(block.size, dtype=bool)
+            np.bitwise_and(block >> (width - 1 - t), 1, out=bits.view(np.uint8))
             if block.size:
                 out += encode_binary(bits)
             children += _partition(block, bits)
@@ -349,38 +432,61 @@ def _tree_encode(codes: np.ndarray, width: int) -> bytes:
 
 
 def _tree_decode(data: bytes | memoryview, count: int, width: int) -> np.ndarray:
+    """Read the nodes top down (each node's bits kept packed; its children's lengths follow), then
+    build the codes bottom up: a node's codes are its children's, interleaved as its bits say."""
     buf = memoryview(data)
-    codes = np.empty(count, dtype=np.int64)
-    nodes = [np.arange(count)]
-    offset = 0
+    sizes, planes, offset = [count], [], 0
     for t in range(width):
-        children = []
-        for index in nodes:
+        level, below = [], []
+        for size in sizes:
             bits = np.zeros(0, dtype=bool)
-            if index.size:
-                bits, offset = decode_binary(buf, offset, index.size)
-            children += _partition(index, bits)
-        nodes = children
+            if size:
+                bits, offset = decode_binary(buf, offset, size)
+            ones = int(np.count_nonzero(bits))
+            level.append(np.packbits(bits))
+            below += [size - ones, ones]
+        planes.append(level)
+        sizes = below
     if offset != len(buf):
         raise CompressedFileError(f"tree-coded codes end at byte {offset} of {len(buf)}")
-    for code, index in enumerate(nodes):
-        codes[index] = code
-    return codes
+    dtype = uint_dtype(width)
+    nodes = [np.full(size, code, dtype=dtype) for code, size in enumerate(sizes)]
+    for level in reversed(planes):
+        children, nodes = nodes, []
+        for p, packed in enumerate(level):
+            low, high = children[2 * p], children[2 * p + 1]
+            children[2 * p] = children[2 * p + 1] = None  # freed as the level is built
+            bits = np.unpackbits(packed, count=low.size + high.size).view(bool)
+            node = np.empty(bits.size, dtype=dtype)
+            node[bits] = high
+            node[np.logical_not(bits, out=bits)] = low
+            nodes.append(node)
+    return nodes[0]
+
+
+def code_counts(codes: np.ndarray, components: int) -> np.ndarray:
+    """How often each of the ``components`` codes occurs (int64), counted ``CHUNK`` codes at a time
+    (``np.bincount`` copies its input to int64)."""
+    counts = np.zeros(components, dtype=np.int64)
+    for part in _chunks(np.asarray(codes).ravel()):
+        counts += np.bincount(part, minlength=components)
+    return counts
 
 
 def encode_codes(codes: np.ndarray, components: int) -> Encoded:
     """The smallest of the code codings for the codes (in ``[0, K)``) of the kept weights."""
     width = code_width(components)
-    values = np.asarray(codes, dtype=np.int64).ravel()
+    values = np.asarray(codes).ravel().astype(uint_dtype(width), copy=False)
     packed = pack_uints(values, width)
     candidates = [Encoded("packed", packed)]
-    if values.size and values.size * usage_entropy(np.bincount(values, minlength=components)) / 8 < len(packed):
+    if values.size and values.size * usage_entropy(code_counts(values, components)) / 8 < len(packed):
         candidates.append(Encoded("tree", _tree_encode(values, width)))
     return _smallest(candidates, packed)
 
 
 def decode_codes(coding: str, data: bytes | memoryview, count: int, components: int) -> np.ndarray:
-    """The ``count`` codes of the kept weights (int64), each checked to lie in ``[0, K)``."""
+    """The ``count`` codes of the kept weights (as :func:`uint_dtype` of their width), each checked to lie
+    in ``[0, K)``."""
     width = code_width(components)
     if width > MAX_WIDTH:
         raise CompressedFileError(f"{components} codebook levels exceed the supported 2^{MAX_WIDTH}")

@@ -74,10 +74,11 @@ from torch import nn
 from sqs_pyro.format import codecs as coding
 from sqs_pyro.format import posterior as post
 from sqs_pyro.compressed.accounting import binary_entropy, dense_params, usage_entropy
-from sqs_pyro.format.atomic import write_bytes_atomic
+from sqs_pyro.format.atomic import atomic_path
 from sqs_pyro.errors import CompressedFileError, SQSInputError
 from sqs_pyro.compressed.materialize import AveragedPredictor, CompressedLayer, CompressedNetwork
 from sqs_pyro.compressed.posterior import MixturePosterior, RunnerUps, guide_runner_ups
+from sqs_pyro.models.group_scales import apply_group_scales
 
 MAGIC = b"\x89SQS\r\n\x1a\n"
 FORMAT_VERSION = 3  # 3: a posterior section, a tensor stored narrower or tied to a layer; 2: group scales or exact weights; else 1
@@ -128,9 +129,11 @@ def _numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
 
 
-def _content_crc(mask: np.ndarray, kept_codes: np.ndarray, codebook: bytes, *side: bytes) -> int:
-    crc = zlib.crc32(coding.pack_bits(mask))
-    crc = zlib.crc32(np.ascontiguousarray(kept_codes, dtype="<u2").tobytes(), crc)
+def _content_crc(mask_bits: bytes, kept_codes: np.ndarray, codebook: bytes, *side: bytes) -> int:
+    """CRC-32 of the packed mask, the kept codes as ``<u2`` (converted a chunk at a time), the codebook and side data."""
+    crc = zlib.crc32(mask_bits)
+    for start in range(0, kept_codes.size, coding.CHUNK):
+        crc = zlib.crc32(np.ascontiguousarray(kept_codes[start:start + coding.CHUNK], dtype="<u2").tobytes(), crc)
     crc = zlib.crc32(codebook, crc)
     for part in side:
         crc = zlib.crc32(part, crc)
@@ -171,7 +174,21 @@ def _side_segments(layer: CompressedLayer, mask: np.ndarray) -> tuple[dict[str, 
 def _entropy_bound_bits(numel: int, kept_codes: np.ndarray, components: int) -> float:
     """``N H2(nnz / N) + nnz H(code usage)``."""
     density = kept_codes.size / numel if numel else 0.0
-    return numel * binary_entropy(density) + kept_codes.size * usage_entropy(np.bincount(kept_codes, minlength=components))
+    return numel * binary_entropy(density) + kept_codes.size * usage_entropy(coding.code_counts(kept_codes, components))
+
+
+def _kept_codes(codes: np.ndarray, mask: np.ndarray, components: int, name: str) -> np.ndarray:
+    """The codes of the kept weights (flat ``codes`` where ``mask``), checked to lie in ``[0, K)``, as the
+    smallest unsigned dtype of their width; gathered a chunk at a time, so a wide input is never copied whole."""
+    kept = np.empty(int(np.count_nonzero(mask)), dtype=coding.uint_dtype(coding.code_width(components)))
+    at = 0
+    for start in range(0, mask.size, coding.CHUNK):
+        part = codes[start:start + coding.CHUNK][mask[start:start + coding.CHUNK]]
+        if part.size and (part.min() < 0 or part.max() >= components):
+            raise SQSInputError(f"layer {name}: codes of kept weights must lie in [0, {components})")
+        kept[at:at + part.size] = part
+        at += part.size
+    return kept
 
 
 def _encode_layer(layer: CompressedLayer, codebook_dtype: str | None) -> tuple[dict[str, Any], list[bytes]]:
@@ -187,10 +204,7 @@ def _encode_layer(layer: CompressedLayer, codebook_dtype: str | None) -> tuple[d
     if weight_dtype not in FLOAT_DTYPES or stored_dtype not in FLOAT_DTYPES:
         raise SQSInputError(f"layer {layer.name}: codebooks must be floating point ({FLOAT_DTYPES})")
     mask = np.asarray(layer.mask.detach().cpu().numpy(), dtype=bool).ravel()
-    kept = layer.codes.detach().cpu().numpy().ravel()[mask]
-    if kept.size and (kept.min() < 0 or kept.max() >= components):
-        raise SQSInputError(f"layer {layer.name}: codes of kept weights must lie in [0, {components})")
-    kept = kept.astype(np.uint16, copy=False)  # K <= 2^16
+    kept = _kept_codes(layer.codes.detach().cpu().numpy().ravel(), mask, components, layer.name)
     windows = [int(w) for w in layer.component_windows.tolist()]
     if any(not 0 <= w < components for w in windows):
         raise SQSInputError(f"layer {layer.name}: window ids must lie in [0, {components})")
@@ -198,12 +212,13 @@ def _encode_layer(layer: CompressedLayer, codebook_dtype: str | None) -> tuple[d
     mask_stream = coding.encode_mask(mask)
     code_stream = coding.encode_codes(kept, components)
     side_keys, side = _side_segments(layer, mask)
+    mask_bits = coding.pack_bits(mask)
     entry = {
         "name": layer.name, "shape": list(shape), "dtype": weight_dtype, "nnz": int(kept.size),
         "codebook_dtype": stored_dtype, "windows": windows,
         "mask": {"coding": mask_stream.coding, "bytes": len(mask_stream.data), **mask_stream.params},
         "codes": {"coding": code_stream.coding, "bytes": len(code_stream.data)}, **side_keys,
-        "crc32": _content_crc(mask, kept, codebook, *side),
+        "crc32": _content_crc(mask_bits, kept, codebook, *side),
         "bound_bits": round(_entropy_bound_bits(mask.size, kept, components) + 8 * sum(map(len, side)), 1),
     }
     return entry, [codebook, mask_stream.data, code_stream.data, *side]
@@ -264,7 +279,17 @@ def encode_file(network: CompressedNetwork, codebook_dtype: str | None = None,
                 architecture: dict[str, Any] | None = None, tensor_dtype: str | None = None,
                 posterior: dict[str, RunnerUps] | None = None,
                 posterior_coding: post.PosteriorCoding = post.PosteriorCoding()) -> bytes:
-    """The bytes of the ``.sqs`` file of ``network`` (see the module docstring for the layout).
+    """The bytes of the ``.sqs`` file of ``network`` (see the module docstring for the layout); the
+    arguments are those of :func:`file_parts`."""
+    return b"".join(file_parts(network, codebook_dtype, architecture, tensor_dtype, posterior, posterior_coding))
+
+
+def file_parts(network: CompressedNetwork, codebook_dtype: str | None = None,
+               architecture: dict[str, Any] | None = None, tensor_dtype: str | None = None,
+               posterior: dict[str, RunnerUps] | None = None,
+               posterior_coding: post.PosteriorCoding = post.PosteriorCoding()) -> list[bytes]:
+    """The ``.sqs`` file of ``network`` as consecutive parts: preamble and header, then the payload's
+    segments (written one after another, the file is never held twice).
 
     ``codebook_dtype``: ``None`` stores each codebook in its own dtype (exact round trip);
     ``"float16"`` halves the codebooks' bytes and rounds their values. ``tensor_dtype``: likewise
@@ -311,12 +336,14 @@ def encode_file(network: CompressedNetwork, codebook_dtype: str | None = None,
             entry, parts = _posterior_layer(layer, posterior[layer.name], codebook_dtype, posterior_coding)
             section["layers"].append(entry)
             segments += parts
-    payload = b"".join(segments)
+    digest = hashlib.sha256()
+    for part in segments:
+        digest.update(part)
     version = (FORMAT_VERSION if section or network.tied or any("stored_dtype" in t for t in tensors)
                else 2 if any("group_size" in e or "exact" in e for e in layers) else 1)
     header = {
         "format": "sqs-pyro", "format_version": version,
-        "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest(),
+        "payload_bytes": sum(map(len, segments)), "payload_sha256": digest.hexdigest(),
         "architecture": _json_safe(architecture or {}), "config": _json_safe(network.config),
         "accounting": _totals(layers, network.dense_state), "layers": layers, "tensors": tensors,
         **({"posterior": section} if section else {}),
@@ -324,7 +351,7 @@ def encode_file(network: CompressedNetwork, codebook_dtype: str | None = None,
     text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     if len(text) > MAX_HEADER_BYTES:
         raise SQSInputError(f"the header would take {len(text)} bytes, more than {MAX_HEADER_BYTES}")
-    return PREAMBLE.pack(MAGIC, version, len(text), hashlib.sha256(text).digest()) + text + payload
+    return [PREAMBLE.pack(MAGIC, version, len(text), hashlib.sha256(text).digest()) + text, *segments]
 
 
 def _narrower(dtype: str, target: str | None) -> bool:
@@ -358,10 +385,12 @@ def save_compressed(obj: Any, path: str | os.PathLike, *, codebook_dtype: str | 
             summaries = guide_runner_ups(obj.guide, network, spec.threshold)
     else:
         raise SQSInputError(f"save_compressed takes an SQSResult or a CompressedNetwork, got {type(obj).__name__}")
-    data = encode_file(network, codebook_dtype, architecture_hints(model), tensor_dtype, summaries,
+    parts = file_parts(network, codebook_dtype, architecture_hints(model), tensor_dtype, summaries,
                        spec or post.PosteriorCoding())
-    write_bytes_atomic(path, data)  # a crash or a full disk leaves any previous file untouched
-    return len(data)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a crash or a full disk leaves any previous file untouched
+        for part in parts:
+            f.write(part)
+    return sum(map(len, parts))
 
 
 # ---------------------------------------------------------------- reading
@@ -648,32 +677,50 @@ def _check_skeleton(parsed: _Parsed, model: nn.Module, prefix: str) -> None:
 
 @dataclass(frozen=True)
 class _Decoded:
-    """One decoded compressed layer: its flat mask, the codes of its kept weights (the smallest
-    unsigned dtype), its codebook in the weight's dtype, and its group scales and exact weights."""
+    """One decoded compressed layer: its mask packed (``pack_bits``), the codes of its kept weights (the
+    smallest unsigned dtype), its codebook in the weight's dtype, and its group scales and exact weights."""
 
     entry: _Layer
-    mask: np.ndarray
+    mask_bits: np.ndarray
     kept: np.ndarray
     codebook: torch.Tensor
     scales: torch.Tensor | None = None
     exact_index: torch.Tensor | None = None
     exact_values: torch.Tensor | None = None
 
+    def mask(self, start: int = 0, end: int | None = None) -> np.ndarray:
+        """The flat mask's bits ``start .. end - 1`` (all by default) as booleans."""
+        end = _numel(self.entry.shape) if end is None else end
+        bits = np.unpackbits(self.mask_bits[start // 8:-(-end // 8)], bitorder="little")
+        return bits[start % 8:start % 8 + end - start].view(bool)
+
     def layer(self) -> CompressedLayer:
-        codes = np.zeros(self.mask.size, dtype=np.int64)
-        codes[self.mask] = self.kept
-        return CompressedLayer(self.entry.name, self.entry.shape, torch.from_numpy(self.mask).reshape(self.entry.shape),
-                               torch.from_numpy(codes).reshape(self.entry.shape), self.codebook,
+        mask = torch.from_numpy(self.mask()).reshape(self.entry.shape)
+        codes = torch.zeros(self.entry.shape, dtype=torch.int64)  # int64, as the network's consumers index with it
+        codes[mask] = torch.from_numpy(self.kept).to(codes.dtype)
+        return CompressedLayer(self.entry.name, self.entry.shape, mask, codes, self.codebook,
                                torch.tensor(self.entry.windows, dtype=torch.int64), self.entry.group_size,
                                self.scales, self.exact_index, self.exact_values)
 
-    def weight(self) -> torch.Tensor:
-        """The layer's weight; without scales or exact weights, computed on the kept weights only."""
-        if self.scales is not None or self.exact_index is not None:
-            return self.layer().weight()
-        weight = torch.zeros(self.mask.size, dtype=self.codebook.dtype)
-        weight[torch.from_numpy(self.mask)] = self.codebook[torch.from_numpy(self.kept.astype(np.int32))]
-        return weight.reshape(self.entry.shape)
+    def fill(self, out: torch.Tensor) -> None:
+        """Write the layer's weight (:meth:`CompressedLayer.weight`, the same values) into the contiguous
+        ``out``, whole rows of about ``CHUNK`` weights at a time: no weight-sized mask, codes or levels."""
+        shape = self.entry.shape
+        rows = shape[0] if shape else 1
+        cols = _numel(shape) // rows if rows else 0
+        flat, step, at = out.view(-1), max(1, coding.CHUNK // max(cols, 1)), 0
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            mask = torch.from_numpy(self.mask(r0 * cols, r1 * cols))
+            n = int(torch.count_nonzero(mask))
+            chunk = torch.zeros(mask.numel(), dtype=self.codebook.dtype)  # masked_scatter_: no int64 positions
+            chunk.masked_scatter_(mask, self.codebook[torch.from_numpy(self.kept[at:at + n].astype(np.int32))])
+            at += n
+            if self.scales is not None:
+                chunk = apply_group_scales(chunk.view(r1 - r0, cols), self.scales[r0:r1], self.entry.group_size)
+            flat[r0 * cols:r1 * cols] = chunk.reshape(-1)
+        if self.exact_index is not None:
+            flat[self.exact_index] = self.exact_values.to(flat.dtype)
 
 
 def _decode_layer(entry: _Layer, payload: memoryview, offset: int) -> _Decoded:
@@ -688,7 +735,8 @@ def _decode_layer(entry: _Layer, payload: memoryview, offset: int) -> _Decoded:
         kept = coding.decode_codes(entry.codes["coding"], codes_raw, entry.nnz, components)
     except CompressedFileError as exc:
         raise CompressedFileError(f"layer {entry.name}: {exc}") from None
-    if _content_crc(mask, kept, codebook_raw, *side) != entry.crc32:
+    mask_bits = np.packbits(mask, bitorder="little")
+    if _content_crc(mask_bits.tobytes(), kept, codebook_raw, *side) != entry.crc32:
         raise CompressedFileError(f"layer {entry.name}: CRC mismatch of the decoded mask, codes, codebook and side data")
     codebook = tensor_from_bytes(codebook_raw, entry.codebook_dtype, (components,)).to(DTYPES[entry.dtype][0])
     scales = exact_index = exact_values = None
@@ -700,8 +748,7 @@ def _decode_layer(entry: _Layer, payload: memoryview, offset: int) -> _Decoded:
             raise CompressedFileError(f"layer {entry.name}: exact positions must be increasing, inside the layer "
                                       "and outside the mask")
         exact_index, exact_values = torch.from_numpy(index), tensor_from_bytes(side[1], "float16", (entry.exact,))
-    kept = kept.astype(np.uint8 if components <= 256 else np.uint16)
-    return _Decoded(entry, mask, kept, codebook, scales, exact_index, exact_values)
+    return _Decoded(entry, mask_bits, kept, codebook, scales, exact_index, exact_values)
 
 
 def _decode_posterior(parsed: _Parsed, layers: list[_Decoded]) -> dict[str, RunnerUps]:
@@ -775,12 +822,17 @@ def _fill(path: str | os.PathLike, model: nn.Module, prefix: str) -> nn.Module:
     aliases: dict[str, list[str]] = {}
     for alias, name in tied.items():
         aliases.setdefault(name, []).append(alias)
-    while decoded:  # one decoded weight at a time
+    while decoded:  # one layer at a time, written into its tensor
         layer = decoded.pop(0)
-        weight = layer.weight()
-        for name in (layer.entry.name, *aliases.get(layer.entry.name, ())):
-            if name in state:
-                state[name].copy_(weight)
+        targets = [state[name] for name in (layer.entry.name, *aliases.get(layer.entry.name, ())) if name in state]
+        if not targets:
+            continue
+        out = targets[0] if targets[0].is_contiguous() else torch.empty_like(targets[0],
+                                                                             memory_format=torch.contiguous_format)
+        layer.fill(out)
+        for target in targets:
+            if target.data_ptr() != out.data_ptr():
+                target.copy_(out)
     for name, tensor in dense.items():
         if name in state:
             state[name].copy_(tensor)
