@@ -23,7 +23,7 @@ def patched(self, step, eval_fn):
 
 
 T.Trainer._apply_schedule = patched
-sys.argv = ["posterior_phase.py", "--epochs", "0.5", "--set", "posterior_epochs=0.25"]
+sys.argv = ["posterior_phase.py", "--epochs", "0.5", "--set", "posterior_epochs=0.25", *sys.argv[1:]]  # e.g. --seed 1
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 runpy.run_path(str(HERE / "posterior_phase.py"), run_name="__main__")
