@@ -102,7 +102,8 @@ def dense_errors(network: str) -> tuple[float, float]:
 
 
 def report(records: list[Mapping[str, Any]], networks: Iterable[str], components: int,
-           configs: Mapping[str, Mapping[str, Any]], seeds: Iterable[int], with_dense: bool) -> str:
+           configs: Mapping[str, Mapping[str, Any]], seeds: Iterable[int], with_dense: bool,
+           sweeps: Mapping[str, tuple[float, ...]] = SWEEP, methods: Iterable[str] = METHODS) -> str:
     """The Markdown report: dense networks, the selection on validation, our rows beside the published ones."""
     seeds = tuple(seeds)
     budget = "; ".join(f"{n}: {configs[n]['epochs']:g} epochs of {records[0]['train_examples'] if records else '?'} "
@@ -121,11 +122,11 @@ def report(records: list[Mapping[str, Any]], networks: Iterable[str], components
               "|---|---|---|---|---|---|---|"]
     chosen: dict[tuple[str, str], float | None] = {}
     for network in networks:
-        for method in METHODS:
-            s_chosen = chosen[(network, method)] = choose(records, network, method, components, SWEEP[network],
+        for method in methods:
+            s_chosen = chosen[(network, method)] = choose(records, network, method, components, sweeps[network],
                                                           configs[network])
             for r in sorted((r for r in records if r["workload"] == network and r["method"] == method
-                             and r["seed"] == 0 and r["sparsity_target"] in SWEEP[network]),
+                             and r["seed"] == 0 and r["sparsity_target"] in sweeps[network]),
                             key=lambda r: r["sparsity_target"]):
                 mark = "**" if r["sparsity_target"] == s_chosen else ""
                 lines.append(f"| {network} | {method} | {mark}{r['sparsity_target']:g}{mark} | {r['sparsity']:.4f} | "
@@ -137,7 +138,7 @@ def report(records: list[Mapping[str, Any]], networks: Iterable[str], components
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     summaries = {}
     for network in networks:
-        for method in METHODS:
+        for method in methods:
             s = chosen[(network, method)]
             runs = [r for r in records if r["workload"] == network and r["method"] == method
                     and r["sparsity_target"] == s and r["seed"] in seeds]
@@ -201,11 +202,17 @@ def main() -> None:
     parser.add_argument("--sparsity-mode", choices=("exact", "median"), default="exact",
                         help="SQS's mask rule: exact (1 - s kept), or median (g > 0.5: the rule before a173854)")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from the JSON lines")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--sweep", nargs="+", default=[], metavar="NETWORK=S1,S2",
+                        help=f"target sparsities of a network's selection sweep (default: {SWEEP})")
+    parser.add_argument("--output", type=Path, default=HERE / "results" / "literature.jsonl",
+                        help="the JSON lines (resumable); the report and the plot are written beside them")
     add_smoke_flag(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    networks, limits, seeds, output = args.networks, {}, SEEDS, HERE / "results" / "literature.jsonl"
+    sweeps = {**SWEEP, **{k: tuple(float(v) for v in vs.split(",")) for k, vs in (a.split("=", 1) for a in args.sweep)}}
+    networks, limits, seeds, output, methods = args.networks, {}, SEEDS, args.output, tuple(args.methods)
     configs = {n: {"epochs": args.epochs or EPOCHS[n], "batch_size": 128, "posterior_epochs": 0.0} for n in networks}
     if args.smoke:
         networks, seeds = SMOKE["workloads"], SMOKE["seeds"]
@@ -217,12 +224,12 @@ def main() -> None:
     if not args.report_only:
         for network in networks:
             if args.stage in ("select", "all"):
-                run_grid(parse_grid(grid_raw(output, network, METHODS, SWEEP[network], [0], args.components,
+                run_grid(parse_grid(grid_raw(output, network, methods, sweeps[network], [0], args.components,
                                              configs[network], limits)), execute=execute)
             if args.stage in ("final", "all"):
                 records = read_records(output)
-                for method in METHODS:
-                    s = choose(records, network, method, args.components, SWEEP[network], configs[network])
+                for method in methods:
+                    s = choose(records, network, method, args.components, sweeps[network], configs[network])
                     if s is None:
                         print(f"{network} / {method}: no seed-0 sweep yet; run --stage select first")
                         continue
@@ -231,7 +238,7 @@ def main() -> None:
     records = [r for r in read_records(output) if r["workload"] in networks and r["components"] == args.components
                and r["config"]["epochs"] == configs[r["workload"]]["epochs"] and (
                    r["kind"] != "sqs" or r["config"].get("sparsity_mode", "median") == args.sparsity_mode)]
-    text = report(records, networks, args.components, configs, seeds, with_dense=not args.smoke)
+    text = report(records, networks, args.components, configs, seeds, not args.smoke, sweeps, methods)
     md = output.with_name(f"{output.stem}{'' if args.sparsity_mode == 'exact' else '_' + args.sparsity_mode}.md")
     md.write_text(text)
     plot_pareto(records, networks, md.with_name(f"{md.stem}_pareto.png"))

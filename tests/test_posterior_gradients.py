@@ -79,3 +79,22 @@ def test_the_default_run_ends_with_a_sampled_elbo_phase_that_moves_the_widths_no
         assert torch.equal(b.mask, a.mask)  # the phase keeps the mask the point phases froze
         assert not torch.allclose(b.scales, a.scales, rtol=1e-2)  # and the data moved the widths
         assert not torch.allclose(b.log_mix(), a.log_mix(), rtol=1e-2)  # and the mixing weights
+
+
+def test_the_posterior_phase_starts_a_fresh_adam_for_the_widths_and_mixing_weights(tmp_path):
+    """Adam's step count of the widths and mixing logits is the posterior phase's alone (their point-phase moments,
+    taught by the KL only, are dropped where it starts); the other groups keep counting from the run's start."""
+    from sqs_pyro.infer.checkpoint import CHECKPOINT_NAME, load_checkpoint
+    from sqs_pyro.infer.trainer import POSTERIOR_GROUPS
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = torch.randn(256, 8), torch.randint(0, 3, (256,))
+    config = CONFIG.replace(epochs=2.0, batch_size=32, posterior_epochs=1.0)
+    compress(net, (x, y), config, checkpoint_dir=tmp_path, progress=False)
+    optimizer = load_checkpoint(tmp_path / CHECKPOINT_NAME)["optimizer"]
+    steps = {group["name"]: {int(optimizer["state"][i]["step"]) for i in group["params"] if i in optimizer["state"]}
+             for group in optimizer["param_groups"]}
+    for name in POSTERIOR_GROUPS:
+        assert steps[name] == {8}  # 256 / 32 steps of the posterior phase
+    assert steps["codebook"] == {24}  # control: 16 point steps and 8 posterior steps (at rate 0)

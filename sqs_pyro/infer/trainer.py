@@ -200,6 +200,7 @@ class Trainer:
             if guide.layers[0].state != GateState.FROZEN:  # a schedule without fine-tuning steps
                 self._freeze_gates()
             guide.fix_point_codes()
+            self._fresh_posterior_moments()
             self.result.evaluate(eval_fn, step, "point_end")
         guide.mode = "sample" if phase == POSTERIOR else self.result.config.mode
         beta = self.result.config.posterior_kl_weight if phase == POSTERIOR else schedule.kl_weight(step)
@@ -213,6 +214,15 @@ class Trainer:
                 own = posterior_lr if group["name"] in POSTERIOR_GROUPS else 0.0
             group["lr"] = own * self.lr_scale
         return phase, beta
+
+    def _fresh_posterior_moments(self) -> None:
+        """Drop the Adam moments of :data:`POSTERIOR_GROUPS` where the posterior phase starts: what the widths and
+        mixing logits gathered in the point phases came from the KL alone (or a surrogate), and the sampled ELBO is a
+        new objective; a fresh optimiser, as a stock ``SVI`` script starts one (``examples/svi_script.py``)."""
+        for group in self.optimizer.param_groups:
+            if group["name"] in POSTERIOR_GROUPS:
+                for p in group["params"]:
+                    self.optimizer.state.pop(p, None)
 
     def _freeze_gates(self) -> None:
         """Freeze the mask (``sparsity_mode="auto"``: at the ladder's best rung); the gate logits never step again,
