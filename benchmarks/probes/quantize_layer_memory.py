@@ -3,9 +3,11 @@
     python benchmarks/probes/quantize_layer_memory.py [--rows 49152 --cols 576 -K 16 -G 64 --exact 16]
 
 Codes a random weight of SmolLM2's token-table shape as ``sqs-pyro quantize`` does (freed memory
-returned to the system), with a mark before and after ``torch.topk``, ``_group_absmax``,
-``_over_scales_``, ``torch.masked_select`` and ``kmeans_codebook``. Prints, for each stretch, its
-peak (``VmHWM``, reset at each mark) and the RSS at its end, in MB above the RSS with the weight made.
+returned to the system), with a mark before and after each call of whichever of ``top_indices`` (else
+``torch.topk``), ``_group_absmax``, ``_over_scales_``, ``torch.masked_select`` and ``kmeans_codebook``
+the code has. Prints, for each stretch between two marks (repeated stretches merged: their highest peak,
+the last RSS), its peak (``VmHWM``, reset at each mark) and the RSS at its end, in MB above the RSS with
+the weight made, then the call's peak.
 """
 import argparse
 import sys
@@ -30,10 +32,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     return_freed_memory()
-    marks = []
+    stretches: dict[tuple[str, str], list[int]] = {}
+    state = {"last": "start"}
 
     def mark(label: str) -> None:
-        marks.append((label, vm("VmHWM"), vm("VmRSS")))
+        peak, rss = vm("VmHWM"), vm("VmRSS")
+        entry = stretches.setdefault((state["last"], label), [0, 0, 0])
+        entry[0], entry[1], entry[2] = max(entry[0], peak), rss, entry[2] + 1
+        state["last"] = label
         reset_peak()
 
     def around(owner, name: str) -> None:
@@ -46,17 +52,19 @@ def main() -> None:
             return out
         setattr(owner, name, marked)
 
-    for owner, name in ((torch, "topk"), (oneshot, "_group_absmax"), (oneshot, "_over_scales_"),
-                        (torch, "masked_select"), (oneshot, "kmeans_codebook")):
+    top = (oneshot, "top_indices") if hasattr(oneshot, "top_indices") else (torch, "topk")
+    for owner, name in (top, (oneshot, "_group_absmax"), (oneshot, "_over_scales_"), (torch, "masked_select"),
+                        (oneshot, "kmeans_codebook")):
         around(owner, name)
     weight = torch.randn(args.rows, args.cols, generator=torch.Generator().manual_seed(0)) * 0.02
-    mark("start")
+    base = vm("VmRSS")
+    reset_peak()
     oneshot.quantize_layer("table", weight, args.components, args.group_size, args.exact)
     mark("end")
-    base = marks[0][2]
     print(f"weight {args.rows} x {args.cols} ({4 * weight.numel() / 1e6:.0f} MB fp32); MB above the RSS with it made")
-    for (before, _, _), (label, peak, rss) in zip(marks, marks[1:]):
-        print(f"{before:>26} -> {label:<26} peak {(peak - base) / 1e6:6.0f}   after {(rss - base) / 1e6:6.0f}")
+    for (before, label), (peak, rss, times) in stretches.items():
+        print(f"{before:>26} -> {label:<26} peak {(peak - base) / 1e6:6.0f}   after {(rss - base) / 1e6:6.0f}   x{times}")
+    print(f"quantize_layer's peak: {(max(p for p, _, _ in stretches.values()) - base) / 1e6:.0f} MB above the weight")
 
 
 if __name__ == "__main__":
