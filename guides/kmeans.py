@@ -48,15 +48,13 @@ def kmeans_1d(values: np.ndarray, k: int, max_points: int = 512, lloyd_iters: in
               weights: np.ndarray | None = None, overwrite: bool = False) -> np.ndarray:
     """Sorted k-means centres of ``values`` (1-D), optionally ``weights``-weighted (non-negative,
     with a positive sum); ``k`` is capped at the number of distinct values. The values keep their
-    floating dtype (no float64 copy of a large float32 input); sums are taken in float64 per bin.
-    ``overwrite``: unweighted values may be sorted in place (no sorted copy; the same centres)."""
-    x = np.asarray(values).ravel()
-    if x.dtype.kind != "f":
-        x = x.astype(np.float64)
-    h = None if weights is None else np.asarray(weights, dtype=np.float64).ravel()
+    floating dtype, and so do the weights (no float64 copy of a large float32 input); sums are taken in
+    float64 per bin. ``overwrite``: the values may be sorted in place (no sorted copy; the same centres)."""
+    x = _floating(values)
+    h = None if weights is None else _floating(weights)
     if x.size == 0:
         raise ValueError("kmeans_1d needs at least one value")
-    if h is not None and (h.shape != x.shape or np.any(h < 0) or not h.sum() > 0):
+    if h is not None and (h.shape != x.shape or h.min() < 0 or not h.sum() > 0):
         raise ValueError("kmeans_1d: weights must be non-negative, one per value, with a positive sum")
     if _unsorted(x):
         if h is None and overwrite and x.flags.writeable:
@@ -65,7 +63,12 @@ def kmeans_1d(values: np.ndarray, k: int, max_points: int = 512, lloyd_iters: in
             x = np.sort(x)
         else:
             order = np.argsort(x, kind="stable")
-            x, h = x[order], h[order]
+            h = h[order]
+            if overwrite and x.flags.writeable:
+                x.sort(kind="stable")  # x[order]: the stable order is unique
+            else:
+                x = x[order]
+            del order
     if _distinct_at_most(x, k):
         return np.unique(x).astype(np.float64)
     edges = np.linspace(0, x.size, min(x.size, max_points) + 1).astype(np.int64)
@@ -79,6 +82,12 @@ def kmeans_1d(values: np.ndarray, k: int, max_points: int = 512, lloyd_iters: in
 
 
 CHUNK = 1 << 20  # values per step of the order and distinct-value checks of a large input
+
+
+def _floating(values: np.ndarray) -> np.ndarray:
+    """``values`` flat, as they are if floating, else as float64."""
+    x = np.asarray(values).ravel()
+    return x if x.dtype.kind == "f" else x.astype(np.float64)
 
 
 def _unsorted(x: np.ndarray) -> bool:
@@ -109,7 +118,7 @@ def _moments(x: np.ndarray, h: np.ndarray | None, start: int, stop: int) -> tupl
     seg = x[start:stop].astype(np.float64)
     if h is None:
         return float(seg.size), float(seg.sum()), float(seg @ seg)
-    w = h[start:stop]
+    w = h[start:stop].astype(np.float64)
     hx = w * seg
     return float(w.sum()), float(hx.sum()), float(hx @ seg)
 
@@ -134,16 +143,21 @@ def gmm_from_centres(values: np.ndarray, centres: np.ndarray):
     return locs, weights, scales
 
 
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A float32/64 tensor's values as numpy (shared), anything else as a float64 copy."""
+    t = t.detach().cpu()
+    return t.numpy() if t.dtype in (torch.float32, torch.float64) else t.double().numpy()
+
+
 def kmeans_codebook(values: torch.Tensor, components: int, weights: torch.Tensor | None = None,
                     overwrite: bool = False) -> torch.Tensor:
     """Exact 1-D k-means centres of ``values`` (``weights``-weighted if given), sorted; with fewer
     distinct values than ``components`` the largest centre is repeated (unused levels), and all
-    zeros if empty. ``overwrite``: unweighted float32/64 CPU values may be sorted in place."""
+    zeros if empty. ``overwrite``: float32/64 CPU values may be sorted in place."""
     if values.numel() == 0:
         return values.new_zeros(components)
-    h = None if weights is None else weights.detach().cpu().double().numpy()
-    x = values.detach().cpu()
-    x = x.numpy() if x.dtype in (torch.float32, torch.float64) else x.double().numpy()
+    h = None if weights is None else _numpy(weights)
+    x = _numpy(values)
     centres = kmeans_1d(x, components, weights=h, overwrite=overwrite)
     centres = torch.as_tensor(centres, dtype=values.dtype, device=values.device)
     return torch.cat([centres, centres[-1:].expand(components - centres.numel())])

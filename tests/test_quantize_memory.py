@@ -152,17 +152,24 @@ def test_kmeans_sorts_in_place_and_compares_in_chunks(monkeypatch):
     monkeypatch.setattr(kmeans, "CHUNK", 1 << 16)
     x = np.random.default_rng(0).standard_normal(1 << 21).astype(np.float32)
 
-    def peak(values: np.ndarray, overwrite: bool) -> int:
+    h = np.random.default_rng(1).random(x.size).astype(np.float32) + 0.1
+
+    def peak(values: np.ndarray, overwrite: bool, weights: np.ndarray | None = None) -> int:
         tracemalloc.start()
-        kmeans_1d(values, 16, overwrite=overwrite)
+        kmeans_1d(values, 16, weights=weights, overwrite=overwrite)
         out = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         return out
     fixed = peak(np.sort(x[:5000]), False)  # the dynamic programme on 512 bins (~11 MB), whatever the size
+    weighted_copies = peak(x.copy(), False, h.astype(np.float64))
+    weighted = peak(x.copy(), True, h)
     copy, in_place = peak(x.copy(), False), peak(x, True)
     assert np.all(x[1:] >= x[:-1])  # sorted in place
     assert copy - fixed > 3 * x.size  # negative control: a sorted copy (4 bytes a value)
     assert in_place - fixed < x.size  # the float64 of one cluster at a time; no copy of x, nor of it in float64
+    # weighted: the int64 order and the float32 weights in order (main 85c3d49: 23 bytes a value)
+    assert weighted_copies - fixed > 12 * x.size  # negative control: float64 weights and a sorted copy of x
+    assert weighted - fixed < 10 * x.size
 
 
 def _weight(rows: int, cols: int, salt: int, levels: int = 1000) -> torch.Tensor:

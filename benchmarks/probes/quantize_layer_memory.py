@@ -1,9 +1,10 @@
 """Where ``quantize_layer`` on a token-table-sized weight peaks (issue 41): RSS marks around its calls.
 
-    python benchmarks/probes/quantize_layer_memory.py [--rows 49152 --cols 576 -K 16 -G 64 --exact 16]
+    python benchmarks/probes/quantize_layer_memory.py [--rows 49152 --cols 576 -K 16 -G 64 --exact 16] [--weighted]
 
 Codes a random weight of SmolLM2's token-table shape as ``sqs-pyro quantize`` does (freed memory
-returned to the system), with a mark before and after each call of whichever of ``top_indices`` (else
+returned to the system; ``--weighted``: the k-means weighted by ``H_cc sigma^2`` with made-up ``H_cc``,
+as ``--weighted-codebook``), with a mark before and after each call of whichever of ``top_indices`` (else
 ``torch.topk``), ``_group_absmax``, ``_over_scales_``, ``torch.masked_select`` and ``kmeans_codebook``
 the code has. Prints, for each stretch between two marks (repeated stretches merged: their highest peak,
 the last RSS), its peak (``VmHWM``, reset at each mark) and the RSS at its end, in MB above the RSS with
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("-K", "--components", type=int, default=16)
     parser.add_argument("-G", "--group-size", type=int, default=64)
     parser.add_argument("--exact", type=int, default=16)
+    parser.add_argument("--weighted", action="store_true", help="a weighted k-means (made-up input energies)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     return_freed_memory()
@@ -57,13 +59,15 @@ def main() -> None:
                         (oneshot, "kmeans_codebook")):
         around(owner, name)
     weight = torch.randn(args.rows, args.cols, generator=torch.Generator().manual_seed(0)) * 0.02
+    energy = torch.rand(args.cols, generator=torch.Generator().manual_seed(1)) + 0.1 if args.weighted else None
     base = vm("VmRSS")
     reset_peak()
-    oneshot.quantize_layer("table", weight, args.components, args.group_size, args.exact)
+    oneshot.quantize_layer("table", weight, args.components, args.group_size, args.exact, input_energy=energy)
     mark("end")
     print(f"weight {args.rows} x {args.cols} ({4 * weight.numel() / 1e6:.0f} MB fp32); MB above the RSS with it made")
     for (before, label), (peak, rss, times) in stretches.items():
-        print(f"{before:>26} -> {label:<26} peak {(peak - base) / 1e6:6.0f}   after {(rss - base) / 1e6:6.0f}   x{times}")
+        above = f"peak {(peak - base) / 1e6:6.0f}   after {(rss - base) / 1e6:6.0f}"
+        print(f"{before:>26} -> {label:<26} {above}   x{times}")
     print(f"quantize_layer's peak: {(max(p for p, _, _ in stretches.values()) - base) / 1e6:.0f} MB above the weight")
 
 
