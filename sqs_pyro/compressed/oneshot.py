@@ -25,15 +25,15 @@ the spike-and-GMM posterior lives on ``u``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from sqs_pyro.compressed.error_feedback import SHRINK_GRID, feedback_quantize
-from sqs_pyro.compressed.topk import top_indices
 from sqs_pyro.compressed.materialize import (CompressedLayer, CompressedNetwork, code_dtype, tied_to_compressed,
                                              uncompressed_state)
+from sqs_pyro.compressed.topk import top_indices
 from sqs_pyro.guides.kmeans import kmeans_codebook
 from sqs_pyro.models.group_scales import apply_group_scales, group_absmax, normalise
 from sqs_pyro.models.selection import CompressedSite
@@ -112,7 +112,7 @@ def _rows(w: torch.Tensor) -> int:
     return w.shape[0] if w.dim() else 1
 
 
-def _zeroed_rows(w: torch.Tensor, index: torch.Tensor | None):
+def _zeroed_rows(w: torch.Tensor, index: torch.Tensor | None) -> Iterator[tuple[int, torch.Tensor]]:
     """``(first row, rows of w)``, about :data:`CHUNK` values at a time, copied with the exact weights
     (sorted flat ``index``) zeroed."""
     rows = _rows(w)
@@ -127,7 +127,8 @@ def _zeroed_rows(w: torch.Tensor, index: torch.Tensor | None):
         yield r, piece
 
 
-def _normalised_rows(w: torch.Tensor, index: torch.Tensor | None, scales: torch.Tensor | None, group_size: int):
+def _normalised_rows(w: torch.Tensor, index: torch.Tensor | None, scales: torch.Tensor | None,
+                     group_size: int) -> Iterator[tuple[int, torch.Tensor]]:
     """``(first row, u = w / sigma)`` for chunks of rows of ``w``, the exact weights zeroed (``w`` itself
     without scales)."""
     for r, piece in _zeroed_rows(w, index):
