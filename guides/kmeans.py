@@ -45,40 +45,80 @@ def _segment_dp(counts: np.ndarray, sums: np.ndarray, sqsums: np.ndarray, k: int
 
 
 def kmeans_1d(values: np.ndarray, k: int, max_points: int = 512, lloyd_iters: int = 5,
-              weights: np.ndarray | None = None) -> np.ndarray:
+              weights: np.ndarray | None = None, overwrite: bool = False) -> np.ndarray:
     """Sorted k-means centres of ``values`` (1-D), optionally ``weights``-weighted (non-negative,
     with a positive sum); ``k`` is capped at the number of distinct values. The values keep their
-    floating dtype (no float64 copy of a large float32 input); sums are taken in float64 per bin."""
-    x = np.asarray(values).ravel()
-    if x.dtype.kind != "f":
-        x = x.astype(np.float64)
-    h = None if weights is None else np.asarray(weights, dtype=np.float64).ravel()
+    floating dtype, and so do the weights (no float64 copy of a large float32 input); sums are taken in
+    float64 per bin. ``overwrite``: the values may be sorted in place (no sorted copy; the same centres)."""
+    x = _floating(values)
+    h = None if weights is None else _floating(weights)
     if x.size == 0:
         raise ValueError("kmeans_1d needs at least one value")
-    if h is not None and (h.shape != x.shape or np.any(h < 0) or not h.sum() > 0):
+    if h is not None and (h.shape != x.shape or h.min() < 0 or not h.sum() > 0):
         raise ValueError("kmeans_1d: weights must be non-negative, one per value, with a positive sum")
-    if np.any(x[1:] < x[:-1]):
-        if h is None:
+    if _unsorted(x):
+        if h is None and overwrite and x.flags.writeable:
+            x.sort()  # np.sort is this sort on a copy
+        elif h is None:
             x = np.sort(x)
         else:
             order = np.argsort(x, kind="stable")
-            x, h = x[order], h[order]
-    if np.count_nonzero(np.diff(x)) + 1 <= k:
+            h = h[order]
+            if overwrite and x.flags.writeable:
+                x.sort(kind="stable")  # x[order]: the stable order is unique
+            else:
+                x = x[order]
+            del order
+    if _distinct_at_most(x, k):
         return np.unique(x).astype(np.float64)
     edges = np.linspace(0, x.size, min(x.size, max_points) + 1).astype(np.int64)
     counts, sums, sqsums = (np.array(v) for v in zip(*(_moments(x, h, a, b) for a, b in zip(edges[:-1], edges[1:]))))
     centres = np.sort(_segment_dp(counts, sums, sqsums, k))
     for _ in range(lloyd_iters):
-        cut = np.concatenate([[0], np.searchsorted(x, (centres[1:] + centres[:-1]) / 2), [x.size]])
+        cut = np.concatenate([[0], _searchsorted(x, (centres[1:] + centres[:-1]) / 2), [x.size]])
         parts = [_moments(x, h, a, b) for a, b in zip(cut[:-1], cut[1:])]
         centres = np.array([s / n if n > 0 else c for (n, s, _), c in zip(parts, centres)])
     return np.sort(centres)
 
 
+CHUNK = 1 << 20  # values per step of the order and distinct-value checks of a large input
+
+
+def _floating(values: np.ndarray) -> np.ndarray:
+    """``values`` flat, as they are if floating, else as float64."""
+    x = np.asarray(values).ravel()
+    return x if x.dtype.kind == "f" else x.astype(np.float64)
+
+
+def _unsorted(x: np.ndarray) -> bool:
+    """``np.any(x[1:] < x[:-1])``, a chunk at a time (no full-size boolean)."""
+    n = x.size - 1  # the pairs (x[i], x[i + 1])
+    return any(np.any(x[a + 1:min(a + CHUNK, n) + 1] < x[a:min(a + CHUNK, n)]) for a in range(0, n, CHUNK))
+
+
+def _distinct_at_most(x: np.ndarray, k: int) -> bool:
+    """``np.count_nonzero(np.diff(x)) + 1 <= k`` for sorted ``x``, a chunk of the difference at a time."""
+    changes = 0
+    for a in range(0, x.size - 1, CHUNK):
+        changes += np.count_nonzero(np.diff(x[a:a + CHUNK + 1]))
+        if changes + 1 > k:
+            return False
+    return True
+
+
+def _searchsorted(x: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``np.searchsorted(x, v)`` for sorted ``x`` and float64 ``v``: the count of values below each ``v``, summed
+    over chunks of ``x`` (``np.searchsorted`` would compare a float64 copy of a whole float32 ``x``)."""
+    return sum(np.searchsorted(x[a:a + CHUNK].astype(np.float64), v) for a in range(0, x.size, CHUNK))
+
+
 def _moments(x: np.ndarray, h: np.ndarray | None, start: int, stop: int) -> tuple[float, float, float]:
-    """``(sum h, sum h x, sum h x^2)`` over ``x[start:stop]`` in float64 (``h = 1`` if None)."""
+    """``(sum h, sum h x, sum h x^2)`` over ``x[start:stop]`` in float64 (``h = 1`` if None: the same
+    sums without the ones and their products)."""
     seg = x[start:stop].astype(np.float64)
-    w = np.ones_like(seg) if h is None else h[start:stop]
+    if h is None:
+        return float(seg.size), float(seg.sum()), float(seg @ seg)
+    w = h[start:stop].astype(np.float64)
     hx = w * seg
     return float(w.sum()), float(hx.sum()), float(hx @ seg)
 
@@ -103,14 +143,21 @@ def gmm_from_centres(values: np.ndarray, centres: np.ndarray):
     return locs, weights, scales
 
 
-def kmeans_codebook(values: torch.Tensor, components: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A float32/64 tensor's values as numpy (shared), anything else as a float64 copy."""
+    t = t.detach().cpu()
+    return t.numpy() if t.dtype in (torch.float32, torch.float64) else t.double().numpy()
+
+
+def kmeans_codebook(values: torch.Tensor, components: int, weights: torch.Tensor | None = None,
+                    overwrite: bool = False) -> torch.Tensor:
     """Exact 1-D k-means centres of ``values`` (``weights``-weighted if given), sorted; with fewer
     distinct values than ``components`` the largest centre is repeated (unused levels), and all
-    zeros if empty."""
+    zeros if empty. ``overwrite``: float32/64 CPU values may be sorted in place."""
     if values.numel() == 0:
         return values.new_zeros(components)
-    h = None if weights is None else weights.detach().cpu().double().numpy()
-    x = values.detach().cpu()
-    x = x.numpy() if x.dtype in (torch.float32, torch.float64) else x.double().numpy()
-    centres = torch.as_tensor(kmeans_1d(x, components, weights=h), dtype=values.dtype, device=values.device)
+    h = None if weights is None else _numpy(weights)
+    x = _numpy(values)
+    centres = kmeans_1d(x, components, weights=h, overwrite=overwrite)
+    centres = torch.as_tensor(centres, dtype=values.dtype, device=values.device)
     return torch.cat([centres, centres[-1:].expand(components - centres.numel())])

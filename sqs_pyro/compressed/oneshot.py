@@ -25,7 +25,7 @@ the spike-and-GMM posterior lives on ``u``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -33,11 +33,12 @@ from torch import nn
 from sqs_pyro.compressed.error_feedback import SHRINK_GRID, feedback_quantize
 from sqs_pyro.compressed.materialize import (CompressedLayer, CompressedNetwork, code_dtype, tied_to_compressed,
                                              uncompressed_state)
+from sqs_pyro.compressed.topk import top_indices
 from sqs_pyro.guides.kmeans import kmeans_codebook
 from sqs_pyro.models.group_scales import apply_group_scales, group_absmax, normalise
 from sqs_pyro.models.selection import CompressedSite
 
-CHUNK = 1 << 20  # values per step of the nearest-level coding of a large tensor
+CHUNK = 1 << 20  # values per chunk of rows normalised and coded at a time
 
 
 @torch.no_grad()
@@ -46,7 +47,11 @@ def quantize_layer(name: str, weight: torch.Tensor, components: int, group_size:
                    input_energy: torch.Tensor | None = None) -> CompressedLayer:
     """The dense-and-sparse group-scaled layer of ``weight`` (see the module docstring);
     ``group_size = 0`` gives one codebook over the raw weights (no scales). ``input_energy``
-    (``H_cc`` per column of a 2-D weight) weights the k-means by ``H_cc sigma^2``."""
+    (``H_cc`` per column of a 2-D weight) weights the k-means by ``H_cc sigma^2``.
+
+    Memory: beyond the mask and the codes (1 byte per weight each), one float32 per coded weight for
+    the k-means (sorted in place unless weighted); the exact weights are a chunked top-k and the
+    normalised values are made a chunk of rows at a time, twice (for the k-means, then the codes)."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     w = weight.detach().float().cpu()
@@ -54,44 +59,89 @@ def quantize_layer(name: str, weight: torch.Tensor, components: int, group_size:
     exact = min(exact, flat.numel() - 1)
     index = values = None
     mask = torch.ones(flat.numel(), dtype=torch.bool)
-    s = None
-    if exact > 0 or sparsity > 0:
-        s = flat.abs() if scores is None else scores.detach().float().cpu().reshape(-1)
+    given = None if scores is None else scores.detach().float().cpu().reshape(-1)
     if exact > 0:
-        index = torch.sort(torch.topk(s, exact).indices).values
+        index = torch.sort(top_indices(flat, exact) if given is None else top_indices(given, exact, _same)).values
         values = flat[index].to(torch.float16)
         mask[index] = False
-    u = flat.masked_fill(~mask, 0.0).reshape(w.shape)  # the exact weights zeroed: a copy of w
-    prune = round(sparsity * int(mask.sum()))
+    prune = round(sparsity * int(torch.count_nonzero(mask)))
     if prune:  # the smallest scores among the coded weights
+        s = flat.abs() if given is None else given
         mask[torch.argsort(s.masked_fill(~mask, float("inf")), stable=True)[:prune]] = False
-    del s
-    scales = _group_absmax(u, group_size) if group_size else None
-    if group_size:
-        u = _over_scales_(u, scales, group_size)
+        del s
+    rows = _rows(w)
+    scales = None
+    if group_size:  # from the weights with the exact ones zeroed (not the pruned ones)
+        scales = torch.cat([_group_absmax(piece, group_size) for _, piece in _zeroed_rows(w, index)])
     layer = CompressedLayer(name, tuple(w.shape), mask.reshape(w.shape), torch.zeros(0, dtype=code_dtype(components)),
                             torch.zeros(components), torch.zeros(components, dtype=torch.long), group_size,
                             scales, index, values)
-    weights = None
-    select = (lambda x: x.reshape(-1)) if bool(mask.all()) else (lambda x: torch.masked_select(x.reshape(-1), mask))
-    if input_energy is not None:
-        energy = input_energy.float().cpu()
-        if group_size and w.shape[1] % group_size == 0:  # sigma^2 H_cc group by group, no full tensor of scales
-            weights = scales.float()[..., None] ** 2 * energy.view(1, -1, group_size)
-        else:
-            sigma = apply_group_scales(torch.ones(w.shape), scales, group_size) if group_size else torch.ones(w.shape)
-            weights = sigma ** 2 * energy[None, :]
-        weights = select(weights)
-    u = select(u)  # masked_select: no int64 positions
-    codebook = kmeans_codebook(u, components, weights)
-    mids = (codebook[1:] + codebook[:-1]) / 2
-    nearest = torch.empty(u.numel(), dtype=code_dtype(components))
-    for start in range(0, u.numel(), CHUNK):  # nearest sorted level, without a full int64 tensor
-        nearest[start:start + CHUNK] = torch.bucketize(u[start:start + CHUNK], mids)
+    u = torch.empty(int(torch.count_nonzero(mask)))  # the coded normalised values, in order
+    weights = None if input_energy is None else torch.empty(u.numel())
+    energy = None if input_energy is None else input_energy.float().cpu()
+    kept = mask.reshape(rows, -1)
+    at = 0
+    for r, piece in _normalised_rows(w, index, scales, group_size):
+        keep = kept[r:r + len(piece)]
+        sel = torch.masked_select(piece, keep)
+        u[at:at + sel.numel()] = sel
+        if weights is not None:
+            sigma = None if scales is None else scales[r:r + len(piece)]
+            sensitivity = _sensitivity(sigma, energy, piece.shape, group_size)
+            weights[at:at + sel.numel()] = torch.masked_select(sensitivity, keep)
+        at += sel.numel()
+    codebook = kmeans_codebook(u, components, weights, overwrite=True)
     del u, weights
-    codes = torch.zeros(flat.numel(), dtype=nearest.dtype).masked_scatter_(mask, nearest)
+    mids = (codebook[1:] + codebook[:-1]) / 2
+    codes = torch.zeros(rows, flat.numel() // rows, dtype=code_dtype(components))
+    for r, piece in _normalised_rows(w, index, scales, group_size):  # nearest sorted level, as in the k-means
+        keep = kept[r:r + len(piece)]
+        nearest = torch.bucketize(torch.masked_select(piece, keep), mids)
+        codes[r:r + len(piece)].masked_scatter_(keep, nearest.to(codes.dtype))
     layer.codes, layer.codebook = codes.reshape(w.shape), codebook.to(weight.dtype)
     return layer
+
+
+def _same(x: torch.Tensor) -> torch.Tensor:
+    """The identity: given scores are ranked as they are."""
+    return x
+
+
+def _rows(w: torch.Tensor) -> int:
+    """The rows of ``w`` for its group scales (its first dimension; 1 for a scalar)."""
+    return w.shape[0] if w.dim() else 1
+
+
+def _zeroed_rows(w: torch.Tensor, index: torch.Tensor | None) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first row, rows of w)``, about :data:`CHUNK` values at a time, copied with the exact weights
+    (sorted flat ``index``) zeroed."""
+    rows = _rows(w)
+    view = w.reshape(rows, -1)
+    cols = max(view.shape[1], 1)
+    step = max(1, CHUNK // cols)
+    for r in range(0, rows, step):
+        piece = view[r:r + step].clone()
+        if index is not None:
+            lo, hi = torch.searchsorted(index, torch.tensor([r * cols, (r + step) * cols])).tolist()
+            piece.view(-1)[index[lo:hi] - r * cols] = 0.0
+        yield r, piece
+
+
+def _normalised_rows(w: torch.Tensor, index: torch.Tensor | None, scales: torch.Tensor | None,
+                     group_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first row, u = w / sigma)`` for chunks of rows of ``w``, the exact weights zeroed (``w`` itself
+    without scales)."""
+    for r, piece in _zeroed_rows(w, index):
+        yield r, _over_scales_(piece, scales[r:r + len(piece)], group_size) if group_size else piece
+
+
+def _sensitivity(scales: torch.Tensor | None, energy: torch.Tensor, shape: torch.Size, group_size: int) -> torch.Tensor:
+    """``sigma^2 H_cc`` of every weight of a chunk of rows (``shape``) with its fp16 ``scales`` (``sigma = 1``
+    without scales)."""
+    if group_size and shape[1] % group_size == 0:  # group by group, no full tensor of scales
+        return (scales.float()[..., None] ** 2 * energy.view(1, -1, group_size)).reshape(shape)
+    sigma = apply_group_scales(torch.ones(shape), scales, group_size) if group_size else torch.ones(shape)
+    return sigma ** 2 * energy[None, :]
 
 
 def _group_absmax(values: torch.Tensor, group_size: int) -> torch.Tensor:

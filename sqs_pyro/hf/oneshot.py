@@ -6,8 +6,9 @@ per matrix, more than the model itself. Here the calibration windows run through
 block by block: the hidden states entering the first decoder block are caught (with the keyword
 arguments the model passes to its blocks: rotary embeddings, masks), then every block in turn is
 run on them with its Linear inputs recorded, its moments handed out, and its outputs kept as the
-next block's inputs. Only one block's moments and one set of hidden states are held at a time,
-and the moments equal those of the full forward pass.
+next block's inputs (a batch's outputs replacing its inputs as soon as they are made). Only one
+block's moments and one set of hidden states are held at a time, and the moments equal those of
+the full forward pass.
 """
 from __future__ import annotations
 
@@ -71,9 +72,9 @@ def blockwise_hessians(net: nn.Module, sites: Sequence[CompressedSite], batches:
     for i, block in enumerate(blocks):
         mine = [s for s in sites if s.name.startswith(f"{path}.{i}.")]
         with recorded_hessians(net, mine) if mine else contextlib.nullcontext({}) as hessians:
-            outputs = [block(hidden, **kwargs) for hidden, kwargs in caught]
-        caught = [(out[0] if isinstance(out, tuple) else out, kwargs) for out, (_, kwargs) in zip(outputs, caught)]
-        del outputs
+            for j, (hidden, kwargs) in enumerate(caught):  # each batch's outputs replace its inputs
+                out = block(hidden, **kwargs)
+                caught[j] = (out[0] if isinstance(out, tuple) else out, kwargs)
         if mine:
             yield mine, hessians
 
