@@ -195,7 +195,8 @@ def plot_pareto(records: list[Mapping[str, Any]], networks: Iterable[str], path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--networks", nargs="+", default=["lenet300", "lenet5"], choices=["lenet300", "lenet5"])
-    parser.add_argument("--epochs", type=float, help=f"compression budget of every method (default: {EPOCHS})")
+    parser.add_argument("--epochs", nargs="+", default=[], metavar="E|NETWORK=E",
+                        help=f"compression budget of every method, one for all or per network (default: {EPOCHS})")
     parser.add_argument("-K", "--components", type=int, default=4, help="codebook levels per layer")
     parser.add_argument("--stage", choices=("select", "final", "all"), default="all",
                         help="select: the seed-0 sweep; final: the chosen points at every seed; all: both")
@@ -213,7 +214,10 @@ def main() -> None:
 
     sweeps = {**SWEEP, **{k: tuple(float(v) for v in vs.split(",")) for k, vs in (a.split("=", 1) for a in args.sweep)}}
     networks, limits, seeds, output, methods = args.networks, {}, SEEDS, args.output, tuple(args.methods)
-    configs = {n: {"epochs": args.epochs or EPOCHS[n], "batch_size": 128, "posterior_epochs": 0.0} for n in networks}
+    epochs = {**EPOCHS, **{n: float(e) for n, _, e in (a.rpartition("=") for a in args.epochs)}}
+    if "" in epochs:  # a bare number: every network's budget
+        epochs = {n: epochs[""] for n in EPOCHS}
+    configs = {n: {"epochs": epochs[n], "batch_size": 128, "posterior_epochs": 0.0} for n in networks}
     if args.smoke:
         networks, seeds = SMOKE["workloads"], SMOKE["seeds"]
         configs = {networks[0]: SMOKE["config"]}
