@@ -35,7 +35,7 @@ HERE = Path(__file__).parent
 SMOKE_GRID = {"output": "smoke.jsonl", "workloads": ["mnist_cnn"], "methods": ["sqs", "magnitude_kmeans"],
               "sparsity": [0.75], "components": [4], "seeds": [0], "train_limit": 256, "test_limit": 256,
               "config": {"epochs": 1.0, "batch_size": 64}}
-BASELINES = ("magnitude_kmeans", "magnitude_uniform", "dgms")
+BASELINES = ("magnitude_kmeans", "magnitude_uniform", "dgms", "soft_weight_sharing")
 
 
 def _cells(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, dict[str, Mapping[str, Any]]]:
