@@ -11,14 +11,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 from sqs_pyro.data import load_mnist
 from sqs_pyro.data.metrics import predictive_probs
-from sqs_pyro.data.uncertainty import fit_temperature
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from posterior_phase import FIT, add_mean_nll, emit, held_out_views, probe_parser, summary, train_cell  # noqa: E402
+from posterior_phase import emit, probe_parser, score_predictors, train_cell  # noqa: E402
 
 
 def main() -> None:
@@ -29,7 +26,6 @@ def main() -> None:
     greedy, averaged = result.greedy_module(), result.averaged_module(a.members)
     names = [layer.site_name for layer in result.guide.layers]
     full = averaged.member_weights
-    views = held_out_views(xv, yv)
     predictors = {"greedy": lambda xs: predictive_probs(greedy, xs)}
     for label, subset in {"all": names, "first2": names[:2]}.items():
         weights = [{k: v for k, v in w.items() if k in subset} for w in full]
@@ -38,14 +34,7 @@ def main() -> None:
             averaged.member_weights = weights
             return predictive_probs(averaged, xs, outputs="probs")
         predictors[f"avg[{label}]"] = draw
-    for name, predict in predictors.items():
-        T = fit_temperature(predict(xv[FIT]).clamp_min(1e-12).log().float(), yv[FIT])
-        row[f"T[{name}]"] = round(T, 4)
-        for deg, (xs, ys) in views.items():
-            probs = predict(xs)
-            row[f"{name}_{deg}"] = summary(probs, ys)
-            row[f"{name}+ts_{deg}"] = summary(torch.softmax(probs.clamp_min(1e-12).log() / T, -1), ys)
-    add_mean_nll(row)
+    score_predictors(row, predictors, xv, yv)
     emit(row, a.out, indent=1)
 
 

@@ -20,10 +20,9 @@ import torch
 
 from sqs_pyro.data import load_mnist
 from sqs_pyro.data.metrics import predictive_probs
-from sqs_pyro.data.uncertainty import fit_temperature
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from posterior_phase import FIT, add_mean_nll, emit, held_out_views, probe_parser, summary, train_cell  # noqa: E402
+from posterior_phase import emit, probe_parser, score_predictors, train_cell  # noqa: E402
 
 
 def linearized(averaged, greedy_weights: dict[str, torch.Tensor], scale: float = 1.0):
@@ -32,15 +31,13 @@ def linearized(averaged, greedy_weights: dict[str, torch.Tensor], scale: float =
     names = list(greedy_weights)
     deltas = [tuple(scale * (w[n] - greedy_weights[n]) for n in names) for w in averaged.member_weights]
 
-    def f(*weights):
-        return lambda x: torch.func.functional_call(net, dict(zip(names, weights)), (x,), strict=False)
-
     @torch.no_grad()
     def probs(x: torch.Tensor) -> torch.Tensor:
         primal = tuple(greedy_weights[n] for n in names)
         total = 0.0
         for delta in deltas:
-            out, tangent = torch.func.jvp(lambda *w: f(*w)(x), primal, delta)
+            out, tangent = torch.func.jvp(
+                lambda *w: torch.func.functional_call(net, dict(zip(names, w)), (x,), strict=False), primal, delta)
             total = total + torch.softmax(out + tangent, -1)
         return total / len(deltas)
     return probs
@@ -58,18 +55,10 @@ def main() -> None:
     greedy_weights = {k: v.detach() for k, v in greedy.named_parameters() if k in averaged.member_weights[0]}
     predictors = {"greedy": lambda xs: predictive_probs(greedy, xs),
                   "sampled": lambda xs: predictive_probs(averaged, xs, outputs="probs"),
-                  "linearized": lambda xs: batched(linearized(averaged, greedy_weights), xs)}
+                  "linearized": lambda xs, lin=linearized(averaged, greedy_weights): batched(lin, xs)}
     row = {"probe": "linearized_predictive", "set": overrides, "epochs": a.epochs, "seed": a.seed,
            "seconds": round(seconds, 1), "members": a.members, "objective_kind": result.objective_kind}
-    views = held_out_views(xv, yv)
-    for name, predict in predictors.items():
-        T = fit_temperature(predict(xv[FIT]).clamp_min(1e-12).log().float(), yv[FIT])
-        row[f"T[{name}]"] = round(T, 4)
-        for deg, (xs, ys) in views.items():
-            probs = predict(xs)
-            row[f"{name}_{deg}"] = summary(probs, ys)
-            row[f"{name}+ts_{deg}"] = summary(torch.softmax(probs.clamp_min(1e-12).log() / T, -1), ys)
-    add_mean_nll(row)
+    score_predictors(row, predictors, xv, yv)
     emit(row, a.out, indent=1)
 
 

@@ -93,6 +93,22 @@ def add_mean_nll(row: dict) -> None:
         row[f"{base}_mean_nll"] = round(sum(row[f"{base}_{d}"]["nll"] for d in DEGREES) / len(DEGREES), 4)
 
 
+def score_predictors(row: dict, predictors: dict, xv: torch.Tensor, yv: torch.Tensor) -> None:
+    """``row[name_deg]`` and ``row[name+ts_deg]`` for each predictor (``x -> probabilities``) on :func:`held_out_views`,
+    raw and divided by its own temperature (``row[T[name]]``, fitted to ``log p`` on the :data:`FIT` half with
+    :func:`sqs_pyro.data.uncertainty.fit_temperature`), then the mean NLLs (:func:`add_mean_nll`)."""
+    from sqs_pyro.data.uncertainty import fit_temperature as fit_log_probs
+    views = held_out_views(xv, yv)
+    for name, predict in predictors.items():
+        T = fit_log_probs(predict(xv[FIT]).clamp_min(1e-12).log().float(), yv[FIT])
+        row[f"T[{name}]"] = round(T, 4)
+        for deg, (xs, ys) in views.items():
+            probs = predict(xs)
+            row[f"{name}_{deg}"] = summary(probs, ys)
+            row[f"{name}+ts_{deg}"] = summary(torch.softmax(probs.clamp_min(1e-12).log() / T, -1), ys)
+    add_mean_nll(row)
+
+
 def emit(row: dict, out: str | None, indent: int | None = None) -> None:
     """Print ``row`` as JSON and append it as one line to ``out``, if given."""
     print(json.dumps(row, indent=indent))
