@@ -67,6 +67,16 @@ def grid_raw(output: Path, network: str, methods: Iterable[str], sparsity: Itera
             "reference_recipe": "literature", **limits}
 
 
+def val_error(record: Mapping[str, Any]) -> float:
+    """Validation error (%) of the network the file holds (of the trained one for records before fp16 tensors)."""
+    return 100 * (1 - record.get("accuracy_val_file", record["accuracy_val_greedy"]))
+
+
+def test_error(record: Mapping[str, Any]) -> float:
+    """Test error (%) of the network the file holds (of the trained one for records before fp16 tensors)."""
+    return 100 * (1 - record.get("accuracy_file", record["accuracy_greedy"]))
+
+
 def choose(records: Iterable[Mapping[str, Any]], network: str, method: str, components: int,
            sweep: Iterable[float], config: Mapping[str, Any]) -> float | None:
     """The chosen target sparsity of ``method`` on ``network`` from its seed-0 runs (validation only):
@@ -78,18 +88,18 @@ def choose(records: Iterable[Mapping[str, Any]], network: str, method: str, comp
             and (r["kind"] != "sqs" or r["config"].get("sparsity_mode", "median") == config["sparsity_mode"])}
     if not runs:
         return None
-    val_error = {s: 100 * (1 - r["accuracy_val_greedy"]) for s, r in runs.items()}
-    meeting = [s for s, e in val_error.items() if e <= TARGET_ERROR[network]]
-    return max(meeting) if meeting else min(val_error, key=val_error.get)
+    errors = {s: val_error(r) for s, r in runs.items()}
+    meeting = [s for s, e in errors.items() if e <= TARGET_ERROR[network]]
+    return max(meeting) if meeting else min(errors, key=errors.get)
 
 
 def summarize(records: list[Mapping[str, Any]]) -> dict[str, Any]:
     """Means (and the test error's sd) over the seeds of one (network, method, s, K) point."""
-    errors = [100 * (1 - r["accuracy_greedy"]) for r in records]
+    errors = [test_error(r) for r in records]
     avg = lambda key: statistics.fmean(r[key] for r in records)  # noqa: E731
     return {"n": len(records), "error": statistics.fmean(errors),
             "error_sd": statistics.stdev(errors) if len(errors) > 1 else 0.0,
-            "val_error": statistics.fmean(100 * (1 - r["accuracy_val_greedy"]) for r in records),
+            "val_error": statistics.fmean(val_error(r) for r in records),
             "sparsity": avg("sparsity"), "file_bytes": avg("file_bytes"), "file_ratio": avg("file_ratio"),
             "cr_dc": avg("cr_dc"), "cr_dc_huffman": avg("cr_dc_huffman"), "cr_bc": avg("cr_bc"),
             "wall_seconds": avg("wall_seconds"), "dense_error": 100 * (1 - records[0]["accuracy_dense"])}
@@ -109,8 +119,10 @@ def report(records: list[Mapping[str, Any]], networks: Iterable[str], components
     budget = "; ".join(f"{n}: {configs[n]['epochs']:g} epochs of {records[0]['train_examples'] if records else '?'} "
                        f"training images" for n in networks)
     mode = next(iter(configs.values()))["sparsity_mode"]
+    stored = sorted({str(r.get("file_tensor_dtype") or "float32, as trained") for r in records})
     lines = [f"# Literature table: {len(records)} runs, K = {components}, batch 128, SQS's mask rule "
-             f"`sparsity_mode: {mode}`; the budget of every method ({budget})", ""]
+             f"`sparsity_mode: {mode}`; the budget of every method ({budget}); biases in the file as "
+             f"{' / '.join(stored)} (errors: the file's network)", ""]
     if with_dense:
         lines += ["| network | dense recipe | validation error | test error |", "|---|---|---|---|"]
         for network in networks:
@@ -130,7 +142,7 @@ def report(records: list[Mapping[str, Any]], networks: Iterable[str], components
                             key=lambda r: r["sparsity_target"]):
                 mark = "**" if r["sparsity_target"] == s_chosen else ""
                 lines.append(f"| {network} | {method} | {mark}{r['sparsity_target']:g}{mark} | {r['sparsity']:.4f} | "
-                             f"{100 * (1 - r['accuracy_val_greedy']):.2f}% | {r['file_ratio']:.1f}x | "
+                             f"{val_error(r):.2f}% | {r['file_ratio']:.1f}x | "
                              f"{r['cr_dc_huffman']:.1f}x |")
     lines += ["", f"Test set, means over seeds {list(seeds)} at the chosen point, beside the published rows:", "",
               "| network | method | target s | achieved s | test error (sd, n) | .sqs bytes | real file ratio | "
@@ -178,7 +190,7 @@ def plot_pareto(records: list[Mapping[str, Any]], networks: Iterable[str], path:
     fig, axes = plt.subplots(1, len(networks), figsize=(5.5 * len(networks), 4.0), squeeze=False)
     for ax, network in zip(axes[0], networks):
         for method in METHODS:
-            points = sorted((r["file_bytes"], 100 * (1 - r["accuracy_val_greedy"]), r["sparsity_target"])
+            points = sorted((r["file_bytes"], val_error(r), r["sparsity_target"])
                             for r in records if r["workload"] == network and r["method"] == method and r["seed"] == 0)
             if points:
                 ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=LABELS.get(method, method))
@@ -206,6 +218,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--sweep", nargs="+", default=[], metavar="NETWORK=S1,S2",
                         help=f"target sparsities of a network's selection sweep (default: {SWEEP})")
+    parser.add_argument("--tensor-dtype", choices=("float32", "float16"), default="float16",
+                        help="how the file stores biases (float16; the errors are then those of the file's network, "
+                             "loaded back)")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "literature.jsonl",
                         help="the JSON lines (resumable); the report and the plot are written beside them")
     add_smoke_flag(parser)
@@ -224,7 +239,7 @@ def main() -> None:
         limits = {"train_limit": SMOKE["train_limit"], "test_limit": SMOKE["test_limit"]}
         output = smoke_folder() / "literature.jsonl"
     configs = {n: {**c, "sparsity_mode": args.sparsity_mode} for n, c in configs.items()}
-    execute = functools.partial(execute_run, measures=paper_counts)
+    execute = functools.partial(execute_run, measures=paper_counts, tensor_dtype=args.tensor_dtype)
     if not args.report_only:
         for network in networks:
             if args.stage in ("select", "all"):

@@ -10,11 +10,25 @@ import contextlib
 import math
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 
 
 def _rows(shape: torch.Size | tuple[int, ...]) -> int:
     return shape[0] if len(shape) else 1
+
+
+def occupied_groups(mask: np.ndarray, rows: int, group_size: int) -> np.ndarray:
+    """Which groups of a flat boolean ``mask`` (``rows`` rows of ``C`` values) hold at least one ``True``:
+    a boolean array of shape ``(R, ceil(C / G))``, row-major (no copy of the mask when ``G`` divides ``C``)."""
+    flat = mask.reshape(rows, -1)
+    cols = flat.shape[1]
+    if cols == 0:
+        return np.zeros((rows, 0), dtype=bool)
+    size = min(group_size, cols)
+    if cols % size == 0:
+        return flat.reshape(rows, cols // size, size).any(axis=2)
+    return np.logical_or.reduceat(flat, np.arange(0, cols, size), axis=1)
 
 
 def group_absmax(weight: torch.Tensor, group_size: int) -> torch.Tensor:

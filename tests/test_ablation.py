@@ -186,7 +186,7 @@ def test_execute_run_measures_every_field(tmp_path, method):
         assert 0 <= record["accuracy_val_averaged"] <= 1  # the predictive on validation too: it may choose
         assert record["averaged_bytes_est"] == record["bytes_fp32"] + n // 8
         assert 0 <= record["ece_averaged"] <= 1 and record["nll_averaged"] > 0
-        assert record["side_bytes"] == 2 * (16 + 3)  # one fp16 scale per row (the default group_size)
+        assert 0 < record["side_bytes"] <= 2 * (16 + 3)  # one fp16 scale per row that keeps a weight (group_size: rows)
     else:
         assert record["accuracy_averaged"] is None and record["accuracy_val_averaged"] is None
         assert record["side_bytes"] == 4 * (16 + 3)

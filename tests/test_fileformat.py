@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -21,8 +22,8 @@ import sqs_pyro
 from sqs_pyro import SQSConfig, SQSInputError
 from sqs_pyro.cli import main
 from sqs_pyro.errors import CompressedFileError
-from sqs_pyro.format.container import (MAGIC, PREAMBLE, encode_file, layer_table, load_compressed, read_header,
-                                       save_compressed)
+from sqs_pyro.format.container import (MAGIC, MAX_HEADER_BYTES, PREAMBLE, encode_file, layer_table, load_compressed,
+                                       read_header, save_compressed)
 from sqs_pyro.format.posterior import PosteriorCoding, section_bytes
 from sqs_pyro.compressed.materialize import AveragedPredictor, CompressedLayer, CompressedNetwork
 from sqs_pyro.compressed.posterior import RunnerUps
@@ -87,21 +88,23 @@ def assert_same_state(a: dict, b: dict):
         assert torch.equal(a[name], b[name]), name
 
 
-def resigned(data: bytes, header: dict | str | bytes, version: int | None = None) -> bytes:
-    """The file with a new header (and a valid header checksum): models a hostile writer."""
+def resigned(data: bytes, header: dict | str | bytes, version: int | None = None, sign: bool = True) -> bytes:
+    """The file with a new header (a dict or text, deflated for version 4, or raw bytes as stored) and,
+    with ``sign``, a valid header checksum (else the old one): models a hostile writer."""
+    _, old_version, old_len, old_sha = PREAMBLE.unpack(data[:PREAMBLE.size])
+    version = old_version if version is None else version
     if isinstance(header, dict):
         header = json.dumps(header, separators=(",", ":"))
-    text = header.encode() if isinstance(header, str) else header
-    _, old_version, old_len, _ = PREAMBLE.unpack(data[:PREAMBLE.size])
+    text = header if isinstance(header, bytes) else zlib.compress(header.encode()) if version >= 4 else header.encode()
     payload = data[PREAMBLE.size + old_len:]
-    preamble = PREAMBLE.pack(MAGIC, old_version if version is None else version, len(text),
-                             hashlib.sha256(text).digest())
+    preamble = PREAMBLE.pack(MAGIC, version, len(text), hashlib.sha256(text).digest() if sign else old_sha)
     return preamble + text + payload
 
 
 def header_of(data: bytes) -> dict:
-    _, _, length, _ = PREAMBLE.unpack(data[:PREAMBLE.size])
-    return json.loads(data[PREAMBLE.size:PREAMBLE.size + length])
+    _, version, length, _ = PREAMBLE.unpack(data[:PREAMBLE.size])
+    stored = data[PREAMBLE.size:PREAMBLE.size + length]
+    return json.loads(zlib.decompress(stored) if version >= 4 else stored)
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +238,9 @@ def test_targeted_corruptions_name_the_problem(mlp_file, tmp_path):
     flipped_payload[-5] ^= 0x10
     flipped_header = bytearray(data)
     flipped_header[PREAMBLE.size + 10] ^= 0x01
-    edited = data.replace(b'"note":"planted"', b'"note":"plonted"')
+    text = json.dumps(header_of(data), separators=(",", ":"))
+    edited = resigned(data, text.replace('"note":"planted"', '"note":"plonted"'), sign=False)
+    bomb = zlib.compress(b" " * (MAX_HEADER_BYTES + 1))
     cases = {
         b"": "the file is empty",
         b"PK\x03\x04" + data[4:]: "not an sqs-pyro compressed file",
@@ -243,11 +248,15 @@ def test_targeted_corruptions_name_the_problem(mlp_file, tmp_path):
         data[:PREAMBLE.size + header_len // 2]: "header length",
         data[:-1]: "truncated: the header describes",
         data + b"\x00": "trailing bytes",
-        data[:8] + struct.pack("<I", 4) + data[12:]: "format version 4 is newer than this reader supports",
+        data[:8] + struct.pack("<I", 5) + data[12:]: "format version 5 is newer than this reader supports",
         data[:8] + struct.pack("<I", 0) + data[12:]: "unknown format version 0",
         bytes(flipped_payload): "payload checksum mismatch",
         bytes(flipped_header): "header checksum mismatch",
         edited: "header checksum mismatch",
+        resigned(data, text.encode()): "header is not a valid zlib stream",
+        resigned(data, zlib.compress(text.encode())[:-3]): "the zlib stream is truncated",
+        resigned(data, zlib.compress(text.encode()) + b"\x00"): "followed by other bytes",
+        resigned(data, bomb): "header inflates to more than",
     }
     for i, (content, message) in enumerate(cases.items()):
         bad = tmp_path / f"bad{i}.sqs"
@@ -288,9 +297,9 @@ def test_hostile_headers_with_valid_checksums(mlp_file, tmp_path):
         (edited(lambda h: h["tensors"][1].update(name=h["layers"][0]["name"])), "names are not unique"),
         (edited(lambda h: h["layers"][0].update(crc32=h["layers"][0]["crc32"] ^ 1)), "CRC mismatch"),
         (resigned(data, "[" * 100_000 + "]" * 100_000), "not valid JSON"),
-        (resigned(data, b"\xff\xfe"), "not valid JSON"),
+        (resigned(data, zlib.compress(b"\xff\xfe")), "not valid JSON"),
         (resigned(data, "[1, 2]"), "the header must be a JSON object"),
-        (resigned(data, original, version=4), "format version 4 is newer"),
+        (resigned(data, original, version=5), "format version 5 is newer"),
     ]
     for i, (content, message) in enumerate(cases):
         bad = tmp_path / f"hostile{i}.sqs"
@@ -427,7 +436,11 @@ def test_posterior_section_round_trip_and_greedy_unchanged(tmp_path, capsys):
     path.write_bytes(data)
     plain.write_bytes(encode_file(network))
     header, plain_header = read_header(path), read_header(plain)
-    assert header["format_version"] == 3 and plain_header["format_version"] == 1 and "posterior" not in plain_header
+    assert header["format_version"] == 4 and plain_header["format_version"] == 4 and "posterior" not in plain_header
+    old = tmp_path / "old.sqs"  # compact=False: the oldest version that holds it, as before version 4
+    for kwargs, version in (({}, 1), ({"posterior": summaries, "posterior_coding": PLANTED_CODING}, 3)):
+        old.write_bytes(encode_file(network, compact=False, **kwargs))
+        assert read_header(old)["format_version"] == version
     assert [e["runner_kind"] for e in header["posterior"]["layers"]] == ["code", "neighbour", "neighbour"]
     # the point file's payload is a prefix of the posterior file's, and the greedy network loads the same
     assert data[-header["payload_bytes"]:].startswith(plain.read_bytes()[-plain_header["payload_bytes"]:])
@@ -752,7 +765,9 @@ def test_fp16_tensors_and_a_head_tied_to_a_compressed_layer_round_trip(tmp_path)
     path = tmp_path / "v3.sqs"
     size = save_compressed(network, path, model=net, tensor_dtype="float16")
     header = read_header(path)
-    assert header["format_version"] == 3 and header["file_bytes"] == size
+    assert header["format_version"] == 4 and header["file_bytes"] == size
+    save_compressed(network, tmp_path / "old.sqs", model=net, tensor_dtype="float16", compact=False)
+    assert read_header(tmp_path / "old.sqs")["format_version"] == 3
     entries = {t["name"]: t for t in header["tensors"]}
     assert entries["head.weight"] == {"name": "head.weight", "shape": [12, 8], "dtype": "float32", "bytes": 0,
                                       "same_as": "embed.weight"}
@@ -772,7 +787,7 @@ def test_fp16_tensors_and_a_head_tied_to_a_compressed_layer_round_trip(tmp_path)
     # without tensor_dtype every tensor keeps its bytes, and without a tie the file stays version 2
     assert read_header(tmp_path / "v3.sqs")["payload_bytes"] < save_compressed(network, tmp_path / "f32.sqs")
     plain = CompressedNetwork(network.layers, network.dense_state, {})
-    save_compressed(plain, tmp_path / "v2.sqs")
+    save_compressed(plain, tmp_path / "v2.sqs", compact=False)
     assert read_header(tmp_path / "v2.sqs")["format_version"] == 2
 
 

@@ -87,7 +87,7 @@ def kept_codes(layer: CompressedLayer) -> np.ndarray:
 def test_lean_writer_writes_the_plain_bytes(monkeypatch, chunk):
     monkeypatch.setattr(codecs, "CHUNK", chunk)
     net = network()
-    assert sha(encode_file(net, tensor_dtype="float16")) == PLAIN_FILE
+    assert sha(encode_file(net, tensor_dtype="float16", compact=False)) == PLAIN_FILE
     for layer in net.layers:
         width = codecs.code_width(layer.components)
         small = kept_codes(layer).astype(codecs.uint_dtype(width))
@@ -96,7 +96,7 @@ def test_lean_writer_writes_the_plain_bytes(monkeypatch, chunk):
     # negative control: one code more or less is seen
     table = net.layers[0]
     table.codes.reshape(-1)[int(np.flatnonzero(table.mask.reshape(-1).numpy())[0])] += 1
-    assert sha(encode_file(net, tensor_dtype="float16")) != PLAIN_FILE
+    assert sha(encode_file(net, tensor_dtype="float16", compact=False)) != PLAIN_FILE
 
 
 @pytest.mark.parametrize("chunk", [16, 1 << 22])
@@ -104,7 +104,7 @@ def test_lean_reader_decodes_the_plain_weights(monkeypatch, tmp_path, chunk):
     monkeypatch.setattr(codecs, "CHUNK", chunk)
     net = network()
     path = tmp_path / "n.sqs"
-    save_compressed(net, path, tensor_dtype="float16")
+    save_compressed(net, path, tensor_dtype="float16", compact=False)
     assert sha(path.read_bytes()) == PLAIN_FILE
     model = load_compressed(path, Skeleton(net))  # filled a chunk of rows at a time
     for layer in net.layers:

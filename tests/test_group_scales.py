@@ -53,7 +53,9 @@ def test_file_round_trip_is_exact_and_inspect_shows_the_side_data(tmp_path, caps
     path = tmp_path / "g.sqs"
     size = save_compressed(network, path, model=net)
     header = read_header(path)
-    assert header["format_version"] == 2
+    assert header["format_version"] == 4
+    save_compressed(network, tmp_path / "old.sqs", model=net, compact=False)
+    assert read_header(tmp_path / "old.sqs")["format_version"] == 2
     assert [(e["group_size"], e["exact"]) for e in header["layers"]] == [(16, 3), (16, 3)]
     back = load_compressed(path)
     for a, b in zip(back.layers, network.layers):
@@ -64,7 +66,7 @@ def test_file_round_trip_is_exact_and_inspect_shows_the_side_data(tmp_path, caps
     # an ordinary file stays version 1
     plain = CompressedNetwork([CompressedLayer("w", (4,), torch.ones(4, dtype=torch.bool), torch.zeros(4, dtype=torch.long),
                                                torch.ones(2), torch.zeros(2, dtype=torch.long))], {})
-    save_compressed(plain, tmp_path / "p.sqs")
+    save_compressed(plain, tmp_path / "p.sqs", compact=False)
     assert read_header(tmp_path / "p.sqs")["format_version"] == 1
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
@@ -96,3 +98,50 @@ def test_bad_side_data_is_refused(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CompressedFileError, match="checksum"):
         load_compressed(path)
+
+
+def sparse_grouped_network() -> CompressedNetwork:
+    """A (6, 10) layer, G = 4 (3 groups per row, the last of 2 values): rows 1 and 4 empty, group 1 of row 0
+    empty, and two exact weights in empty groups (they need no scale)."""
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(6, 10, generator=g) < 0.6
+    mask[1], mask[4], mask[0, 4:8] = False, False, False
+    mask[2] = True  # occupied groups everywhere else
+    codes = torch.where(mask, torch.randint(0, 4, (6, 10), generator=g), 0)
+    scales = (torch.rand(6, 3, generator=g) + 0.5).half()
+    layer = CompressedLayer("w", (6, 10), mask, codes, torch.tensor([-1.0, -0.3, 0.2, 1.0]),
+                            torch.zeros(4, dtype=torch.long), 4, scales, torch.tensor([12, 45]),
+                            torch.tensor([3.0, -2.5]).half())
+    return CompressedNetwork([layer], {"b": torch.ones(6)})
+
+
+def test_compact_file_stores_only_the_scales_of_occupied_groups(tmp_path, monkeypatch):
+    from sqs_pyro.format import container
+    from sqs_pyro.models.group_scales import occupied_groups
+    network = sparse_grouped_network()
+    layer = network.layers[0]
+    occupied = occupied_groups(layer.mask.reshape(-1).numpy(), 6, 4)
+    by_hand = torch.stack([layer.mask[:, 0:4].any(1), layer.mask[:, 4:8].any(1), layer.mask[:, 8:10].any(1)], 1)
+    assert torch.equal(torch.from_numpy(occupied), by_hand) and int(by_hand.sum()) == 18 - 7
+    compact, plain = tmp_path / "c.sqs", tmp_path / "p.sqs"
+    save_compressed(network, compact)
+    save_compressed(network, plain, compact=False)
+    entry = read_header(compact)["layers"][0]
+    assert entry["scaled_groups"] == 11 and "scaled_groups" not in read_header(plain)["layers"][0]
+    assert read_header(compact)["payload_bytes"] == read_header(plain)["payload_bytes"] - 2 * 7
+    back = load_compressed(compact).layers[0]
+    assert torch.equal(back.weight(), layer.weight())  # the same weights, exact weights included
+    assert torch.equal(back.scales[by_hand], layer.scales[by_hand]) 
+    assert (back.scales[~by_hand] == torch.finfo(torch.float16).tiny).all()  # as group_absmax gives a zero group
+    # negative control: a writer that drops one occupied group's scale is caught against the decoded mask
+    real = container.occupied_groups
+
+    def one_short(mask, rows, group_size):
+        out = real(mask, rows, group_size)
+        out[2, 0] = False
+        return out
+    monkeypatch.setattr(container, "occupied_groups", one_short)
+    save_compressed(network, tmp_path / "bad.sqs")
+    monkeypatch.setattr(container, "occupied_groups", real)
+    with pytest.raises(CompressedFileError, match="10 scales stored, but the mask occupies 11 groups"):
+        load_compressed(tmp_path / "bad.sqs")

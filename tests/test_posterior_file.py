@@ -107,8 +107,8 @@ def test_file_without_posterior_is_unchanged(runs, tmp_path):
     save_compressed(result, plain)
     save_compressed(result, full, posterior=True)
     plain_header, full_header = read_header(plain), read_header(full)
-    assert "posterior" not in plain_header and plain_header["format_version"] == 2  # row group scales
-    assert full_header["format_version"] == 3 and full_header["posterior"]["threshold"] == PosteriorCoding().threshold
+    assert "posterior" not in plain_header and plain_header["format_version"] == 4
+    assert full_header["format_version"] == 4 and full_header["posterior"]["threshold"] == PosteriorCoding().threshold
     for key in ("layers", "tensors", "config", "accounting", "architecture"):
         assert plain_header[key] == full_header[key], key
     a, b = load_compressed(plain, mlp(seed=5)).state_dict(), load_compressed(full, mlp(seed=6)).state_dict()

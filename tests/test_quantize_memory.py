@@ -204,7 +204,7 @@ def planted_layers() -> list:
 
 
 def planted_sha() -> str:
-    return hashlib.sha256(encode_file(CompressedNetwork(planted_layers(), {}, {}, {}))).hexdigest()
+    return hashlib.sha256(encode_file(CompressedNetwork(planted_layers(), {}, {}, {}), compact=False)).hexdigest()
 
 
 @pytest.mark.parametrize("chunk", [97, 1000, 1 << 20])

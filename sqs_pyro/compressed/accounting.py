@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from sqs_pyro.compressed.materialize import CompressedLayer, CompressedNetwork
+from sqs_pyro.models.group_scales import occupied_groups
 
 
 def binary_entropy(p: float) -> float:
@@ -72,8 +73,12 @@ EXACT_BYTES = 6  # an exact weight: a u32 position and a float16 value
 
 
 def side_bytes(layer: CompressedLayer) -> int:
-    """Bytes beyond mask, codes and codebook: fp16 group scales and the exact weights."""
-    scales = 0 if layer.scales is None else SCALE_BYTES * layer.scales.numel()
+    """Bytes beyond mask, codes and codebook: the fp16 scales of the groups that hold a kept weight (all
+    a compact ``.sqs`` file stores) and the exact weights."""
+    scales = 0
+    if layer.scales is not None:
+        mask = layer.mask.detach().cpu().reshape(-1).numpy()
+        scales = SCALE_BYTES * int(np.count_nonzero(occupied_groups(mask, layer.scales.shape[0], layer.group_size)))
     return scales + EXACT_BYTES * layer.num_exact
 
 

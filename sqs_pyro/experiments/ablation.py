@@ -24,6 +24,7 @@ whole, flushed and fsynced; a torn last line (a crash mid-write) is ignored and 
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -46,7 +47,7 @@ from sqs_pyro.errors import SQSInputError
 from sqs_pyro.experiments.baselines import BASELINES, baseline_accounting, file_network
 from sqs_pyro.compressed.materialize import CompressedNetwork
 from sqs_pyro.experiments.workloads import LITERATURE, WORKLOADS, Workload, dense_accuracy, load_workload
-from sqs_pyro.format.container import read_header, save_compressed
+from sqs_pyro.format.container import load_compressed, read_header, save_compressed
 from sqs_pyro.infer import compress
 
 SQS = "sqs"
@@ -301,10 +302,14 @@ def _json_number(value: float | None) -> float | None:
 
 
 def execute_run(spec: RunSpec, workload: Workload,
-                measures: Callable[[CompressedNetwork], Mapping[str, Any]] | None = None) -> dict[str, Any]:
+                measures: Callable[[CompressedNetwork], Mapping[str, Any]] | None = None,
+                tensor_dtype: str | None = None) -> dict[str, Any]:
     """Train one method on a workload and measure it: accuracies, achieved sparsity, bits, the
     CR formula, packed bytes, the real ``.sqs`` file size, and wall times; ``measures`` adds its
-    fields, measured on the compressed network (e.g. :func:`sqs_pyro.experiments.literature.paper_counts`)."""
+    fields, measured on the compressed network (e.g. :func:`sqs_pyro.experiments.literature.paper_counts`).
+    ``tensor_dtype`` (e.g. ``"float16"``): the file stores the other tensors (biases) so, and the
+    validation and test accuracy of the file's network, loaded back, are recorded as ``accuracy_val_file``
+    and ``accuracy_file``."""
     started = time.perf_counter()
     if spec.method.kind == SQS:
         result = compress(workload.net, workload.train, spec.config, progress=False)
@@ -328,8 +333,13 @@ def execute_run(spec: RunSpec, workload: Workload,
     acc = baseline_accounting(compressed)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.sqs"
-        file_bytes = save_compressed(file_network(compressed), path, model=workload.net)
+        file_bytes = save_compressed(file_network(compressed), path, model=workload.net, tensor_dtype=tensor_dtype)
         code_bytes = sum(layer["codes"]["bytes"] for layer in read_header(path)["layers"])
+        if tensor_dtype is not None:
+            loaded = load_compressed(path, copy.deepcopy(workload.net)).eval()
+            file_accuracy = {
+                f"accuracy{tag}_file": calibration(predictive_probs(loaded, x, 256, "logits"), y)["accuracy"]
+                for tag, (x, y) in (("_val", workload.val), ("", workload.test))}
     record: dict[str, Any] = {
         "accuracy_greedy": greedy["accuracy"], "accuracy_averaged": averaged["accuracy"] if averaged else None,
         "accuracy_val_greedy": metrics[("greedy", "val")]["accuracy"],
@@ -343,6 +353,7 @@ def execute_run(spec: RunSpec, workload: Workload,
         "packed_ratio": acc["bytes_fp32"] / acc["bytes_packed"],
         "entropy_bound_bytes": acc["entropy_bound_bytes"],
         "file_bytes": file_bytes, "file_ratio": acc["bytes_fp32"] / file_bytes, "code_stream_bytes": code_bytes,
+        "file_tensor_dtype": tensor_dtype, **(file_accuracy if tensor_dtype is not None else {}),
         "train_seconds": train_seconds, "eval_seconds": eval_seconds, "predictive_seconds": predictive_seconds,
         "kernels": result.guide.kernel_path() if spec.method.kind == SQS else None,
         "layers": [{k: layer[k] for k in ("name", "numel", "nnz", "density", "codes_used", "code_entropy_bits")}

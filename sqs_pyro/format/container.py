@@ -4,14 +4,17 @@ Layout (integers little-endian, offsets in bytes)::
 
     offset   size  field
     0        8     magic 89 53 51 53 0D 0A 1A 0A  (b"\x89SQS\r\n\x1a\n")
-    8        4     u32 format version (this reader: 1 to 3)
+    8        4     u32 format version (this reader: 1 to 4)
     12       4     u32 header length H (at most 16 MiB)
     16       32    SHA-256 of the H header bytes
-    48       H     header: a UTF-8 JSON object (below)
+    48       H     header: a UTF-8 JSON object (below); version 4: its zlib stream (RFC 1950)
     48+H     P     payload, P = header["payload_bytes"], its SHA-256 = header["payload_sha256"] (hex)
     48+H+P         end of file: nothing may follow
 
-The version written is 3 with a posterior section, else 2 with group scales or exact weights, else 1.
+The version written is 4 (compact, the default): the header deflated, and a layer with group scales may
+store only the scales of the groups that hold a kept weight (``scaled_groups``). ``compact=False`` writes
+the oldest version that holds the network: 3 with a posterior section, a narrower or tied tensor, else 2 with
+group scales or exact weights, else 1.
 
 Header keys: ``format`` (``"sqs-pyro"``), ``format_version`` (equal to the preamble's),
 ``payload_bytes``, ``payload_sha256``, ``architecture`` (hints only, never executed:
@@ -29,7 +32,10 @@ row-major); ``dtype`` of the weight (``float32``, ``float64``, ``float16`` or ``
 ``nnz`` (kept weights); ``codebook_dtype`` (``float32``, ``float64``, ``float16`` or ``bfloat16``); ``windows`` (for each
 of the K codebook levels, the window it belongs to; K = its length, ``1 <= K <= 65536``);
 ``mask`` and ``codes``, each ``{"coding": ..., "bytes": ...}`` plus the coding's parameters
-(see :mod:`sqs_pyro.format.codecs`); ``crc32``; ``bound_bits`` (the entropy lower bound
+(see :mod:`sqs_pyro.format.codecs`); optionally ``group_size`` G (fp16 scales, one per G weights of a
+row, after the code stream), ``scaled_groups`` (version 4: only the scales of the groups holding a kept
+weight are stored, row-major; the others read as the smallest normal fp16, 2^-14) and ``exact`` (that
+many fp16 weights at u32 positions outside the mask, after the scales); ``crc32``; ``bound_bits`` (the entropy lower bound
 ``N H2(nnz/N) + nnz H(code usage)``). Segments: the codebook (K values of
 ``codebook_dtype``), the mask stream, the code stream. The weight is
 ``where(mask, codebook[codes], 0)`` in ``dtype``, reshaped to ``shape``. ``crc32`` is the
@@ -78,10 +84,11 @@ from sqs_pyro.format.atomic import atomic_path
 from sqs_pyro.errors import CompressedFileError, SQSInputError
 from sqs_pyro.compressed.materialize import AveragedPredictor, CompressedLayer, CompressedNetwork
 from sqs_pyro.compressed.posterior import MixturePosterior, RunnerUps, guide_runner_ups
-from sqs_pyro.models.group_scales import apply_group_scales
+from sqs_pyro.models.group_scales import apply_group_scales, occupied_groups
 
 MAGIC = b"\x89SQS\r\n\x1a\n"
-FORMAT_VERSION = 3  # 3: a posterior section, a tensor stored narrower or tied to a layer; 2: group scales or exact weights; else 1
+FORMAT_VERSION = 4  # 4: compact (a deflated header, scales of occupied groups only); 3: a posterior section, a tensor
+# stored narrower or tied to a layer; 2: group scales or exact weights; else 1
 PREAMBLE = struct.Struct("<8sII32s")
 MAX_HEADER_BYTES = 1 << 24
 MAX_COMPONENTS = 1 << coding.MAX_WIDTH
@@ -147,8 +154,9 @@ def _groups(shape: tuple[int, ...], group_size: int) -> tuple[int, int]:
     return rows, -(-cols // group_size)
 
 
-def _side_segments(layer: CompressedLayer, mask: np.ndarray) -> tuple[dict[str, Any], list[bytes]]:
-    """Header keys and segments of a layer's group scales (fp16) and exact weights (u32 positions, fp16 values)."""
+def _side_segments(layer: CompressedLayer, mask: np.ndarray, compact: bool) -> tuple[dict[str, Any], list[bytes]]:
+    """Header keys and segments of a layer's group scales (fp16; ``compact``: only those of the groups that
+    hold a kept weight, counted by ``scaled_groups``) and exact weights (u32 positions, fp16 values)."""
     keys, parts = {}, []
     if layer.group_size:
         expected = _groups(tuple(layer.shape), layer.group_size)
@@ -156,7 +164,12 @@ def _side_segments(layer: CompressedLayer, mask: np.ndarray) -> tuple[dict[str, 
             raise SQSInputError(f"layer {layer.name}: group size {layer.group_size} needs float16 scales of shape "
                                 f"{expected}")
         keys["group_size"] = int(layer.group_size)
-        parts.append(tensor_bytes(layer.scales))
+        occupied = occupied_groups(mask, expected[0], layer.group_size) if compact else None
+        if occupied is not None and not occupied.all():
+            keys["scaled_groups"] = int(np.count_nonzero(occupied))
+            parts.append(tensor_bytes(layer.scales[torch.from_numpy(occupied)]))
+        else:
+            parts.append(tensor_bytes(layer.scales))
     if layer.num_exact:
         index = layer.exact_index.detach().cpu().numpy().astype(np.int64)
         if (layer.exact_values is None or layer.exact_values.dtype != torch.float16
@@ -191,7 +204,8 @@ def _kept_codes(codes: np.ndarray, mask: np.ndarray, components: int, name: str)
     return kept
 
 
-def _encode_layer(layer: CompressedLayer, codebook_dtype: str | None) -> tuple[dict[str, Any], list[bytes]]:
+def _encode_layer(layer: CompressedLayer, codebook_dtype: str | None, compact: bool
+                  ) -> tuple[dict[str, Any], list[bytes]]:
     shape = tuple(int(d) for d in layer.shape)
     if tuple(layer.mask.shape) != shape or tuple(layer.codes.shape) != shape:
         raise SQSInputError(f"layer {layer.name}: mask {tuple(layer.mask.shape)} and codes "
@@ -211,7 +225,7 @@ def _encode_layer(layer: CompressedLayer, codebook_dtype: str | None) -> tuple[d
     codebook = tensor_bytes(layer.codebook.detach().to(DTYPES[stored_dtype][0]))
     mask_stream = coding.encode_mask(mask)
     code_stream = coding.encode_codes(kept, components)
-    side_keys, side = _side_segments(layer, mask)
+    side_keys, side = _side_segments(layer, mask, compact)
     mask_bits = coding.pack_bits(mask)
     entry = {
         "name": layer.name, "shape": list(shape), "dtype": weight_dtype, "nnz": int(kept.size),
@@ -278,18 +292,24 @@ def _posterior_layer(layer: CompressedLayer, summary: RunnerUps, codebook_dtype:
 def encode_file(network: CompressedNetwork, codebook_dtype: str | None = None,
                 architecture: dict[str, Any] | None = None, tensor_dtype: str | None = None,
                 posterior: dict[str, RunnerUps] | None = None,
-                posterior_coding: post.PosteriorCoding = post.PosteriorCoding()) -> bytes:
+                posterior_coding: post.PosteriorCoding = post.PosteriorCoding(), *, compact: bool = True) -> bytes:
     """The bytes of the ``.sqs`` file of ``network`` (see the module docstring for the layout); the
     arguments are those of :func:`file_parts`."""
-    return b"".join(file_parts(network, codebook_dtype, architecture, tensor_dtype, posterior, posterior_coding))
+    return b"".join(file_parts(network, codebook_dtype, architecture, tensor_dtype, posterior, posterior_coding,
+                               compact=compact))
 
 
 def file_parts(network: CompressedNetwork, codebook_dtype: str | None = None,
                architecture: dict[str, Any] | None = None, tensor_dtype: str | None = None,
                posterior: dict[str, RunnerUps] | None = None,
-               posterior_coding: post.PosteriorCoding = post.PosteriorCoding()) -> list[bytes]:
+               posterior_coding: post.PosteriorCoding = post.PosteriorCoding(), *, compact: bool = True
+               ) -> list[bytes]:
     """The ``.sqs`` file of ``network`` as consecutive parts: preamble and header, then the payload's
     segments (written one after another, the file is never held twice).
+
+    ``compact`` (default) writes format version 4: the header deflated and no scales for the groups that
+    hold no kept weight. ``compact=False`` writes the oldest version that holds the network (1 to 3),
+    byte for byte as before version 4.
 
     ``codebook_dtype``: ``None`` stores each codebook in its own dtype (exact round trip);
     ``"float16"`` halves the codebooks' bytes and rounds their values. ``tensor_dtype``: likewise
@@ -307,7 +327,7 @@ def file_parts(network: CompressedNetwork, codebook_dtype: str | None = None,
         raise SQSInputError("every tied name must name a compressed layer")
     layers, segments = [], []
     for layer in network.layers:
-        entry, parts = _encode_layer(layer, codebook_dtype)
+        entry, parts = _encode_layer(layer, codebook_dtype, compact)
         layers.append(entry)
         segments += parts
     tensors, stored = [], {}  # stored: id of each tensor written -> its name
@@ -339,7 +359,7 @@ def file_parts(network: CompressedNetwork, codebook_dtype: str | None = None,
     digest = hashlib.sha256()
     for part in segments:
         digest.update(part)
-    version = (FORMAT_VERSION if section or network.tied or any("stored_dtype" in t for t in tensors)
+    version = (FORMAT_VERSION if compact else 3 if section or network.tied or any("stored_dtype" in t for t in tensors)
                else 2 if any("group_size" in e or "exact" in e for e in layers) else 1)
     header = {
         "format": "sqs-pyro", "format_version": version,
@@ -351,7 +371,8 @@ def file_parts(network: CompressedNetwork, codebook_dtype: str | None = None,
     text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     if len(text) > MAX_HEADER_BYTES:
         raise SQSInputError(f"the header would take {len(text)} bytes, more than {MAX_HEADER_BYTES}")
-    return [PREAMBLE.pack(MAGIC, version, len(text), hashlib.sha256(text).digest()) + text, *segments]
+    stored = zlib.compress(text, 9) if compact else text
+    return [PREAMBLE.pack(MAGIC, version, len(stored), hashlib.sha256(stored).digest()) + stored, *segments]
 
 
 def _narrower(dtype: str, target: str | None) -> bool:
@@ -362,7 +383,7 @@ def _narrower(dtype: str, target: str | None) -> bool:
 
 def save_compressed(obj: Any, path: str | os.PathLike, *, codebook_dtype: str | None = None,
                     model: nn.Module | None = None, tensor_dtype: str | None = None,
-                    posterior: bool | post.PosteriorCoding = False) -> int:
+                    posterior: bool | post.PosteriorCoding = False, compact: bool = True) -> int:
     """Save an :class:`~sqs_pyro.infer.result.SQSResult` or a :class:`CompressedNetwork` to ``path``
     (atomically) and return the file's size in bytes.
 
@@ -371,7 +392,8 @@ def save_compressed(obj: Any, path: str | os.PathLike, *, codebook_dtype: str | 
     ``tensor_dtype="float16"`` stores the other floating-point tensors (norms, biases) in fp16.
     ``posterior`` (a result's only): also store the posterior section, so that
     ``load_compressed(..., predictive=True)`` serves the posterior predictive; ``True`` codes it
-    with the default :class:`~sqs_pyro.format.posterior.PosteriorCoding`.
+    with the default :class:`~sqs_pyro.format.posterior.PosteriorCoding`. ``compact=False``: the file as
+    before format version 4 (a plain JSON header, every group's scale), for readers of versions 1 to 3.
     """
     spec = posterior if isinstance(posterior, post.PosteriorCoding) else post.PosteriorCoding() if posterior else None
     summaries = None
@@ -386,7 +408,7 @@ def save_compressed(obj: Any, path: str | os.PathLike, *, codebook_dtype: str | 
     else:
         raise SQSInputError(f"save_compressed takes an SQSResult or a CompressedNetwork, got {type(obj).__name__}")
     parts = file_parts(network, codebook_dtype, architecture_hints(model), tensor_dtype, summaries,
-                       spec or post.PosteriorCoding())
+                       spec or post.PosteriorCoding(), compact=compact)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a crash or a full disk leaves any previous file untouched
         for part in parts:
             f.write(part)
@@ -424,6 +446,14 @@ class _Layer:
     crc32: int
     group_size: int = 0
     exact: int = 0
+    scaled_groups: int | None = None  # None: every group's scale is stored
+
+    @property
+    def scales_stored(self) -> int:
+        """How many fp16 group scales the file holds (0 without group scales)."""
+        if not self.group_size:
+            return 0
+        return math.prod(_groups(self.shape, self.group_size)) if self.scaled_groups is None else self.scaled_groups
 
     @property
     def segments(self) -> tuple[int, ...]:
@@ -431,7 +461,7 @@ class _Layer:
         itemsize = np.dtype(DTYPES[self.codebook_dtype][1]).itemsize
         parts = (len(self.windows) * itemsize, self.mask["bytes"], self.codes["bytes"])
         if self.group_size:
-            parts += (2 * math.prod(_groups(self.shape, self.group_size)),)
+            parts += (2 * self.scales_stored,)
         if self.exact:
             parts += (4 * self.exact, 2 * self.exact)
         return parts
@@ -494,7 +524,7 @@ def _stream(obj: dict[str, Any], key: str, where: str, codings: tuple[str, ...])
     return out
 
 
-def _parse_layer(value: Any, where: str) -> _Layer:
+def _parse_layer(value: Any, where: str, version: int) -> _Layer:
     obj = _obj(value, where)
     shape = _shape(obj, where)
     windows = _key(obj, "windows", where)
@@ -507,9 +537,13 @@ def _parse_layer(value: Any, where: str) -> _Layer:
         windows=tuple(windows), mask=_stream(obj, "mask", where, coding.MASK_CODINGS),
         codes=_stream(obj, "codes", where, coding.CODE_CODINGS), crc32=_int(obj, "crc32", where, 0xFFFFFFFF),
         group_size=_int(obj, "group_size", where, 1 << 40) if "group_size" in obj else 0,
-        exact=_int(obj, "exact", where, _numel(shape)) if "exact" in obj else 0)
+        exact=_int(obj, "exact", where, _numel(shape)) if "exact" in obj else 0,
+        scaled_groups=_int(obj, "scaled_groups", where, _numel(shape)) if "scaled_groups" in obj else None)
     if "group_size" in obj and (layer.group_size < 1 or not shape):
         raise _fail(f"{where}.group_size", "must be >= 1, on a tensor with at least one dimension")
+    if layer.scaled_groups is not None and (version < 4 or not layer.group_size or layer.scaled_groups
+                                            > math.prod(_groups(shape, layer.group_size))):
+        raise _fail(f"{where}.scaled_groups", "needs format version 4, group_size, and at most one scale per group")
     if layer.nnz + layer.exact > _numel(shape):
         raise _fail(f"{where}.exact", "and nnz exceed the layer's size")
     return layer
@@ -571,6 +605,20 @@ def _read_exact(f, size: int, what: str, file_bytes: int) -> bytes:
     return data
 
 
+def _inflate(stored: bytes) -> bytes:
+    """The JSON text of a version-4 header (a zlib stream), at most ``MAX_HEADER_BYTES`` of it."""
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(stored, MAX_HEADER_BYTES)
+    except zlib.error as exc:
+        raise CompressedFileError(f"header is not a valid zlib stream: {exc}") from None
+    if inflater.unconsumed_tail:
+        raise CompressedFileError(f"header inflates to more than {MAX_HEADER_BYTES} bytes")
+    if not inflater.eof or inflater.unused_data:
+        raise CompressedFileError("header: the zlib stream is truncated or followed by other bytes")
+    return text
+
+
 def _parse(path: str | os.PathLike) -> _Parsed:
     with open(path, "rb") as f:
         file_bytes = os.fstat(f.fileno()).st_size
@@ -595,6 +643,8 @@ def _parse(path: str | os.PathLike) -> _Parsed:
         text = _read_exact(f, header_len, "header", file_bytes)
         if hashlib.sha256(text).digest() != header_sha:
             raise CompressedFileError("header checksum mismatch: the header is corrupted or was edited")
+        if version >= 4:
+            text = _inflate(text)
         try:
             header = _obj(json.loads(text.decode("utf-8")), "the header")
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -612,7 +662,7 @@ def _parse(path: str | os.PathLike) -> _Parsed:
     layers_raw, tensors_raw = _key(header, "layers", ""), _key(header, "tensors", "")
     if not isinstance(layers_raw, list) or not isinstance(tensors_raw, list):
         raise CompressedFileError("header: layers and tensors must be lists")
-    layers = [_parse_layer(v, f"layers[{i}]") for i, v in enumerate(layers_raw)]
+    layers = [_parse_layer(v, f"layers[{i}]", version) for i, v in enumerate(layers_raw)]
     tensors = [_parse_tensor(v, f"tensors[{i}]", version) for i, v in enumerate(tensors_raw)]
     names = [e.name for e in layers] + [e.name for e in tensors]
     if len(set(names)) != len(names):
@@ -723,6 +773,22 @@ class _Decoded:
             flat[self.exact_index] = self.exact_values.to(flat.dtype)
 
 
+def _group_scales(entry: _Layer, raw: bytes | memoryview, mask: np.ndarray) -> torch.Tensor:
+    """A layer's full ``(R, ceil(C / G))`` fp16 scales: as stored, or (``scaled_groups``) the stored ones
+    at the groups that hold a kept weight, in row-major order, and elsewhere the smallest normal fp16 value
+    (what :func:`~sqs_pyro.models.group_scales.group_absmax` gives an all-zero group)."""
+    shape = _groups(entry.shape, entry.group_size)
+    if entry.scaled_groups is None:
+        return tensor_from_bytes(raw, "float16", shape)
+    occupied = occupied_groups(mask, shape[0], entry.group_size)
+    if int(np.count_nonzero(occupied)) != entry.scaled_groups:
+        raise CompressedFileError(f"layer {entry.name}: {entry.scaled_groups} scales stored, but the mask occupies "
+                                  f"{int(np.count_nonzero(occupied))} groups")
+    scales = torch.full(shape, torch.finfo(torch.float16).tiny, dtype=torch.float16)
+    scales[torch.from_numpy(occupied)] = tensor_from_bytes(raw, "float16", (entry.scaled_groups,))
+    return scales
+
+
 def _decode_layer(entry: _Layer, payload: memoryview, offset: int) -> _Decoded:
     parts, start = [], offset
     for length in entry.segments:
@@ -741,7 +807,7 @@ def _decode_layer(entry: _Layer, payload: memoryview, offset: int) -> _Decoded:
     codebook = tensor_from_bytes(codebook_raw, entry.codebook_dtype, (components,)).to(DTYPES[entry.dtype][0])
     scales = exact_index = exact_values = None
     if entry.group_size:
-        scales = tensor_from_bytes(side.pop(0), "float16", _groups(entry.shape, entry.group_size))
+        scales = _group_scales(entry, side.pop(0), mask)
     if entry.exact:
         index = np.frombuffer(side[0], dtype="<u4").astype(np.int64)
         if np.any(np.diff(index) <= 0) or index[-1] >= mask.size or mask[index].any():
@@ -912,7 +978,8 @@ def layer_table(header: dict[str, Any]) -> list[dict[str, Any]]:
         components = len(entry["windows"])
         itemsize = np.dtype(DTYPES[entry["codebook_dtype"]][1]).itemsize
         group_size, exact = entry.get("group_size", 0), entry.get("exact", 0)
-        side = (2 * math.prod(_groups(tuple(entry["shape"]), group_size)) if group_size else 0) + 6 * exact
+        scales = entry.get("scaled_groups", math.prod(_groups(tuple(entry["shape"]), group_size)) if group_size else 0)
+        side = 2 * scales + 6 * exact
         rows.append({
             "name": entry["name"], "shape": entry["shape"], "numel": numel, "nnz": entry["nnz"],
             "density": (entry["nnz"] + exact) / numel if numel else 0.0, "bits": coding.code_width(components),
