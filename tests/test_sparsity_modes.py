@@ -51,3 +51,20 @@ def test_cli_sparsity_auto_runs_in_auto_mode_and_says_so(tmp_path, capsys, monke
     exact = json.loads((tmp_path / "exact" / "summary.json").read_text())
     assert auto["sparsity_mode"] == "auto" and auto["config"]["sparsity"] == 0.0
     assert exact["sparsity_mode"] == "exact" and abs(exact["sparsity"] - 0.8) <= 0.005
+
+
+def training_sparsity(mode: str) -> float:
+    """The largest fraction of weights the forward pass pruned while the network trained (the history's
+    ``sparsity``), asked for no pruning."""
+    config = SQSConfig(components=4, sparsity=0.0, sparsity_mode=mode, epochs=3, batch_size=64,
+                       posterior_epochs=0.0, log_every=1)
+    result = compress(trained_mlp(), (X[:768], Y[:768]), config, progress=False)
+    return max(r["sparsity"] for r in result.history if "sparsity" in r)
+
+
+def test_sparsity_zero_trains_with_every_weight():
+    """Exact mode at S = 0: the gates stay open, so the network trains with the weights it keeps (all). The
+    negative control is the median rule, whose gates learn and which the prior's KL prunes while they do
+    (before the fix, the exact mode did the same and reopened those weights untrained at the end)."""
+    assert training_sparsity("exact") == 0.0
+    assert training_sparsity("median") > 0.05

@@ -191,7 +191,7 @@ class Trainer:
     def _apply_schedule(self, step: int, eval_fn) -> tuple[str, float]:
         schedule, model, guide = self.schedule, self.result.model, self.result.guide
         phase = schedule.phase(step)
-        if step == schedule.prune_start and phase == PRUNE:
+        if step == schedule.prune_start and phase == PRUNE and not self._keeps_every_weight():
             guide.set_gate_state(GateState.LEARN)
         if step == schedule.prune_end and phase == FINETUNE:
             self._freeze_gates()
@@ -214,6 +214,13 @@ class Trainer:
                 own = posterior_lr if group["name"] in POSTERIOR_GROUPS else 0.0
             group["lr"] = own * self.lr_scale
         return phase, beta
+
+    def _keeps_every_weight(self) -> bool:
+        """``sparsity=0`` with the exact mask: nothing is to go, so the gates stay open (never learn) and the
+        network trains with every weight, as it is materialised; else the prior's KL would close some of them
+        while they learn, and the exact mask would reopen them untrained at the end of pruning."""
+        config = self.result.config
+        return config.sparsity == 0 and config.sparsity_mode == "exact"
 
     def _fresh_posterior_moments(self) -> None:
         """Drop the Adam moments of :data:`POSTERIOR_GROUPS` where the posterior phase starts: what the widths and
