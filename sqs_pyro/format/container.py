@@ -35,8 +35,8 @@ of the K codebook levels, the window it belongs to; K = its length, ``1 <= K <= 
 (see :mod:`sqs_pyro.format.codecs`); optionally ``group_size`` G (fp16 scales, one per G weights of a
 row, after the code stream), ``scaled_groups`` (version 4: only the scales of the groups holding a kept
 weight are stored, row-major; the others read as the smallest normal fp16, 2^-14) and ``exact`` (that
-many fp16 weights at u32 positions outside the mask, after the scales); ``crc32``; ``bound_bits`` (the entropy lower bound
-``N H2(nnz/N) + nnz H(code usage)``). Segments: the codebook (K values of
+many fp16 weights at u32 positions outside the mask, after the scales); ``crc32``; ``bound_bits`` (the
+entropy lower bound ``N H2(nnz/N) + nnz H(code usage)``). Segments: the codebook (K values of
 ``codebook_dtype``), the mask stream, the code stream. The weight is
 ``where(mask, codebook[codes], 0)`` in ``dtype``, reshaped to ``shape``. ``crc32`` is the
 zlib CRC-32 of ``packbits_le(mask) || codes of the kept weights as <u2 || codebook bytes``: it
