@@ -88,6 +88,10 @@ def test_sparse_quantize_starts_a_sparse_compress(folder, tmp_path):
     (["--natural-order"], "need --data"),
     (["-K", "1"], "components"),
     (["--sparsity", "1.0"], "sparsity"),
+    (["--entropy-lambda", "-0.01"], "--entropy-lambda and --embedding-entropy-lambda must be >= 0"),
+    (["--embedding-entropy-lambda", "nan"], "--entropy-lambda and --embedding-entropy-lambda must be >= 0"),
+    (["--rate-importance"], "give --entropy-lambda > 0"),
+    (["--entropy-lambda", "0.01", "--rate-importance"], "need --data"),
 ])
 def test_bad_input_exits_2_before_any_work(folder, tmp_path, capsys, options, message):
     out = tmp_path / "q"
@@ -266,3 +270,23 @@ def test_tied_head_moments_and_head_feedback(tied_folder, folder, tmp_path):
     near, fed = (load_compressed(tmp_path / d / "model.sqs") for d in ("near", "fed"))
     assert not torch.equal(near.layers[0].weight(), fed.layers[0].weight())
     assert all(torch.equal(a.weight(), b.weight()) for a, b in zip(near.layers[1:], fed.layers[1:]))
+
+
+def test_entropy_constrained_levels_end_to_end(folder, tmp_path):
+    """--entropy-lambda codes every matrix and table with more levels than it pays for: the file records the
+    options, its codes' entropy falls below that of the plain -K 8 file, and --embedding-entropy-lambda 0 leaves
+    the tables as in the plain run (negative control: the same tables, other matrices)."""
+    from sqs_pyro.compressed.accounting import code_entropy
+
+    common = ["quantize", "--hf", str(folder / "model"), "-K", "8", "--group-size", "8", "--data",
+              str(folder / "train.txt"), "--calib-windows", "16", "--seq-len", "8", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--entropy-lambda", "0.05", "--embedding-entropy-lambda", "0", "--rate-importance",
+                 "--out", str(tmp_path / "ec")]) == 0
+    summary = json.loads((tmp_path / "ec" / "summary.json").read_text())
+    assert summary["entropy_lambda"] == 0.05 and summary["rate_importance"]
+    assert "entropy_lambda" not in json.loads((tmp_path / "plain" / "summary.json").read_text())
+    plain, ec = (load_compressed(tmp_path / d / "model.sqs") for d in ("plain", "ec"))
+    assert all(torch.equal(a.weight(), b.weight()) for a, b in zip(plain.layers[:2], ec.layers[:2]))  # the tables
+    rate = [sum(code_entropy(layer) * layer.nnz for layer in net.layers[2:]) for net in (plain, ec)]
+    assert rate[1] < 0.9 * rate[0]

@@ -31,6 +31,8 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from sqs_pyro.compressed.entropy_levels import assign, code_lengths, decisions
+from sqs_pyro.compressed.accounting import code_usage
 from sqs_pyro.compressed.materialize import CompressedLayer, code_dtype
 from sqs_pyro.models.selection import CompressedSite
 
@@ -98,23 +100,29 @@ def _inverse_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, t
     return torch.linalg.cholesky(inverse, upper=True).float(), dead
 
 
-def _nearest(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest of the sorted ``levels`` for every value."""
-    return torch.bucketize(values.contiguous(), (levels[1:] + levels[:-1]) / 2)
+def _weighted_rule(values: torch.Tensor, levels: torch.Tensor, penalty: torch.Tensor, importance: torch.Tensor
+                   ) -> torch.Tensor:
+    """``argmin_k importance (v - mu_k)^2 + penalty_k`` for every value (the first level on ties)."""
+    cost = importance[:, None] * (values[:, None] - levels[None, :]) ** 2 + penalty.float()[None, :]
+    return cost.argmin(1)
 
 
 def group_scales(values: torch.Tensor, excluded: torch.Tensor, levels: torch.Tensor,
-                 importance: torch.Tensor | None = None, shrink: Sequence[float] = (1.0,)) -> torch.Tensor:
+                 importance: torch.Tensor | None = None, shrink: Sequence[float] = (1.0,),
+                 penalty: torch.Tensor | None = None) -> torch.Tensor:
     r"""fp16 scale of each row of ``values`` (``(R, G)``, one group per row): ``alpha max |w|`` over the
     members not ``excluded``, with ``alpha`` the factor of ``shrink`` that minimises the importance-weighted
-    coding error ``sum_j h_j (w_j - sigma mu_{a(w_j / sigma)})^2`` on ``levels`` (the first factor on ties)."""
+    coding error ``sum_j h_j (w_j - sigma mu_{a(w_j / sigma)})^2`` on ``levels`` (the first factor on ties);
+    ``a`` is the nearest level, or with a ``penalty`` per level the entropy-constrained rule
+    (:func:`~sqs_pyro.compressed.entropy_levels.decisions`)."""
     members = values.masked_fill(excluded, 0.0)
     peak = members.abs().amax(1)
     weight = torch.ones(values.shape[1]) if importance is None else importance
+    rule = decisions(levels, penalty)
     best = best_err = None
     for alpha in shrink:
         scale = (alpha * peak).clamp_min(torch.finfo(torch.float16).tiny).half()
-        err = ((members - scale.float()[:, None] * levels[_nearest(members / scale.float()[:, None], levels)]) ** 2
+        err = ((members - scale.float()[:, None] * levels[assign(members / scale.float()[:, None], rule)]) ** 2
                * weight).masked_fill(excluded, 0.0).sum(1)
         if best is None:
             best, best_err = scale, err
@@ -127,7 +135,8 @@ def group_scales(values: torch.Tensor, excluded: torch.Tensor, levels: torch.Ten
 @torch.no_grad()
 def feedback_quantize(layer: CompressedLayer, weight: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01,
                       block: int = 128, act_order: bool = True, shrink: Sequence[float] = SHRINK_GRID,
-                      sparsity: float = 0.0) -> CompressedLayer:
+                      sparsity: float = 0.0, entropy_lambda: float = 0.0, rate_importance: bool = False
+                      ) -> CompressedLayer:
     """Re-code ``layer`` (its codebook and exact positions kept) by GPTQ error feedback under the
     input second moment ``hessian`` (``C x C`` for a ``(R, C)`` weight); see the module docstring.
 
@@ -136,8 +145,14 @@ def feedback_quantize(layer: CompressedLayer, weight: torch.Tensor, hessian: tor
     the weights as given ("static groups"), else set from the error-fed values when a group starts.
     ``shrink``: candidate factors of a group's ``max |w|`` (:func:`group_scales`, ``H_cc`` as importance).
     Both defaults were chosen on validation text (SmolLM2, docs/results.md). ``sparsity``: the
-    fraction of each block's weights pruned on the way (see the module docstring). Returns ``layer``
-    with new codes, mask, group scales and exact values."""
+    fraction of each block's weights pruned on the way (see the module docstring). ``entropy_lambda > 0``:
+    each weight is coded by the entropy-constrained rule ``(u - mu_k)^2 + lambda ell_k``, with ``ell_k`` from
+    ``layer``'s code usage (:mod:`~sqs_pyro.compressed.entropy_levels`); ``rate_importance``: by
+    ``h (u - mu_k)^2 + lambda ell_k`` with ``h = sigma^2 / U_cc^2`` over its layer mean, the weight's share of
+    the GPTQ loss, so that rate goes where the loss is. Returns ``layer`` with new codes, mask, group scales
+    and exact values."""
+    if rate_importance and not entropy_lambda > 0:
+        raise ValueError("feedback_quantize: rate_importance needs entropy_lambda > 0")
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"feedback_quantize needs a (R, C) weight and a (C, C) hessian, got "
                          f"{tuple(weight.shape)} and {tuple(hessian.shape)}")
@@ -150,6 +165,8 @@ def feedback_quantize(layer: CompressedLayer, weight: torch.Tensor, hessian: tor
     energy = torch.diagonal(hessian).float()
     importance = energy[order]
     levels = layer.codebook.float()
+    penalty = entropy_lambda * code_lengths(code_usage(layer)[:layer.components]) if entropy_lambda > 0 else None
+    rule = decisions(levels, penalty)
     exact_given = torch.zeros(rows * cols, dtype=torch.bool)
     if layer.num_exact:
         exact_given[layer.exact_index] = True
@@ -163,9 +180,12 @@ def feedback_quantize(layer: CompressedLayer, weight: torch.Tensor, hessian: tor
         original = weight.detach().float().cpu()
         for k in range(groups):
             cut = slice(k * g, (k + 1) * g)
-            scales[:, k] = group_scales(original[:, cut], exact_given[:, cut], levels, energy[cut], shrink)
+            scales[:, k] = group_scales(original[:, cut], exact_given[:, cut], levels, energy[cut], shrink, penalty)
     elif g:
         block = g * max(1, math.ceil(block / g))  # a group never straddles two blocks
+    if rate_importance:  # the mean of scale^2 / U_cc^2 over the weights
+        sigma2 = (scales if static else layer.scales if g else torch.ones(rows, 1)).float() ** 2
+        mean_h = float((sigma2.mean(0)[group_of] / factor.diagonal() ** 2).mean())
     codes = torch.zeros(rows, cols, dtype=code_dtype(layer.components))
     pruned = torch.zeros(rows, cols, dtype=torch.bool)
     # the exact weights' error-fed values (at their sorted flat positions), written when their column is reached
@@ -183,10 +203,14 @@ def feedback_quantize(layer: CompressedLayer, weight: torch.Tensor, hessian: tor
             if static:
                 scale = scales[:, group_of[c]].float()
             elif g and c % g == 0:
-                scales[:, c // g] = group_scales(part[:, j:j + g], exact[:, c:c + g], levels, importance[c:c + g], shrink)
+                scales[:, c // g] = group_scales(part[:, j:j + g], exact[:, c:c + g], levels, importance[c:c + g], shrink,
+                                                 penalty)
                 scale = scales[:, c // g].float()
             column = part[:, j]
-            code = _nearest(column / scale, levels)
+            if rate_importance:  # scale^2 / U_cc^2 over its layer mean
+                code = _weighted_rule(column / scale, levels, penalty, scale ** 2 / (factor[c, c] ** 2 * mean_h))
+            else:
+                code = assign(column / scale, rule)
             q = torch.where(exact[:, c], column.half().float(), scale * levels[code])
             q = q.masked_fill(pruned[:, c], 0.0)
             codes[:, c] = code.to(codes.dtype)

@@ -30,6 +30,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from sqs_pyro.compressed.entropy_levels import assign, decisions, entropy_constrained_levels, histogram
 from sqs_pyro.compressed.error_feedback import SHRINK_GRID, feedback_quantize
 from sqs_pyro.compressed.materialize import (CompressedLayer, CompressedNetwork, code_dtype, tied_to_compressed,
                                              uncompressed_state)
@@ -44,10 +45,12 @@ CHUNK = 1 << 20  # values per chunk of rows normalised and coded at a time
 @torch.no_grad()
 def quantize_layer(name: str, weight: torch.Tensor, components: int, group_size: int, exact: int = 0,
                    scores: torch.Tensor | None = None, sparsity: float = 0.0,
-                   input_energy: torch.Tensor | None = None) -> CompressedLayer:
+                   input_energy: torch.Tensor | None = None, entropy_lambda: float = 0.0) -> CompressedLayer:
     """The dense-and-sparse group-scaled layer of ``weight`` (see the module docstring);
     ``group_size = 0`` gives one codebook over the raw weights (no scales). ``input_energy``
-    (``H_cc`` per column of a 2-D weight) weights the k-means by ``H_cc sigma^2``.
+    (``H_cc`` per column of a 2-D weight) weights the k-means by ``H_cc sigma^2``. ``entropy_lambda > 0``:
+    entropy-constrained levels from the k-means ones, each weight coded by ``(u - mu_k)^2 + lambda ell_k``
+    (:mod:`~sqs_pyro.compressed.entropy_levels`).
 
     Memory: beyond the mask and the codes (1 byte per weight each), one float32 per coded weight for
     the k-means (sorted in place unless weighted); the exact weights are a chunked top-k and the
@@ -90,13 +93,17 @@ def quantize_layer(name: str, weight: torch.Tensor, components: int, group_size:
             sensitivity = _sensitivity(sigma, energy, piece.shape, group_size)
             weights[at:at + sel.numel()] = torch.masked_select(sensitivity, keep)
         at += sel.numel()
+    moments = histogram(u, weights) if entropy_lambda > 0 and u.numel() else None  # before u is sorted
     codebook = kmeans_codebook(u, components, weights, overwrite=True)
     del u, weights
-    mids = (codebook[1:] + codebook[:-1]) / 2
+    rule = decisions(codebook)
+    if moments is not None:
+        codebook, lengths = entropy_constrained_levels(moments, codebook, entropy_lambda)
+        rule = decisions(codebook, entropy_lambda * lengths)
     codes = torch.zeros(rows, flat.numel() // rows, dtype=code_dtype(components))
     for r, piece in _normalised_rows(w, index, scales, group_size):  # nearest sorted level, as in the k-means
         keep = kept[r:r + len(piece)]
-        nearest = torch.bucketize(torch.masked_select(piece, keep), mids)
+        nearest = assign(torch.masked_select(piece, keep), rule)
         codes[r:r + len(piece)].masked_scatter_(keep, nearest.to(codes.dtype))
     layer.codes, layer.codebook = codes.reshape(w.shape), codebook.to(weight.dtype)
     return layer
@@ -170,13 +177,16 @@ def quantize_sites(net: nn.Module, sites: Sequence[CompressedSite], components: 
                    exact: int = 0, scores: dict[str, torch.Tensor] | None = None,
                    hessians: dict[str, torch.Tensor] | None = None, act_order: bool = True,
                    shrink: Sequence[float] = SHRINK_GRID, exact_fraction: float = 0.0,
-                   sparsity: float = 0.0, weighted_codebook: bool = False) -> list[CompressedLayer]:
+                   sparsity: float = 0.0, weighted_codebook: bool = False, entropy_lambda: float = 0.0,
+                   rate_importance: bool = False) -> list[CompressedLayer]:
     """:func:`quantize_layer` for every selected weight of ``net``. Each matrix keeps ``exact +
     round(exact_fraction numel)`` exact weights. A weight with an input second moment in ``hessians``
     (:func:`~sqs_pyro.compressed.error_feedback.input_hessians`) is then re-coded by
     :func:`~sqs_pyro.compressed.error_feedback.feedback_quantize` (GPTQ error feedback, with its
     ``act_order`` and scale ``shrink`` options; with ``sparsity``, SparseGPT's mask); with
-    ``weighted_codebook`` its k-means is weighted by ``H_cc sigma^2``."""
+    ``weighted_codebook`` its k-means is weighted by ``H_cc sigma^2``. ``entropy_lambda``, ``rate_importance``:
+    entropy-constrained levels and coding (:func:`quantize_layer`,
+    :func:`~sqs_pyro.compressed.error_feedback.feedback_quantize`)."""
     layers = []
     for s in sites:
         weight = net.get_parameter(s.name)
@@ -184,10 +194,11 @@ def quantize_sites(net: nn.Module, sites: Sequence[CompressedSite], components: 
         hessian = (hessians or {}).get(s.name)
         energy = hessian.diagonal() if weighted_codebook and hessian is not None else None
         layer = quantize_layer(s.name, weight, components, group_size, budget, (scores or {}).get(s.name), sparsity,
-                               energy)
+                               energy, entropy_lambda)
         if hessian is not None:
             layer = feedback_quantize(layer, weight, hessian, act_order=act_order, shrink=shrink,
-                                      sparsity=sparsity)
+                                      sparsity=sparsity, entropy_lambda=entropy_lambda,
+                                      rate_importance=rate_importance and entropy_lambda > 0)
         layers.append(layer)
     return layers
 
