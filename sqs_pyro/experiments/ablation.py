@@ -42,7 +42,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from sqs_pyro.config import SQSConfig
-from sqs_pyro.data import calibration, predictive_probs
+from sqs_pyro.data import accuracy, calibration, predictive_probs
 from sqs_pyro.errors import SQSInputError
 from sqs_pyro.experiments.baselines import BASELINES, baseline_accounting, file_network
 from sqs_pyro.compressed.materialize import CompressedNetwork
@@ -337,9 +337,8 @@ def execute_run(spec: RunSpec, workload: Workload,
         code_bytes = sum(layer["codes"]["bytes"] for layer in read_header(path)["layers"])
         if tensor_dtype is not None:
             loaded = load_compressed(path, copy.deepcopy(workload.net)).eval()
-            file_accuracy = {
-                f"accuracy{tag}_file": calibration(predictive_probs(loaded, x, 256, "logits"), y)["accuracy"]
-                for tag, (x, y) in (("_val", workload.val), ("", workload.test))}
+            file_accuracy = {f"accuracy{tag}_file": accuracy(loaded, x, y)
+                             for tag, (x, y) in (("_val", workload.val), ("", workload.test))}
     record: dict[str, Any] = {
         "accuracy_greedy": greedy["accuracy"], "accuracy_averaged": averaged["accuracy"] if averaged else None,
         "accuracy_val_greedy": metrics[("greedy", "val")]["accuracy"],

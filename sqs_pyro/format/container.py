@@ -451,9 +451,7 @@ class _Layer:
     @property
     def scales_stored(self) -> int:
         """How many fp16 group scales the file holds (0 without group scales)."""
-        if not self.group_size:
-            return 0
-        return math.prod(_groups(self.shape, self.group_size)) if self.scaled_groups is None else self.scaled_groups
+        return _scales_stored(self.shape, self.group_size, self.scaled_groups)
 
     @property
     def segments(self) -> tuple[int, ...]:
@@ -465,6 +463,14 @@ class _Layer:
         if self.exact:
             parts += (4 * self.exact, 2 * self.exact)
         return parts
+
+
+def _scales_stored(shape: tuple[int, ...], group_size: int, scaled_groups: int | None) -> int:
+    """The fp16 group scales a layer entry stores: ``scaled_groups`` if given, else one per group (0 without
+    ``group_size``)."""
+    if not group_size:
+        return 0
+    return math.prod(_groups(shape, group_size)) if scaled_groups is None else scaled_groups
 
 
 def _fail(where: str, message: str) -> CompressedFileError:
@@ -978,8 +984,7 @@ def layer_table(header: dict[str, Any]) -> list[dict[str, Any]]:
         components = len(entry["windows"])
         itemsize = np.dtype(DTYPES[entry["codebook_dtype"]][1]).itemsize
         group_size, exact = entry.get("group_size", 0), entry.get("exact", 0)
-        scales = entry.get("scaled_groups", math.prod(_groups(tuple(entry["shape"]), group_size)) if group_size else 0)
-        side = 2 * scales + 6 * exact
+        side = 2 * _scales_stored(tuple(entry["shape"]), group_size, entry.get("scaled_groups")) + 6 * exact
         rows.append({
             "name": entry["name"], "shape": entry["shape"], "numel": numel, "nnz": entry["nnz"],
             "density": (entry["nnz"] + exact) / numel if numel else 0.0, "bits": coding.code_width(components),
