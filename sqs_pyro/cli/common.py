@@ -3,17 +3,20 @@ options, and the files a compression run leaves in its output folder."""
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+from torch import nn
 
 from sqs_pyro.analysis import build_report, write_analysis
 from sqs_pyro.config import SQSConfig
 from sqs_pyro.errors import SQSInputError
 from sqs_pyro.format.atomic import write_json_atomic
-from sqs_pyro.format.container import read_header, save_compressed
+from sqs_pyro.format.container import load_compressed, read_header, save_compressed
 from sqs_pyro.format.posterior import section_bytes
 from sqs_pyro.infer import SQSResult
 from sqs_pyro.infer.devices import DEVICE_CHOICES
@@ -106,14 +109,24 @@ def config_from_args(args: argparse.Namespace, defaults: dict[str, Any] = DEFAUL
     return SQSConfig.from_dict(values)
 
 
-def write_outputs(out: Path, result: SQSResult, summary: dict[str, Any], posterior: bool = False) -> None:
+def write_outputs(out: Path, result: SQSResult, summary: dict[str, Any], posterior: bool = False,
+                  tensor_dtype: str | None = None,
+                  evaluate: Callable[[nn.Module], dict[str, float]] | None = None) -> None:
     """Everything a run leaves in its output folder; adds the compressed file's ``file`` name and
     ``file_bytes`` to ``summary``, and with ``posterior`` (the file's posterior section) its
-    ``file_posterior_bytes``."""
+    ``file_posterior_bytes``. ``tensor_dtype``: the dtype the file stores the uncompressed tensors in (``None``: as
+    trained); then the greedy network is loaded back from the file and ``evaluate`` (metric name -> value) gives
+    ``summary["greedy_file"]`` (and the printable ``table``'s rows), since rounding them changes its outputs."""
     out.mkdir(parents=True, exist_ok=True)
-    summary.update(file="model.sqs", file_bytes=save_compressed(result, out / "model.sqs", posterior=posterior))
+    path = out / "model.sqs"
+    summary.update(file=path.name, file_bytes=save_compressed(result, path, posterior=posterior,
+                                                              tensor_dtype=tensor_dtype), tensor_dtype=tensor_dtype)
     if posterior:
-        summary["file_posterior_bytes"] = section_bytes(read_header(out / "model.sqs"))
+        summary["file_posterior_bytes"] = section_bytes(read_header(path))
+    if tensor_dtype is not None and evaluate is not None:
+        summary["greedy_file"] = evaluate(load_compressed(path, copy.deepcopy(result.skeleton)).eval())
+        for name, value in summary["greedy_file"].items() if "table" in summary else ():
+            summary["table"][f"{name}, greedy from the file ({tensor_dtype} tensors)"] = f"{value:.4f}"
     write_json_atomic(out / "history.json", result.history)
     write_json_atomic(out / "summary.json", summary)
     write_analysis(out, result)  # analysis.json + posterior.nc (ArviZ)

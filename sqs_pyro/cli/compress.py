@@ -17,6 +17,7 @@ from sqs_pyro.cli.common import (KERNEL_PATHS, add_device_option, config_from_ar
 from sqs_pyro.config import WINDOW_MODES
 from sqs_pyro.data import accuracy, calibration, load_fashion_mnist, load_mnist, load_mnist_cnn, predictive_probs
 from sqs_pyro.errors import SQSInputError
+from sqs_pyro.format.container import FLOAT_DTYPES
 from sqs_pyro.infer import SQSResult, compress
 from sqs_pyro.infer.checkpoint import CHECKPOINT_NAME
 from sqs_pyro.infer.devices import resolve_device
@@ -73,6 +74,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-posterior", action="store_true",
                    help="leave the posterior section out of model.sqs (written unless --adaptive-bits merged levels; "
                         "it lets `evaluate --averaged` serve the posterior predictive from the file)")
+    p.add_argument("--tensor-dtype", choices=FLOAT_DTYPES,
+                   help="store the uncompressed floating-point tensors (biases, norms) in this dtype (default: as "
+                        "trained); a narrower one is rounded, and the summary then also evaluates the file's network")
     add_device_option(p)
     p.add_argument("--bf16", action="store_true",
                    help="bfloat16 autocast for the forward pass of each step (for GPUs; float32 parameters)")
@@ -139,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
     shift_started = time.perf_counter()
     summary["shift"] = shift_evaluation(greedy, averaged, (x_test, y_test), load_mnist("val", SHIFT_IMAGES), fashion)
     summary["shift"]["seconds"] = time.perf_counter() - shift_started
-    write_outputs(args.out, result, summary, posterior=not (args.no_posterior or result.config.adaptive_bits))
+    write_outputs(args.out, result, summary, posterior=not (args.no_posterior or result.config.adaptive_bits),
+                  tensor_dtype=args.tensor_dtype, evaluate=lambda m: {"test accuracy": accuracy(m, x_test, y_test)})
     print(format_table(summary))
     print(f"results written to {args.out}/")
     return 0
@@ -166,6 +171,8 @@ def format_table(s: dict[str, Any]) -> str:
     rows = [
         ("test accuracy, dense", f"{s['accuracy_dense']:.4f}"),
         ("test accuracy, greedy", f"{s['accuracy_greedy']:.4f}"),
+        *[(f"{name}, greedy from the file ({s['tensor_dtype']} tensors)", f"{value:.4f}")
+          for name, value in s.get("greedy_file", {}).items()],
         (f"test accuracy, averaged (M={s['config']['num_averaged']})", f"{s['accuracy_averaged']:.4f}"),
         *[(f"test {m}: dense / greedy / averaged", " / ".join(f"{s['calibration'][p][m]:.4f}"
                                                               for p in ("dense", "greedy", "averaged")))

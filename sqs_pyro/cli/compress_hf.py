@@ -134,7 +134,7 @@ def run_hf(args: argparse.Namespace) -> int:
                       checkpoint_blocks=args.checkpoint_blocks)
     greedy_metrics = evaluate(result.greedy_module()) if evaluate else {}
     summary = hf_summary(args, result, dense_metrics, greedy_metrics, time.perf_counter() - started, len(x))
-    write_outputs(args.out, result, summary)
+    write_outputs(args.out, result, summary, tensor_dtype=args.tensor_dtype, evaluate=evaluate)
     for key, value in summary["table"].items():
         print(f"{key:<32} {value}")
     print(f"results written to {args.out}/ (load the model with sqs_pyro.hf.load_transformers('{args.out}/model.sqs'))")

@@ -94,7 +94,8 @@ def run_user(args: argparse.Namespace) -> int:
                           {"model": args.model, "weights": str(args.weights) if args.weights else None,
                            "data": spec, "val_data": args.val_data, "batchnorm": args.batchnorm,
                            "device": str(device), **extra})
-    write_outputs(args.out, result, summary)
+    write_outputs(args.out, result, summary, tensor_dtype=args.tensor_dtype, evaluate=None if val is None else
+                  lambda m: held_out_metrics(m, val, task, dense=copy.deepcopy(net)))
     for key, value in summary["table"].items():
         print(f"{key:<32} {value}")
     print(f"results written to {args.out}/ (check it: sqs-pyro evaluate {args.out}/model.sqs --model {args.model} "
