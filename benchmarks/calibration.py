@@ -202,6 +202,33 @@ def plots(rows: list[dict[str, Any]], stem: Path) -> None:
     plt.close(fig)
 
 
+def write_report(rows: list[dict[str, Any]], output: Path, report: list[str]) -> None:
+    """``calibration.md`` (``report``'s lines, then a table per cell over its seeds) and each cell's plots."""
+    for s, k in dict.fromkeys((r["sparsity"], r["components"]) for r in rows):
+        cell_rows = [r for r in rows if (r["sparsity"], r["components"]) == (s, k)]
+        network, seeds = cell_rows[0]["network"], sorted({r["seed"] for r in cell_rows})
+        stem = output / f"{network}_s{round(100 * s)}_k{k}"
+        plots(cell_rows, stem)
+        report += ["", f"## {network} at {100 * s:g}% / K={k}, seeds {seeds}", "", cell_table(cell_rows),
+                   "", f"![reliability]({stem.name}_reliability.png) ![rotation]({stem.name}_rotation.png)"]
+    (output / "calibration.md").write_text("\n".join(report) + "\n")
+    print("\n".join(report))
+
+
+def merge(parts: list[Path], output: Path) -> None:
+    """One report from the ``calibration.jsonl`` of runs split by cell or seed (one core: pieces that queue
+    between other jobs), written with their rows into ``output``."""
+    rows = [json.loads(line) for part in parts for line in part.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise SystemExit("error: --merge: the files hold no rows")
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "calibration.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    commits = sorted({r["commit"] for r in rows})
+    write_report(rows, output, [f"# Calibration: {', '.join(sorted({r['network'] for r in rows}))}, commit "
+                                f"{', '.join(commits)}", "", "Merged from " + ", ".join(f"`{p}`" for p in parts)
+                                + " (`" + " ".join(["python", *sys.argv]) + "`)."])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--network", choices=sorted(NETWORKS), default="ccexam")
@@ -219,8 +246,14 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=HERE.parent / "runs" / "benchmark-cache",
                         help="trained reference LeNets")
     parser.add_argument("--smoke", action="store_true", help="a few hundred images and a few steps")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSONL",
+                        help="no runs: one report in --output from these calibration.jsonl files (runs split by cell or seed)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.merge:
+        if args.output is None:
+            raise SystemExit("error: --merge needs --output")
+        return merge(args.merge, args.output)
 
     eval_limit = SMOKE["eval_limit"] if args.smoke else args.eval_limit
     train_limit = SMOKE["train_limit"] if args.smoke else args.train_limit
@@ -249,24 +282,19 @@ def main() -> None:
               f"Config (beside each cell's sparsity, K, seed): `{json.dumps(base, sort_keys=True)}`; "
               f"{len(workload.train[0])} training images, {len(workload.test[0])} test images, "
               f"{len(fashion)} Fashion-MNIST images."]
+    rows = []
     for s, k in args.cells:
-        cell_rows = []
         for seed in args.seeds:
             print(f"{args.network} {100 * s:g}%/K={k} seed {seed}", flush=True)
-            rows = run_cell(workload.net, workload.train, workload.val, sets, workload.test[1], fashion,
-                            configs[(s, k, seed)])
-            for row in rows:
+            cell_rows = run_cell(workload.net, workload.train, workload.val, sets, workload.test[1], fashion,
+                                 configs[(s, k, seed)])
+            for row in cell_rows:
                 row.update(network=args.network, sparsity=s, components=k, seed=seed, commit=source,
                            epochs=args.epochs, overrides=overrides)
             with open(jsonl, "a") as f:
-                f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-            cell_rows += rows
-        stem = output / f"{args.network}_s{round(100 * s)}_k{k}"
-        plots(cell_rows, stem)
-        report += ["", f"## {args.network} at {100 * s:g}% / K={k}, seeds {args.seeds}", "", cell_table(cell_rows),
-                   "", f"![reliability]({stem.name}_reliability.png) ![rotation]({stem.name}_rotation.png)"]
-    (output / "calibration.md").write_text("\n".join(report) + "\n")
-    print("\n".join(report))
+                f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in cell_rows)
+            rows += cell_rows
+    write_report(rows, output, report)
     print(f"wrote {output}")
 
 

@@ -37,6 +37,28 @@ def epoch_batches(n: int, batch: int, generator: torch.Generator):
         yield from (order[i:i + batch] for i in range(0, n - batch + 1, batch))
 
 
+def posterior_phase(model: SQSModel, guide: SpikeGMMGuide, config: SQSConfig, batches, steps: int,
+                    data: tuple[torch.Tensor, torch.Tensor], particles: int = 1) -> float:
+    """The posterior phase on stock SVI: ``W ~ q`` in the forward pass around the fixed greedy codes; only the widths
+    and mixing weights learn (Pyro's per-parameter optimiser arguments), at KL weight ``posterior_kl_weight`` (1: the
+    ELBO), Adam at ``lr_posterior`` under a cosine to 5%, ``particles`` draws of ``W`` per step. Returns the last
+    step's loss (-ELBO)."""
+    guide.fix_point_codes()
+    guide.mode = "sample"
+    model.kl_weight = guide.kl_weight = config.posterior_kl_weight
+    learns = lambda name: name.endswith(("scale_raw", "mix_logits"))  # noqa: E731
+    cosine = lambda step: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps)))  # noqa: E731
+    posterior_optim = pyro.optim.LambdaLR({"optimizer": torch.optim.Adam, "lr_lambda": cosine, "optim_args": lambda
+                                           name: {"lr": config.lr_posterior if learns(name) else 0.0}})
+    posterior = SVI(model, guide, posterior_optim, TraceMeanField_ELBO(num_particles=particles))
+    x, y = data
+    for _ in range(steps):
+        idx = next(batches)
+        loss = posterior.step(x[idx], y[idx])
+        posterior_optim.step()
+    return loss
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke-test", action="store_true", help="tiny run for CI")
@@ -84,21 +106,8 @@ def main() -> None:
             print(f"step {step:4d}  -ELBO {loss:12.1f}")
     guide.freeze_mask()
 
-    # the posterior phase: W ~ q in the forward pass around the fixed greedy codes; only the widths and mixing
-    # weights learn (Pyro's per-parameter optimiser arguments), at KL weight posterior_kl_weight (1: the ELBO)
-    guide.fix_point_codes()
-    guide.mode = "sample"
-    model.kl_weight = guide.kl_weight = config.posterior_kl_weight
-    learns = lambda name: name.endswith(("scale_raw", "mix_logits"))  # noqa: E731
-    posterior_steps = max(1, int(config.posterior_epochs * n_train // batch))
-    cosine = lambda step: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / posterior_steps)))  # noqa: E731
-    posterior_optim = pyro.optim.LambdaLR({"optimizer": torch.optim.Adam, "lr_lambda": cosine, "optim_args": lambda
-                                           name: {"lr": config.lr_posterior if learns(name) else 0.0}})
-    posterior = SVI(model, guide, posterior_optim, TraceMeanField_ELBO())
-    for step in range(posterior_steps):
-        idx = next(batches)
-        loss = posterior.step(x[idx], y[idx])
-        posterior_optim.step()
+    loss = posterior_phase(model, guide, config, batches, max(1, int(config.posterior_epochs * n_train // batch)),
+                           (x, y))
     print(f"posterior phase  -ELBO {loss:12.1f}")
 
     compressed = materialize(guide, model.net, group_scales=model.group_scales())  # one fp16 scale per row

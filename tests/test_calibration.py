@@ -234,6 +234,12 @@ def test_benchmark_smoke(tmp_path):
             assert r["seconds"] >= 0 and 0 <= r["accuracy"] <= 1 and r["nll"] > 0
     assert (out / "calibration.md").read_text().count("|") > 20
     assert list(out.glob("*reliability*.png")) and list(out.glob("*rotation*.png"))
+    # a run split into pieces merges back into the same tables (here: one piece, so the tables are equal)
+    merged = tmp_path / "merged"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "calibration.py"), "--merge",
+                    str(out / "calibration.jsonl"), "--output", str(merged)], check=True, cwd=ROOT, timeout=120)
+    tables = lambda folder: (folder / "calibration.md").read_text().split("\n## ", 1)[1]  # noqa: E731
+    assert tables(merged) == tables(out) and list(merged.glob("*rotation*.png"))
 
 
 @pytest.mark.parametrize("extra, message", [(["--set", "no_such_key=1"], "unknown config keys"),
