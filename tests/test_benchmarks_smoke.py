@@ -184,7 +184,7 @@ def test_lm_anchors(method, monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("network, package", [("efficientnet-lite0", "efficientnet_lite_pytorch"),
-                                              ("mnist-separable", "mnist")])
+                                              ("mnist-separable", "mnist"), ("lenet5", "mnist")])
 def test_distill_bn(network, package, monkeypatch, tmp_path):
     pytest.importorskip(package, reason=f"{package} not installed (see benchmarks/distill_bn.py)")
     if network == "efficientnet-lite0":
