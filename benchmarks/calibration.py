@@ -162,6 +162,25 @@ def cell_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def nll_table(rows: list[dict[str, Any]]) -> str:
+    """The docs' view of a cell: per split, each method's NLL mean ± sd over seeds and its mean ECE in brackets (the
+    lowest NLL in bold), then the OOD AUROC and the test accuracy (mean ± sd)."""
+    splits = list(dict.fromkeys(r["split"] for r in rows if r["split"] != "fashion_ood"))
+    pick = lambda method, split: [r for r in rows if r["method"] == method and r["split"] == split]  # noqa: E731
+    lines = ["| split | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
+    for split in splits:
+        nll = {m: statistics.fmean(r["nll"] for r in pick(m, split)) for m in METHODS}
+        cells = [_summary([r["nll"] for r in pick(m, split)], 3) + f" ({statistics.fmean(r['ece'] for r in pick(m, split)):.3f})"
+                 for m in METHODS]
+        lines.append(f"| {split} | " + " | ".join(f"**{c}**" if m == min(nll, key=nll.get) else c
+                                               for m, c in zip(METHODS, cells)) + " |")
+    lines.append("| OOD AUROC (higher is better) | " + " | ".join(
+        _summary([r["ood_auroc"] for r in pick(m, "fashion_ood")], 4) for m in METHODS) + " |")
+    lines.append("| test accuracy | " + " | ".join(_summary([r["accuracy"] for r in pick(m, "test")], 4)
+                                                   for m in METHODS) + " |")
+    return "\n".join(lines)
+
+
 def plots(rows: list[dict[str, Any]], stem: Path) -> None:
     """``<stem>_reliability.png`` (test split, first seed) and ``<stem>_rotation.png``."""
     import matplotlib
@@ -209,7 +228,8 @@ def write_report(rows: list[dict[str, Any]], output: Path, report: list[str]) ->
         network, seeds = cell_rows[0]["network"], sorted({r["seed"] for r in cell_rows})
         stem = output / f"{network}_s{round(100 * s)}_k{k}"
         plots(cell_rows, stem)
-        report += ["", f"## {network} at {100 * s:g}% / K={k}, seeds {seeds}", "", cell_table(cell_rows),
+        report += ["", f"## {network} at {100 * s:g}% / K={k}, seeds {seeds}", "", cell_table(cell_rows), "",
+                   "NLL (mean ECE), the lowest NLL in bold:", "", nll_table(cell_rows),
                    "", f"![reliability]({stem.name}_reliability.png) ![rotation]({stem.name}_rotation.png)"]
     (output / "calibration.md").write_text("\n".join(report) + "\n")
     print("\n".join(report))
