@@ -147,6 +147,12 @@ def test_distill_needs_no_labels(workdir):
     assert set(summary["greedy"]) == {"kl_to_dense", "agreement"} and summary["greedy"]["kl_to_dense"] >= 0
     assert summary["dense"]["kl_to_dense"] == pytest.approx(0, abs=1e-6) and summary["dense"]["agreement"] == 1
     assert "held-out kl_to_dense: dense / greedy" in (out / "report.html").read_text()
+    # the label-free defaults (chosen on validation across two families), below any --config file and option
+    assert (summary["config"]["kl_weight"], summary["config"]["lr_weights"]) == (0.1, 3e-3)
+    (workdir / "cfg.json").write_text(json.dumps({"kl_weight": 1.0}))
+    assert _compress(out, "--task", "distill", "--data", "inputs.pt", "--config", "cfg.json", "--epochs", "0.5") == 0
+    config = json.loads((out / "summary.json").read_text())["config"]
+    assert (config["kl_weight"], config["lr_weights"], config["epochs"]) == (1.0, 3e-3, 0.5)
 
 
 
