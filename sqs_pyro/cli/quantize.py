@@ -122,7 +122,8 @@ def _check(args: argparse.Namespace) -> None:
         raise SQSInputError("--entropy-lambda and --embedding-entropy-lambda must be >= 0 (0: nearest level)")
     if args.rate_importance and not (args.entropy_lambda > 0 or args.embedding_entropy_lambda > 0):
         raise SQSInputError("--rate-importance weighs the rate term of --entropy-lambda: give --entropy-lambda > 0")
-    if not 0.0 <= args.lambda_sensitivity <= 1.0 or (args.lambda_sensitivity and not (args.entropy_lambda > 0 and args.data)):
+    alpha = args.lambda_sensitivity
+    if not 0.0 <= alpha <= 1.0 or (alpha and not (args.entropy_lambda > 0 and args.data)):  # also rejects nan
         raise SQSInputError("--lambda-sensitivity is an exponent in [0, 1] and needs --entropy-lambda > 0 and --data")
     if args.seq_len < 2:
         raise SQSInputError("--seq-len must be >= 2")
