@@ -6,7 +6,7 @@ import torch
 
 from sqs_pyro.compressed.accounting import code_entropy, usage_entropy
 from sqs_pyro.compressed.entropy_levels import (assign, code_lengths, decisions, entropy_constrained_levels,
-                                                histogram)
+                                                histogram, matrix_sensitivity, sensitivity_lambdas)
 from sqs_pyro.compressed.error_feedback import feedback_quantize
 from sqs_pyro.compressed.oneshot import quantize_layer
 
@@ -96,3 +96,19 @@ def test_feedback_with_entropy_levels_falls_in_rate_and_rate_importance_puts_it_
     assert weighted[0] <= plain[0] + 0.02 and weighted[1] < 0.95 * plain[1]
     with pytest.raises(ValueError, match="entropy_lambda"):
         feedback_quantize(quantize_layer("w", w, 16, 64), w, hessian, rate_importance=True)
+
+
+def test_matrix_sensitivity_is_the_mean_of_h_cc_w_squared():
+    w, h = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[2.0, 0.7], [0.7, 5.0]])
+    assert matrix_sensitivity(w, h) == pytest.approx((2 * (1 + 9) / 2 + 5 * (4 + 16) / 2) / 2)  # 30
+
+
+def test_sensitivity_lambdas_scale_by_the_inverse_sensitivity_around_its_geometric_mean():
+    s = {"a": 1.0, "b": 100.0, "dead": 0.0}
+    full = sensitivity_lambdas(s, 0.01, 1.0)  # G = 10
+    assert full["a"] == pytest.approx(0.1) and full["b"] == pytest.approx(0.001) and full["dead"] == full["a"]
+    half = sensitivity_lambdas(s, 0.01, 0.5)
+    assert half["a"] == pytest.approx(0.01 * 10 ** 0.5) and half["b"] == pytest.approx(0.01 / 10 ** 0.5)
+    assert sensitivity_lambdas(s, 0.01, 0.0) == {"a": 0.01, "b": 0.01, "dead": 0.01}  # negative control
+    with pytest.raises(ValueError, match="alpha"):
+        sensitivity_lambdas(s, 0.01, 1.5)

@@ -92,6 +92,8 @@ def test_sparse_quantize_starts_a_sparse_compress(folder, tmp_path):
     (["--embedding-entropy-lambda", "nan"], "--entropy-lambda and --embedding-entropy-lambda must be >= 0"),
     (["--rate-importance"], "give --entropy-lambda > 0"),
     (["--entropy-lambda", "0.01", "--rate-importance"], "need --data"),
+    (["--lambda-sensitivity", "0.5"], "--lambda-sensitivity is an exponent in [0, 1] and needs --entropy-lambda"),
+    (["--entropy-lambda", "0.01", "--lambda-sensitivity", "2"], "--lambda-sensitivity is an exponent in [0, 1]"),
 ])
 def test_bad_input_exits_2_before_any_work(folder, tmp_path, capsys, options, message):
     out = tmp_path / "q"
@@ -290,3 +292,36 @@ def test_entropy_constrained_levels_end_to_end(folder, tmp_path):
     assert all(torch.equal(a.weight(), b.weight()) for a, b in zip(plain.layers[:2], ec.layers[:2]))  # the tables
     rate = [sum(code_entropy(layer) * layer.nnz for layer in net.layers[2:]) for net in (plain, ec)]
     assert rate[1] < 0.9 * rate[0]
+
+
+def test_lambda_by_sensitivity_moves_bits_to_the_sensitive_matrices(folder, tmp_path):
+    """--lambda-sensitivity 1: each matrix's LAMBDA is LAMBDA (G / s_m), s_m = mean H_cc w^2 from the dense
+    model's calibration moments (recomputed here): against one LAMBDA for all, the most sensitive matrix's codes
+    take more bits and the least sensitive one's fewer; --lambda-sensitivity 0 is the plain file (negative
+    control: identical weights)."""
+    from sqs_pyro import hf
+    from sqs_pyro.compressed.accounting import code_entropy
+    from sqs_pyro.compressed.entropy_levels import matrix_sensitivity
+    from sqs_pyro.hf.oneshot import blockwise_hessians
+    from sqs_pyro.models import select_layers, transformer_include
+
+    common = ["quantize", "--hf", str(folder / "model"), "-K", "8", "--group-size", "8", "--data",
+              str(folder / "train.txt"), "--calib-windows", "16", "--seq-len", "8", "--no-progress",
+              "--entropy-lambda", "0.03", "--embedding-entropy-lambda", "0", "--rate-importance"]
+    for name, more in (("one", []), ("zero", ["--lambda-sensitivity", "0"]), ("by", ["--lambda-sensitivity", "1"])):
+        assert main([*common, *more, "--out", str(tmp_path / name)]) == 0
+    assert json.loads((tmp_path / "by" / "summary.json").read_text())["lambda_sensitivity"] == 1.0
+    one, zero, by = (load_compressed(tmp_path / d / "model.sqs") for d in ("one", "zero", "by"))
+    assert all(torch.equal(a.weight(), b.weight()) for a, b in zip(one.layers, zero.layers))
+    tokenizer, model = hf.load_model(str(folder / "model"), causal=True)
+    net = CausalLM(model)
+    windows = text_windows(tokenizer, [folder / "train.txt"], 8)
+    calib = windows[torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))[:16], :-1]
+    sites = select_layers(net, include=transformer_include(model.config.model_type))
+    s = {name: matrix_sensitivity(net.get_parameter(name), h)
+         for _, hessians in blockwise_hessians(net, sites, calib.split(8)) for name, h in hessians.items()}
+    rate = {net_name: {layer.name: code_entropy(layer) for layer in network.layers}
+            for net_name, network in (("one", one), ("by", by))}
+    most, least = max(s, key=s.get), min(s, key=s.get)
+    assert s[most] > 4 * s[least]
+    assert rate["by"][most] > rate["one"][most] and rate["by"][least] < rate["one"][least]

@@ -27,6 +27,7 @@ import torch
 from sqs_pyro import hf
 from sqs_pyro.cli.common import Progress, add_device_option, check_files, non_negative_int, positive_int
 from sqs_pyro.compressed import accounting
+from sqs_pyro.compressed.entropy_levels import matrix_sensitivity, sensitivity_lambdas
 from sqs_pyro.compressed.error_feedback import SHRINK_GRID, hessian_scores
 from sqs_pyro.compressed.oneshot import oneshot_config, oneshot_network, quantize_sites
 from sqs_pyro.errors import SQSInputError
@@ -88,6 +89,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --entropy-lambda and --data: in the error feedback, weigh each weight's squared error "
                         "by its share of the loss (sigma^2 / U_cc^2, over its matrix's mean), so that important "
                         "weights take finer levels and unimportant ones cheaper codes")
+    p.add_argument("--lambda-sensitivity", type=float, default=0.0, metavar="ALPHA",
+                   help="with --entropy-lambda and --data: each matrix's LAMBDA scaled by (G / s_m)^ALPHA, s_m = "
+                        "mean H_cc w^2 (its output error per unit of relative error, from a first calibration "
+                        "pass), G the geometric mean of s_m over the matrices: more bits for sensitive matrices "
+                        "(0, the default: one LAMBDA for all; 1: equal slope in output-error units)")
     p.add_argument("--eval-data", type=Path, nargs="+", metavar="FILE",
                    help="held-out text: perplexity over all files, and of each file when there are several")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window (128)")
@@ -116,6 +122,9 @@ def _check(args: argparse.Namespace) -> None:
         raise SQSInputError("--entropy-lambda and --embedding-entropy-lambda must be >= 0 (0: nearest level)")
     if args.rate_importance and not (args.entropy_lambda > 0 or args.embedding_entropy_lambda > 0):
         raise SQSInputError("--rate-importance weighs the rate term of --entropy-lambda: give --entropy-lambda > 0")
+    alpha = args.lambda_sensitivity
+    if not 0.0 <= alpha <= 1.0 or (alpha and not (args.entropy_lambda > 0 and args.data)):  # also rejects nan
+        raise SQSInputError("--lambda-sensitivity is an exponent in [0, 1] and needs --entropy-lambda > 0 and --data")
     if args.seq_len < 2:
         raise SQSInputError("--seq-len must be >= 2")
     if args.out.exists() and not args.out.is_dir():
@@ -217,6 +226,7 @@ def _quantize(args: argparse.Namespace, net: torch.nn.Module, calib: torch.Tenso
     options = dict(act_order=not args.natural_order, shrink=shrink, exact_fraction=fraction, sparsity=args.sparsity,
                    weighted_codebook=args.weighted_codebook, rate_importance=args.rate_importance)
     layers = {}
+    lambdas = _matrix_lambdas(args, net, sites, calib)
     for s in tables:  # first, while little else is held: a table's temporaries are the quantiser's peak
         moments = None
         if args.head_feedback:
@@ -232,8 +242,9 @@ def _quantize(args: argparse.Namespace, net: torch.nn.Module, calib: torch.Tenso
         for block, hessians in blockwise_hessians(net, sites, calib.split(8)):
             scores = hessian_scores(net, block, hessians)
             hessians = {name: h.cpu() for name, h in hessians.items()}
-            for layer in quantize_sites(net, block, args.components, args.group_size, count, scores, hessians,
-                                        entropy_lambda=args.entropy_lambda, **options):
+            for site in block:
+                layer, = quantize_sites(net, [site], args.components, args.group_size, count, scores, hessians,
+                                        entropy_lambda=lambdas.get(site.name, args.entropy_lambda), **options)
                 layers[layer.name] = layer
             del hessians, scores
     rest = [s for s in sites if s.name not in layers]
@@ -249,10 +260,22 @@ def _quantize(args: argparse.Namespace, net: torch.nn.Module, calib: torch.Tenso
     return oneshot_network(net, [layers[name] for name in order], config)
 
 
+def _matrix_lambdas(args: argparse.Namespace, net: torch.nn.Module, sites: list, calib: torch.Tensor | None
+                    ) -> dict[str, float]:
+    """``--lambda-sensitivity``: each matrix's LAMBDA from its sensitivity, over a first calibration pass
+    (:func:`~sqs_pyro.compressed.entropy_levels.sensitivity_lambdas`); empty when off."""
+    if not args.lambda_sensitivity:
+        return {}
+    s = {name: matrix_sensitivity(net.get_parameter(name), h)
+         for _, hessians in blockwise_hessians(net, sites, calib.split(8)) for name, h in hessians.items()}
+    return sensitivity_lambdas(s, args.entropy_lambda, args.lambda_sensitivity)
+
+
 def _entropy_config(args: argparse.Namespace) -> dict:
     """The entropy-constrained options a file records (none when off, so that other files' configs stay as
     they were)."""
     if not (args.entropy_lambda > 0 or args.embedding_entropy_lambda > 0):
         return {}
+    more = {"lambda_sensitivity": args.lambda_sensitivity} if args.lambda_sensitivity else {}
     return {"entropy_lambda": args.entropy_lambda, "embedding_entropy_lambda": args.embedding_entropy_lambda,
-            "rate_importance": args.rate_importance}
+            "rate_importance": args.rate_importance, **more}

@@ -116,3 +116,25 @@ def entropy_constrained_levels(moments: tuple[torch.Tensor, ...], start: torch.T
         order = torch.argsort(levels, stable=True)
         levels, lengths = levels[order], lengths[order]
     return levels.to(start.dtype), lengths
+
+
+def matrix_sensitivity(weight: torch.Tensor, hessian: torch.Tensor) -> float:
+    r"""``s = mean_{rc} H_cc w_rc^2``: the output error a matrix's weights cause per unit of relative
+    squared error, the diagonal estimate of ``tr(W H W^T) / (R C)`` for a ``(R, C)`` weight."""
+    return float((weight.detach().float().pow(2).mean(0) * hessian.diagonal().float()).mean())
+
+
+def sensitivity_lambdas(sensitivity: dict[str, float], lam: float, alpha: float) -> dict[str, float]:
+    r"""Per-matrix slopes ``lambda_m = lambda (G / s_m)^alpha`` from :func:`matrix_sensitivity`'s ``s_m``,
+    ``G`` their geometric mean (so the log-mean slope is ``lambda``). ``alpha = 1`` equalises the slope in
+    output-error units (each matrix pays ``s_m lambda_m`` per bit); ``alpha = 0`` gives every matrix ``lambda``.
+    A matrix with ``s_m = 0`` (no input energy) takes the largest slope of the others."""
+    if not (0.0 <= alpha <= 1.0 and lam >= 0):
+        raise ValueError(f"sensitivity_lambdas: need alpha in [0, 1] and lambda >= 0, got {alpha}, {lam}")
+    live = {name: s for name, s in sensitivity.items() if s > 0}
+    if not live:
+        return {name: lam for name in sensitivity}
+    log_g = sum(math.log(s) for s in live.values()) / len(live)
+    out = {name: lam * math.exp(alpha * (log_g - math.log(s))) for name, s in live.items()}
+    top = max(out.values())
+    return {name: out.get(name, top) for name in sensitivity}
