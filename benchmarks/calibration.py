@@ -135,6 +135,11 @@ def _summary(values: list[float], digits: int) -> str:
     return f"{mean:.{digits}f}" + (f"±{statistics.stdev(values):.{digits}f}" if len(values) > 1 else "")
 
 
+def _pick(rows: list[dict[str, Any]], method: str, split: str) -> list[dict[str, Any]]:
+    """The rows of one method on one split (one per seed)."""
+    return [r for r in rows if r["method"] == method and r["split"] == split]
+
+
 def cell_table(rows: list[dict[str, Any]]) -> str:
     """Per split: accuracy / NLL / ECE / Brier of every method (mean±sd over seeds), then the OOD AUROC."""
     splits = list(dict.fromkeys(r["split"] for r in rows if r["split"] != "fashion_ood"))
@@ -143,11 +148,10 @@ def cell_table(rows: list[dict[str, Any]]) -> str:
     for split in splits:
         cells = []
         for method in METHODS:
-            mine = [r for r in rows if r["method"] == method and r["split"] == split]
+            mine = _pick(rows, method, split)
             cells.append(" / ".join(_summary([r[m] for r in mine], 4 if m == "accuracy" else 3) for m in METRICS))
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
-    auroc = [_summary([r["ood_auroc"] for r in rows if r["method"] == m and r["split"] == "fashion_ood"], 4)
-             for m in METHODS]
+    auroc = [_summary([r["ood_auroc"] for r in _pick(rows, m, "fashion_ood")], 4) for m in METHODS]
     lines.append("| OOD AUROC (Fashion-MNIST, entropy) | " + " | ".join(auroc) + " |")
     lines += ["", "Fit seconds: greedy's is the SQS training (shared by all four methods); the others add theirs to it.",
               "", "| method | fit seconds | eval seconds (all splits) | settings (per seed) |", "|---|---|---|---|"]
@@ -166,17 +170,16 @@ def nll_table(rows: list[dict[str, Any]]) -> str:
     """The docs' view of a cell: per split, each method's NLL mean ± sd over seeds and its mean ECE in brackets (the
     lowest NLL in bold), then the OOD AUROC and the test accuracy (mean ± sd)."""
     splits = list(dict.fromkeys(r["split"] for r in rows if r["split"] != "fashion_ood"))
-    pick = lambda method, split: [r for r in rows if r["method"] == method and r["split"] == split]  # noqa: E731
     lines = ["| split | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
     for split in splits:
-        nll = {m: statistics.fmean(r["nll"] for r in pick(m, split)) for m in METHODS}
-        cells = [_summary([r["nll"] for r in pick(m, split)], 3) + f" ({statistics.fmean(r['ece'] for r in pick(m, split)):.3f})"
+        mine = {m: _pick(rows, m, split) for m in METHODS}
+        best = min(METHODS, key=lambda m: statistics.fmean(r["nll"] for r in mine[m]))
+        cells = [_summary([r["nll"] for r in mine[m]], 3) + f" ({statistics.fmean(r['ece'] for r in mine[m]):.3f})"
                  for m in METHODS]
-        lines.append(f"| {split} | " + " | ".join(f"**{c}**" if m == min(nll, key=nll.get) else c
-                                               for m, c in zip(METHODS, cells)) + " |")
+        lines.append(f"| {split} | " + " | ".join(f"**{c}**" if m == best else c for m, c in zip(METHODS, cells)) + " |")
     lines.append("| OOD AUROC (higher is better) | " + " | ".join(
-        _summary([r["ood_auroc"] for r in pick(m, "fashion_ood")], 4) for m in METHODS) + " |")
-    lines.append("| test accuracy | " + " | ".join(_summary([r["accuracy"] for r in pick(m, "test")], 4)
+        _summary([r["ood_auroc"] for r in _pick(rows, m, "fashion_ood")], 4) for m in METHODS) + " |")
+    lines.append("| test accuracy | " + " | ".join(_summary([r["accuracy"] for r in _pick(rows, m, "test")], 4)
                                                    for m in METHODS) + " |")
     return "\n".join(lines)
 

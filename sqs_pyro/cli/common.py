@@ -125,12 +125,19 @@ def write_outputs(out: Path, result: SQSResult, summary: dict[str, Any], posteri
         summary["file_posterior_bytes"] = section_bytes(read_header(path))
     if tensor_dtype is not None and evaluate is not None:
         summary["greedy_file"] = evaluate(load_compressed(path, copy.deepcopy(result.skeleton)).eval())
-        for name, value in summary["greedy_file"].items() if "table" in summary else ():
-            summary["table"][f"{name}, greedy from the file ({tensor_dtype} tensors)"] = f"{value:.4f}"
+        if "table" in summary:
+            summary["table"].update(greedy_file_rows(summary))
     write_json_atomic(out / "history.json", result.history)
     write_json_atomic(out / "summary.json", summary)
     write_analysis(out, result)  # analysis.json + posterior.nc (ArviZ)
     build_report(out)  # report.html, built from the files above
+
+
+def greedy_file_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The printable rows of ``summary["greedy_file"]`` (the network loaded back from a file whose tensors were
+    stored narrower, :func:`write_outputs`); none without it."""
+    return [(f"{name}, greedy from the file ({summary['tensor_dtype']} tensors)", f"{value:.4f}")
+            for name, value in summary.get("greedy_file", {}).items()]
 
 
 def sparsity_row(config: Mapping[str, Any], achieved: float, search: Mapping[str, Any] | None = None

@@ -12,8 +12,8 @@ import torch
 
 from sqs_pyro.analysis.shift_metrics import SHIFT_IMAGES, shift_evaluation
 from sqs_pyro.cli import compress_hf, compress_user
-from sqs_pyro.cli.common import (KERNEL_PATHS, add_device_option, config_from_args, non_negative_int, positive_int,
-                                 sparsity_arg, sparsity_row, write_outputs)
+from sqs_pyro.cli.common import (KERNEL_PATHS, add_device_option, config_from_args, greedy_file_rows, non_negative_int,
+                                 positive_int, sparsity_arg, sparsity_row, write_outputs)
 from sqs_pyro.config import WINDOW_MODES
 from sqs_pyro.data import accuracy, calibration, load_fashion_mnist, load_mnist, load_mnist_cnn, predictive_probs
 from sqs_pyro.errors import SQSInputError
@@ -171,8 +171,7 @@ def format_table(s: dict[str, Any]) -> str:
     rows = [
         ("test accuracy, dense", f"{s['accuracy_dense']:.4f}"),
         ("test accuracy, greedy", f"{s['accuracy_greedy']:.4f}"),
-        *[(f"{name}, greedy from the file ({s['tensor_dtype']} tensors)", f"{value:.4f}")
-          for name, value in s.get("greedy_file", {}).items()],
+        *greedy_file_rows(s),
         (f"test accuracy, averaged (M={s['config']['num_averaged']})", f"{s['accuracy_averaged']:.4f}"),
         *[(f"test {m}: dense / greedy / averaged", " / ".join(f"{s['calibration'][p][m]:.4f}"
                                                               for p in ("dense", "greedy", "averaged")))
